@@ -45,10 +45,7 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type:
         method = get_method(cfg.method)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    try:
-        from_dict(method.Options, cfg.method_args, "method_args")
-    except ConfigError:
-        raise
+    from_dict(method.Options, cfg.method_args, "method_args")
     tc = cfg.teacher
     if tc.path is not None:
         from .teachers import _resolve_path
@@ -253,9 +250,9 @@ class Trainer:
     def _save_hook(self, models, weights, output_dir):
         if not self.accelerator.is_main_process:
             return
-        for i, model in enumerate(list(models)):
-            name = self.names_by_id.get(id(unwrap(model)))
+        for model in models:
             m = unwrap(model)
+            name = self.names_by_id.get(id(m))
             if name and hasattr(m, "save_pretrained") and not getattr(m, "peft_config", None):
                 m.save_pretrained(os.path.join(output_dir, name), safe_serialization=True)
         if hasattr(self.distiller, "student"):
@@ -481,14 +478,10 @@ class Trainer:
         out = self.run_dir / "student"
         if acc.is_main_process:
             student = self.distiller.student
-            model = unwrap(student.model)
-            if getattr(model, "peft_config", None):
-                model = _fused_copy(model)
-            student.save(out, model)
+            student.save(out, _plain(student.model))
             if self.ema is not None:
                 with self.ema_weights():
-                    m = unwrap(student.model)
-                    student.save(self.run_dir / "student_ema", _fused_copy(m) if getattr(m, "peft_config", None) else m)
+                    student.save(self.run_dir / "student_ema", _plain(student.model))
             if history:
                 (self.run_dir / "history.json").write_text(json.dumps(history))
                 from .evaluation.grids import plot_losses
@@ -498,14 +491,18 @@ class Trainer:
         return out
 
 
-def _fused_copy(model: nn.Module) -> nn.Module:
-    """A copy of a LoRA model with the adapters merged into the base weights (plain diffusers model)."""
+def _plain(model: nn.Module) -> nn.Module:
+    """The model as a plain diffusers model: a LoRA model is copied with its adapters merged into the
+    base weights (peft through diffusers' PeftAdapterMixin); anything else is returned as it is."""
     import copy
 
-    m = copy.deepcopy(model)
-    m.fuse_lora() if hasattr(m, "fuse_lora") else None
-    m.unload_lora() if hasattr(m, "unload_lora") else None
-    return m
+    model = unwrap(model)
+    if not getattr(model, "peft_config", None):
+        return model
+    fused = copy.deepcopy(model)
+    fused.fuse_lora()
+    fused.unload_lora()
+    return fused
 
 
 def train(cfg: RunConfig) -> Path:
