@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -226,10 +224,11 @@ class TrainConfig:
     report_to: typing.Literal["tensorboard", "wandb", "none"] = "tensorboard"
     progress: bool = True
     verify_rank_sync: bool = False  # after every step, check that all ranks hold identical trainable weights
+    max_nonfinite_steps: int = 10  # this many steps in a row with a NaN/inf loss or gradient stop the run
 
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every",
-                    "validate_every", "num_validation"):
+                    "validate_every", "num_validation", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -253,12 +252,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return to_dict(self)
-
-    def fingerprint(self, keys=("method", "teacher", "student")) -> str:
-        """A hash of what must not change across a resume."""
-        d = self.to_dict()
-        blob = json.dumps({k: d[k] for k in keys}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

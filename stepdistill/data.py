@@ -9,6 +9,7 @@ run would (no data-loader state to save), and each rank sees different data.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,7 @@ import torch
 
 from .denoiser import Cond
 
+logger = logging.getLogger("stepdistill")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -81,6 +83,9 @@ def read_prompts(spec: str | Sequence[str], skip_bad: bool = False) -> list[str]
         out.append(p.strip())
     if not out:
         raise DataError(f"{where}: no usable prompts")
+    if len(out) < len(prompts):
+        logger.warning("%s: skipped %d empty or non-text prompts of %d (data.skip_bad_items=true)", where,
+                       len(prompts) - len(out), len(prompts))
     return out
 
 

@@ -138,7 +138,7 @@ class Student:
         proc, times, g = self.process, self.times(), self._guidance(guidance)
         if self.spec.sampler == "signal":
             return signal_prediction(den, noise, times[0].expand(noise.shape[0]).to(noise.device), cond, g)
-        x = noise * proc.sigma(times[0]).to(noise.device)
+        x = noise  # unit noise at t_init, as diffusers pipelines start (init_noise_sigma = 1)
         for i, t in enumerate(times):
             x0 = den(x, t.expand(noise.shape[0]), cond, guidance=g)
             if i + 1 == len(times):

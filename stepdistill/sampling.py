@@ -24,8 +24,8 @@ def ode_sample(
     """DDIM (eta = 0) / Euler sampling from pure noise at the first time to the clean end.
 
     ``steps`` is a step count (the process's own grid, e.g. trailing 999, 749, ... for VP) or an
-    explicit descending list of times (the clean end is appended when missing). Under VP the noise
-    at t_max is scaled by sigma_{t_max} (which is < 1 unless the schedule has zero terminal SNR)."""
+    explicit descending list of times (the clean end is appended when missing). It starts from the unit
+    noise itself at the first time, as diffusers' DDIM / Euler pipelines do (init_noise_sigma = 1)."""
     process = denoiser.process
     if isinstance(steps, int):
         times = process.sampling_times(steps)
@@ -33,7 +33,7 @@ def ode_sample(
         times = torch.as_tensor(steps, dtype=torch.float32)
         if float(times[-1]) != process.t_clean:
             times = torch.cat([times, torch.tensor([process.t_clean])])
-    x = noise * process.sigma(times[0]).to(noise.device)
+    x = noise
     traj = [x]
     for t, s in zip(times[:-1], times[1:]):
         x0 = denoiser(x, t, cond, guidance_scale=guidance_scale, uncond=uncond, guidance=guidance)

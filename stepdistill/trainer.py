@@ -11,10 +11,12 @@ diffusers model folders; re-running the same command resumes from the latest com
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import time
 import zlib
 from dataclasses import dataclass
@@ -23,16 +25,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, RunConfig, dump_config, from_dict
+from .config import ConfigError, RunConfig, dump_config, from_dict, to_dict
 from .data import BatchSource, DataError, list_images, load_images, read_prompts
 from .denoiser import Denoiser, unwrap
 from .distillers.base import Context, get_method
+from .state_io import load_state, save_state
 from .teachers import Teacher, load_teacher
 
 logger = logging.getLogger("stepdistill")
 CKPT_PREFIX = "checkpoint-"
 INTERRUPTED_EXIT = 3  # exit status of a run stopped early, with a checkpoint to resume from
 MANIFEST = "manifest.json"
+TRAINING_STATE = "training_state"  # loop counters, distiller state, EMA (JSON + safetensors)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -51,6 +55,9 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type:
         from .teachers import _resolve_path
 
         _resolve_path(tc.path)
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: '{out}' exists and is not a folder")
     if cfg.train.batch_size % (num_processes * cfg.train.gradient_accumulation_steps):
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not divide by num_processes ({num_processes}) "
                           f"x gradient_accumulation_steps ({cfg.train.gradient_accumulation_steps})")
@@ -111,7 +118,10 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
         files = list_images(cfg.data.images)
         scale = getattr(teacher.pipeline, "vae_scale_factor", 1) if teacher.vae is not None else 1
         channels = teacher.vae.config.in_channels if teacher.vae is not None else teacher.sample_shape[0]
-        images, _ = load_images(files, teacher.sample_shape[-1] * scale, channels, cfg.data.skip_bad_items)
+        images, kept = load_images(files, teacher.sample_shape[-1] * scale, channels, cfg.data.skip_bad_items)
+        if len(kept) < len(files):
+            logger.warning("data.images: skipped %d unreadable of %d images (data.skip_bad_items=true)",
+                           len(files) - len(kept), len(files))
         x0 = torch.cat([teacher.encode_images(images[i:i + 64].to(device), torch.Generator().manual_seed(seed + i))
                         for i in range(0, len(images), 64)]).to(device)
     return BatchSource(teacher, seed=seed, device=device, prompts=prompts, x0_data=x0, oracle=oracle, rank=rank)
@@ -121,20 +131,83 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
 # checkpoints
 # ------------------------------------------------------------------------------------------------
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (those with a manifest), oldest first."""
+    """Checkpoints that were completed (renamed into place with a manifest), oldest first."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
     out = []
     for p in root.iterdir():
-        if p.name.startswith(CKPT_PREFIX) and not p.name.endswith(".tmp") and (p / MANIFEST).is_file():
+        suffix = p.name[len(CKPT_PREFIX):]
+        if p.name.startswith(CKPT_PREFIX) and suffix.isdigit() and (p / MANIFEST).is_file():
             out.append(p)
     return sorted(out, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
-def _manifest(folder: Path, step: int, fingerprint: str, num_processes: int) -> dict:
-    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
-    return {"step": step, "config_fingerprint": fingerprint, "num_processes": num_processes, "files": files}
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path, step: int, config: dict, num_processes: int) -> dict:
+    files = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    return {"step": step, "config": config, "num_processes": num_processes, "files": files}
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (missing, truncated or altered files), or None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"unreadable {MANIFEST} ({type(exc).__name__})"
+    for rel, meta in files.items():
+        f = folder / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
+        if _sha256(f) != meta["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+# train.* keys that may change between a run and its resume (logged); every other difference is refused
+RESUME_SAFE = ("train.output_dir", "train.max_steps", "train.checkpoint_every", "train.checkpoints_total_limit",
+               "train.log_every", "train.validate_every", "train.num_validation", "train.report_to", "train.progress",
+               "train.verify_rank_sync", "train.max_nonfinite_steps")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))  # an empty mapping adds nothing
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(unsafe, safe) differences between a checkpoint's config and this run's, as 'key: old -> new'."""
+    a, b = _flat(old), _flat(new)
+    unsafe, safe = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        last = key.rsplit(".", 1)[-1]
+        is_lr = key.split(".")[0] in ("optim", "method_args") and (last == "lr" or last.endswith("_lr"))
+        (safe if key in RESUME_SAFE or is_lr else unsafe).append(line)
+    return unsafe, safe
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient; the message names the last good checkpoint."""
 
 
 @dataclass
@@ -142,12 +215,14 @@ class _Counter:
     """Loop state saved with the checkpoint (accelerate custom object)."""
 
     step: int = 0
+    nonfinite_skipped: int = 0  # steps whose update was skipped for a NaN/inf loss or gradient
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"step": self.step, "nonfinite_skipped": self.nonfinite_skipped}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,14 +264,8 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         self._setup_optim()
-        self.counter = _Counter()
-        acc.register_for_checkpointing(self.counter)
-        if hasattr(self.distiller, "state_dict"):
-            acc.register_for_checkpointing(self.distiller)
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
+        self.counter = _Counter()  # loop, distiller and EMA state: see _save_training_state (no pickle)
         acc.register_save_state_pre_hook(self._save_hook)
-        self.fingerprint = cfg.fingerprint()
 
     # -- optimisers, EMA --------------------------------------------------------------------------
     def _setup_optim(self):
@@ -207,10 +276,12 @@ class Trainer:
             raise ConfigError(f"optim.{sorted(unknown)[0]}: method {cfg.method} has no trainable of that name "
                               f"(it has {sorted(self.trainables)})")
         self.optimizers, self.schedulers, self.modules, self.names_by_id, self.train_params = {}, {}, {}, {}, {}
+        self.lrs = {}
         self.ema = None
         for name, tr in self.trainables.items():
             oc = cfg.optim.get(name)
             lr = oc.lr if oc and oc.lr else tr.lr
+            self.lrs[name] = lr
             params = [p for p in tr.module.parameters() if p.requires_grad]
             if not params:
                 raise ConfigError(f"trainable '{name}' has no parameters that require grad")
@@ -258,7 +329,9 @@ class Trainer:
         if hasattr(self.distiller, "student"):
             self.distiller.student.spec.save(os.path.join(output_dir, "student"))
 
-    def save_checkpoint(self, step: int):
+    def save_checkpoint(self, step: int) -> Path:
+        """Write ``checkpoint-<step>.tmp``, add its manifest, then rename it into place: a checkpoint is
+        visible only once complete, and older ones are deleted (to the limit) only after that."""
         acc = self.accelerator
         root = self.run_dir / "checkpoints"
         final = root / f"{CKPT_PREFIX}{step}"
@@ -271,34 +344,98 @@ class Trainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp, step, self.fingerprint, acc.num_processes), indent=1))
-            if final.exists():
-                shutil.rmtree(final)
+            save_state(self._training_state(), tmp, TRAINING_STATE)
+            manifest = _manifest(tmp, step, self.resolved_config(), acc.num_processes)
+            with open(tmp / MANIFEST, "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            old = None
+            if final.exists():  # the same step saved again (e.g. a resumed run): keep it until replaced
+                old = root / f"{CKPT_PREFIX}{step}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             limit = self.cfg.train.checkpoints_total_limit
-            done = list_checkpoints(self.run_dir)
             if limit is not None:
-                for old in done[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+                for stale in list_checkpoints(self.run_dir)[:-limit]:
+                    doomed = stale.with_name(stale.name + ".del")  # invisible first, then deleted
+                    os.replace(stale, doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
+    def resolved_config(self) -> dict:
+        """The run config with method_args as the method resolves them (defaults filled in)."""
+        return {**self.cfg.to_dict(), "method_args": to_dict(self.options)}
+
+    def _training_state(self) -> dict:
+        state = {"loop": self.counter.state_dict()}
+        if hasattr(self.distiller, "state_dict"):
+            state["distiller"] = self.distiller.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def _load_training_state(self, state: dict):
+        self.counter.load_state_dict(state["loop"])
+        if "distiller" in state:
+            self.distiller.load_state_dict(state["distiller"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def latest_good_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose files match its manifest; broken ones are skipped with a warning."""
+        for ckpt in reversed(list_checkpoints(self.run_dir)):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return ckpt
+            logger.warning("skipping checkpoint %s: %s; trying the previous one", ckpt, problem)
+        return None
+
     def resume(self) -> int:
-        ckpts = list_checkpoints(self.run_dir)
-        if not ckpts:
+        root = self.run_dir / "checkpoints"
+        if self.accelerator.is_main_process and root.is_dir():  # saves, renames, deletions that never finished
+            for leftover in root.glob(f"{CKPT_PREFIX}*.old"):
+                step_dir = root / leftover.name[:-len(".old")]
+                if not step_dir.exists():  # killed between the two renames: the old copy is the good one
+                    os.replace(leftover, step_dir)
+            for leftover in list(root.glob(f"{CKPT_PREFIX}*.tmp")) + list(root.glob(f"{CKPT_PREFIX}*.del")) + \
+                    list(root.glob(f"{CKPT_PREFIX}*.old")):
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        latest = self.latest_good_checkpoint()
+        if latest is None:
             return 0
-        latest = ckpts[-1]
         manifest = json.loads((latest / MANIFEST).read_text())
-        if manifest["config_fingerprint"] != self.fingerprint:
-            saved = self.run_dir / "config.yaml"
-            raise ConfigError(f"resume: {latest} was written by a run with a different method/teacher/student config "
-                              f"(see {saved}); use a new train.output_dir")
+        unsafe, safe = config_changes(manifest["config"], self.resolved_config())
+        if unsafe:
+            raise ConfigError(f"resume: {latest} was written with a different config: {'; '.join(unsafe)}. Restore "
+                              f"those values or use a new train.output_dir")
         if manifest["num_processes"] != self.accelerator.num_processes:
             raise ConfigError(f"resume: {latest} was written by {manifest['num_processes']} processes, this run has "
-                              f"{self.accelerator.num_processes}; per-rank data streams would differ")
+                              f"{self.accelerator.num_processes}; per-rank data streams would differ, so the result "
+                              f"would not equal an uninterrupted run. Launch with --num_processes "
+                              f"{manifest['num_processes']} or use a new train.output_dir")
         self.accelerator.load_state(str(latest))
+        self._load_training_state(load_state(latest, TRAINING_STATE, self.accelerator.device))
+        if safe:
+            logger.warning("resuming from %s with changed settings: %s", latest, "; ".join(safe))
+            self._apply_learning_rates()
         logger.info("resumed from %s (step %d)", latest, self.counter.step)
         return self.counter.step
+
+    def _apply_learning_rates(self):
+        """After loading a checkpoint, use this run's learning rates (the schedule's position is kept)."""
+        for name, sched in self.schedulers.items():
+            inner = getattr(sched, "scheduler", sched)
+            lr = self.lrs[name]
+            inner.base_lrs = [lr for _ in inner.base_lrs]
+            for group, fn in zip(inner.optimizer.param_groups, inner.lr_lambdas):
+                group["initial_lr"] = lr
+                group["lr"] = lr * fn(inner.last_epoch)
 
     # -- validation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -358,49 +495,103 @@ class Trainer:
 
         acc, cfg = self.accelerator, self.cfg
         tcfg = cfg.train
+        start = self.resume()  # before anything is written: a refused resume leaves the run folder as it was
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         if acc.trackers == [] and tcfg.report_to != "none":
             acc.init_trackers("stepdistill", config={"method": cfg.method, "steps": tcfg.max_steps})
-        start = self.resume()
         micro = tcfg.batch_size // (acc.num_processes * tcfg.gradient_accumulation_steps)
         bar = tqdm(total=tcfg.max_steps, initial=start, disable=not (acc.is_main_process and tcfg.progress),
                    desc=f"{cfg.method}", dynamic_ncols=True)
         history = []
         t_last = time.time()
         window: dict[str, list[float]] = {}  # every phase's values since the last log line
-        for step in range(start, tcfg.max_steps):
-            for phase in self.distiller.phases(step):
-                for key, val in self._run_phase(phase, step, micro).items():
-                    window.setdefault(key, []).append(val)
-            if hasattr(self.distiller, "on_step_end"):
-                self.distiller.on_step_end(step)
-            done = step + 1
-            if done % tcfg.log_every == 0 or done == tcfg.max_steps:
-                logs = {k: sum(v) / len(v) for k, v in window.items()}
-                logs["it_per_s"] = tcfg.log_every / max(time.time() - t_last, 1e-9)
-                t_last, window = time.time(), {}
-                acc.log(logs, step=done)
-                history.append({"step": done, **logs})
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
-            bar.update(1)
-            if done % tcfg.validate_every == 0 or done == tcfg.max_steps:
-                metrics = self.validate(done)
-                if metrics:
-                    acc.log(metrics, step=done)
-            if tcfg.verify_rank_sync:
-                self._verify_rank_sync(done)
-            stop_after = os.environ.get("STEPDISTILL_STOP_AFTER")  # tests: simulate an interruption
-            if done % tcfg.checkpoint_every == 0 or done == tcfg.max_steps or (stop_after and done == int(stop_after)):
-                self.save_checkpoint(done)
-            if stop_after and done == int(stop_after) and done < tcfg.max_steps:
-                bar.close()
-                acc.end_training()
-                raise SystemExit(INTERRUPTED_EXIT)
+        in_a_row = 0  # consecutive steps skipped for non-finite values
+        stop_after = int(os.environ.get("STEPDISTILL_STOP_AFTER", 0))  # tests: a deterministic interruption
+        with self._preemption_signals() as stop_requested:
+            for step in range(start, tcfg.max_steps):
+                skipped = None
+                for phase in self.distiller.phases(step):
+                    values, finite = self._run_phase(phase, step, micro)
+                    if not finite:  # no optimiser, scheduler or EMA update; the step's later phases are dropped
+                        skipped = phase
+                        break
+                    for key, val in values.items():
+                        window.setdefault(key, []).append(val)
+                done = step + 1
+                if skipped is None:
+                    in_a_row = 0
+                    if hasattr(self.distiller, "on_step_end"):
+                        self.distiller.on_step_end(step)
+                else:
+                    in_a_row += 1
+                    self.counter.nonfinite_skipped += 1
+                    logger.warning("step %d: non-finite loss or gradient in phase '%s'; update skipped (%d in a row, "
+                                   "%d in all)", done, skipped, in_a_row, self.counter.nonfinite_skipped)
+                    if in_a_row >= tcfg.max_nonfinite_steps:
+                        bar.close()
+                        last = self.latest_good_checkpoint()
+                        raise NonFiniteError(
+                            f"{in_a_row} steps in a row (up to step {done}) had a non-finite loss or gradient "
+                            f"(train.max_nonfinite_steps={tcfg.max_nonfinite_steps}); stopped without saving. "
+                            f"Last good checkpoint: {last or 'none yet'}")
+                if done % tcfg.log_every == 0 or done == tcfg.max_steps:
+                    logs = {k: sum(v) / len(v) for k, v in window.items()}
+                    logs["it_per_s"] = tcfg.log_every / max(time.time() - t_last, 1e-9)
+                    logs["nonfinite_skipped"] = self.counter.nonfinite_skipped
+                    t_last, window = time.time(), {}
+                    acc.log(logs, step=done)
+                    history.append({"step": done, **logs})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
+                bar.update(1)
+                if done % tcfg.validate_every == 0 or done == tcfg.max_steps:
+                    metrics = self.validate(done)
+                    if metrics:
+                        acc.log(metrics, step=done)
+                if tcfg.verify_rank_sync:
+                    self._verify_rank_sync(done)
+                interrupt = (stop_after and done == stop_after) or self._any_rank(stop_requested())
+                if done % tcfg.checkpoint_every == 0 or done == tcfg.max_steps or interrupt:
+                    self.save_checkpoint(done)
+                if interrupt and done < tcfg.max_steps:
+                    bar.close()
+                    acc.end_training()
+                    logger.warning("stopped at step %d with a checkpoint; re-run the same command to continue", done)
+                    raise SystemExit(INTERRUPTED_EXIT)
         bar.close()
         out = self.finish(history)
         acc.end_training()
         return out
+
+    @contextlib.contextmanager
+    def _preemption_signals(self):
+        """SIGTERM / SIGINT ask the loop to finish its step, checkpoint and exit with INTERRUPTED_EXIT
+        (a second one acts as usual). Yields a function telling whether a stop was requested."""
+        received: list[int] = []
+
+        def handler(signum, frame):
+            received.append(signum)
+            logger.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+            signal.signal(signum, previous[signum])
+
+        previous = {}
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
+        try:
+            yield lambda: bool(received)
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (ranks must agree before a collective save)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
 
     def _broadcast_from_main(self, module: nn.Module):
         """Start every rank from rank 0's weights (what DDP does when it wraps a module)."""
@@ -446,30 +637,44 @@ class Trainer:
             done = json.loads(log.read_text()) if log.is_file() else []
             log.write_text(json.dumps(done + [{"step": step, "ranks": acc.num_processes, "checksums": gathered[0].tolist()}]))
 
-    def _run_phase(self, phase: str, step: int, micro: int) -> dict:
+    def _run_phase(self, phase: str, step: int, micro: int) -> tuple[dict, bool]:
+        """One optimiser update of ``phase``; returns its logged values and whether the loss and
+        gradients were finite on every rank (if not, nothing was updated)."""
         acc, tcfg = self.accelerator, self.cfg.train
         opt = self.optimizers[phase]
         self._set_phase(phase)
         accum = tcfg.gradient_accumulation_steps
         totals: dict[str, float] = {}
+        finite = True
         for k in range(accum):
             batch = self.source.batch(step, acc.process_index, micro, micro=k).fork(zlib.crc32(phase.encode()))
             with acc.autocast():
                 out = self.distiller.step(batch, step, phase)
                 loss = out["loss"] / accum
+            finite = finite and bool(torch.isfinite(loss.detach()).all())
             acc.backward(loss)
             for key, val in out.items():
                 v = float(val.detach().mean()) if torch.is_tensor(val) else float(val)
                 totals[f"{phase}/{key}"] = totals.get(f"{phase}/{key}", 0.0) + v / accum
         self._average_grads(phase)
+        params = self.train_params[phase]
+        if acc.scaler is None:  # with fp16 loss scaling, the scaler itself skips overflowing steps
+            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+            finite = finite and (not grads or bool(torch.isfinite(torch.stack(grads).sum())))
+        if not self._all_ranks(finite):
+            opt.zero_grad(set_to_none=True)
+            return totals, False
         if tcfg.grad_clip is not None:
-            totals[f"{phase}/grad_norm"] = float(acc.clip_grad_norm_(self.train_params[phase], tcfg.grad_clip))
+            totals[f"{phase}/grad_norm"] = float(acc.clip_grad_norm_(params, tcfg.grad_clip))
         opt.step()
         self.schedulers[phase].step()
         opt.zero_grad(set_to_none=True)
         if self.ema is not None and phase == self.ema_of:
-            self.ema.step(self.train_params[phase])
-        return totals
+            self.ema.step(params)
+        return totals, True
+
+    def _all_ranks(self, flag: bool) -> bool:
+        return not self._any_rank(not flag)
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, history: list[dict]) -> Path:
@@ -509,4 +714,5 @@ def train(cfg: RunConfig) -> Path:
     return Trainer(cfg).fit()
 
 
-__all__ = ["Trainer", "train", "validate_inputs", "list_checkpoints", "DataError"]
+__all__ = ["Trainer", "train", "validate_inputs", "list_checkpoints", "checkpoint_problem", "config_changes",
+           "NonFiniteError", "DataError"]

@@ -4,7 +4,9 @@
     accelerate launch train/distill.py --config configs/<teacher>/<method>_<N>step.yaml [key=value ...]
     python train/distill.py --config ... --dry-run        # print the resolved config and exit
 
-Re-running the same command resumes from the latest checkpoint in train.output_dir.
+Re-running the same command resumes from the latest complete checkpoint in train.output_dir.
+Exit status: 0 done; 2 bad input (one line on stderr names it); 3 stopped early by SIGTERM/SIGINT
+(preemption) with a checkpoint to continue from; 4 too many non-finite steps in a row.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+NONFINITE_EXIT = 4
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
@@ -37,9 +40,13 @@ def main(argv=None) -> int:
             validate_inputs(cfg)
             print(dump_config(cfg), end="")
             return 0
-        from stepdistill.trainer import Trainer
+        from stepdistill.trainer import NonFiniteError, Trainer
 
-        out = Trainer(cfg).fit()
+        try:
+            out = Trainer(cfg).fit()
+        except NonFiniteError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return NONFINITE_EXIT
     except (ConfigError, DataError, TeacherLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

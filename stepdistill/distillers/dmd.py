@@ -134,10 +134,9 @@ class DMD(DMDBase):
         # regression on the cached pairs (eq. 9)
         idx = torch.randint(0, len(self.pairs["noise"]), (batch.size,), generator=batch.generator)
         cond = None if self.pairs["cond"] is None else Cond(self.pairs["cond"])[idx].to(batch.device)
-        proc = self.student.process
         t0 = self.student.times()[0]
         noise = self.pairs["noise"][idx].to(batch.device)
-        pred = self.student.denoiser(noise * proc.sigma(t0).to(noise), t0.expand(batch.size), cond)
+        pred = self.student.denoiser(noise, t0.expand(batch.size), cond)
         loss_reg = regression_distance(pred, self.pairs["x"][idx].to(batch.device))
         return {"loss": loss_dm + self.opt.regression_weight * loss_reg, "dm": loss_dm.detach(), "regression": loss_reg.detach()}
 

@@ -79,7 +79,7 @@ class PhasedDMD:
         proc, st = self.student.process, self.student.denoiser
         shape = self.ctx.teacher.sample_shape
         b = batch.size
-        x = batch.randn(b, *shape) * proc.sigma(self.bounds[0]).to(batch.device)
+        x = batch.randn(b, *shape)  # unit noise at the first bound, as the exported sampler starts
         with torch.no_grad():
             for j in range(k):
                 x0 = st(x, self.bounds[j].expand(b), batch.cond)

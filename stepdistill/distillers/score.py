@@ -66,7 +66,7 @@ def generator_rollout(student: Student, batch: Batch, shape, grad: bool, cond: C
     k = int(torch.randint(0, len(times), (1,), generator=batch.generator)) if len(times) > 1 else 0
     cond = batch.cond if cond is None else cond
     noise = batch.randn(batch.size, *shape)
-    x = noise * proc.sigma(times[0]).to(noise)
+    x = noise  # unit noise at t_init (the diffusers convention the exported pipeline follows)
     with torch.no_grad():
         for j in range(k):
             x0 = student.denoiser(x, times[j].expand(batch.size), cond)

@@ -1,0 +1,67 @@
+"""Nested training state (dicts and lists of tensors and plain values) written without pickle.
+
+Tensors go to one safetensors file, the structure and the plain values to a JSON file beside it, so
+reading a checkpoint never unpickles anything (accelerate's own custom-object files would).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_TENSOR = "__tensor__"
+
+
+def _split(obj: Any, tensors: dict, path: str, seen: set) -> Any:
+    if torch.is_tensor(obj):
+        key = path or "value"
+        t = obj.detach().cpu().contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+        tensors[key] = t.clone() if ptr in seen else t  # safetensors refuses tensors sharing memory
+        seen.add(ptr)
+        return {_TENSOR: key}
+    if isinstance(obj, dict):
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"state key {bad[0]!r} at '{path}' is not a string")
+        return {k: _split(v, tensors, f"{path}.{k}" if path else k, seen) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, tensors, f"{path}[{i}]", seen) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"state value at '{path}' has type {type(obj).__name__}, which is not saved without pickle")
+
+
+def _join(obj: Any, tensors: dict) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR}:
+            return tensors[obj[_TENSOR]]
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(state: dict, folder: str | Path, name: str) -> None:
+    """Write ``<name>.json`` (+ ``<name>.safetensors`` when there are tensors) into ``folder``."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _split(state, tensors, "", set())
+    folder = Path(folder)
+    if tensors:
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(tree))
+
+
+def load_state(folder: str | Path, name: str, device=None) -> dict:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    tree = json.loads((folder / f"{name}.json").read_text())
+    st = folder / f"{name}.safetensors"
+    tensors = load_file(str(st), device=str(device or "cpu")) if st.is_file() else {}
+    return _join(tree, tensors)
