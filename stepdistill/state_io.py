@@ -57,11 +57,12 @@ def save_state(state: dict, folder: str | Path, name: str) -> None:
     (folder / f"{name}.json").write_text(json.dumps(tree))
 
 
-def load_state(folder: str | Path, name: str, device=None) -> dict:
+def load_state(folder: str | Path, name: str) -> dict:
+    """The state :func:`save_state` wrote, tensors on the CPU."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     tree = json.loads((folder / f"{name}.json").read_text())
     st = folder / f"{name}.safetensors"
-    tensors = load_file(str(st), device=str(device or "cpu")) if st.is_file() else {}
+    tensors = load_file(str(st)) if st.is_file() else {}
     return _join(tree, tensors)

@@ -385,6 +385,7 @@ class Trainer:
             self.distiller.load_state_dict(state["distiller"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.accelerator.device)
 
     def latest_good_checkpoint(self) -> Path | None:
         """The newest checkpoint whose files match its manifest; broken ones are skipped with a warning."""
@@ -420,7 +421,7 @@ class Trainer:
                               f"would not equal an uninterrupted run. Launch with --num_processes "
                               f"{manifest['num_processes']} or use a new train.output_dir")
         self.accelerator.load_state(str(latest))
-        self._load_training_state(load_state(latest, TRAINING_STATE, self.accelerator.device))
+        self._load_training_state(load_state(latest, TRAINING_STATE))
         if safe:
             logger.warning("resuming from %s with changed settings: %s", latest, "; ".join(safe))
             self._apply_learning_rates()
