@@ -109,6 +109,25 @@ def signal_prediction(den: Denoiser, eps: torch.Tensor, t: torch.Tensor, cond: C
     return proc.to_x0_eps(raw, eps.float(), t_ref, den.prediction_type)[0]
 
 
+def save_lora_adapters(model: nn.Module, folder: str | Path) -> bool:
+    """Write a LoRA model's adapters (diffusers naming, as ``load_lora_weights`` reads them) and their
+    peft config to ``folder/lora``; returns False for a model without adapters."""
+    model = unwrap(model)
+    if not getattr(model, "peft_config", None):
+        return False
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out = Path(folder) / "lora"
+    out.mkdir(parents=True, exist_ok=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    save_file({k: v.detach().cpu().contiguous() for k, v in layers.items()}, str(out / "adapter_model.safetensors"))
+    config = model.peft_config["default"].to_dict()
+    (out / "adapter_config.json").write_text(json.dumps(config, default=list, indent=1))
+    return True
+
+
 class Student:
     """A trainable denoiser and the schedule it samples with."""
 

@@ -29,6 +29,7 @@ from .config import ConfigError, RunConfig, dump_config, from_dict, to_dict
 from .data import BatchSource, DataError, list_images, load_images, read_prompts
 from .denoiser import Denoiser, unwrap
 from .distillers.base import Context, get_method
+from .generator import save_lora_adapters
 from .state_io import load_state, save_state
 from .teachers import Teacher, load_teacher
 
@@ -685,6 +686,7 @@ class Trainer:
         if acc.is_main_process:
             student = self.distiller.student
             student.save(out, _plain(student.model))
+            save_lora_adapters(student.model, out)  # LoRA students: the adapters too, for load_lora_weights
             if self.ema is not None:
                 with self.ema_weights():
                     student.save(self.run_dir / "student_ema", _plain(student.model))

@@ -1,0 +1,278 @@
+"""Export a distilled student as a diffusers pipeline folder of the teacher's own pipeline class.
+
+    python -m stepdistill.export runs/sd15/dmd2_4step exported/sd15-dmd2-4step [--ema] [--lora]
+
+The folder holds the teacher's components with the student in place of its UNet / transformer and a
+stock diffusers scheduler configured so that the trained timesteps are used exactly:
+
+- one step at t_init (any sampler): ``DDIMScheduler`` with "trailing" spacing (VP; for t_init below
+  the last training step, the schedule's betas are cut after t_init so that its one step is at
+  t_init), or ``FlowMatchEulerDiscreteScheduler`` with ``sigmas=[t_init]`` (flow);
+- few-step re-noising (DMD2 / LCM): ``LCMScheduler`` whose ``original_inference_steps`` reproduces the
+  list, with boundary scalings c_skip = 0, c_out = 1 (VP), or ``FlowMatchLCMScheduler`` (flow);
+- deterministic few-step (progressive, guided): ``DDIMScheduler`` with "trailing" spacing (VP), or
+  ``FlowMatchEulerDiscreteScheduler`` with the list as ``sigmas`` (flow).
+
+Every pipeline starts from unit Gaussian latents, as the toolkit's own sampler does. The call
+arguments that reproduce the trained sampler (steps, guidance scale, sigmas) are written to
+``stepdistill_sampling.json`` and into the model card. BOOT's signal students read the initial noise
+at every step, which no stock scheduler does: they are refused with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .generator import SPEC_FILE, Student, StudentSpec
+
+SAMPLING_FILE = "stepdistill_sampling.json"
+UNCONDITIONAL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+
+
+class ExportError(ValueError):
+    """A student, run or destination that cannot be exported; the message names it."""
+
+
+# ------------------------------------------------------------------------------------------------
+# schedulers
+# ------------------------------------------------------------------------------------------------
+def _int_times(spec: StudentSpec) -> list[int]:
+    ts = [int(round(t)) for t in spec.timesteps]
+    if any(abs(a - b) > 1e-6 for a, b in zip(ts, spec.timesteps)):
+        raise ExportError(f"student timesteps {spec.timesteps} are not integers; a discrete diffusers scheduler "
+                          f"cannot run them")
+    return ts
+
+
+def _vp_common(base: dict, pred: str) -> dict:
+    return {**base, "prediction_type": pred, "clip_sample": False, "thresholding": False, "set_alpha_to_one": True}
+
+
+def _lcm_for(base: dict, pred: str, times: list[int]):
+    """An LCMScheduler whose default schedule for len(times) steps is exactly ``times``."""
+    from diffusers import LCMScheduler
+
+    n, total = len(times), int(base.get("num_train_timesteps", 1000))
+    cfg = {**_vp_common(base, pred), "timestep_scaling": 1.0e7, "timestep_spacing": "leading", "steps_offset": 0}
+    probe = LCMScheduler.from_config(cfg)
+    for k in range(n, total + 1):
+        try:
+            probe.set_timesteps(n, original_inference_steps=k)
+        except ValueError:
+            continue
+        if probe.timesteps.tolist() == times:
+            return LCMScheduler.from_config({**cfg, "original_inference_steps": k})
+    raise ExportError(f"no LCMScheduler schedule equals the student's timesteps {times}; re-noising students "
+                      f"export with LCM-style spacings such as [999, 749, 499, 249]")
+
+
+def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str):
+    """(scheduler, call kwargs) that make a diffusers pipeline sample exactly as ``spec`` says."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
+
+    base = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    n = len(spec.timesteps)
+    if spec.sampler == "signal":
+        raise ExportError("BOOT students (sampler 'signal') read the initial noise at every step; no stock diffusers "
+                          "scheduler does that. Sample them with stepdistill.generator.Student")
+    kind = spec.process.get("kind")
+    if kind == "flow":
+        shift = float(spec.process.get("shift", base.get("shift", 1.0)))
+        # the pipeline shifts the sigmas it is given, so it gets the unshifted ones
+        sigmas = [t / (shift - (shift - 1) * t) for t in spec.timesteps]
+        cfg = {"num_train_timesteps": int(spec.process.get("num_train_timesteps", 1000)), "shift": shift,
+               "use_dynamic_shifting": False}
+        cls = FlowMatchLCMScheduler if (spec.sampler == "renoise" and n > 1) else FlowMatchEulerDiscreteScheduler
+        return cls.from_config(cfg), {"num_inference_steps": n, "sigmas": sigmas}
+    if kind != "vp":
+        raise ExportError(f"student process kind {kind!r} has no diffusers scheduler mapping")
+    times = _int_times(spec)
+    total = int(base.get("num_train_timesteps", 1000))
+    if n == 1:  # one step: x0 at t_init, whatever the sampler
+        cfg = {**_vp_common(base, pred_type), "timestep_spacing": "trailing"}
+        if times[0] != total - 1:
+            # trailing spacing starts at num_train_timesteps - 1, so the schedule is cut after t_init: the same
+            # betas (hence alphas_cumprod) up to t_init, and DDIM's one step lands on x0 (set_alpha_to_one)
+            full = DDIMScheduler.from_config(cfg)
+            if cfg.get("rescale_betas_zero_snr"):
+                raise ExportError(f"one-step students at t_init={times[0]} < {total - 1} on a zero-terminal-SNR "
+                                  f"schedule have no stock scheduler mapping")
+            cfg.update(num_train_timesteps=times[0] + 1, trained_betas=full.betas[: times[0] + 1].tolist())
+        sched = DDIMScheduler.from_config(cfg)
+    elif spec.sampler == "renoise":
+        sched = _lcm_for(base, pred_type, times)
+    else:
+        sched = DDIMScheduler.from_config({**_vp_common(base, pred_type), "timestep_spacing": "trailing", "steps_offset": 0})
+        sched.set_timesteps(n)
+        if sched.timesteps.tolist() != times or total % n:
+            raise ExportError(f"student timesteps {times} are not DDIM's trailing {n}-step grid "
+                              f"{sched.timesteps.tolist()} with steps of {total}/{n}; deterministic students export "
+                              f"with that grid")
+    probe = type(sched).from_config(sched.config)
+    probe.set_timesteps(n)
+    assert probe.timesteps.tolist() == times, (probe.timesteps.tolist(), times)
+    return sched, {"num_inference_steps": n}
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+def _resolve_source(source: Path, use_ema: bool) -> tuple[Path, dict | None]:
+    """(student folder, run config or None) for a run folder or a student folder."""
+    import yaml
+
+    if (source / SPEC_FILE).is_file():
+        run_cfg = source.parent / "config.yaml"
+        return source, (yaml.safe_load(run_cfg.read_text()) if run_cfg.is_file() else None)
+    if not (source / "config.yaml").is_file():
+        raise ExportError(f"'{source}' is neither a run folder (config.yaml) nor a student folder ({SPEC_FILE})")
+    cfg = yaml.safe_load((source / "config.yaml").read_text())
+    folder = source / ("student_ema" if use_ema else "student")
+    if not (folder / SPEC_FILE).is_file():
+        if use_ema and (source / "student" / SPEC_FILE).is_file():
+            raise ExportError(f"run '{source}' has no student_ema/: it was trained without train.ema_decay")
+        from .trainer import list_checkpoints
+
+        ckpts = list_checkpoints(source)
+        last = ckpts[-1].name if ckpts else "none"
+        raise ExportError(f"run '{source}' is unfinished: no {folder.name}/ yet (latest checkpoint: {last}, "
+                          f"train.max_steps={cfg.get('train', {}).get('max_steps')}); re-run its command to finish it")
+    return folder, cfg
+
+
+def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict) -> dict:
+    name = type(pipe).__name__
+    if name in UNCONDITIONAL_PIPELINES:
+        if spec.guidance_scale is not None:
+            raise ExportError(f"{name} has no guidance input for a w-conditioned student")
+        return {k: v for k, v in kwargs.items() if k != "sigmas"}
+    # the student is the whole sampler: no classifier-free guidance on top unless it takes w itself
+    return {**kwargs, "guidance_scale": float(spec.guidance_scale) if spec.guidance_scale is not None else 1.0}
+
+
+def _model_card(pipe_cls: str, spec: StudentSpec, call: dict, teacher: str, lora: bool, metrics: dict | None) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in call.items())
+    prompt = "" if pipe_cls in UNCONDITIONAL_PIPELINES else ("class_labels=[0], " if pipe_cls == "DiTPipeline"
+                                                              else "\"a photo of a cat\", ")
+    lines = [
+        "---", "library_name: diffusers", "tags: [stepdistill, step-distillation]", "---", "",
+        f"# {spec.method} student of `{teacher}` ({len(spec.timesteps)}-step)", "",
+        f"Distilled with stepdistill (method `{spec.method}`).", "",
+        f"- pipeline: `{pipe_cls}`",
+        f"- steps: {len(spec.timesteps)}; sampler: {spec.sampler}; timesteps (first = t_init): {spec.timesteps}",
+        f"- guidance: {'w = ' + str(spec.guidance_scale) + ' (an input of the network)' if spec.guidance_scale is not None else 'none (guidance_scale=1.0; the teacher guidance is distilled in)'}",
+        f"- metrics: {json.dumps(metrics) if metrics else 'not measured yet'}", "",
+        "```python", "import torch", "from diffusers import DiffusionPipeline", "",
+        "pipe = DiffusionPipeline.from_pretrained(\"<this folder>\")",
+        f"images = pipe({prompt}{args}, generator=torch.Generator().manual_seed(0)).images", "```", "",
+        f"These arguments ({SAMPLING_FILE}) reproduce the trained schedule exactly.",
+    ]
+    if lora:
+        lines += ["", "The student as a LoRA on the teacher (`lora/`):", "", "```python",
+                  f"pipe = DiffusionPipeline.from_pretrained(\"{teacher}\")",
+                  "pipe.load_lora_weights(\"<this folder>/lora\")",
+                  "pipe.scheduler = type(pipe.scheduler).from_pretrained(\"<this folder>\", subfolder=\"scheduler\")  # "
+                  "or the class in scheduler/", "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _save_lora(pipe, component: str, student_folder: Path, out: Path):
+    """The LoRA adapters of a LoRA student, in the file format ``pipe.load_lora_weights`` reads."""
+    from safetensors.torch import load_file
+
+    src = student_folder / "lora" / "adapter_model.safetensors"
+    if not src.is_file():
+        raise ExportError(f"'{student_folder}' holds no LoRA adapters (lora/adapter_model.safetensors): the student "
+                          f"was trained in full (student.lora_rank=0) or before LoRA files were written")
+    if not hasattr(type(pipe), "save_lora_weights"):
+        raise ExportError(f"{type(pipe).__name__} has no LoRA loader in diffusers; export the fused student instead")
+    import inspect
+
+    layers = load_file(str(src))
+    kwargs = {f"{component}_lora_layers": layers, "safe_serialization": True}
+    meta_key = f"{component}_lora_adapter_metadata"
+    if meta_key in inspect.signature(type(pipe).save_lora_weights).parameters:  # keeps lora_alpha / rank
+        kwargs[meta_key] = json.loads((src.parent / "adapter_config.json").read_text())
+    type(pipe).save_lora_weights(out, **kwargs)
+
+
+def export(source: str | Path, out: str | Path, *, teacher: str | None = None, use_ema: bool = False,
+           lora: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write the pipeline folder ``out`` (which must not exist yet) and return it."""
+    from diffusers import DiffusionPipeline
+
+    from .teachers import _resolve_path, find_denoiser
+
+    source, out = Path(source), Path(out)
+    if out.exists():
+        raise ExportError(f"export destination '{out}' already exists; choose a new folder (nothing was written)")
+    folder, run_cfg = _resolve_source(source, use_ema)
+    spec = StudentSpec.load(folder)
+    tcfg = (run_cfg or {}).get("teacher") or {}
+    if teacher is None:
+        if tcfg.get("oracle") is not None:
+            raise ExportError(f"'{source}' distilled the Gaussian-mixture oracle, which has no diffusers pipeline")
+        teacher = tcfg.get("path")
+        if teacher is None:
+            raise ExportError(f"'{folder}' has no run config naming its teacher; pass the teacher (--teacher)")
+    pipe = DiffusionPipeline.from_pretrained(_resolve_path(teacher), torch_dtype=dtype)
+    component, _ = find_denoiser(pipe)
+    student = Student.load(folder)
+    model = student.model.to(dtype) if dtype is not None else student.model
+    pred = spec.prediction_type or student.process.prediction_type
+    sched, kwargs = scheduler_for(spec, pipe.scheduler.config, pred)
+    call = _call_kwargs(pipe, spec, kwargs)
+    pipe.register_modules(**{component: model, "scheduler": sched})
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / SAMPLING_FILE).write_text(json.dumps({"call_kwargs": call, "student": json.loads((folder / SPEC_FILE).read_text())},
+                                                    indent=2))
+        if lora:
+            _save_lora(pipe, component, folder, tmp / "lora")
+        metrics = None
+        if (folder.parent / "metrics.json").is_file():
+            metrics = json.loads((folder.parent / "metrics.json").read_text())
+        (tmp / "README.md").write_text(_model_card(type(pipe).__name__, spec, call, str(teacher), lora, metrics))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def sampling_kwargs(folder: str | Path) -> dict:
+    """The call arguments an exported folder was written with (steps, guidance, sigmas)."""
+    return json.loads((Path(folder) / SAMPLING_FILE).read_text())["call_kwargs"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", type=Path, help="a run folder (train.output_dir) or a student folder")
+    p.add_argument("out", type=Path, help="the pipeline folder to write (must not exist)")
+    p.add_argument("--ema", action="store_true", help="export student_ema/ instead of student/")
+    p.add_argument("--lora", action="store_true", help="also write the LoRA adapters for pipe.load_lora_weights")
+    p.add_argument("--teacher", default=None, help="teacher pipeline folder or hub id (default: the run's)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights dtype (default: as trained)")
+    args = p.parse_args(argv)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    from .teachers import TeacherLoadError
+
+    try:
+        out = export(args.source, args.out, teacher=args.teacher, use_ema=args.ema, lora=args.lora, dtype=dtype)
+    except (ExportError, TeacherLoadError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"pipeline written to {out}; sample with {json.dumps(sampling_kwargs(out))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Export round trip: the exported folder loads with plain `DiffusionPipeline.from_pretrained` and
+samples exactly what the toolkit's own student sampler samples for the same seed."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepdistill.denoiser import W_COND_CONFIG, Denoiser
+from stepdistill.export import ExportError, export, sampling_kwargs
+from stepdistill.generator import Student, StudentSpec, copy_for_training
+from stepdistill.teachers import load_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_student_folder(folder: Path, teacher, sampler: str, timesteps, guidance=None, seed=0) -> Student:
+    """A student as a run writes it: a perturbed copy of the teacher network and its schedule."""
+    model = teacher.denoiser.model
+    updates = W_COND_CONFIG[type(model).__name__] if guidance is not None else None
+    net = copy_for_training(model, config_updates=updates).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    proc = teacher.denoiser.process
+    spec = StudentSpec("test", sampler, [float(t) for t in timesteps], guidance, proc.describe(), teacher.denoiser.prediction_type)
+    student = Student(Denoiser(net, proc, teacher.denoiser.prediction_type), spec)
+    student.save(folder)
+    return student
+
+
+def _flow(ts, shift=3.0):
+    return [shift * t / (1 + (shift - 1) * t) for t in ts]
+
+
+CASES = [  # family, sampler, timesteps, guidance (w input)
+    ("sd", "renoise", [999, 749, 499, 249], None),  # DMD2-style few-step
+    ("sd", "renoise", [625], None),  # one step at a t_init below T (SiD)
+    ("sd", "deterministic", [999, 499], None),  # progressive
+    ("sd", "deterministic", [999, 499], 3.0),  # guided, w as an input
+    ("sdxl", "renoise", [999, 499], None),
+    ("dit", "renoise", [999, 499], None),
+    ("pixart", "deterministic", [999, 749, 499, 249], None),
+    ("sd3", "deterministic", _flow([1.0, 0.5]), None),
+    ("sd3", "renoise", _flow([1.0, 0.75, 0.5, 0.25]), None),
+    ("pixel", "renoise", [999, 499], None),
+]
+
+
+@pytest.mark.parametrize("family,sampler,timesteps,guidance", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{len(c[2])}step" + ("-w" if c[3] else "") for c in CASES])
+def test_exported_pipeline_samples_like_the_toolkit(tmp_path, tiny_pipelines, family, sampler, timesteps, guidance):
+    from diffusers import DiffusionPipeline
+
+    teacher = load_teacher(tiny_pipelines[family])
+    student = make_student_folder(tmp_path / "student", teacher, sampler, timesteps, guidance)
+    out = export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines[family])
+    kwargs = sampling_kwargs(out)
+    assert kwargs["num_inference_steps"] == len(timesteps)
+    pipe = DiffusionPipeline.from_pretrained(out)  # no stepdistill involved from here
+    assert type(pipe).__name__ == type(teacher.pipeline).__name__
+    n = 2
+    shape = (n, *teacher.sample_shape)
+    pipe_name = type(pipe).__name__
+    call = dict(kwargs, generator=torch.Generator().manual_seed(7))
+    if pipe_name == "DiTPipeline":  # no latent output: compare decoded images
+        labels = [1, 2]
+        call.update(class_labels=labels, output_type="np")
+        cond = teacher.encode(labels)[0]
+    elif pipe_name == "DDPMPipeline":
+        call.update(batch_size=n, output_type="np")
+        cond = None
+    else:
+        prompts = ["a red cube", "two cats"]
+        size = teacher.sample_shape[-1] * pipe.vae_scale_factor
+        call.update(prompt=prompts, output_type="latent", height=size, width=size)
+        if pipe_name.startswith("PixArt"):
+            call.update(use_resolution_binning=False)
+        cond = teacher.encode(prompts)[0]
+    torch.manual_seed(123)  # DiT / SD3 pipelines re-noise from the global generator
+    got = pipe(**call).images
+    got = torch.as_tensor(got)
+    # the toolkit: same initial noise (first draw of the seeded generator), same re-noising stream
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(shape, generator=g)
+    torch.manual_seed(123)
+    renoise = torch.default_generator if pipe_name in ("DiTPipeline", "StableDiffusion3Pipeline") else g
+    ref = Student.load(tmp_path / "student").sample(noise, cond, generator=renoise)
+    if pipe_name in ("DDPMPipeline", "DiTPipeline"):  # images in [0, 1], channels last
+        image = teacher.decode(ref) if pipe_name == "DiTPipeline" else ref
+        torch.testing.assert_close(got.float(), (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5)
+    # a different student gives a different result (the comparison can fail)
+    assert not torch.allclose(ref, teacher.denoiser(noise, torch.full((n,), float(timesteps[0])), cond), atol=1e-3)
+    card = (out / "README.md").read_text()
+    assert f"{len(timesteps)}-step" in card and "DiffusionPipeline.from_pretrained" in card
+    assert student.spec.timesteps == json.loads((out / "stepdistill_sampling.json").read_text())["student"]["timesteps"]
+
+
+def test_boot_student_is_refused(tmp_path, tiny_pipelines):
+    teacher = load_teacher(tiny_pipelines["sd"])
+    make_student_folder(tmp_path / "student", teacher, "signal", [0])
+    with pytest.raises(ExportError, match="BOOT students .* no stock diffusers scheduler"):
+        export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines["sd"])
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_timesteps_no_scheduler_expresses_are_refused(tmp_path, tiny_pipelines):
+    teacher = load_teacher(tiny_pipelines["sd"])
+    make_student_folder(tmp_path / "s1", teacher, "deterministic", [999, 600])
+    with pytest.raises(ExportError, match=r"student timesteps \[999, 600\] are not DDIM's trailing 2-step grid"):
+        export(tmp_path / "s1", tmp_path / "p1", teacher=tiny_pipelines["sd"])
+    make_student_folder(tmp_path / "s2", teacher, "renoise", [999, 998, 10])
+    with pytest.raises(ExportError, match=r"no LCMScheduler schedule equals the student's timesteps \[999, 998, 10\]"):
+        export(tmp_path / "s2", tmp_path / "p2", teacher=tiny_pipelines["sd"])
+
+
+def test_existing_destination_and_unfinished_run(tmp_path, tiny_pipelines):
+    teacher = load_teacher(tiny_pipelines["sd"])
+    make_student_folder(tmp_path / "student", teacher, "renoise", [999])
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "mine.txt").write_text("keep")
+    with pytest.raises(ExportError, match="export destination '.*pipe' already exists"):
+        export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines["sd"])
+    assert (tmp_path / "pipe" / "mine.txt").read_text() == "keep"
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-2" / "manifest.json").write_text("{}")
+    (run / "config.yaml").write_text(f"method: dmd2\nteacher: {{path: {tiny_pipelines['sd']}}}\ntrain: {{max_steps: 10}}\n")
+    with pytest.raises(ExportError, match=r"run '.*run' is unfinished: no student/ yet \(latest checkpoint: "
+                                          r"checkpoint-2, train.max_steps=10\)"):
+        export(run, tmp_path / "p3")
+    with pytest.raises(ExportError, match="is neither a run folder"):
+        export(tmp_path, tmp_path / "p4")
+
+
+def test_lora_run_exports_fused_and_as_lora_file(tmp_path, tiny_pipelines):
+    """A real LoRA training run: the fused export and teacher + load_lora_weights sample the same."""
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.config import load_config
+    from stepdistill.trainer import Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(ROOT / "configs" / "tiny-sd" / "dmd2_4step.yaml",
+                      [f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={run}", "student.lora_rank=4",
+                       "train.max_steps=2", "train.report_to=none", "train.progress=false", "method_args.lr=1e-2"])
+    Trainer(cfg).fit()
+    out = export(run, tmp_path / "pipe", lora=True)
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    kwargs = sampling_kwargs(out)
+    prompts = ["a red cube"]
+    fused = DiffusionPipeline.from_pretrained(out)
+    size = fused.unet.config.sample_size * fused.vae_scale_factor
+    a = fused(prompt=prompts, output_type="latent", height=size, width=size,
+              generator=torch.Generator().manual_seed(3), **kwargs).images
+    base = DiffusionPipeline.from_pretrained(tiny_pipelines["sd"])
+    base.scheduler = type(fused.scheduler).from_config(fused.scheduler.config)
+    plain = base(prompt=prompts, output_type="latent", height=size, width=size,
+                 generator=torch.Generator().manual_seed(3), **kwargs).images
+    base.load_lora_weights(out / "lora")
+    b = base(prompt=prompts, output_type="latent", height=size, width=size,
+             generator=torch.Generator().manual_seed(3), **kwargs).images
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, a, atol=1e-4)  # the adapters changed the sampler's output
