@@ -264,7 +264,8 @@ def _flatten(obj, prefix):
     return {prefix: torch.tensor(float(obj))} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
 
 
-KILL_CASES = [("progressive_2step", 1), ("dmd2_4step", 1), pytest.param("progressive_2step", 2, marks=pytest.mark.slow)]
+KILL_CASES = [("progressive_2step", 1), pytest.param("dmd2_4step", 1, marks=pytest.mark.slow),
+              pytest.param("progressive_2step", 2, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("config,processes", KILL_CASES, ids=["progressive", "dmd2", "progressive-2proc"])

@@ -31,9 +31,8 @@ def launch(config, overrides, processes=1, env=None, python=False):
     return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=600)
 
 
-CASES = [("sd", "progressive_2step"), ("sd", "guided_2step"), ("sd", "boot_1step"), ("dit", "progressive_2step"),
-         ("sd3", "boot_1step")]
-SLOW = [("dit", "boot_1step"), ("sd3", "progressive_2step")]
+CASES = [("sd", "progressive_2step"), ("sd", "guided_2step"), ("sd", "boot_1step")]
+SLOW = [("dit", "progressive_2step"), ("sd3", "boot_1step"), ("dit", "boot_1step"), ("sd3", "progressive_2step")]
 
 
 @pytest.mark.parametrize("family,config", CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW],
@@ -113,7 +112,8 @@ def _flatten(obj, prefix):
     return {prefix: torch.tensor(float(obj))} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
 
 
-RESUME_CASES = [("progressive_2step", []), ("dmd2_4step", []),
+# progressive's exact resume is also checked by test_robustness's kill -9 test in the default run
+RESUME_CASES = [pytest.param("progressive_2step", [], marks=pytest.mark.slow), ("dmd2_4step", []),
                 pytest.param("sid_1step", ["method_args.fake_lora_rank=4"], marks=pytest.mark.slow)]
 
 
