@@ -265,7 +265,7 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         self._setup_optim()
-        self.counter = _Counter()  # loop, distiller and EMA state: see _save_training_state (no pickle)
+        self.counter = _Counter()  # loop, distiller and EMA state: see _training_state (no pickle)
         acc.register_save_state_pre_hook(self._save_hook)
 
     # -- optimisers, EMA --------------------------------------------------------------------------
