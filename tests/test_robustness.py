@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from stepdistill.config import ConfigError, load_config
 from stepdistill.state_io import load_state, save_state
 from stepdistill.trainer import NonFiniteError, Trainer, checkpoint_problem, config_changes, list_checkpoints
+from test_train_e2e import _flatten  # tests/ is on sys.path (pytest's rootdir-based import)
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -252,16 +253,6 @@ def _final_state(run: Path) -> dict:
         elif f.suffix == ".bin":
             out.update(_flatten(torch.load(f, weights_only=True), f.name))
     return out
-
-
-def _flatten(obj, prefix):
-    if torch.is_tensor(obj):
-        return {prefix: obj}
-    if isinstance(obj, dict):
-        return {k: v for key, val in obj.items() for k, v in _flatten(val, f"{prefix}.{key}").items()}
-    if isinstance(obj, (list, tuple)):
-        return {k: v for i, val in enumerate(obj) for k, v in _flatten(val, f"{prefix}[{i}]").items()}
-    return {prefix: torch.tensor(float(obj))} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
 
 
 KILL_CASES = [("progressive_2step", 1), pytest.param("dmd2_4step", 1, marks=pytest.mark.slow),

@@ -20,7 +20,7 @@ def _eval(student, gmm, n=1000, seed=11):
 @pytest.mark.parametrize("config,bound", [
     # DMD2's outcome is chaotic in tiny perturbations: 2.4-3.4x in session 1, 5.0-7.1x after the start-noise
     # change and across thread counts (README); the untrained student is ~200x with empty modes
-    ("dmd2_1step.yaml", 8.0),
+    ("dmd2_1step.yaml", 10.0),
     ("sid_1step.yaml", 4.0),
     pytest.param("vsd_1step.yaml", 6.0, marks=pytest.mark.slow),
     pytest.param("dmd_1step.yaml", 6.0, marks=pytest.mark.slow),
