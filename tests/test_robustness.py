@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from stepdistill.config import ConfigError, load_config
 from stepdistill.state_io import load_state, save_state
 from stepdistill.trainer import NonFiniteError, Trainer, checkpoint_problem, config_changes, list_checkpoints
-from test_train_e2e import _flatten  # tests/ is on sys.path (pytest's rootdir-based import)
+from test_train_e2e import _state_files  # tests/ is on sys.path (pytest's rootdir-based import)
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -246,12 +246,7 @@ def _final_state(run: Path) -> dict:
         f = run / folder / "diffusion_pytorch_model.safetensors"
         if f.is_file():
             out.update({f"{folder}:{k}": v for k, v in load_file(f).items()})
-    ckpt = list_checkpoints(run)[-1]
-    for f in sorted(ckpt.iterdir()):
-        if f.suffix == ".safetensors":
-            out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
-        elif f.suffix == ".bin":
-            out.update(_flatten(torch.load(f, weights_only=True), f.name))
+    out.update(_state_files(list_checkpoints(run)[-1]))
     return out
 
 
