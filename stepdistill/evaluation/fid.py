@@ -1,0 +1,284 @@
+"""FID under the clean-fid protocol, with reference statistics computed once and reused.
+
+Protocol (what the COCO-30K numbers of GigaGAN, DMD2, SiD-LSG and SwiftBrush follow):
+
+1. every image, generated or real, is centre-cropped to a square (side = its short edge) and
+   resized to ``eval_size`` x ``eval_size`` with PIL's LANCZOS filter (:func:`center_crop_resize`);
+2. clean-fid's ``clean`` mode then resizes each channel as float32 with PIL bicubic to 299 x 299
+   (no uint8 quantisation in between) and feeds values in [0, 255] to the TorchScript Inception-v3
+   of StyleGAN2-ADA / clean-fid (``inception-2015-12-05.pt``), normalised as ``(x - 128) / 128``;
+3. the 2048-d pool features give a mean and a covariance (float64, ``np.cov`` with N - 1), and
+   the Frechet distance between two such Gaussians is the FID (:func:`frechet_distance`).
+
+The statistics file (``.npz``) stores ``mu``, ``sigma`` and the protocol (eval size, crop, filters,
+the feature network's sha256, image count); ``calc`` refuses a reference made under another protocol.
+
+Command line::
+
+    python -m stepdistill.evaluation.fid ref  IMAGES_DIR ref.npz  --eval-size 512 [--inception-weights PATH]
+    python -m stepdistill.evaluation.fid calc IMAGES_DIR --ref ref.npz [--json out.json]
+
+Offline machines: download ``inception-2015-12-05.pt`` (URL in :data:`INCEPTION_URL`) once and
+pass ``--inception-weights PATH`` (the file or its folder), or put it in the cache folder
+(``$STEPDISTILL_CACHE``, default ``~/.cache/stepdistill``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_FILE = "inception-2015-12-05.pt"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# The fixed parts of the protocol; eval_size and the feature network's hash complete it.
+PROTOCOL = {
+    "crop": "center (short edge)",
+    "resize": "PIL LANCZOS to eval_size, then clean-fid 'clean' (PIL bicubic, float32) to 299",
+    "statistics": "float64 mean and np.cov (N - 1)",
+}
+
+
+class EvalError(ValueError):
+    """A one-line, user-facing problem with an evaluation's inputs (path, weights, settings)."""
+
+
+def center_crop_resize(image, size: int | None) -> np.ndarray:
+    """Centre-crop ``image`` (PIL image or HWC uint8 array) to a square of its short edge, then
+    LANCZOS-resize it to ``size`` x ``size`` (no resize when ``size`` is None or already equal).
+    Returns an HWC uint8 RGB array."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    img = img.convert("RGB")
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if size is not None and side != size:
+        img = img.resize((size, size), resample=Image.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+
+
+def resolve_inception(path: str | os.PathLike | None = None, *, download: bool | None = None) -> Path:
+    """The Inception TorchScript file to use: ``path`` (a file, or a folder holding
+    ``inception-2015-12-05.pt``), else the cache folder, downloading into it when online."""
+    if path is not None:
+        p = Path(path)
+        if p.is_dir():
+            p = p / INCEPTION_FILE
+        if not p.is_file():
+            raise EvalError(f"--inception-weights {path}: no such file (expected the TorchScript {INCEPTION_FILE})")
+        return p
+    p = cache_dir() / INCEPTION_FILE
+    if p.is_file():
+        return p
+    download = (not _offline()) if download is None else download
+    hint = f"download {INCEPTION_URL} and pass --inception-weights PATH (or put it at {p})"
+    if not download:
+        raise EvalError(f"Inception weights not found at {p} and this machine is offline; {hint}")
+    try:
+        from cleanfid.downloads_helper import check_download_inception
+
+        p.parent.mkdir(parents=True, exist_ok=True)
+        check_download_inception(fpath=str(p.parent))
+    except Exception as exc:  # network errors come in many types
+        Path(p).unlink(missing_ok=True)
+        raise EvalError(f"could not download the Inception weights ({type(exc).__name__}: {exc}); {hint}") from exc
+    return p
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class InceptionFeatures(torch.nn.Module):
+    """clean-fid's ``clean``-mode feature function for a TorchScript network with a ``layers``
+    submodule: inputs are 299 x 299 float images in [0, 255], normalised to ``(x - 128) / 128``.
+    The real file is StyleGAN2-ADA's Inception-v3; tests use small networks with the same interface."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        path = Path(path)
+        try:
+            with warnings.catch_warnings():  # TorchScript is the format the Inception file ships in
+                warnings.simplefilter("ignore", FutureWarning)
+                base = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EvalError(f"--inception-weights {path}: not a TorchScript feature network ({first})") from exc
+        if not hasattr(base, "layers"):
+            raise EvalError(f"--inception-weights {path}: the TorchScript module has no 'layers' (not clean-fid's Inception)")
+        self.base = base.eval()
+        self.sha256 = file_sha256(path)
+        self.path = path
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.layers((x - 128) / 128).reshape(x.shape[0], -1)
+
+
+def load_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> InceptionFeatures:
+    return InceptionFeatures(resolve_inception(path)).to(device)
+
+
+def protocol(eval_size: int | None, extractor: InceptionFeatures) -> dict:
+    return {"eval_size": eval_size, **PROTOCOL, "features_sha256": extractor.sha256}
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise EvalError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def image_features(files: Sequence[str | os.PathLike], extractor: InceptionFeatures, *, eval_size: int | None,
+                   batch_size: int = 64, num_workers: int = 0, device: str | torch.device = "cpu",
+                   desc: str = "inception features", verbose: bool = True) -> np.ndarray:
+    """(N, D) features of image files under the protocol (see the module docstring)."""
+    from cleanfid.fid import get_files_features
+
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise EvalError(f"{len(missing)} image file(s) missing, first: {missing[0]}")
+    return get_files_features([str(f) for f in files], model=extractor, num_workers=num_workers,
+                              batch_size=batch_size, device=torch.device(device), mode="clean",
+                              custom_image_tranform=partial(center_crop_resize, size=eval_size),
+                              description=desc, verbose=verbose)
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise EvalError(f"FID needs at least 2 feature rows, got shape {tuple(f.shape)}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), in float64.
+
+    tr((S1 S2)^1/2) is computed as the sum of square roots of the eigenvalues of the symmetric PSD
+    matrix S1^1/2 S2 S1^1/2 (similar to S1 S2), so no non-symmetric matrix square root and no
+    complex round-off are involved; rank-deficient covariances (fewer images than features) are fine."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise EvalError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    s1 = (s1 + s1.T) / 2
+    s2 = (s2 + s2.T) / 2
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ s2 @ root1
+    ev = np.linalg.eigvalsh((m + m.T) / 2)
+    tr_covmean = np.sqrt(np.clip(ev, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta: dict) -> Path:
+    """Write statistics atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta, sort_keys=True)))
+    os.replace(tmp, path)
+    return path
+
+
+def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"reference statistics {path} do not exist (make them with the 'ref' command)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mu, sigma = data["mu"], data["sigma"]
+            meta = json.loads(str(data["meta"])) if "meta" in data else {}
+    except (KeyError, ValueError, OSError) as exc:
+        raise EvalError(f"{path} is not a statistics file with mu and sigma ({exc})") from exc
+    return mu, sigma, meta
+
+
+def check_protocol(ref_meta: dict, ours: dict, ref_path) -> None:
+    """Refuse a reference computed under another protocol, naming each difference."""
+    keys = ["eval_size", *PROTOCOL, "features_sha256"]
+    diffs = [f"{k}: {ref_meta.get(k)!r} (reference) vs {ours.get(k)!r}" for k in keys if ref_meta.get(k) != ours.get(k)]
+    if diffs:
+        raise EvalError(f"reference statistics {ref_path} were made under another protocol: " + "; ".join(diffs))
+
+
+def folder_stats(files, extractor, eval_size, **kw) -> tuple[np.ndarray, np.ndarray, dict]:
+    feats = image_features(files, extractor, eval_size=eval_size, **kw)
+    mu, sigma = statistics(feats)
+    return mu, sigma, {**protocol(eval_size, extractor), "num_images": len(files)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ref = sub.add_parser("ref", help="compute reference statistics of an image folder once")
+    ref.add_argument("images", type=Path)
+    ref.add_argument("out", type=Path, help="statistics file to write (.npz)")
+    calc = sub.add_parser("calc", help="FID of an image folder against saved reference statistics")
+    calc.add_argument("images", type=Path)
+    calc.add_argument("--ref", type=Path, required=True, help="statistics file written by 'ref'")
+    calc.add_argument("--json", type=Path, default=None, help="also write the result here")
+    for q in (ref, calc):
+        q.add_argument("--eval-size", type=int, default=512, help="centre-crop + LANCZOS size (0: crop only)")
+        q.add_argument("--inception-weights", default=None, help=f"local {INCEPTION_FILE} (file or folder)")
+        q.add_argument("--batch-size", type=int, default=64)
+        q.add_argument("--num-workers", type=int, default=0)
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    size = args.eval_size or None
+    try:
+        extractor = load_inception(args.inception_weights, args.device)
+        files = list_images(args.images)
+        kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
+        if args.cmd == "ref":
+            mu, sigma, meta = folder_stats(files, extractor, size, **kw)
+            save_stats(args.out, mu, sigma, {**meta, "images": str(args.images)})
+            print(f"reference statistics of {len(files)} images written to {args.out}")
+            return 0
+        mu_r, sigma_r, meta_r = load_stats(args.ref)
+        check_protocol(meta_r, protocol(size, extractor), args.ref)
+        mu, sigma, meta = folder_stats(files, extractor, size, **kw)
+        fid = frechet_distance(mu, sigma, mu_r, sigma_r)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = {"fid": fid, "num_images": len(files), "images": str(args.images), "ref": str(args.ref),
+              "ref_num_images": meta_r.get("num_images"), "protocol": protocol(size, extractor)}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"FID {fid:.4f} ({len(files)} images vs {meta_r.get('num_images')} reference images)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
