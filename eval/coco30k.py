@@ -107,6 +107,8 @@ def read_caption_file(path: Path, num: int) -> list[dict]:
     if path.suffix.lower() == ".json":
         try:
             items = json.loads(text)
+            if not isinstance(items, list):
+                raise TypeError(f"top level is a {type(items).__name__}")
             rows = [{"caption": _clean(x)} if isinstance(x, str) else
                     {"caption": _clean(x["caption"]), **({"file_name": x["file_name"]} if "file_name" in x else {})}
                     for x in items]
@@ -162,6 +164,8 @@ def prepare(args) -> tuple[list[dict], dict, Path]:
         captions = draw_coco_captions(args.coco_annotations, args.num_captions, args.caption_seed)
     else:
         captions = read_caption_file(args.captions, args.num_captions)
+    if len(captions) < 2:
+        raise EvalError(f"FID needs at least 2 images; {source} gives {len(captions)} caption(s)")
     ref = args.ref_stats or args.out / "ref_stats.npz"
     if not ref.is_file():
         if args.coco_images is None:
@@ -297,7 +301,7 @@ def main(argv=None) -> int:
         return _error(str(exc))
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo for a multi-process CPU launch
     try:
         pipe = load_pipeline(settings["pipeline"], args.dtype, state.device)
     except EvalError as exc:
