@@ -1,0 +1,165 @@
+"""Real digit data that works offline, and the evaluator trained by the project on it.
+
+* :func:`load_digits8`: sklearn's 1,797 real 8x8 handwritten digits, scaled to [-1, 1], split once
+  with a fixed seed into a train split and a held-out split (the teacher and the classifier only
+  ever see the train split).
+* :class:`DigitClassifier`: a small CNN (diffusers ``ModelMixin`` + ``ConfigMixin``, so it saves
+  and loads with ``save_pretrained`` / ``from_pretrained`` as safetensors). Its penultimate layer is
+  the feature space of a Frechet distance (reported as FD, not FID: the features are not
+  Inception's); its argmax gives class accuracy of conditional samples, the small-scale stand-in
+  for CLIP score.
+* :class:`DigitsEvaluator`: FD through torchmetrics' custom-feature path, with the reference
+  statistics computed once and cached as safetensors; class accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DIGITS8 = ASSETS / "digits8"
+HELDOUT = 297  # 1,797 = 1,500 train + 297 held out
+
+
+def load_digits8(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 1, 8, 8) in [-1, 1], labels (N,)) of sklearn's 8x8 digits; ``split`` is
+    ``train`` (1,500), ``heldout`` (297) or ``all``; the shuffle is fixed by ``seed``."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # pixel values are 0..16
+    y = torch.from_numpy(d.target.astype(np.int64))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    if split == "train":
+        return x[HELDOUT:], y[HELDOUT:]
+    if split == "heldout":
+        return x[:HELDOUT], y[:HELDOUT]
+    if split == "all":
+        return x, y
+    raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+
+
+class DigitClassifier(ModelMixin, ConfigMixin):
+    """conv 3x3 -> conv 3x3 stride 2 -> flatten -> linear (features) -> linear (logits)."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 1, sample_size: int = 8, num_classes: int = 10, width: int = 32,
+                 feature_dim: int = 64):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.GELU(), nn.Flatten(),
+            nn.Linear(2 * width * ((sample_size + 1) // 2) ** 2, feature_dim), nn.GELU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def train_classifier(x: torch.Tensor, y: torch.Tensor, steps: int = 3000, batch_size: int = 128, lr: float = 2e-3,
+                     seed: int = 0, shift: int = 1) -> DigitClassifier:
+    """Adam with a cosine schedule; each batch randomly shifted by up to ``shift`` pixels."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DigitClassifier(in_channels=x.shape[1], sample_size=x.shape[-1], num_classes=int(y.max()) + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch_size,), generator=g)
+        xb = x[idx]
+        if shift:
+            dx, dy = torch.randint(-shift, shift + 1, (2,), generator=g).tolist()
+            xb = torch.roll(xb, shifts=(dy, dx), dims=(-2, -1))
+        loss = nn.functional.cross_entropy(model(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval().requires_grad_(False)
+
+
+class ClassifierFeatures(nn.Module):
+    """The classifier's penultimate layer as a torchmetrics custom feature extractor (images in [-1, 1])."""
+
+    def __init__(self, classifier: DigitClassifier):
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.config.feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(x.float())
+
+
+class DigitsEvaluator:
+    """FD (classifier features, torchmetrics) against a reference image set, and class accuracy.
+
+    The reference statistics (torchmetrics' running sums) are computed once per (classifier,
+    reference set) and cached in ``cache_dir`` as safetensors."""
+
+    _REAL = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+    def __init__(self, classifier: DigitClassifier, reference: torch.Tensor, cache_dir: str | Path | None = None):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.metric = FrechetInceptionDistance(feature=ClassifierFeatures(self.classifier), reset_real_features=False)
+        key = self._key(reference)
+        cache = Path(cache_dir) / f"fd_ref_{key}.safetensors" if cache_dir is not None else None
+        if cache is not None and cache.is_file():
+            from safetensors.torch import load_file
+
+            for name, value in load_file(cache).items():
+                setattr(self.metric, name, value)
+        else:
+            with torch.no_grad():
+                for chunk in reference.split(512):
+                    self.metric.update(chunk, real=True)
+            if cache is not None:
+                from safetensors.torch import save_file
+
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(".tmp")
+                save_file({n: getattr(self.metric, n).contiguous() for n in self._REAL}, tmp)
+                tmp.replace(cache)
+        self.cache = cache
+
+    def _key(self, reference: torch.Tensor) -> str:
+        h = hashlib.sha256()
+        for t in self.classifier.state_dict().values():
+            h.update(t.detach().cpu().numpy().tobytes())
+        h.update(reference.detach().cpu().float().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @torch.no_grad()
+    def fd(self, samples: torch.Tensor) -> float:
+        """Frechet distance of ``samples`` (N, C, H, W) in [-1, 1] to the reference set."""
+        self.metric.reset()  # keeps the reference statistics
+        for chunk in samples.clamp(-1, 1).split(512):
+            self.metric.update(chunk, real=False)
+        return float(self.metric.compute())
+
+    @torch.no_grad()
+    def accuracy(self, samples: torch.Tensor, labels: torch.Tensor) -> float:
+        pred = torch.cat([self.classifier(c.clamp(-1, 1).float()).argmax(-1) for c in samples.split(512)])
+        return float((pred == labels.to(pred.device)).float().mean())
+
+
+def load_classifier(folder: str | Path = DIGITS8 / "classifier") -> DigitClassifier:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no digit classifier at {folder} (make it with: python train/teacher.py digits8)")
+    return DigitClassifier.from_pretrained(folder).eval().requires_grad_(False)
