@@ -250,7 +250,7 @@ def _final_state(run: Path) -> dict:
     return out
 
 
-KILL_CASES = [("progressive_2step", 1), pytest.param("dmd2_4step", 1, marks=pytest.mark.slow),
+KILL_CASES = [pytest.param("progressive_2step", 1, marks=pytest.mark.slow), pytest.param("dmd2_4step", 1, marks=pytest.mark.slow),
               pytest.param("progressive_2step", 2, marks=pytest.mark.slow)]
 
 

@@ -31,8 +31,8 @@ def launch(config, overrides, processes=1, env=None, python=False):
     return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=600)
 
 
-CASES = [("sd", "progressive_2step"), ("sd", "guided_2step"), ("sd", "boot_1step")]
-SLOW = [("dit", "progressive_2step"), ("sd3", "boot_1step"), ("dit", "boot_1step"), ("sd3", "progressive_2step")]
+CASES = [("sd", "progressive_2step")]
+SLOW = [("sd", "guided_2step"), ("sd", "boot_1step"), ("dit", "progressive_2step"), ("sd3", "boot_1step"), ("dit", "boot_1step"), ("sd3", "progressive_2step")]
 
 
 @pytest.mark.parametrize("family,config", CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW],
@@ -73,7 +73,7 @@ def test_guided_on_a_model_without_guidance_input_fails_early(tmp_path, tiny_pip
     assert "DiTTransformer2DModel has no guidance-scale input" in r.stderr.strip().splitlines()[-1]
 
 
-SYNC_CASES = [("progressive_2step", []), ("dmd2_4step", []),
+SYNC_CASES = [pytest.param("progressive_2step", [], marks=pytest.mark.slow), ("dmd2_4step", []),
               pytest.param("sid_1step", ["method_args.fake_lora_rank=4"], marks=pytest.mark.slow)]
 
 

@@ -38,13 +38,13 @@ def make_unet(seed: int):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return UNet2DModel(
-            sample_size=8, in_channels=1, out_channels=1, layers_per_block=2, block_out_channels=(64, 128),
+            sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
             norm_num_groups=16, attention_head_dim=32, num_class_embeds=NULL + 1,
         )
 
 
-def train_teacher(x, y, steps: int, seed: int, batch_size: int = 128, lr: float = 1e-3, p_uncond: float = 0.1):
+def train_teacher(x, y, steps: int, seed: int, batch_size: int = 96, lr: float = 1e-3, p_uncond: float = 0.1):
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("dataset", choices=["digits8"])
     p.add_argument("--out", default=str(DIGITS8.relative_to(ROOT)))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=6000, help="teacher training steps")
+    p.add_argument("--steps", type=int, default=3000, help="teacher training steps")
     p.add_argument("--classifier-steps", type=int, default=3000)
     args = p.parse_args(argv)
     return digits8(args)
