@@ -148,10 +148,12 @@ def protocol(eval_size: int | None, extractor: InceptionFeatures) -> dict:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted); hidden files (unfinished writes) are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(p for p in folder.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
     if not files:
         raise EvalError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files

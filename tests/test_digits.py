@@ -1,0 +1,92 @@
+"""The project's real-data teacher and evaluator (sklearn 8x8 digits, shipped in stepdistill/assets):
+the evaluator separates real digits from bad samples, and DMD2 turns the teacher's useless one-step
+DDIM output into digits."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepdistill.evaluation.digits import DIGITS8, DigitsEvaluator, load_classifier, load_digits8
+from stepdistill.sampling import ode_sample
+from stepdistill.teachers import load_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def evaluator(tmp_path_factory):
+    return DigitsEvaluator(load_classifier(), load_digits8("train")[0], cache_dir=tmp_path_factory.mktemp("fdcache"))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher(str(DIGITS8 / "teacher"))
+
+
+def _draw(teacher, n=1000, seed=5):
+    labels = torch.arange(n) % 10
+    cond, uncond = teacher.encode(labels)
+    z = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
+    return labels, cond, uncond, z
+
+
+def test_splits_are_disjoint_and_fixed():
+    xt, yt = load_digits8("train")
+    xh, yh = load_digits8("heldout")
+    assert xt.shape == (1500, 1, 8, 8) and xh.shape == (297, 1, 8, 8)
+    assert xt.min() >= -1 and xt.max() <= 1
+    rows = {tuple(r.tolist()) for r in xt.flatten(1)}
+    assert sum(tuple(r.tolist()) in rows for r in xh.flatten(1)) < 5  # (sklearn has a few exact duplicates)
+    assert torch.equal(load_digits8("heldout")[0], xh)
+
+
+def test_evaluator_sanity(evaluator, teacher, tmp_path):
+    xh, yh = load_digits8("heldout")
+    assert evaluator.accuracy(xh, yh) >= 0.97
+    fd_real = evaluator.fd(xh)
+    fd_noise = evaluator.fd(torch.randn(1000, 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1))
+    labels, cond, _, z = _draw(teacher)
+    fd_ddim1 = evaluator.fd(ode_sample(teacher.denoiser, z, 1, cond))
+    assert fd_real < 0.1 * fd_noise, (fd_real, fd_noise)
+    assert fd_ddim1 > 5 * fd_real, (fd_ddim1, fd_real)  # measured 6.9x
+    # reference statistics are cached once per (classifier, reference set) and reused
+    assert evaluator.cache.is_file()
+    again = DigitsEvaluator(load_classifier(), load_digits8("train")[0], cache_dir=evaluator.cache.parent)
+    assert again.fd(xh) == pytest.approx(fd_real, rel=1e-9)
+    # and they are the torchmetrics running sums of the reference features
+    assert int(again.metric.real_features_num_samples) == 1500
+
+
+def test_shipped_teacher_is_a_diffusers_pipeline_and_is_good(evaluator, teacher):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(DIGITS8 / "teacher")
+    assert type(pipe).__name__ == "DDPMPipeline" and pipe.unet.config.num_class_embeds == 11
+    labels, cond, uncond, z = _draw(teacher, n=500)
+    x50 = ode_sample(teacher.denoiser, z, 50, cond, guidance_scale=2.0, uncond=uncond)
+    fd_real = evaluator.fd(load_digits8("heldout")[0])
+    assert evaluator.fd(x50) < 3 * fd_real
+    assert evaluator.accuracy(x50, labels) > 0.95
+    shipped = json.loads((DIGITS8 / "metrics.json").read_text())
+    assert shipped["classifier_heldout_accuracy"] >= 0.97
+
+
+def test_dmd2_few_hundred_steps_beat_one_step_ddim(evaluator, teacher, tmp_path):
+    from stepdistill.config import load_config
+    from stepdistill.generator import Student
+    from stepdistill.trainer import Trainer
+
+    cfg = load_config(ROOT / "configs" / "digits8" / "dmd2_1step.yaml",
+                      [f"teacher.path={DIGITS8 / 'teacher'}", f"train.output_dir={tmp_path / 'run'}",
+                       "train.report_to=none", "train.progress=false", "train.validate_every=1000"])
+    Trainer(cfg).fit()
+    student = Student.load(tmp_path / "run" / "student")
+    labels, cond, uncond, z = _draw(teacher, seed=11)
+    with torch.no_grad():
+        x1 = student.sample(z, cond)
+    x_ddim = ode_sample(teacher.denoiser, z, 1, cond, guidance_scale=2.0, uncond=uncond)
+    fd_student, fd_ddim = evaluator.fd(x1), evaluator.fd(x_ddim)
+    assert fd_student < 0.25 * fd_ddim, (fd_student, fd_ddim)
+    assert evaluator.accuracy(x1, labels) > evaluator.accuracy(x_ddim, labels)
