@@ -178,7 +178,10 @@ def prepare(args) -> tuple[list[dict], dict, Path]:
             if missing:
                 raise EvalError(f"--coco-images {args.coco_images}: {len(missing)} of the drawn images are missing, "
                                 f"first {missing[0]}")
-    fidlib.resolve_inception(args.inception_weights)
+    inception = fidlib.resolve_inception(args.inception_weights)
+    if ref.is_file():  # a reference made under another protocol is refused now, not after generating
+        fidlib.check_protocol(fidlib.load_stats(ref)[2],
+                              fidlib.protocol(args.eval_size or None, fidlib.file_sha256(inception)), ref)
     check_clip_weights(args.clip_model, args.clip_pretrained)
     settings = {
         "pipeline": str(pipe_dir.resolve()) if pipe_dir.exists() else args.pipeline,
@@ -217,7 +220,7 @@ def load_pipeline(name: str, dtype: str | None, device):
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
     try:
         pipe = DiffusionPipeline.from_pretrained(name, **({"torch_dtype": torch_dtype} if torch_dtype else {}))
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise EvalError(f"--pipeline {name}: could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     if "prompt" not in inspect.signature(pipe.__call__).parameters:
         raise EvalError(f"--pipeline {name}: {type(pipe).__name__} takes no text prompt; COCO-30K needs a text-to-image pipeline")
@@ -259,7 +262,7 @@ def metrics(args, captions: list[dict], settings: dict, ref_path: Path, device) 
         raise EvalError(f"{len(missing)} generated images are missing (first {missing[0]}); re-run the command")
     size = args.eval_size or None
     extractor = fidlib.load_inception(args.inception_weights, device)
-    ours = fidlib.protocol(size, extractor)
+    ours = fidlib.protocol(size, extractor.sha256)
     kw = dict(batch_size=args.metrics_batch_size, device=device)
     if ref_path.is_file():
         mu_r, sigma_r, meta_r = fidlib.load_stats(ref_path)

@@ -90,9 +90,13 @@ def test_two_processes_then_resume_without_regenerating(fixture, tiny_pipelines,
     res2 = json.loads((out / "results.json").read_text())
     assert res2["fid"] == pytest.approx(res["fid"], rel=1e-9) and res2["clip_score"] == pytest.approx(res["clip_score"])
 
-    # the same folder with other settings is refused before anything is touched
+    # the same folder with other settings, or a reference made at another eval size, is refused
+    # before anything is touched
     coco = _load_script()
     assert coco.main(_args(fixture, tiny_pipelines["sd"], out, **{"--seed": "7"})) == 2
+    assert coco.main(_args(fixture, tiny_pipelines["sd"], tmp_path / "new", **{"--eval-size": "64",
+                                                                                 "--ref-stats": str(out / "ref_stats.npz")})) == 2
+    assert not (tmp_path / "new").exists()
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}.keys() == stamps.keys()
 
 

@@ -143,8 +143,9 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     return InceptionFeatures(resolve_inception(path)).to(device)
 
 
-def protocol(eval_size: int | None, extractor: InceptionFeatures) -> dict:
-    return {"eval_size": eval_size, **PROTOCOL, "features_sha256": extractor.sha256}
+def protocol(eval_size: int | None, features_sha256: str) -> dict:
+    """The settings a statistics file must share with the images it is compared to."""
+    return {"eval_size": eval_size, **PROTOCOL, "features_sha256": features_sha256}
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -236,7 +237,7 @@ def check_protocol(ref_meta: dict, ours: dict, ref_path) -> None:
 def folder_stats(files, extractor, eval_size, **kw) -> tuple[np.ndarray, np.ndarray, dict]:
     feats = image_features(files, extractor, eval_size=eval_size, **kw)
     mu, sigma = statistics(feats)
-    return mu, sigma, {**protocol(eval_size, extractor), "num_images": len(files)}
+    return mu, sigma, {**protocol(eval_size, extractor.sha256), "num_images": len(files)}
 
 
 def main(argv=None) -> int:
@@ -267,14 +268,14 @@ def main(argv=None) -> int:
             print(f"reference statistics of {len(files)} images written to {args.out}")
             return 0
         mu_r, sigma_r, meta_r = load_stats(args.ref)
-        check_protocol(meta_r, protocol(size, extractor), args.ref)
+        check_protocol(meta_r, protocol(size, extractor.sha256), args.ref)
         mu, sigma, meta = folder_stats(files, extractor, size, **kw)
         fid = frechet_distance(mu, sigma, mu_r, sigma_r)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = {"fid": fid, "num_images": len(files), "images": str(args.images), "ref": str(args.ref),
-              "ref_num_images": meta_r.get("num_images"), "protocol": protocol(size, extractor)}
+              "ref_num_images": meta_r.get("num_images"), "protocol": protocol(size, extractor.sha256)}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
