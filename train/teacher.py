@@ -117,7 +117,7 @@ def digits8(args) -> int:
     print(f"classifier: held-out accuracy {held_acc:.4f} ({time.perf_counter() - t0:.0f} s)")
     evaluator = DigitsEvaluator(clf, x_train)
     real_fd = evaluator.fd(x_held)
-    noise_fd = evaluator.fd(torch.randn_like(x_held).clamp(-1, 1))
+    noise_fd = evaluator.fd(torch.randn(x_held.shape, generator=torch.Generator().manual_seed(args.seed)).clamp(-1, 1))
     t0 = time.perf_counter()
     unet, sched = train_teacher(x_train, y_train, args.steps, args.seed)
     train_s = time.perf_counter() - t0
