@@ -91,3 +91,13 @@ def test_dmd2_150_steps_beat_one_step_ddim(evaluator, teacher, tmp_path):
     fd_student, fd_ddim = evaluator.fd(x1), evaluator.fd(x_ddim)
     assert fd_student < 0.6 * fd_ddim, (fd_student, fd_ddim)
     assert evaluator.accuracy(x1, labels) > evaluator.accuracy(x_ddim, labels)
+
+
+def test_ill_conditioned_epsilon_start_is_warned(teacher):
+    from stepdistill.distillers.base import ill_conditioned_start
+
+    proc = teacher.denoiser.process  # linear betas: alpha_bar(999) = 4e-5
+    msg = ill_conditioned_start(proc, "epsilon", 999)
+    assert msg is not None and "157-fold" in msg and "student.timesteps" in msg
+    assert ill_conditioned_start(proc, "epsilon", 600) is None  # the digits8 DMD2 config's t_init
+    assert ill_conditioned_start(proc, "v_prediction", 999) is None

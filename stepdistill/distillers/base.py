@@ -18,6 +18,7 @@ implementation inheritance). The Accelerate loop in ``trainer.py`` drives any ob
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
@@ -28,6 +29,8 @@ from ..data import Batch, BatchSource
 from ..denoiser import Cond, Denoiser, unwrap
 from ..generator import Student, StudentSpec, copy_for_training
 from ..sampling import ode_sample
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,7 +113,29 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
                               lora_targets=sc.lora_targets, config_updates=config_updates).to(ctx.device)
     spec = StudentSpec(method, sampler, [float(t) for t in timesteps], guidance_scale, ctx.init.process.describe(),
                        ctx.init.prediction_type)
+    warning = ill_conditioned_start(ctx.init.process, ctx.init.prediction_type, spec.timesteps[0])
+    if warning:
+        logger.warning(warning)
     return Student(Denoiser(model, ctx.init.process, ctx.init.prediction_type), spec)
+
+
+EPS_AMPLIFICATION_LIMIT = 50.0
+
+
+def ill_conditioned_start(process, prediction_type: str, t_init: float) -> str | None:
+    """A warning when an epsilon network's x0 at the student's first time is ill-conditioned:
+    x0 = (x - sigma eps) / alpha multiplies the epsilon error by sigma / alpha, which is 158 at
+    t = 999 for linear betas and 2e4 for cosine betas (SD's scaled-linear: 15). One-step students
+    from such a t_init diverged on the digits8 teacher."""
+    if process.kind != "vp" or prediction_type != "epsilon":
+        return None
+    alpha, sigma = process.alpha_sigma(torch.tensor([float(t_init)]))
+    ratio = float(sigma / alpha)
+    if ratio <= EPS_AMPLIFICATION_LIMIT:
+        return None
+    return (f"student t_init = {t_init:g}: an epsilon-prediction network's x0 there amplifies its error "
+            f"{ratio:.0f}-fold (sigma / alpha); students starting there tend to diverge. Set student.timesteps "
+            f"to start lower (sigma / alpha <= {EPS_AMPLIFICATION_LIMIT:g}) or use a v-prediction teacher")
 
 
 def student_trainable(student: Student, lr: float) -> Trainable:
