@@ -167,14 +167,17 @@ def _learned_sigma_split(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def guidance_embedding(model: nn.Module, guidance: torch.Tensor) -> torch.Tensor | None:
-    """The ``timestep_cond`` of a w-conditioned UNet, as diffusers' pipelines build it: a
-    sinusoidal embedding of (guidance_scale - 1) * 1000 (LCM convention, Luo et al. 2023)."""
-    from diffusers.models.embeddings import get_timestep_embedding
+    """The ``timestep_cond`` of a w-conditioned UNet: a sinusoidal embedding of (guidance_scale - 1)
+    * 1000 (LCM convention, Luo et al. 2023), computed by the Stable Diffusion pipeline's own method
+    so that an exported student sees bit-identical inputs (its arguments reach ~1e3 radians, where a
+    different order of float32 operations changes the embedding by ~1e-4)."""
+    from diffusers import StableDiffusionPipeline
 
     dim = getattr(unwrap(model).config, "time_cond_proj_dim", None)
     if dim is None:
         return None
-    return get_timestep_embedding((guidance - 1) * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
+    # the method uses no pipeline state
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, (guidance - 1).float(), embedding_dim=dim)
 
 
 @register_adapter("UNet2DModel")
