@@ -225,6 +225,7 @@ class TrainConfig:
     progress: bool = True
     verify_rank_sync: bool = False  # after every step, check that all ranks hold identical trainable weights
     max_nonfinite_steps: int = 10  # this many steps in a row with a NaN/inf loss or gradient stop the run
+    export: bool = False  # at the end, also write the student (its EMA when kept) as a diffusers pipeline: <output_dir>/pipeline
 
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every",

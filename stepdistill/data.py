@@ -120,8 +120,14 @@ def load_images(files: Sequence[Path], size: int, channels: int, skip_bad: bool 
     return torch.stack(out), kept
 
 
+PROMPT_CACHE_LIMIT = 512  # prompt lists up to this many distinct prompts are encoded once, at start
+
+
 class BatchSource:
-    """Makes the batch for (step, rank, micro) from a teacher and the data config."""
+    """Makes the batch for (step, rank, micro) from a teacher and the data config.
+
+    A short prompt list (<= PROMPT_CACHE_LIMIT distinct prompts) is run through the text encoder once
+    and batches index the stored states; longer lists (captions) are encoded batch by batch."""
 
     def __init__(self, teacher, *, seed: int, device, prompts: list[str] | None = None,
                  x0_data: torch.Tensor | None = None, oracle=None, conditional: bool | None = None, rank: int = 0):
@@ -135,6 +141,15 @@ class BatchSource:
         self.conditional = teacher.conditional if conditional is None else conditional
         if self.conditional and teacher.null_label is None and not prompts:
             raise DataError(f"data.prompts: teacher {teacher.name} is text-conditioned; give prompts (a .txt/.json file or a list)")
+        self._encoded = None  # (index of each prompt, cond of the distinct prompts, uncond row)
+        if self.conditional and prompts and len(set(prompts)) <= PROMPT_CACHE_LIMIT:
+            distinct = list(dict.fromkeys(prompts))
+            parts = [teacher.encode(distinct[i:i + 64]) for i in range(0, len(distinct), 64)]
+            cond = parts[0][0]
+            for c, _ in parts[1:]:
+                cond = Cond.cat(cond, c)
+            where = {p: i for i, p in enumerate(distinct)}
+            self._encoded = (torch.tensor([where[p] for p in prompts]), cond, parts[0][1][:1])
 
     def generator(self, step: int, rank: int, micro: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(stream_seed(self.seed, step, rank, micro))
@@ -153,7 +168,11 @@ class BatchSource:
             return cond, uncond, labels, None
         idx = torch.randint(0, len(self.prompts), (n,), generator=g)
         prompts = [self.prompts[i] for i in idx.tolist()]
-        cond, uncond = t.encode(prompts)
+        if self._encoded is None:
+            cond, uncond = t.encode(prompts)
+        else:  # the same states the text encoder gives, stored at start (the unconditional row is shared)
+            rows, table, empty = self._encoded
+            cond, uncond = table[rows[idx]], empty.expand_to(n)
         return cond, uncond, None, prompts
 
     def batch(self, step: int, rank: int, size: int, micro: int = 0) -> Batch:

@@ -179,7 +179,8 @@ def checkpoint_problem(folder: Path) -> str | None:
 # train.* keys that may change between a run and its resume (logged); every other difference is refused
 RESUME_SAFE = ("train.output_dir", "train.max_steps", "train.checkpoint_every", "train.checkpoints_total_limit",
                "train.log_every", "train.validate_every", "train.num_validation", "train.report_to", "train.progress",
-               "train.verify_rank_sync", "train.max_nonfinite_steps")
+               "train.verify_rank_sync", "train.max_nonfinite_steps", "train.export")
+EXPORT_DIR = "pipeline"  # train.export: the final student as a diffusers pipeline folder
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -264,9 +265,23 @@ class Trainer:
             self.distiller = self.method_cls(ctx, self.options)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        if tcfg.export:
+            self._check_exportable()
         self._setup_optim()
         self.counter = _Counter()  # loop, distiller and EMA state: see _training_state (no pickle)
         acc.register_save_state_pre_hook(self._save_hook)
+
+    def _check_exportable(self):
+        """train.export: fail before training when the student will have no pipeline form."""
+        from .export import ExportError, scheduler_for
+
+        if self.teacher.pipeline is None:
+            raise ConfigError("train.export: the Gaussian-mixture oracle has no diffusers pipeline to export into")
+        spec = self.distiller.student.spec
+        try:
+            scheduler_for(spec, self.teacher.pipeline.scheduler.config, spec.prediction_type or self.teacher.process.prediction_type)
+        except ExportError as exc:
+            raise ConfigError(f"train.export: {exc}") from exc
 
     # -- optimisers, EMA --------------------------------------------------------------------------
     def _setup_optim(self):
@@ -695,8 +710,27 @@ class Trainer:
                 from .evaluation.grids import plot_losses
 
                 plot_losses(history, self.run_dir / "losses.png")
+            if self.cfg.train.export:
+                self.export_pipeline()
         acc.wait_for_everyone()
         return out
+
+    def export_pipeline(self) -> Path:
+        """``<output_dir>/pipeline``: the final student (its EMA when kept) in the teacher's diffusers
+        pipeline, replacing an earlier export of this run only once the new one is complete."""
+        from .export import export
+
+        final = self.run_dir / EXPORT_DIR
+        new, old = final.with_name(EXPORT_DIR + ".new"), final.with_name(EXPORT_DIR + ".old")
+        for leftover in (new, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        export(self.run_dir, new, teacher=self.cfg.teacher.path, use_ema=self.ema is not None)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+        logger.info("exported the student as a diffusers pipeline: %s", final)
+        return final
 
 
 def _plain(model: nn.Module) -> nn.Module:

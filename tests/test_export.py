@@ -166,3 +166,33 @@ def test_lora_run_exports_fused_and_as_lora_file(tmp_path, tiny_pipelines):
              generator=torch.Generator().manual_seed(3), **kwargs).images
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(plain, a, atol=1e-4)  # the adapters changed the sampler's output
+
+
+def test_train_export_writes_the_pipeline_at_the_end_and_checks_first(tmp_path, tiny_pipelines):
+    """train.export=true: the run ends with <output_dir>/pipeline (the EMA student, since it is kept),
+    equal to exporting the run afterwards; a student no scheduler can express fails before training."""
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.config import ConfigError, load_config
+    from stepdistill.trainer import Trainer
+
+    run = tmp_path / "run"
+    common = [f"teacher.path={tiny_pipelines['sd']}", "train.max_steps=2", "train.report_to=none", "train.progress=false",
+              "train.export=true"]
+    cfg = load_config(ROOT / "configs" / "tiny-sd" / "dmd2_4step.yaml",
+                      [*common, f"train.output_dir={run}", "train.ema_decay=0.5", "method_args.lr=1e-2"])
+    Trainer(cfg).fit()
+    pipe = DiffusionPipeline.from_pretrained(run / "pipeline")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    ema = Student.load(run / "student_ema")
+    for k, v in pipe.unet.state_dict().items():
+        torch.testing.assert_close(v, ema.model.state_dict()[k])
+    assert sampling_kwargs(run / "pipeline")["num_inference_steps"] == 4
+    first = (run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    Trainer(cfg).fit()  # re-running the finished command exports again, in place
+    assert (run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == first
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("pipeline")) == ["pipeline"]
+    bad = load_config(ROOT / "configs" / "tiny-sd" / "boot_1step.yaml", [*common, f"train.output_dir={tmp_path / 'boot'}"])
+    with pytest.raises(ConfigError, match="train.export: BOOT students"):
+        Trainer(bad)
+    assert not (tmp_path / "boot" / "checkpoints").exists()
