@@ -136,10 +136,14 @@ def find_adapter(model: nn.Module) -> AdapterFn:
     )
 
 
-# how each family is rebuilt with a guidance-scale input (a w-conditioned student, Meng et al. 2023)
-W_COND_CONFIG: dict[str, dict] = {
-    "UNet2DConditionModel": {"time_cond_proj_dim": 256},
-    "MLPDenoiser": {"guidance_cond": True},
+# how each family is rebuilt with a guidance-scale input (a w-conditioned student, Meng et al. 2023):
+# (the class of the rebuilt network in stepdistill.nets, or None for the same class; config changes)
+W_CONDITIONED: dict[str, tuple[str | None, dict]] = {
+    "UNet2DConditionModel": (None, {"time_cond_proj_dim": 256}),  # diffusers' own timestep_cond input
+    "MLPDenoiser": (None, {"guidance_cond": True}),
+    "DiTTransformer2DModel": ("GuidedDiTTransformer2DModel", {}),
+    "PixArtTransformer2DModel": ("GuidedPixArtTransformer2DModel", {}),
+    "SD3Transformer2DModel": ("GuidedSD3Transformer2DModel", {}),
 }
 
 
@@ -167,17 +171,19 @@ def _learned_sigma_split(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def guidance_embedding(model: nn.Module, guidance: torch.Tensor) -> torch.Tensor | None:
-    """The ``timestep_cond`` of a w-conditioned UNet: a sinusoidal embedding of (guidance_scale - 1)
-    * 1000 (LCM convention, Luo et al. 2023), computed by the Stable Diffusion pipeline's own method
-    so that an exported student sees bit-identical inputs (its arguments reach ~1e3 radians, where a
-    different order of float32 operations changes the embedding by ~1e-4)."""
-    from diffusers import StableDiffusionPipeline
+    """The ``timestep_cond`` of a w-conditioned UNet, as diffusers' pipelines build it (None for a UNet
+    without the input)."""
+    from .nets import guidance_sinusoid
 
     dim = getattr(unwrap(model).config, "time_cond_proj_dim", None)
     if dim is None:
         return None
-    # the method uses no pipeline state
-    return StableDiffusionPipeline.get_guidance_scale_embedding(None, (guidance - 1).float(), embedding_dim=dim)
+    return guidance_sinusoid(guidance, dim)
+
+
+def _guidance_kwargs(model: nn.Module, c: ModelCall) -> dict:
+    """``guidance=`` for the guidance-conditioned transformers of stepdistill.nets."""
+    return {"guidance": c.guidance} if c.guidance is not None and hasattr(unwrap(model), "guidance_proj") else {}
 
 
 @register_adapter("UNet2DModel")
@@ -205,7 +211,7 @@ def _unet2d_condition(model, c: ModelCall):
 
 @register_adapter("DiTTransformer2DModel")
 def _dit(model, c: ModelCall):
-    out = model(c.x, timestep=c.model_t, class_labels=c.cond["class_labels"]).sample
+    out = model(c.x, timestep=c.model_t, class_labels=c.cond["class_labels"], **_guidance_kwargs(model, c)).sample
     return _learned_sigma_split(out, c.x)
 
 
@@ -218,6 +224,7 @@ def _pixart(model, c: ModelCall):
         encoder_attention_mask=c.cond.get("encoder_attention_mask"),
         timestep=c.model_t,
         added_cond_kwargs=added,
+        **_guidance_kwargs(model, c),
     ).sample
     return _learned_sigma_split(out, c.x)
 
@@ -229,6 +236,7 @@ def _sd3(model, c: ModelCall):
         encoder_hidden_states=c.cond["encoder_hidden_states"],
         pooled_projections=c.cond["pooled_projections"],
         timestep=c.model_t,
+        **_guidance_kwargs(model, c),
     ).sample
 
 

@@ -121,6 +121,20 @@ def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str):
     return sched, {"num_inference_steps": n}
 
 
+def check_student_network(model: torch.nn.Module) -> None:
+    """The student network must be a diffusers class: the guidance-conditioned transformers of
+    ``stepdistill.nets`` (guided distillation of DiT / PixArt / SD3) have no stock pipeline that feeds
+    them the guidance scale."""
+    import diffusers
+
+    from .denoiser import unwrap
+
+    name = type(unwrap(model)).__name__
+    if not hasattr(diffusers, name):
+        raise ExportError(f"the student is a {name}, a guidance-conditioned network of stepdistill that no stock "
+                          f"diffusers pipeline feeds the guidance scale; sample it with stepdistill.generator.Student")
+
+
 # ------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------
@@ -225,6 +239,7 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     pipe = DiffusionPipeline.from_pretrained(_resolve_path(teacher), torch_dtype=dtype)
     component, _ = find_denoiser(pipe)
     student = Student.load(folder)
+    check_student_network(student.model)
     model = student.model.to(dtype) if dtype is not None else student.model
     pred = spec.prediction_type or student.process.prediction_type
     sched, kwargs = scheduler_for(spec, pipe.scheduler.config, pred)

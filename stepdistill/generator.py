@@ -58,15 +58,28 @@ class StudentSpec:
         return cls(**json.loads(path.read_text()))
 
 
+def w_conditioned_class(model: nn.Module) -> tuple[type, dict]:
+    """(class, config changes) of ``model`` rebuilt with a guidance-scale input (``W_CONDITIONED``)."""
+    from . import nets
+    from .denoiser import W_CONDITIONED
+
+    name = type(unwrap(model)).__name__
+    if name not in W_CONDITIONED:
+        raise ValueError(f"{name} has no guidance-scale input; supported: {sorted(W_CONDITIONED)}")
+    cls_name, updates = W_CONDITIONED[name]
+    return (type(unwrap(model)) if cls_name is None else getattr(nets, cls_name)), updates
+
+
 def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float | None = None,
-                      lora_targets=("to_q", "to_k", "to_v", "to_out.0"), config_updates: dict | None = None) -> nn.Module:
+                      lora_targets=("to_q", "to_k", "to_v", "to_out.0"), w_conditioned: bool = False) -> nn.Module:
     """A float32 trainable copy of a (frozen) network: all weights, or LoRA adapters only (peft,
-    through diffusers' ``add_adapter``). ``config_updates`` rebuilds the network with changed config
-    (e.g. ``time_cond_proj_dim`` for a guidance-conditioned student); weights it does not have are
-    zero-initialised, so the copy starts as the teacher."""
+    through diffusers' ``add_adapter``). ``w_conditioned`` rebuilds the network with a guidance-scale
+    input (:func:`w_conditioned_class`); weights it did not have are zero-initialised, so the copy
+    starts as the teacher."""
     src = unwrap(model)
-    if config_updates:
-        new = type(src).from_config({**src.config, **config_updates})
+    if w_conditioned:
+        cls, config_updates = w_conditioned_class(src)
+        new = cls.from_config({**src.config, **config_updates})
         missing, unexpected = new.load_state_dict(src.state_dict(), strict=False)
         if unexpected:
             raise ValueError(f"rebuilt {type(src).__name__} lost weights {unexpected[:3]}")
@@ -87,7 +100,7 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
             raise ValueError(f"student.lora_targets {list(lora_targets)} match no module of {type(src).__name__}")
         student.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets,
                                        init_lora_weights="gaussian"))
-        if config_updates:  # the new guidance embedding is trained in full beside the LoRA
+        if w_conditioned:  # the new guidance embedding is trained in full beside the LoRA
             for name, p in student.named_parameters():
                 if name in missing:
                     p.requires_grad_(True)

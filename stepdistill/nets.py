@@ -1,15 +1,74 @@
-"""Small networks for vector data (the Gaussian-mixture oracle). A diffusers ``ModelMixin`` so that
-``save_pretrained``, ``EMAModel`` and LoRA (peft, via diffusers' ``add_adapter``) work on it exactly
-as on a UNet."""
+"""Networks the toolkit defines itself: a small MLP for vector data (the Gaussian-mixture oracle)
+and guidance-conditioned versions of the diffusers transformers (w-conditioned students of guided
+distillation). All are diffusers ``ModelMixin`` classes, so ``save_pretrained``, ``EMAModel`` and
+LoRA (peft, via diffusers' ``add_adapter``) work on them exactly as on a UNet."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from diffusers import ConfigMixin, ModelMixin
+from diffusers import ConfigMixin, DiTTransformer2DModel, ModelMixin, PixArtTransformer2DModel, SD3Transformer2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from torch import nn
+
+GUIDANCE_EMBED_DIM = 256  # the sinusoidal embedding of the guidance scale (UNet time_cond_proj_dim)
+
+
+def guidance_sinusoid(guidance: torch.Tensor, dim: int = GUIDANCE_EMBED_DIM) -> torch.Tensor:
+    """The sinusoidal embedding of (guidance_scale - 1) * 1000 (LCM convention, Luo et al. 2023),
+    computed by the Stable Diffusion pipeline's own method, so that an exported w-conditioned UNet
+    sees bit-identical inputs (its arguments reach ~1e3 radians, where another order of float32
+    operations changes the embedding by ~1e-4)."""
+    from diffusers import StableDiffusionPipeline
+
+    # the method uses no pipeline state
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, (guidance.reshape(-1) - 1).float(), embedding_dim=dim)
+
+
+def _guidance_conditioned(base: type) -> type:
+    """``base`` (a diffusers transformer) with a guidance-scale input, built the way a UNet's
+    ``time_cond_proj_dim`` works: a bias-free projection of the guidance sinusoid is added to the input
+    of every ``TimestepEmbedding`` of the network. Zero-initialised, the network is exactly ``base``.
+    The constructor takes ``base``'s arguments, so configs and ``from_pretrained`` are unchanged."""
+
+    class GuidanceConditioned(base):
+        @functools.wraps(base.__init__)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            embedders = [m for m in self.modules() if isinstance(m, TimestepEmbedding)]
+            if not embedders:
+                raise ValueError(f"{base.__name__} has no TimestepEmbedding to condition on the guidance scale")
+            self.guidance_proj = nn.Linear(GUIDANCE_EMBED_DIM, embedders[0].linear_1.in_features, bias=False)
+            self._guidance_input = None
+            for m in embedders:
+                m.register_forward_pre_hook(self._add_guidance)
+
+        def _add_guidance(self, module, args):
+            if self._guidance_input is None:
+                return None
+            return (args[0] + self._guidance_input.to(args[0].dtype), *args[1:])
+
+        def forward(self, *args, guidance: torch.Tensor | None = None, **kwargs):
+            if guidance is None:
+                raise ValueError(f"{type(self).__name__} is guidance-conditioned: pass guidance")
+            w = guidance_sinusoid(guidance).to(self.guidance_proj.weight.device)
+            self._guidance_input = self.guidance_proj(w.to(self.guidance_proj.weight.dtype))
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                self._guidance_input = None
+
+    GuidanceConditioned.__name__ = GuidanceConditioned.__qualname__ = f"Guided{base.__name__}"
+    GuidanceConditioned.__module__ = __name__
+    return GuidanceConditioned
+
+
+GuidedDiTTransformer2DModel = _guidance_conditioned(DiTTransformer2DModel)
+GuidedPixArtTransformer2DModel = _guidance_conditioned(PixArtTransformer2DModel)
+GuidedSD3Transformer2DModel = _guidance_conditioned(SD3Transformer2DModel)
 
 
 class _Block(nn.Module):

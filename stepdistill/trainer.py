@@ -273,12 +273,14 @@ class Trainer:
 
     def _check_exportable(self):
         """train.export: fail before training when the student will have no pipeline form."""
-        from .export import ExportError, scheduler_for
+        from .export import ExportError, check_student_network, scheduler_for
 
         if self.teacher.pipeline is None:
             raise ConfigError("train.export: the Gaussian-mixture oracle has no diffusers pipeline to export into")
-        spec = self.distiller.student.spec
+        student = self.distiller.student
+        spec = student.spec
         try:
+            check_student_network(student.model)
             scheduler_for(spec, self.teacher.pipeline.scheduler.config, spec.prediction_type or self.teacher.process.prediction_type)
         except ExportError as exc:
             raise ConfigError(f"train.export: {exc}") from exc

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepdistill.denoiser import W_COND_CONFIG, Denoiser
+from stepdistill.denoiser import Denoiser
 from stepdistill.export import ExportError, export, sampling_kwargs
 from stepdistill.generator import Student, StudentSpec, copy_for_training
 from stepdistill.teachers import load_teacher
@@ -18,8 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_student_folder(folder: Path, teacher, sampler: str, timesteps, guidance=None, seed=0) -> Student:
     """A student as a run writes it: a perturbed copy of the teacher network and its schedule."""
     model = teacher.denoiser.model
-    updates = W_COND_CONFIG[type(model).__name__] if guidance is not None else None
-    net = copy_for_training(model, config_updates=updates).eval().requires_grad_(False)
+    net = copy_for_training(model, w_conditioned=guidance is not None).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():

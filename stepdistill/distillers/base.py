@@ -106,11 +106,12 @@ def get_method(name: str) -> type:
 # shared pieces
 # ------------------------------------------------------------------------------------------------
 def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float], *, guidance_scale=None,
-                 config_updates: dict | None = None) -> Student:
-    """A trainable copy of ``ctx.init`` (full or LoRA, per ``student.*``) with its schedule."""
+                 w_conditioned: bool = False) -> Student:
+    """A trainable copy of ``ctx.init`` (full or LoRA, per ``student.*``) with its schedule; with
+    ``w_conditioned``, rebuilt with a guidance-scale input."""
     sc = ctx.config.student
     model = copy_for_training(ctx.init.model, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
-                              lora_targets=sc.lora_targets, config_updates=config_updates).to(ctx.device)
+                              lora_targets=sc.lora_targets, w_conditioned=w_conditioned).to(ctx.device)
     spec = StudentSpec(method, sampler, [float(t) for t in timesteps], guidance_scale, ctx.init.process.describe(),
                        ctx.init.prediction_type)
     warning = ill_conditioned_start(ctx.init.process, ctx.init.prediction_type, spec.timesteps[0])

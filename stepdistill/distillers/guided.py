@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from ..data import Batch
-from ..denoiser import W_COND_CONFIG, unwrap
+from ..denoiser import W_CONDITIONED, unwrap
 from ..process import truncated_snr_weight
 from .base import Context, SamplePool, Trainable, frozen_copy, make_student, mse, register_method, student_trainable, x0_source
 from .progressive import ProgressiveCore, ProgressiveOptions, RoundSchedule
@@ -51,13 +51,13 @@ class Guided:
         if not ctx.teacher.conditional:
             raise ValueError("method guided: the teacher is unconditional; classifier-free guidance needs a conditional teacher")
         name = type(unwrap(ctx.init.model)).__name__
-        if name not in W_COND_CONFIG:
-            raise ValueError(f"method guided: {name} has no guidance-scale input; supported: {sorted(W_COND_CONFIG)}")
+        if name not in W_CONDITIONED:
+            raise ValueError(f"method guided: {name} has no guidance-scale input; supported: {sorted(W_CONDITIONED)}")
         self.ctx, self.opt = ctx, options
         proc = ctx.init.process
         final = ctx.config.student.num_steps
         self.student = make_student(ctx, "guided", "deterministic", proc.grid(final).tolist(),
-                                    guidance_scale=options.sample_guidance, config_updates=W_COND_CONFIG[name])
+                                    guidance_scale=options.sample_guidance, w_conditioned=True)
         if options.stage1_steps >= ctx.config.train.max_steps:
             raise ValueError(f"method_args.stage1_steps ({options.stage1_steps}) leaves no steps of train.max_steps "
                              f"({ctx.config.train.max_steps}) for stage 2")
