@@ -1,7 +1,17 @@
 #!/usr/bin/env python
 """Compare every method under a fixed budget and write results JSON, a markdown table and a picture.
 
+    python eval/benchmark.py --suite mnist [--out runs/benchmark/mnist] [--runs dmd2:1,sid:1] [--max-steps N]
     python eval/benchmark.py --suite oracle [--out runs/benchmark/oracle] [--process vp|flow]
+
+The mnist suite distils the shipped MNIST mini-SD teacher (``stepdistill:mnist-sd``) with every
+method at 1, 2 and 4 steps where the method has them, each from its config under configs/mnist-sd/
+(the budget, the same for every run, is in those files), and measures each student on the same
+2000 prompts (digits and prompt templates in turn) and the same initial noise: FD against the train
+digits in the project's classifier's feature space (FD, not FID), the classifier's accuracy on the
+digit the prompt names, NFE, sampling time per image (batch of 100, decoding included) and training
+time. The teacher's DDIM rows (1, 2, 4, 50 steps with CFG, 50 without) are measured the same way,
+and the 1-step students' sampling speed is compared with the teacher's 50 steps with CFG.
 
 The oracle suite distils the exact 8-mode Gaussian-mixture teacher with each shipped config under
 configs/oracle/ (the budgets are in those files) and measures every student against the true
@@ -104,6 +114,172 @@ def _grid(samples: dict, gmm, path: Path):
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------------
+# mnist: the shipped MNIST mini-SD teacher
+# ------------------------------------------------------------------------------------------------
+MNIST_CONFIGS = ROOT / "configs" / "mnist-sd"
+MNIST_RUNS = [("progressive", 1), ("progressive", 2), ("progressive", 4), ("guided", 1), ("guided", 2), ("guided", 4),
+              ("boot", 1), ("vsd", 1), ("dmd", 1), ("dmd2", 1), ("dmd2", 2), ("dmd2", 4), ("phased_dmd", 2),
+              ("phased_dmd", 4), ("sid", 1), ("sid", 2), ("sid", 4)]
+MNIST_TEACHER = "stepdistill:mnist-sd"
+
+
+def mnist_config(method: str) -> Path:
+    matches = sorted(MNIST_CONFIGS.glob(f"{method}_*step.yaml"))
+    if not matches:
+        raise FileNotFoundError(f"no config for {method} under {MNIST_CONFIGS}")
+    return matches[0]
+
+
+class DigitBench:
+    """The fixed evaluation draw (prompts, labels, noise) and the evaluator of the mnist suite."""
+
+    def __init__(self, teacher, out: Path, n: int, seed: int = 2024):
+        from stepdistill.evaluation.digits import MNIST_SD, DigitsEvaluator, load_classifier, load_mnist
+        from stepdistill.shipped import PROMPT_TEMPLATES, digit_prompt
+
+        self.teacher, self.n = teacher, n
+        self.evaluator = DigitsEvaluator(load_classifier(MNIST_SD / "classifier"), load_mnist("train")[0],
+                                         cache_dir=out / "fd_cache")
+        self.labels = torch.arange(n) % 10
+        self.prompts = [digit_prompt(int(d), (i // 10) % len(PROMPT_TEMPLATES)) for i, d in enumerate(self.labels)]
+        self.noise = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
+        self.conds = [teacher.encode(self.prompts[i:i + 500]) for i in range(0, n, 500)]
+
+    @torch.no_grad()
+    def images(self, sample) -> torch.Tensor:
+        """Decoded images of ``sample(noise, cond, uncond, generator)`` over the whole draw."""
+        out = []
+        for k, (cond, uncond) in enumerate(self.conds):
+            z = self.noise[500 * k:500 * (k + 1)]
+            out.append(self.teacher.decode(sample(z, cond, uncond, torch.Generator().manual_seed(k))))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def ms_per_image(self, sample, batch: int = 100, repeats: int = 3) -> float:
+        cond, uncond = self.teacher.encode(self.prompts[:batch])
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.teacher.decode(sample(self.noise[:batch], cond, uncond, torch.Generator().manual_seed(0)))
+            times.append(time.perf_counter() - t0)
+        return 1000 * sorted(times)[len(times) // 2] / batch
+
+    def row(self, name, sample, nfe, train_s) -> tuple[dict, torch.Tensor]:
+        x = self.images(sample)
+        return {"method": name, "nfe": nfe, "fd": self.evaluator.fd(x), "accuracy": self.evaluator.accuracy(x, self.labels),
+                "sample_ms": self.ms_per_image(sample), "train_s": train_s}, x
+
+
+def _student_sampler(student):
+    def sample(z, cond, uncond, g):
+        return student.sample(z, cond, generator=g)
+    return sample
+
+
+def _teacher_sampler(teacher, steps, w):
+    from stepdistill.sampling import ode_sample
+
+    def sample(z, cond, uncond, g):
+        return ode_sample(teacher.denoiser, z, steps, cond, **({"guidance_scale": w, "uncond": uncond} if w != 1.0 else {}))
+    return sample
+
+
+def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps: int | None = None) -> list[dict]:
+    import yaml
+
+    from stepdistill.config import load_config
+    from stepdistill.generator import Student
+    from stepdistill.teachers import load_teacher
+    from stepdistill.trainer import Trainer
+
+    teacher = load_teacher(MNIST_TEACHER)
+    bench = DigitBench(teacher, out, n)
+    rows, pictures = [], {}
+    for method, steps in runs:
+        name = f"{method}_{steps}step"
+        run_dir = out / name
+        done = run_dir / "bench.json"
+        cfg_path = mnist_config(method)
+        overrides = [f"train.output_dir={run_dir}", f"student.num_steps={steps}", "train.report_to=none",
+                     f"teacher.path={MNIST_TEACHER}"]
+        if max_steps is not None:
+            overrides += [f"train.max_steps={max_steps}", f"train.checkpoint_every={max_steps}",
+                          f"train.validate_every={max_steps}"]
+        cfg = load_config(cfg_path, overrides)
+        if done.is_file():  # a finished run of an earlier invocation: its numbers are kept
+            rows.append(json.loads(done.read_text()))
+        else:
+            t0 = time.time()
+            Trainer(cfg).fit()
+            train_s = time.time() - t0
+            folder = run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student")
+            student = Student.load(folder)
+            row, x = bench.row(name, _student_sampler(student), steps, train_s)
+            row.update(config=str(cfg_path.relative_to(ROOT)), steps=cfg.train.max_steps, batch_size=cfg.train.batch_size)
+            done.write_text(json.dumps(row))
+            rows.append(row)
+        folder = run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student")
+        pictures[name] = Student.load(folder)
+        print(json.dumps(rows[-1]), flush=True)
+    w = float(yaml.safe_load(mnist_config("dmd2").read_text())["method_args"]["guidance_scale"])
+    for steps, scale in ((1, w), (2, w), (4, w), (50, w), (50, 1.0)):
+        name = f"teacher DDIM {steps}" + (f", CFG {scale:g}" if scale != 1.0 else "")
+        row, _ = bench.row(name, _teacher_sampler(teacher, steps, scale), steps * (2 if scale != 1.0 else 1), 0.0)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    pictures["teacher DDIM 50, CFG"] = (teacher, w)
+    _digit_grid(pictures, teacher, out / "comparison.png")
+    return rows
+
+
+@torch.no_grad()
+def _digit_grid(pictures: dict, teacher, path: Path):
+    """One row per method: digits 0-9 from the same noise and prompts (template 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stepdistill.sampling import ode_sample
+    from stepdistill.shipped import digit_prompt
+
+    cond, uncond = teacher.encode([digit_prompt(d) for d in range(10)])
+    z = torch.randn(10, *teacher.sample_shape, generator=torch.Generator().manual_seed(7))
+    fig, axes = plt.subplots(len(pictures), 10, figsize=(10 * 0.8, len(pictures) * 0.85), dpi=100, squeeze=False)
+    for r, (name, what) in enumerate(pictures.items()):
+        if isinstance(what, tuple):
+            x = ode_sample(what[0].denoiser, z, 50, cond, guidance_scale=what[1], uncond=uncond)
+        else:
+            x = what.sample(z, cond, generator=torch.Generator().manual_seed(0))
+        img = teacher.decode(x)
+        for c in range(10):
+            ax = axes[r, c]
+            ax.imshow(img[c, 0].cpu(), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout(pad=0.2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def mnist_markdown(rows: list[dict]) -> str:
+    lines = ["| method | NFE | FD | class accuracy | sample (ms / image) | train (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['fd']:.2f} | {r['accuracy']:.3f} | {r['sample_ms']:.2f} | "
+                     f"{r['train_s']:.0f} |")
+    teacher50 = next((r for r in rows if r["method"].startswith("teacher DDIM 50, CFG")), None)
+    fast = [r for r in rows if r["nfe"] == 1 and not r["method"].startswith("teacher")]
+    if teacher50 and fast:
+        best = min(fast, key=lambda r: r["fd"])
+        lines += ["", f"Sampling speed: {best['method']} {best['sample_ms']:.2f} ms / image vs the teacher's 50 steps with "
+                      f"CFG ({teacher50['nfe']} network evaluations) {teacher50['sample_ms']:.2f} ms / image: "
+                      f"{teacher50['sample_ms'] / best['sample_ms']:.0f}x faster (same run, batch 100, decoding included)."]
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| method | NFE | energy / floor | min mode mass | log p | traj. MSE vs 64-step | train (s) | sample (ms) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -116,16 +292,28 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["oracle"], required=True)
-    parser.add_argument("--process", choices=["vp", "flow"], default="vp")
+    parser.add_argument("--suite", choices=["mnist", "oracle"], required=True)
+    parser.add_argument("--process", choices=["vp", "flow"], default="vp", help="oracle: the noise process")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--runs", default=None, help="mnist: a subset, e.g. dmd2:1,sid:1 (default: every method)")
+    parser.add_argument("--max-steps", type=int, default=None, help="mnist: override every config's train.max_steps")
+    parser.add_argument("--n", type=int, default=2000, help="mnist: samples per row")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = args.out or ROOT / "runs" / "benchmark" / f"{args.suite}-{args.process}"
-    out.mkdir(parents=True, exist_ok=True)
-    rows = oracle_suite(out, args.process)
+    if args.suite == "mnist":
+        runs = MNIST_RUNS
+        if args.runs:
+            runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
+        out = args.out or ROOT / "runs" / "benchmark" / "mnist"
+        out.mkdir(parents=True, exist_ok=True)
+        rows = mnist_suite(out, runs, args.n, args.max_steps)
+        table = mnist_markdown(rows)
+    else:
+        out = args.out or ROOT / "runs" / "benchmark" / f"{args.suite}-{args.process}"
+        out.mkdir(parents=True, exist_ok=True)
+        rows = oracle_suite(out, args.process)
+        table = markdown(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = markdown(rows)
     (out / "results.md").write_text(table + "\n")
     print(table)
     print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'comparison.png'}")

@@ -250,6 +250,26 @@ def _mlp(model, c: ModelCall):
     return model(c.x, c.model_t, class_labels=c.cond.get("class_labels"), guidance=c.guidance)
 
 
+@register_adapter("PhasedExperts")
+def _phased_experts(model, c: ModelCall):
+    """Each row goes to the expert of its time (one call per expert present in the batch)."""
+    experts = unwrap(model).experts
+    which = unwrap(model).expert_index(c.t.to(c.x.device))
+    present = which.unique().tolist()
+    if len(present) == 1:
+        expert = experts[present[0]]
+        return find_adapter(expert)(expert, c)
+    out = None
+    for k in present:
+        rows = (which == k).nonzero().flatten()
+        sub = ModelCall(c.x[rows], c.t[rows], c.model_t[rows], Cond(c.cond)[rows].kwargs,
+                        None if c.guidance is None else c.guidance[rows])
+        pred = find_adapter(experts[k])(experts[k], sub)
+        out = pred.new_zeros((c.x.shape[0], *pred.shape[1:])) if out is None else out
+        out[rows] = pred
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # the denoiser
 # ------------------------------------------------------------------------------------------------

@@ -121,18 +121,26 @@ def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str):
     return sched, {"num_inference_steps": n}
 
 
+NON_DIFFUSERS_STUDENTS = {
+    "PhasedExperts": "one expert network per step (Phased DMD with method_args.experts=true), which no stock "
+                     "diffusers pipeline switches between; train with method_args.experts=false for one exportable "
+                     "network",
+}
+
+
 def check_student_network(model: torch.nn.Module) -> None:
-    """The student network must be a diffusers class: the guidance-conditioned transformers of
+    """The student network must be a diffusers class. The guidance-conditioned transformers of
     ``stepdistill.nets`` (guided distillation of DiT / PixArt / SD3) have no stock pipeline that feeds
-    them the guidance scale."""
+    them the guidance scale, and Phased DMD's per-phase experts none that routes steps to experts."""
     import diffusers
 
     from .denoiser import unwrap
 
     name = type(unwrap(model)).__name__
     if not hasattr(diffusers, name):
-        raise ExportError(f"the student is a {name}, a guidance-conditioned network of stepdistill that no stock "
-                          f"diffusers pipeline feeds the guidance scale; sample it with stepdistill.generator.Student")
+        why = NON_DIFFUSERS_STUDENTS.get(name, "a guidance-conditioned network that no stock diffusers pipeline feeds "
+                                               "the guidance scale")
+        raise ExportError(f"the student is a {name} of stepdistill: {why}. Sample it with stepdistill.generator.Student")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -126,3 +126,44 @@ class MLPDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for block in self.blocks:
             h = block(h, e)
         return self.out(nn.functional.silu(self.out_norm(h)))
+
+
+class PhasedExperts(ModelMixin, ConfigMixin):
+    """A few-step student made of one expert network per sampling step (Phased DMD's mixture of
+    experts): expert k serves the times t with ``boundaries[k + 1] < t <= boundaries[k]`` (the last
+    expert every time below ``boundaries[-1]``). Each expert is a network of ``expert_class`` built
+    from ``expert_config``; the Denoiser adapter routes each row to its expert."""
+
+    @register_to_config
+    def __init__(self, boundaries: list[float], expert_class: str, expert_config: dict):
+        super().__init__()
+        if any(b >= a for a, b in zip(boundaries, boundaries[1:])):
+            raise ValueError(f"PhasedExperts boundaries must be strictly descending, got {boundaries}")
+        cls = expert_network_class(expert_class)
+        self.experts = nn.ModuleList(cls.from_config(expert_config) for _ in boundaries)
+
+    @classmethod
+    def from_experts(cls, experts: list[nn.Module], boundaries: list[float]) -> "PhasedExperts":
+        """Wrap existing networks (e.g. trainable copies of a teacher), which are used as they are."""
+        first = experts[0]
+        config = {k: v for k, v in dict(first.config).items() if not k.startswith("_")}
+        model = cls(list(boundaries), type(first).__name__, config)
+        model.experts = nn.ModuleList(experts)
+        return model
+
+    def expert_index(self, t: torch.Tensor) -> torch.Tensor:
+        """The expert serving each time in ``t`` (B,)."""
+        bounds = torch.tensor(self.config.boundaries, dtype=torch.float32, device=t.device)
+        return (t.float()[:, None] <= bounds[None, 1:]).sum(1)
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("PhasedExperts is called through stepdistill.denoiser.Denoiser, which routes rows to experts")
+
+
+def expert_network_class(name: str) -> type:
+    import diffusers
+
+    cls = globals().get(name) or getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"unknown expert network class {name}")
+    return cls

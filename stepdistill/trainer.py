@@ -295,7 +295,7 @@ class Trainer:
                               f"(it has {sorted(self.trainables)})")
         self.optimizers, self.schedulers, self.modules, self.names_by_id, self.train_params = {}, {}, {}, {}, {}
         self.lrs = {}
-        self.ema = None
+        self.emas = {}
         for name, tr in self.trainables.items():
             oc = cfg.optim.get(name)
             lr = oc.lr if oc and oc.lr else tr.lr
@@ -304,8 +304,7 @@ class Trainer:
             if not params:
                 raise ConfigError(f"trainable '{name}' has no parameters that require grad")
             betas = tuple(oc.betas) if oc and oc.betas else (tr.betas or (0.9, 0.999))
-            opt = torch.optim.AdamW(params, lr=lr, foreach=True, betas=betas,
-                                    weight_decay=oc.weight_decay if oc else 0.0)
+            opt = _adamw(params, lr=lr, betas=betas, weight_decay=oc.weight_decay if oc else 0.0)
             from diffusers.optimization import get_scheduler
 
             sched = get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps,
@@ -322,12 +321,15 @@ class Trainer:
             # what this phase trains (LoRA: the adapters only), fixed before any requires_grad toggling
             self.train_params[name] = [p for p in unwrap(module).parameters() if p.requires_grad]
             self._broadcast_from_main(unwrap(module))
-            if tr.is_student and cfg.train.ema_decay:
-                from diffusers.training_utils import EMAModel
+        # an EMA of each student trainable (several for a student made of per-phase experts), stepped
+        # after that trainable's own updates
+        if cfg.train.ema_decay:
+            from diffusers.training_utils import EMAModel
 
-                self.ema = EMAModel(self.train_params[name], decay=cfg.train.ema_decay)
-                self.ema.to(acc.device)
-                self.ema_of = name
+            for name, tr in self.trainables.items():
+                if tr.is_student:
+                    self.emas[name] = EMAModel(self.train_params[name], decay=cfg.train.ema_decay)
+                    self.emas[name].to(acc.device)
 
     def _set_phase(self, phase: str):
         """Only the phase's trainable requires grad (others are used frozen inside the phase)."""
@@ -393,17 +395,17 @@ class Trainer:
         state = {"loop": self.counter.state_dict()}
         if hasattr(self.distiller, "state_dict"):
             state["distiller"] = self.distiller.state_dict()
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
+        if self.emas:
+            state["ema"] = {name: ema.state_dict() for name, ema in self.emas.items()}
         return state
 
     def _load_training_state(self, state: dict):
         self.counter.load_state_dict(state["loop"])
         if "distiller" in state:
             self.distiller.load_state_dict(state["distiller"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-            self.ema.to(self.accelerator.device)
+        for name, ema in self.emas.items():
+            ema.load_state_dict(state["ema"][name])
+            ema.to(self.accelerator.device)
 
     def latest_good_checkpoint(self) -> Path | None:
         """The newest checkpoint whose files match its manifest; broken ones are skipped with a warning."""
@@ -484,16 +486,14 @@ class Trainer:
     @contextlib.contextmanager
     def ema_weights(self):
         """The student holds its EMA weights inside the block (no-op without EMA)."""
-        if self.ema is None:
-            yield
-            return
-        params = self.train_params[self.ema_of]
-        self.ema.store(params)
-        self.ema.copy_to(params)
+        for name, ema in self.emas.items():
+            ema.store(self.train_params[name])
+            ema.copy_to(self.train_params[name])
         try:
             yield
         finally:
-            self.ema.restore(params)
+            for name, ema in self.emas.items():
+                ema.restore(self.train_params[name])
 
     def _log_image(self, path: Path, step: int):
         import numpy as np
@@ -677,19 +677,25 @@ class Trainer:
                 totals[f"{phase}/{key}"] = totals.get(f"{phase}/{key}", 0.0) + v / accum
         self._average_grads(phase)
         params = self.train_params[phase]
-        if acc.scaler is None:  # with fp16 loss scaling, the scaler itself skips overflowing steps
-            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-            finite = finite and (not grads or bool(torch.isfinite(torch.stack(grads).sum())))
+        # the total gradient norm, computed once: clipping returns it (NaN/inf when any gradient is)
+        norm = None
+        if tcfg.grad_clip is not None:
+            norm = acc.clip_grad_norm_(params, tcfg.grad_clip)
+        elif acc.scaler is None:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if acc.scaler is None and norm is not None:  # with fp16 loss scaling, the scaler skips overflowing steps
+            finite = finite and bool(torch.isfinite(norm))
         if not self._all_ranks(finite):
             opt.zero_grad(set_to_none=True)
             return totals, False
         if tcfg.grad_clip is not None:
-            totals[f"{phase}/grad_norm"] = float(acc.clip_grad_norm_(params, tcfg.grad_clip))
+            totals[f"{phase}/grad_norm"] = float(norm)
         opt.step()
         self.schedulers[phase].step()
         opt.zero_grad(set_to_none=True)
-        if self.ema is not None and phase == self.ema_of:
-            self.ema.step(params)
+        if phase in self.emas:
+            self.emas[phase].step(params)
         return totals, True
 
     def _all_ranks(self, flag: bool) -> bool:
@@ -704,7 +710,7 @@ class Trainer:
             student = self.distiller.student
             student.save(out, _plain(student.model))
             save_lora_adapters(student.model, out)  # LoRA students: the adapters too, for load_lora_weights
-            if self.ema is not None:
+            if self.emas:
                 with self.ema_weights():
                     student.save(self.run_dir / "student_ema", _plain(student.model))
             if history:
@@ -726,7 +732,7 @@ class Trainer:
         new, old = final.with_name(EXPORT_DIR + ".new"), final.with_name(EXPORT_DIR + ".old")
         for leftover in (new, old):
             shutil.rmtree(leftover, ignore_errors=True)
-        export(self.run_dir, new, teacher=self.cfg.teacher.path, use_ema=self.ema is not None)
+        export(self.run_dir, new, teacher=self.cfg.teacher.path, use_ema=bool(self.emas))
         if final.exists():
             os.replace(final, old)
         os.replace(new, final)
@@ -735,17 +741,30 @@ class Trainer:
         return final
 
 
+def _adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where the device supports it (about 9x faster than foreach on CPU)."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
 def _plain(model: nn.Module) -> nn.Module:
-    """The model as a plain diffusers model: a LoRA model is copied with its adapters merged into the
-    base weights (peft through diffusers' PeftAdapterMixin); anything else is returned as it is."""
+    """The model as a plain diffusers model: a LoRA model (or per-phase experts with LoRA) is copied
+    with its adapters merged into the base weights (peft through diffusers' PeftAdapterMixin); anything
+    else is returned as it is."""
     import copy
 
     model = unwrap(model)
-    if not getattr(model, "peft_config", None):
+    parts = list(model.experts) if hasattr(model, "experts") else [model]
+    if not any(getattr(unwrap(m), "peft_config", None) for m in parts):
         return model
     fused = copy.deepcopy(model)
-    fused.fuse_lora()
-    fused.unload_lora()
+    for m in (list(fused.experts) if hasattr(fused, "experts") else [fused]):
+        m = unwrap(m)
+        if getattr(m, "peft_config", None):
+            m.fuse_lora()
+            m.unload_lora()
     return fused
 
 

@@ -164,7 +164,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, where):
     ckpt = list_checkpoints(out)[-1]
     state = load_state(ckpt, "training_state")
     assert state["loop"]["nonfinite_skipped"] == 2
-    assert state["ema"]["optimization_step"] == 4  # the EMA skipped them too
+    assert state["ema"]["student"]["optimization_step"] == 4  # the EMA skipped them too
     assert _optimizer_steps(ckpt) == 4  # 6 steps, 2 updates skipped
     history = json.loads((out / "history.json").read_text())
     assert [h["nonfinite_skipped"] for h in history] == [0, 1, 1, 2, 2, 2]

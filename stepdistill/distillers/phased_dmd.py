@@ -1,27 +1,31 @@
-"""Phased DMD (2025, "Phased DMD: Few-step Distribution Matching Distillation via Score Matching
-within Subintervals").
+"""Phased DMD (Fan et al., 2025, "Phased DMD: Few-step Distribution Matching Distillation via Score
+Matching within Subintervals", arXiv 2510.27684; equation numbers of v3).
 
-The student's timesteps t_0 > t_1 > ... > t_{K-1} (> t_clean) split the noise range into K phases.
-In phase k the generator maps x at t_k (made by the student's own no-grad rollout of the earlier
-phases) to x at the next boundary s = t_{k+1} (t_clean for the last phase), by re-noising its x0
-prediction to s. Distribution matching then happens *within the subinterval*: with the subinterval
-forward process from s to t > s,
+The student's timesteps t_0 > t_1 > ... > t_{K-1} and s_K = t_clean split the noise range into K
+phases. Phase k's generator maps x at t_k to x at s = t_{k+1} with one solver step (sec. 2.1.3: the
+DDIM / Euler step from its x0 prediction, so the student samples deterministically); its input x at
+t_k is the frozen rollout of the earlier phases (sec. 2.2.1). Phases are trained in turn from high
+noise to low ("progressive distribution matching"); with ``experts`` every phase has its own expert
+network (a copy of the teacher, full or LoRA per ``student.lora_rank``; a mixture of experts, only
+the current one trained), otherwise one network serves every phase.
 
-    x_t = a_{t|s} x_s + s_{t|s} n,   a_{t|s} = a_t / a_s,   s_{t|s}^2 = s_t^2 - a_{t|s}^2 s_s^2,
+Within phase k, distribution matching happens on the subinterval forward process from s to t > s
+(eq. 2): x_t = a_{t|s} x_s + s_{t|s} n, a_{t|s} = a_t / a_s, s_{t|s}^2 = s_t^2 - a_{t|s}^2 s_s^2
+(flow matching: a_{t|s} = (1 - t)/(1 - s)), with t drawn from (s, T] ("reverse nested intervals").
 
-(flow matching: a_{t|s} = (1 - t)/(1 - s)), the fake score learns the score of the generator's
-phase-k output propagated to t by denoising score matching on that kernel,
-eps_fake(x_t) ~ s_t (x_t - a_{t|s} x_s) / s_{t|s}^2 (the marginal-equivalent eps, so that fake and
-teacher are compared as scores of the same x_t), weighted by min(s_{t|s}^2 / s_t^2, 1), which tames
-the target's blow-up as t -> s. The generator follows DMD's normalised score difference at x_t,
-applied to x_s (the positive chain-rule factors dropped, as DMD drops them). Phases are trained in
-turn from high noise to low, the fake score re-initialised from the teacher at each phase start.
+- The fake score, re-initialised from the teacher at each phase start, learns the score of the
+  phase output propagated to t by score matching within the subinterval (eq. 11-12): in epsilon form
+  its target is s_t n / s_{t|s} (the eps of the marginal at x_t; eq. 12's x0 target
+  x_s / a_s - a_t s_s^2 n / (a_s^2 s_{t|s}) is the same prediction), weighted by
+  min(10 s_{t|s}^2, 1), the clamp of eq. 13 that bounds the target's growth as t -> s.
+- The generator follows the score difference at x_t (eq. 10) applied to x_s, in DMD's normalised
+  form (as DMD drops the positive weight w_{t|s}, this implementation divides by the mean distance of
+  the phase's x0 prediction to the teacher's, DMD2-style).
 
-In this implementation one network serves every phase (the experts share weights; each sees its
-own phase's times), so the result exports as one ordinary few-step student. Separate experts per
-phase are not implemented, and on the Gaussian-mixture oracle this version does not yet converge as
-well as the other methods (README): training phase k+1 also moves the shared network at phase k's
-times, so earlier phases drift.
+The last phase (s = t_clean) is ordinary DMD. Per-phase experts are a :class:`~stepdistill.nets.PhasedExperts`
+network (sampling routes each step to its expert; no stock diffusers pipeline does that, so such
+students are sampled with stepdistill); ``experts: false`` gives one network that exports as an
+ordinary few-step DDIM student.
 """
 
 from __future__ import annotations
@@ -31,66 +35,99 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Batch
-from ..denoiser import unwrap
-from .base import Context, mse, register_method, teacher_x0
-from .score import FakeScoreOptions, score_phases, score_trainables, student_and_fake
+from ..denoiser import Denoiser, unwrap
+from ..generator import Student, StudentSpec, copy_for_training
+from .base import Context, Trainable, make_student, mse, register_method, student_timesteps, student_trainable, teacher_x0
+from .score import FakeScoreOptions, make_fake
 
 
 @dataclass
 class PhasedDMDOptions(FakeScoreOptions):
     guidance_scale: float = 1.75  # teacher CFG (diffusers convention)
     lr: float = 1e-5
+    fake_updates: int = 5  # the paper's 5:1 fake-to-generator update ratio
     steps_per_phase: int | None = None  # default: train.max_steps / K
+    experts: bool = True  # one expert network per phase (a mixture of experts); false: one shared network
     reset_fake: bool = True  # re-initialise the fake score from the teacher at each phase start
 
 
 @register_method("phased_dmd")
 class PhasedDMD:
     Options = PhasedDMDOptions
-    TRAINABLES = ("student", "fake")
+    TRAINABLES = None  # the student's trainables are named per phase with experts (expert0, expert1, ...)
 
     def __init__(self, ctx: Context, options: PhasedDMDOptions):
         self.ctx, self.opt = ctx, options
-        self.student, self.fake = student_and_fake(ctx, "phased_dmd", options)
-        proc = self.student.process
+        proc = ctx.init.process
+        times = student_timesteps(ctx)
+        if options.experts:
+            from ..nets import PhasedExperts
+
+            sc = ctx.config.student
+            experts = [copy_for_training(ctx.init.model, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
+                                         lora_targets=sc.lora_targets).to(ctx.device) for _ in times]
+            model = PhasedExperts.from_experts(experts, times)
+            spec = StudentSpec("phased_dmd", "deterministic", [float(t) for t in times], None, proc.describe(),
+                               ctx.init.prediction_type)
+            self.student = Student(Denoiser(model, proc, ctx.init.prediction_type), spec)
+        else:
+            self.student = make_student(ctx, "phased_dmd", "deterministic", times)
+        self.fake = make_fake(ctx, options.fake_lora_rank)
         self.bounds = torch.cat([self.student.times(), torch.tensor([proc.t_clean])])
-        self.k = len(self.bounds) - 1
+        self.k = len(times)
         self.per_phase = options.steps_per_phase or max(1, ctx.config.train.max_steps // self.k)
         self.phase = 0
         self._fake_init = {k: v.detach().clone() for k, v in unwrap(self.fake.model).state_dict().items()}
 
-    def trainables(self):
-        return score_trainables(self.student, self.fake, self.opt)
+    # -- what trains when ---------------------------------------------------------------------------
+    def trainables(self) -> dict[str, Trainable]:
+        fake = {"fake": Trainable(self.fake.model, self.opt.fake_lr, lambda m: setattr(self.fake, "model", m))}
+        if not self.opt.experts:
+            return {"student": student_trainable(self.student, self.opt.lr), **fake}
+        experts = unwrap(self.student.model).experts
+
+        def put(k):
+            return lambda m: experts.__setitem__(k, m)
+
+        return {**{f"expert{k}": Trainable(experts[k], self.opt.lr, put(k), is_student=True) for k in range(self.k)},
+                **fake}
+
+    def _phase_of(self, step: int) -> int:
+        return min(step // self.per_phase, self.k - 1)
 
     def phases(self, step: int) -> list[str]:
-        return score_phases(step, self.opt)
+        """The current phase's expert every ``fake_updates`` iterations, then the fake score."""
+        k = self._phase_of(step)
+        gen = f"expert{k}" if self.opt.experts else "student"
+        return ([gen] if step % self.opt.fake_updates == 0 else []) + ["fake"]
 
     def _enter_phase(self, step: int) -> int:
-        k = min(step // self.per_phase, self.k - 1)
+        k = self._phase_of(step)
         if k != self.phase:
-            if self.opt.reset_fake:
+            if self.opt.reset_fake:  # "initialised from the teacher rather than from the preceding phase's"
                 with torch.no_grad():
                     unwrap(self.fake.model).load_state_dict(self._fake_init)
             self.phase = k
         return k
 
+    # -- the phase's generator and the subinterval process -----------------------------------------
     def _phase_output(self, batch: Batch, k: int, grad: bool):
-        """(x at t_k from the no-grad rollout, the student's output x_s at the phase's end s, x0 prediction)."""
+        """(x_s at the phase's end s = t_{k+1}, the x0 prediction at t_k): the frozen deterministic
+        rollout of phases < k from unit noise at t_0, then phase k's step (with grad when asked)."""
         proc, st = self.student.process, self.student.denoiser
-        shape = self.ctx.teacher.sample_shape
         b = batch.size
-        x = batch.randn(b, *shape)  # unit noise at the first bound, as the exported sampler starts
+        x = batch.randn(b, *self.ctx.teacher.sample_shape)  # unit noise at t_0, as the exported sampler starts
         with torch.no_grad():
             for j in range(k):
-                x0 = st(x, self.bounds[j].expand(b), batch.cond)
-                x = proc.add_noise(x0, batch.randn(*x0.shape), self.bounds[j + 1].expand(b))
+                t, s = self.bounds[j], self.bounds[j + 1]
+                x = proc.ode_step(x, st(x, t.expand(b), batch.cond), t, s)
         with torch.set_grad_enabled(grad):
-            x0 = st(x, self.bounds[k].expand(b), batch.cond)
-            x_s = proc.add_noise(x0, batch.randn(*x0.shape), self.bounds[k + 1].expand(b))
-        return x_s, x0
+            t, s = self.bounds[k], self.bounds[k + 1]
+            x0 = st(x, t.expand(b), batch.cond)
+            return proc.ode_step(x, x0, t, s), x0
 
     def _sub_times(self, batch: Batch, s: torch.Tensor) -> torch.Tensor:
-        """t uniform in (s, t_max] (of the score range), the subinterval above the phase's end."""
+        """t uniform in (s, t_max] of the score range: every phase reaches up to the highest noise."""
         proc = self.student.process
         hi = proc.t_max * self.opt.t_max if proc.kind == "vp" else self.opt.t_max
         lo = float(s) + (hi - float(s)) * 0.02 if float(s) > proc.t_clean else (proc.t_max * self.opt.t_min
@@ -98,14 +135,14 @@ class PhasedDMD:
         return proc.sample_uniform(batch.size, lo, hi, generator=batch.generator).to(batch.device)
 
     def _kernel(self, t: torch.Tensor, s: torch.Tensor, like: torch.Tensor):
+        """(a_{t|s}, s_{t|s}, s_t) of eq. 2, shaped to broadcast against ``like``."""
         proc = self.student.process
         a_t, s_t = proc.alpha_sigma(t)
         a_s, s_s = proc.alpha_sigma(s.expand_as(t))
         a_ts = a_t / a_s
         var = (s_t**2 - a_ts**2 * s_s**2).clamp(min=1e-8)
         shape = (-1,) + (1,) * (like.ndim - 1)
-        return (a_ts.reshape(shape).to(like), var.sqrt().reshape(shape).to(like), s_t.reshape(shape).to(like),
-                a_t.reshape(shape).to(like))
+        return a_ts.reshape(shape).to(like), var.sqrt().reshape(shape).to(like), s_t.reshape(shape).to(like)
 
     def step(self, batch: Batch, step: int, phase: str) -> dict:
         k = self._enter_phase(step)
@@ -114,23 +151,22 @@ class PhasedDMD:
             with torch.no_grad():
                 x_s, _ = self._phase_output(batch, k, grad=False)
             t = self._sub_times(batch, s)
-            a_ts, sig_ts, s_t, _ = self._kernel(t, s, x_s)
+            a_ts, sig_ts, s_t = self._kernel(t, s, x_s)
             n = batch.randn(*x_s.shape)
             x_t = a_ts * x_s + sig_ts * n
-            target = s_t * n / sig_ts  # = s_t (x_t - a_{t|s} x_s) / s_{t|s}^2
+            target = s_t * n / sig_ts  # eq. 12 in epsilon form: s_t (x_t - a_{t|s} x_s) / s_{t|s}^2
             pred = self.fake(x_t, t, batch.cond, output="epsilon")
-            weight = (sig_ts**2 / s_t**2).clamp(max=1.0).flatten()  # down-weights t -> s, where the target blows up
+            weight = (10 * sig_ts**2).clamp(max=1.0).flatten()  # eq. 13's clamp of 1 / s_{t|s}^2 at 10
             return {"loss": mse(pred, target, weight), "phase": torch.tensor(float(k))}
         x_s, x0_hat = self._phase_output(batch, k, grad=True)
         t = self._sub_times(batch, s)
-        a_ts, sig_ts, _, _ = self._kernel(t, s, x_s)
+        a_ts, sig_ts, _ = self._kernel(t, s, x_s)
         x_t = a_ts * x_s + sig_ts * batch.randn(*x_s.shape)
         with torch.no_grad():
             x0_real = teacher_x0(self.ctx.teacher.denoiser, x_t, t, batch, self.opt.guidance_scale)
             x0_fake = self.fake(x_t.detach(), t, batch.cond)
-        # DMD's normalised score difference (in x0 units at t), applied to the phase output x_s: the
-        # direction of d/dx_s of the KL at t is a_{t|s} a_t / s_t^2 (x0_fake - x0_real); DMD drops the
-        # positive factors and normalises by the distance of the clean prediction to the teacher's
+        # eq. 10: the direction of the KL's gradient at x_s is a_{t|s} a_t / s_t^2 (x0_fake - x0_real); DMD's
+        # normalised form drops the positive factors and divides by the x0 prediction's distance to the teacher's
         norm = (x0_hat.detach() - x0_real).abs().flatten(1).mean(1).clamp(min=1e-8).reshape(-1, *[1] * (x_s.ndim - 1))
         grad = torch.nan_to_num((x0_fake - x0_real) / norm)
         loss = 0.5 * (x_s - (x_s - grad).detach()).pow(2).mean()

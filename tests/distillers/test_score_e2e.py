@@ -26,7 +26,8 @@ def _check_run(out: Path, steps: int = 4):
     assert any(f.startswith("model_1") or "optimizer_1" in f for f in manifest["files"])  # the fake score's state too
     assert (out / "samples" / f"step_{steps:07d}.png").is_file()
     hist = json.loads((out / "history.json").read_text())
-    assert any("fake/loss" in h for h in hist) and any("student/loss" in h for h in hist)
+    generator_losses = {k for h in hist for k in h if k.endswith("/loss") and not k.startswith("fake")}
+    assert any("fake/loss" in h for h in hist) and generator_losses, hist  # student/loss, or expert<k>/loss
     return Student.load(out / "student")
 
 
@@ -40,7 +41,45 @@ def test_score_method_runs(tmp_path, tiny_pipelines, family, config, extra):
     assert r.returncode == 0, r.stderr[-3000:]
     student = _check_run(out)
     assert len(student.spec.timesteps) == int(config.split("_")[-1][0])
-    assert student.spec.sampler == "renoise"
+    assert student.spec.sampler == ("deterministic" if config.startswith("phased") else "renoise")
+
+
+def test_phased_dmd_trains_one_expert_per_phase_and_freezes_the_earlier(tmp_path, tiny_pipelines):
+    """4 iterations, 2 phases: expert 0 trains in iterations 0-1 and is frozen after; expert 1 is the
+    teacher's copy until iteration 2 and trains after."""
+    import torch
+    from safetensors.torch import load_file
+
+    from stepdistill.teachers import load_teacher
+
+    out = tmp_path / "run"
+    r = launch("configs/tiny-sd/phased_dmd_2step.yaml", [f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={out}",
+                                                       "method_args.lr=1e-2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    student = _check_run(out)
+    assert type(student.model).__name__ == "PhasedExperts" and len(student.model.experts) == 2
+    hist = json.loads((out / "history.json").read_text())
+    assert [sorted(k for k in h if k.startswith("expert") and k.endswith("/loss")) for h in hist] == \
+        [["expert0/loss"], ["expert0/loss"], ["expert1/loss"], ["expert1/loss"]]
+    teacher = load_teacher(tiny_pipelines["sd"]).denoiser.model.state_dict()
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    mid = [load_file(ckpt / f"expert{k}" / "diffusion_pytorch_model.safetensors") for k in range(2)]
+    final = [e.state_dict() for e in student.model.experts]
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
+
+    assert not same(mid[0], teacher) and same(mid[0], final[0])  # trained in phase 0, then frozen
+    assert same(mid[1], teacher) and not same(final[1], teacher)  # untouched until phase 1
+    # sampling routes step k to expert k: a sample differs from one made with expert 0 at both steps
+    t = load_teacher(tiny_pipelines["sd"])
+    cond = t.encode(["a cat", "a dog"])[0]
+    noise = torch.randn(2, *t.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        routed = student.sample(noise, cond)
+        student.model.experts[1].load_state_dict(final[0])
+        one_expert = student.sample(noise, cond)
+    assert not torch.allclose(routed, one_expert, atol=1e-5)
 
 
 def test_dmd2_gan_reads_real_images_from_folder(tmp_path, tiny_pipelines):
