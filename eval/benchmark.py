@@ -136,13 +136,12 @@ class DigitBench:
 
     def __init__(self, teacher, out: Path, n: int, seed: int = 2024):
         from stepdistill.evaluation.digits import MNIST_SD, DigitsEvaluator, load_classifier, load_mnist
-        from stepdistill.shipped import PROMPT_TEMPLATES, digit_prompt
+        from stepdistill.shipped import evaluation_prompts
 
         self.teacher, self.n = teacher, n
         self.evaluator = DigitsEvaluator(load_classifier(MNIST_SD / "classifier"), load_mnist("train")[0],
                                          cache_dir=out / "fd_cache")
-        self.labels = torch.arange(n) % 10
-        self.prompts = [digit_prompt(int(d), (i // 10) % len(PROMPT_TEMPLATES)) for i, d in enumerate(self.labels)]
+        self.labels, self.prompts = evaluation_prompts(n)
         self.noise = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
         self.conds = [teacher.encode(self.prompts[i:i + 500]) for i in range(0, n, 500)]
 
@@ -207,21 +206,21 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
             overrides += [f"train.max_steps={max_steps}", f"train.checkpoint_every={max_steps}",
                           f"train.validate_every={max_steps}"]
         cfg = load_config(cfg_path, overrides)
-        if done.is_file():  # a finished run of an earlier invocation: its numbers are kept
-            rows.append(json.loads(done.read_text()))
-        else:
+        measured = done.is_file()  # a finished run of an earlier invocation: its numbers are kept
+        if not measured:
             t0 = time.time()
             Trainer(cfg).fit()
             train_s = time.time() - t0
-            folder = run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student")
-            student = Student.load(folder)
-            row, x = bench.row(name, _student_sampler(student), steps, train_s)
+        student = Student.load(run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student"))
+        if measured:
+            row = json.loads(done.read_text())
+        else:
+            row, _ = bench.row(name, _student_sampler(student), steps, train_s)
             row.update(config=str(cfg_path.relative_to(ROOT)), steps=cfg.train.max_steps, batch_size=cfg.train.batch_size)
             done.write_text(json.dumps(row))
-            rows.append(row)
-        folder = run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student")
-        pictures[name] = Student.load(folder)
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(row)
+        pictures[name] = student
+        print(json.dumps(row), flush=True)
     w = float(yaml.safe_load(mnist_config("dmd2").read_text())["method_args"]["guidance_scale"])
     for steps, scale in ((1, w), (2, w), (4, w), (50, w), (50, 1.0)):
         name = f"teacher DDIM {steps}" + (f", CFG {scale:g}" if scale != 1.0 else "")
@@ -303,7 +302,12 @@ def main(argv=None) -> int:
     if args.suite == "mnist":
         runs = MNIST_RUNS
         if args.runs:
-            runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
+            runs = []
+            for item in args.runs.split(","):
+                method, _, steps = item.partition(":")
+                if not steps.isdigit():
+                    parser.error(f"--runs: '{item}' is not method:steps (e.g. dmd2:1)")
+                runs.append((method, int(steps)))
         out = args.out or ROOT / "runs" / "benchmark" / "mnist"
         out.mkdir(parents=True, exist_ok=True)
         rows = mnist_suite(out, runs, args.n, args.max_steps)

@@ -35,7 +35,6 @@ import random
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stepdistill.evaluation import fid as fidlib

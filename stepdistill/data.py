@@ -141,15 +141,13 @@ class BatchSource:
         self.conditional = teacher.conditional if conditional is None else conditional
         if self.conditional and teacher.null_label is None and not prompts:
             raise DataError(f"data.prompts: teacher {teacher.name} is text-conditioned; give prompts (a .txt/.json file or a list)")
-        self._encoded = None  # (index of each prompt, cond of the distinct prompts, uncond row)
-        if self.conditional and prompts and len(set(prompts)) <= PROMPT_CACHE_LIMIT:
+        self._encoded = None  # (index of each prompt, cond of the distinct prompts, uncond row), on the CPU
+        if self.conditional and teacher.null_label is None and prompts and len(set(prompts)) <= PROMPT_CACHE_LIMIT:
             distinct = list(dict.fromkeys(prompts))
             parts = [teacher.encode(distinct[i:i + 64]) for i in range(0, len(distinct), 64)]
-            cond = parts[0][0]
-            for c, _ in parts[1:]:
-                cond = Cond.cat(cond, c)
             where = {p: i for i, p in enumerate(distinct)}
-            self._encoded = (torch.tensor([where[p] for p in prompts]), cond, parts[0][1][:1])
+            self._encoded = (torch.tensor([where[p] for p in prompts]), Cond.cat_all([c for c, _ in parts]).to("cpu"),
+                             parts[0][1][:1].to("cpu"))
 
     def generator(self, step: int, rank: int, micro: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(stream_seed(self.seed, step, rank, micro))
@@ -172,7 +170,7 @@ class BatchSource:
             cond, uncond = t.encode(prompts)
         else:  # the same states the text encoder gives, stored at start (the unconditional row is shared)
             rows, table, empty = self._encoded
-            cond, uncond = table[rows[idx]], empty.expand_to(n)
+            cond, uncond = table[rows[idx]].to(self.device), empty.to(self.device).expand_to(n)
         return cond, uncond, None, prompts
 
     def batch(self, step: int, rank: int, size: int, micro: int = 0) -> Batch:

@@ -79,6 +79,13 @@ class Cond:
     def cat(a: "Cond", b: "Cond") -> "Cond":
         return Cond(_tree_zip(lambda x, y: torch.cat([x, y]), a.kwargs, b.kwargs))
 
+    @staticmethod
+    def cat_all(conds: list["Cond"]) -> "Cond":
+        out = conds[0]
+        for c in conds[1:]:
+            out = Cond.cat(out, c)
+        return out
+
     def batch_size(self) -> int | None:
         sizes: list[int] = []
         _tree_map(lambda t: sizes.append(t.shape[0]) or t, self.kwargs)

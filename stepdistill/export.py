@@ -128,15 +128,13 @@ NON_DIFFUSERS_STUDENTS = {
 }
 
 
-def check_student_network(model: torch.nn.Module) -> None:
-    """The student network must be a diffusers class. The guidance-conditioned transformers of
-    ``stepdistill.nets`` (guided distillation of DiT / PixArt / SD3) have no stock pipeline that feeds
-    them the guidance scale, and Phased DMD's per-phase experts none that routes steps to experts."""
+def check_student_network(name: str) -> None:
+    """The student network (its class name) must be a diffusers class. The guidance-conditioned
+    transformers of ``stepdistill.nets`` (guided distillation of DiT / PixArt / SD3) have no stock
+    pipeline that feeds them the guidance scale, and Phased DMD's per-phase experts none that routes
+    steps to experts."""
     import diffusers
 
-    from .denoiser import unwrap
-
-    name = type(unwrap(model)).__name__
     if not hasattr(diffusers, name):
         why = NON_DIFFUSERS_STUDENTS.get(name, "a guidance-conditioned network that no stock diffusers pipeline feeds "
                                                "the guidance scale")
@@ -237,6 +235,7 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
         raise ExportError(f"export destination '{out}' already exists; choose a new folder (nothing was written)")
     folder, run_cfg = _resolve_source(source, use_ema)
     spec = StudentSpec.load(folder)
+    check_student_network(json.loads((folder / "config.json").read_text())["_class_name"])
     tcfg = (run_cfg or {}).get("teacher") or {}
     if teacher is None:
         if tcfg.get("oracle") is not None:
@@ -247,7 +246,6 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     pipe = DiffusionPipeline.from_pretrained(_resolve_path(teacher), torch_dtype=dtype)
     component, _ = find_denoiser(pipe)
     student = Student.load(folder)
-    check_student_network(student.model)
     model = student.model.to(dtype) if dtype is not None else student.model
     pred = spec.prediction_type or student.process.prediction_type
     sched, kwargs = scheduler_for(spec, pipe.scheduler.config, pred)

@@ -192,16 +192,11 @@ class Student:
     @classmethod
     def load(cls, folder: str | Path, device=None) -> "Student":
         """A student saved by :meth:`save` (the final ``student/`` of a run, or a checkpoint's)."""
-        import diffusers
-
-        from . import nets
+        from .nets import network_class
         from .process import process_from_scheduler_config
 
         spec = StudentSpec.load(folder)
-        name = json.loads((Path(folder) / "config.json").read_text())["_class_name"]
-        model_cls = getattr(nets, name, None) or getattr(diffusers, name, None)
-        if model_cls is None:
-            raise ValueError(f"'{folder}': unknown model class {name}")
+        model_cls = network_class(json.loads((Path(folder) / "config.json").read_text())["_class_name"])
         model = model_cls.from_pretrained(folder).to(device).eval().requires_grad_(False)
         process = process_from_scheduler_config(spec.process["scheduler"])
         return cls(Denoiser(model, process, spec.prediction_type), spec)

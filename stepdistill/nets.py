@@ -24,23 +24,27 @@ def guidance_sinusoid(guidance: torch.Tensor, dim: int = GUIDANCE_EMBED_DIM) -> 
     operations changes the embedding by ~1e-4)."""
     from diffusers import StableDiffusionPipeline
 
-    # the method uses no pipeline state
-    return StableDiffusionPipeline.get_guidance_scale_embedding(None, (guidance.reshape(-1) - 1).float(), embedding_dim=dim)
+    # the method uses no pipeline state and builds its frequencies on the CPU, as the pipeline calls it
+    w = guidance.detach().reshape(-1).float().cpu() - 1
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim).to(guidance.device)
 
 
 def _guidance_conditioned(base: type) -> type:
     """``base`` (a diffusers transformer) with a guidance-scale input, built the way a UNet's
     ``time_cond_proj_dim`` works: a bias-free projection of the guidance sinusoid is added to the input
-    of every ``TimestepEmbedding`` of the network. Zero-initialised, the network is exactly ``base``.
-    The constructor takes ``base``'s arguments, so configs and ``from_pretrained`` are unchanged."""
+    of every timestep embedder (the ``TimestepEmbedding`` modules named ``timestep_embedder``: one per
+    DiT block, PixArt's ``adaln_single.emb``, SD3's ``time_text_embed``; not PixArt's size embedders).
+    Zero-initialised, the network is exactly ``base``. The constructor takes ``base``'s arguments, so
+    configs and ``from_pretrained`` are unchanged."""
 
     class GuidanceConditioned(base):
         @functools.wraps(base.__init__)
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            embedders = [m for m in self.modules() if isinstance(m, TimestepEmbedding)]
+            embedders = [m for name, m in self.named_modules()
+                         if name.split(".")[-1] == "timestep_embedder" and isinstance(m, TimestepEmbedding)]
             if not embedders:
-                raise ValueError(f"{base.__name__} has no TimestepEmbedding to condition on the guidance scale")
+                raise ValueError(f"{base.__name__} has no timestep embedder to condition on the guidance scale")
             self.guidance_proj = nn.Linear(GUIDANCE_EMBED_DIM, embedders[0].linear_1.in_features, bias=False)
             self._guidance_input = None
             for m in embedders:
@@ -139,15 +143,20 @@ class PhasedExperts(ModelMixin, ConfigMixin):
         super().__init__()
         if any(b >= a for a, b in zip(boundaries, boundaries[1:])):
             raise ValueError(f"PhasedExperts boundaries must be strictly descending, got {boundaries}")
-        cls = expert_network_class(expert_class)
+        cls = network_class(expert_class)
         self.experts = nn.ModuleList(cls.from_config(expert_config) for _ in boundaries)
 
     @classmethod
     def from_experts(cls, experts: list[nn.Module], boundaries: list[float]) -> "PhasedExperts":
         """Wrap existing networks (e.g. trainable copies of a teacher), which are used as they are."""
+        from accelerate import init_empty_weights
+
+        if len(experts) != len(boundaries):
+            raise ValueError(f"PhasedExperts: {len(experts)} experts for {len(boundaries)} boundaries")
         first = experts[0]
         config = {k: v for k, v in dict(first.config).items() if not k.startswith("_")}
-        model = cls(list(boundaries), type(first).__name__, config)
+        with init_empty_weights():  # the placeholder experts take no memory; they are replaced at once
+            model = cls(list(boundaries), type(first).__name__, config)
         model.experts = nn.ModuleList(experts)
         return model
 
@@ -160,10 +169,11 @@ class PhasedExperts(ModelMixin, ConfigMixin):
         raise TypeError("PhasedExperts is called through stepdistill.denoiser.Denoiser, which routes rows to experts")
 
 
-def expert_network_class(name: str) -> type:
+def network_class(name: str) -> type:
+    """A network class by its saved ``_class_name``: one of this module's, or a diffusers model."""
     import diffusers
 
-    cls = globals().get(name) or getattr(diffusers, name, None)
+    cls = globals().get(name) if isinstance(globals().get(name), type) else getattr(diffusers, name, None)
     if cls is None:
-        raise ValueError(f"unknown expert network class {name}")
+        raise ValueError(f"unknown network class {name} (neither stepdistill.nets nor diffusers has it)")
     return cls

@@ -40,6 +40,14 @@ def digit_prompt(label: int, template: int = 0) -> str:
     return PROMPT_TEMPLATES[template].format(word=DIGIT_WORDS[label], digit=label)
 
 
+def evaluation_prompts(n: int):
+    """(labels, prompts) of an evaluation draw of n: digit i % 10, the prompt templates in turn."""
+    import torch
+
+    labels = torch.arange(n) % 10
+    return labels, [digit_prompt(int(d), (i // 10) % len(PROMPT_TEMPLATES)) for i, d in enumerate(labels)]
+
+
 def all_digit_prompts() -> list[tuple[str, int]]:
     """(prompt, digit) for every template and digit."""
     return [(digit_prompt(d, k), d) for k in range(len(PROMPT_TEMPLATES)) for d in range(10)]
@@ -70,10 +78,11 @@ def _text_encoder_dir() -> Path:
 
 
 def _digest(*files: Path) -> str:
+    """A key for the assembled folder: the shipped files' contents, the text encoder's place and size."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes() if f.stat().st_size < (1 << 24) else str(f.stat().st_size).encode())
+        h.update(str(f).encode())
+        h.update(f.read_bytes() if f.stat().st_size < (1 << 26) else str(f.stat().st_size).encode())
     return h.hexdigest()[:12]
 
 

@@ -280,7 +280,7 @@ class Trainer:
         student = self.distiller.student
         spec = student.spec
         try:
-            check_student_network(student.model)
+            check_student_network(type(unwrap(student.model)).__name__)
             scheduler_for(spec, self.teacher.pipeline.scheduler.config, spec.prediction_type or self.teacher.process.prediction_type)
         except ExportError as exc:
             raise ConfigError(f"train.export: {exc}") from exc
@@ -403,8 +403,14 @@ class Trainer:
         self.counter.load_state_dict(state["loop"])
         if "distiller" in state:
             self.distiller.load_state_dict(state["distiller"])
+        saved = state.get("ema") or {}
+        if "shadow_params" in saved:  # written before students could have several trainables
+            saved = {name: saved for name in self.emas} if len(self.emas) == 1 else {}
         for name, ema in self.emas.items():
-            ema.load_state_dict(state["ema"][name])
+            if name not in saved:
+                raise ConfigError(f"resume: the checkpoint holds no EMA of trainable '{name}' (train.ema_decay was off "
+                                  f"or the method's trainables differ); use a new train.output_dir")
+            ema.load_state_dict(saved[name])
             ema.to(self.accelerator.device)
 
     def latest_good_checkpoint(self) -> Path | None:
@@ -530,6 +536,8 @@ class Trainer:
         with self._preemption_signals() as stop_requested:
             for step in range(start, tcfg.max_steps):
                 skipped = None
+                for name in getattr(self.distiller, "fresh_optimizers", lambda s: [])(step):
+                    self.optimizers[name].state.clear()  # re-initialised weights start without old moments
                 for phase in self.distiller.phases(step):
                     values, finite = self._run_phase(phase, step, micro)
                     if not finite:  # no optimiser, scheduler or EMA update; the step's later phases are dropped
@@ -677,18 +685,25 @@ class Trainer:
                 totals[f"{phase}/{key}"] = totals.get(f"{phase}/{key}", 0.0) + v / accum
         self._average_grads(phase)
         params = self.train_params[phase]
-        # the total gradient norm, computed once: clipping returns it (NaN/inf when any gradient is)
         norm = None
-        if tcfg.grad_clip is not None:
-            norm = acc.clip_grad_norm_(params, tcfg.grad_clip)
-        elif acc.scaler is None:
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        if acc.scaler is None and norm is not None:  # with fp16 loss scaling, the scaler skips overflowing steps
-            finite = finite and bool(torch.isfinite(norm))
-        if not self._all_ranks(finite):
-            opt.zero_grad(set_to_none=True)
-            return totals, False
+        if acc.scaler is not None:
+            # fp16 loss scaling: the scaler skips steps whose gradients overflow; a non-finite loss is
+            # skipped here, before clipping unscales (an unscale without a step would break the scaler)
+            if not self._all_ranks(finite):
+                opt.zero_grad(set_to_none=True)
+                return totals, False
+            if tcfg.grad_clip is not None:
+                norm = acc.clip_grad_norm_(params, tcfg.grad_clip)
+        else:
+            # the total gradient norm, computed once: clipping returns it (NaN/inf when any gradient is)
+            if tcfg.grad_clip is not None:
+                norm = acc.clip_grad_norm_(params, tcfg.grad_clip)
+            else:
+                grads = [p.grad for p in params if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            if not self._all_ranks(finite and (norm is None or bool(torch.isfinite(norm)))):
+                opt.zero_grad(set_to_none=True)
+                return totals, False
         if tcfg.grad_clip is not None:
             totals[f"{phase}/grad_norm"] = float(norm)
         opt.step()
@@ -755,13 +770,14 @@ def _plain(model: nn.Module) -> nn.Module:
     else is returned as it is."""
     import copy
 
+    def networks(m):  # a student network, or the experts of a PhasedExperts student
+        return [unwrap(e) for e in m.experts] if hasattr(m, "experts") else [m]
+
     model = unwrap(model)
-    parts = list(model.experts) if hasattr(model, "experts") else [model]
-    if not any(getattr(unwrap(m), "peft_config", None) for m in parts):
+    if not any(getattr(m, "peft_config", None) for m in networks(model)):
         return model
     fused = copy.deepcopy(model)
-    for m in (list(fused.experts) if hasattr(fused, "experts") else [fused]):
-        m = unwrap(m)
+    for m in networks(fused):
         if getattr(m, "peft_config", None):
             m.fuse_lora()
             m.unload_lora()

@@ -125,7 +125,6 @@ def test_bad_inputs_fail_early_with_one_line(fixture, tiny_pipelines, tmp_path, 
     for over, pattern in cases:
         out = tmp_path / "out"
         assert coco.main(_args(fixture, sd, out, **over)) == 2, over
-        import re
 
         assert re.search(pattern, _one_line_error(capsys)), over
         assert not out.exists(), over  # nothing written

@@ -13,7 +13,7 @@ import torch
 
 from stepdistill.evaluation.digits import MNIST_SD, DigitsEvaluator, load_classifier, load_mnist
 from stepdistill.sampling import ode_sample
-from stepdistill.shipped import PROMPT_TEMPLATES, all_digit_prompts, digit_prompt, prompt_digit, shipped_path
+from stepdistill.shipped import PROMPT_TEMPLATES, all_digit_prompts, evaluation_prompts, prompt_digit, shipped_path
 from stepdistill.teachers import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +31,7 @@ def teacher():
 
 
 def _draw(teacher, n, seed):
-    labels = torch.arange(n) % 10
-    prompts = [digit_prompt(int(d), (i // 10) % len(PROMPT_TEMPLATES)) for i, d in enumerate(labels)]
+    labels, prompts = evaluation_prompts(n)
     cond, uncond = teacher.encode(prompts)
     z = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
     return labels, cond, uncond, z

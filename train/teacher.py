@@ -98,12 +98,10 @@ def train_teacher(x, y, steps: int, seed: int, batch_size: int = 96, lr: float =
 def eval_conditioning(teacher, n: int):
     """(labels, prompts-or-labels) of an evaluation draw: digit i % 10; text teachers get the training
     prompt templates in turn."""
-    labels = torch.arange(n) % 10
-    if teacher.null_label is not None:
-        return labels, labels
-    from stepdistill.shipped import PROMPT_TEMPLATES, digit_prompt
+    from stepdistill.shipped import evaluation_prompts
 
-    return labels, [digit_prompt(int(d), (i // 10) % len(PROMPT_TEMPLATES)) for i, d in enumerate(labels)]
+    labels, prompts = evaluation_prompts(n)
+    return (labels, labels) if teacher.null_label is not None else (labels, prompts)
 
 
 @torch.no_grad()

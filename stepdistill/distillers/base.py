@@ -12,7 +12,8 @@ implementation inheritance). The Accelerate loop in ``trainer.py`` drives any ob
   back-propagated into the phase's trainable, the other entries are logged;
 - ``student``: the :class:`~stepdistill.generator.Student` it trains (sampling, export);
 - optionally ``state_dict()`` / ``load_state_dict()`` for state beyond the trainables (saved in
-  checkpoints), and ``on_step_end(step)``.
+  checkpoints), ``on_step_end(step)``, and ``fresh_optimizers(step) -> list[name]``: trainables whose
+  weights the method re-initialises at this step, so that their optimiser state starts afresh.
 """
 
 from __future__ import annotations
@@ -106,12 +107,22 @@ def get_method(name: str) -> type:
 # shared pieces
 # ------------------------------------------------------------------------------------------------
 def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float], *, guidance_scale=None,
-                 w_conditioned: bool = False) -> Student:
+                 w_conditioned: bool = False, experts: bool = False) -> Student:
     """A trainable copy of ``ctx.init`` (full or LoRA, per ``student.*``) with its schedule; with
-    ``w_conditioned``, rebuilt with a guidance-scale input."""
+    ``w_conditioned``, rebuilt with a guidance-scale input; with ``experts``, one copy per timestep
+    (:class:`~stepdistill.nets.PhasedExperts`, each step served by its own network)."""
     sc = ctx.config.student
-    model = copy_for_training(ctx.init.model, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
-                              lora_targets=sc.lora_targets, w_conditioned=w_conditioned).to(ctx.device)
+
+    def trainable_copy():
+        return copy_for_training(ctx.init.model, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
+                                 lora_targets=sc.lora_targets, w_conditioned=w_conditioned).to(ctx.device)
+
+    if experts:
+        from ..nets import PhasedExperts
+
+        model = PhasedExperts.from_experts([trainable_copy() for _ in timesteps], [float(t) for t in timesteps])
+    else:
+        model = trainable_copy()
     spec = StudentSpec(method, sampler, [float(t) for t in timesteps], guidance_scale, ctx.init.process.describe(),
                        ctx.init.prediction_type)
     warning = ill_conditioned_start(ctx.init.process, ctx.init.prediction_type, spec.timesteps[0])
@@ -185,20 +196,13 @@ class SamplePool:
             unconds.append(None if b.uncond is None else b.uncond.expand_to(n))
             done += n
         self.x0 = torch.cat(xs)
-        self.cond = None if conds[0] is None else _cat_all(conds)
-        self.uncond = None if unconds[0] is None else _cat_all(unconds)
+        self.cond = None if conds[0] is None else Cond.cat_all(conds)
+        self.uncond = None if unconds[0] is None else Cond.cat_all(unconds)
 
     def draw(self, batch: Batch) -> tuple[torch.Tensor, Cond | None, Cond | None]:
         idx = torch.randint(0, len(self.x0), (batch.size,), generator=batch.generator).to(self.x0.device)
         pick = (lambda c: None if c is None else c[idx])
         return self.x0[idx], pick(self.cond), pick(self.uncond)
-
-
-def _cat_all(conds: list[Cond]) -> Cond:
-    out = conds[0]
-    for c in conds[1:]:
-        out = Cond.cat(out, c)
-    return out
 
 
 def x0_source(kind: str, batch: Batch, pool: SamplePool | None):

@@ -35,8 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Batch
-from ..denoiser import Denoiser, unwrap
-from ..generator import Student, StudentSpec, copy_for_training
+from ..denoiser import unwrap
 from .base import Context, Trainable, make_student, mse, register_method, student_timesteps, student_trainable, teacher_x0
 from .score import FakeScoreOptions, make_fake
 
@@ -60,22 +59,15 @@ class PhasedDMD:
         self.ctx, self.opt = ctx, options
         proc = ctx.init.process
         times = student_timesteps(ctx)
-        if options.experts:
-            from ..nets import PhasedExperts
-
-            sc = ctx.config.student
-            experts = [copy_for_training(ctx.init.model, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
-                                         lora_targets=sc.lora_targets).to(ctx.device) for _ in times]
-            model = PhasedExperts.from_experts(experts, times)
-            spec = StudentSpec("phased_dmd", "deterministic", [float(t) for t in times], None, proc.describe(),
-                               ctx.init.prediction_type)
-            self.student = Student(Denoiser(model, proc, ctx.init.prediction_type), spec)
-        else:
-            self.student = make_student(ctx, "phased_dmd", "deterministic", times)
+        self.student = make_student(ctx, "phased_dmd", "deterministic", times, experts=options.experts)
         self.fake = make_fake(ctx, options.fake_lora_rank)
         self.bounds = torch.cat([self.student.times(), torch.tensor([proc.t_clean])])
         self.k = len(times)
-        self.per_phase = options.steps_per_phase or max(1, ctx.config.train.max_steps // self.k)
+        max_steps = ctx.config.train.max_steps
+        self.per_phase = options.steps_per_phase or max(1, max_steps // self.k)
+        if self.per_phase * (self.k - 1) >= max_steps:
+            raise ValueError(f"method_args.steps_per_phase={self.per_phase} leaves the last of {self.k} phases no "
+                             f"iterations of train.max_steps={max_steps}")
         self.phase = 0
         self._fake_init = {k: v.detach().clone() for k, v in unwrap(self.fake.model).state_dict().items()}
 
@@ -101,14 +93,18 @@ class PhasedDMD:
         gen = f"expert{k}" if self.opt.experts else "student"
         return ([gen] if step % self.opt.fake_updates == 0 else []) + ["fake"]
 
-    def _enter_phase(self, step: int) -> int:
+    def fresh_optimizers(self, step: int) -> list[str]:
+        """At a phase's first iteration the fake score is re-initialised from the teacher ("rather than
+        from the model of the preceding phase"), and its optimiser state with it."""
         k = self._phase_of(step)
-        if k != self.phase:
-            if self.opt.reset_fake:  # "initialised from the teacher rather than from the preceding phase's"
-                with torch.no_grad():
-                    unwrap(self.fake.model).load_state_dict(self._fake_init)
-            self.phase = k
-        return k
+        if k == self.phase:
+            return []
+        self.phase = k
+        if not self.opt.reset_fake:
+            return []
+        with torch.no_grad():
+            unwrap(self.fake.model).load_state_dict(self._fake_init)
+        return ["fake"]
 
     # -- the phase's generator and the subinterval process -----------------------------------------
     def _phase_output(self, batch: Batch, k: int, grad: bool):
@@ -145,7 +141,7 @@ class PhasedDMD:
         return a_ts.reshape(shape).to(like), var.sqrt().reshape(shape).to(like), s_t.reshape(shape).to(like)
 
     def step(self, batch: Batch, step: int, phase: str) -> dict:
-        k = self._enter_phase(step)
+        k = self._phase_of(step)
         s = self.bounds[k + 1]
         if phase == "fake":
             with torch.no_grad():
@@ -173,7 +169,9 @@ class PhasedDMD:
         return {"loss": loss, "phase": torch.tensor(float(k))}
 
     def state_dict(self) -> dict:
-        return {"phase": self.phase}
+        return {"phase": self.phase, "per_phase": self.per_phase}
 
     def load_state_dict(self, state: dict) -> None:
-        self.phase = int(state["phase"])
+        # the phase length is kept from the run's start: a resume with another train.max_steps keeps the
+        # phase boundaries (and does not re-enter or reset a phase)
+        self.phase, self.per_phase = int(state["phase"]), int(state.get("per_phase", self.per_phase))

@@ -24,6 +24,12 @@ class FakeScoreOptions:
     t_min: float = 0.02  # score losses use times in [t_min, t_max] as fractions of the process range
     t_max: float = 0.98
 
+    def __post_init__(self):
+        if self.fake_updates < 1:
+            raise ValueError(f"method_args.fake_updates must be >= 1, got {self.fake_updates}")
+        if not 0 <= self.t_min < self.t_max <= 1:
+            raise ValueError(f"method_args.t_min / t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+
 
 def make_fake(ctx: Context, lora_rank: int) -> Denoiser:
     """The fake score: initialised as the teacher (DMD sec. 3.2 / SiD sec. 4), full or LoRA."""

@@ -55,6 +55,7 @@ class SiDOptions(FakeScoreOptions):
     prompt_dropout: float = 0.1
 
     def __post_init__(self):
+        super().__post_init__()
         if self.fake_updates != 1:
             raise ValueError("method_args.fake_updates: SiD alternates 1:1")
 

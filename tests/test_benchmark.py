@@ -1,0 +1,39 @@
+"""The comparison command on the shipped MNIST mini-SD teacher, with a tiny budget: it writes the
+results JSON, the markdown table (teacher rows beside the students', the sampling speed-up) and the
+comparison grid, and its metric ranks the teacher's 50-step samples above its 1-step ones."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mnist_suite_writes_results_table_and_grid(tmp_path):
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, str(ROOT / "eval" / "benchmark.py"), "--suite", "mnist", "--runs", "dmd2:1",
+                        "--max-steps", "2", "--n", "200", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"dmd2_1step", "teacher DDIM 1, CFG 2", "teacher DDIM 2, CFG 2", "teacher DDIM 4, CFG 2",
+                         "teacher DDIM 50, CFG 2", "teacher DDIM 50"}
+    assert rows["dmd2_1step"]["nfe"] == 1 and rows["teacher DDIM 50, CFG 2"]["nfe"] == 100
+    assert rows["dmd2_1step"]["steps"] == 2 and rows["dmd2_1step"]["train_s"] > 0
+    assert rows["teacher DDIM 50, CFG 2"]["fd"] < 0.5 * rows["teacher DDIM 1, CFG 2"]["fd"]
+    assert rows["teacher DDIM 50, CFG 2"]["accuracy"] > rows["teacher DDIM 1, CFG 2"]["accuracy"]
+    table = (out / "results.md").read_text()
+    assert "| dmd2_1step | 1 |" in table and "Sampling speed: dmd2_1step" in table
+    grid = Image.open(out / "comparison.png")
+    assert grid.size[0] > 400 and grid.size[1] > 100  # one row per method + the teacher, ten digits each
+    # a second invocation reuses the finished run instead of training it again
+    r = subprocess.run([sys.executable, str(ROOT / "eval" / "benchmark.py"), "--suite", "mnist", "--runs", "dmd2:1",
+                        "--max-steps", "2", "--n", "200", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = {row["method"]: row for row in json.loads((out / "results.json").read_text())}
+    assert again["dmd2_1step"]["train_s"] == rows["dmd2_1step"]["train_s"]
