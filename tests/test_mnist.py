@@ -72,10 +72,12 @@ def test_shipped_teacher_is_a_stock_stable_diffusion_pipeline(teacher):
 
 
 def test_evaluator_sanity(evaluator, teacher):
+    """FD is compared at equal sample sizes: with 64-d features its small-sample bias is large (held-out
+    real digits measure 42 at n = 1000, 137 at n = 400)."""
     xh, yh = load_mnist("heldout")
     assert evaluator.accuracy(xh, yh) >= 0.97
-    fd_real = evaluator.fd(xh)
-    fd_noise = evaluator.fd(torch.randn(1000, 1, 32, 32, generator=torch.Generator().manual_seed(0)).clamp(-1, 1))
+    fd_real = evaluator.fd(xh[:500])
+    fd_noise = evaluator.fd(torch.randn(500, 1, 32, 32, generator=torch.Generator().manual_seed(0)).clamp(-1, 1))
     labels, cond, _, z = _draw(teacher, 500, seed=5)
     fd_ddim1 = evaluator.fd(teacher.decode(ode_sample(teacher.denoiser, z, 1, cond)))
     assert fd_real < 0.05 * fd_noise, (fd_real, fd_noise)
@@ -88,8 +90,8 @@ def test_teacher_with_cfg_is_good(evaluator, teacher):
     w = shipped["guidance_scale"]
     labels, cond, uncond, z = _draw(teacher, 400, seed=9)
     x50 = teacher.decode(ode_sample(teacher.denoiser, z, 50, cond, guidance_scale=w, uncond=uncond))
-    fd_real = evaluator.fd(load_mnist("heldout")[0])
-    assert evaluator.fd(x50) < 3 * fd_real
+    fd_real = evaluator.fd(load_mnist("heldout")[0][:400])  # the same sample size (FD's bias, see above)
+    assert evaluator.fd(x50) < 2 * fd_real
     assert evaluator.accuracy(x50, labels) > 0.95
     assert shipped["classifier_heldout_accuracy"] >= 0.97
     assert shipped["teacher"][f"ddim50_cfg{w:g}"]["fd"] < 3 * shipped["fd_heldout_vs_train"]

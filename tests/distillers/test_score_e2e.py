@@ -71,6 +71,11 @@ def test_phased_dmd_trains_one_expert_per_phase_and_freezes_the_earlier(tmp_path
 
     assert not same(mid[0], teacher) and same(mid[0], final[0])  # trained in phase 0, then frozen
     assert same(mid[1], teacher) and not same(final[1], teacher)  # untouched until phase 1
+    # the fake score restarts from the teacher at phase 1, its optimiser state with it (optimizers:
+    # expert0, expert1, fake): 2 Adam steps by the end of phase 0, 2 again by the end of phase 1, not 4
+    fake_steps = [int(next(iter(torch.load(out / "checkpoints" / f"checkpoint-{k}" / "optimizer_2.bin",
+                                           weights_only=True)["state"].values()))["step"]) for k in (2, 4)]
+    assert fake_steps == [2, 2], fake_steps
     # sampling routes step k to expert k: a sample differs from one made with expert 0 at both steps
     t = load_teacher(tiny_pipelines["sd"])
     cond = t.encode(["a cat", "a dog"])[0]
