@@ -90,7 +90,13 @@ def read_prompts(spec: str | Sequence[str], skip_bad: bool = False) -> list[str]
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
+    """The images under ``folder`` (``data.images``; ``stepdistill:<name>`` names shipped real images)."""
+    from .shipped import image_folder
+
+    try:
+        folder = image_folder(folder)
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from exc
     if not folder.is_dir():
         raise DataError(f"data.images: image folder '{folder}' does not exist")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -1,5 +1,6 @@
 """The teachers this project trains and ships (``train/teacher.py``), addressable by name from any
-working directory: ``teacher.path: stepdistill:mnist-sd`` or ``stepdistill:digits8``.
+working directory: ``teacher.path: stepdistill:mnist-sd`` or ``stepdistill:digits8``; and their real
+train images, ``data.images: stepdistill:mnist-train``.
 
 ``mnist-sd`` is a Stable Diffusion pipeline in miniature: its UNet, VAE and scheduler ship in
 ``stepdistill/assets/mnist_sd/pipeline`` and its text encoder is the real sentence encoder of the
@@ -127,10 +128,36 @@ def assemble_mnist_sd(dest: str | Path | None = None, pipeline: str | Path = MNI
     return dest
 
 
+def mnist_train_images(dest: str | Path | None = None) -> Path:
+    """The 4,000 train digits of the mnist-sd teacher as 32x32 grayscale PNG files (one folder per
+    digit), written once into the cache: real images for ``data.images`` (DMD2's GAN, data x-sources)."""
+    from PIL import Image
+
+    from .evaluation.digits import load_mnist
+
+    dest = Path(dest) if dest is not None else cache_root() / "data" / "mnist-train"
+    if (dest / "COMPLETE").is_file():
+        return dest
+    x, y = load_mnist("train")
+    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    pixels = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    for i, (img, label) in enumerate(zip(pixels, y.tolist())):
+        (tmp / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, mode="L").save(tmp / str(label) / f"{i:04d}.png")
+    (tmp / "COMPLETE").write_text("4000 MNIST train digits (stepdistill.evaluation.digits.load_mnist)\n")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 SHIPPED = {
     "digits8": lambda: DIGITS8 / "teacher",
     "mnist-sd": assemble_mnist_sd,
 }
+SHIPPED_DATA = {"mnist-train": mnist_train_images}
 _NAME = re.compile(rf"^{PREFIX}(?P<name>[\w\-]+)$")
 
 
@@ -138,10 +165,18 @@ def is_shipped(path) -> bool:
     return isinstance(path, str) and path.startswith(PREFIX)
 
 
-def shipped_path(path: str) -> Path:
-    """The pipeline folder of ``stepdistill:<name>``."""
+def _lookup(path: str, table: dict, what: str) -> Path:
     m = _NAME.match(path)
-    if m is None or m["name"] not in SHIPPED:
-        raise FileNotFoundError(f"teacher path '{path}': no shipped teacher of that name; shipped: "
-                                f"{[PREFIX + n for n in SHIPPED]}")
-    return Path(SHIPPED[m["name"]]())
+    if m is None or m["name"] not in table:
+        raise FileNotFoundError(f"{what} '{path}': nothing of that name is shipped; shipped: {[PREFIX + n for n in table]}")
+    return Path(table[m["name"]]())
+
+
+def shipped_path(path: str) -> Path:
+    """The pipeline folder of the teacher ``stepdistill:<name>``."""
+    return _lookup(path, SHIPPED, "teacher path")
+
+
+def image_folder(path: str | os.PathLike) -> Path:
+    """``data.images``: a folder, or ``stepdistill:<name>`` for shipped real images (written on first use)."""
+    return _lookup(path, SHIPPED_DATA, "data.images") if is_shipped(path) else Path(path)

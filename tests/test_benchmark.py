@@ -25,7 +25,7 @@ def test_mnist_suite_writes_results_table_and_grid(tmp_path):
     assert rows["dmd2_1step"]["nfe"] == 1 and rows["teacher DDIM 50, CFG 2"]["nfe"] == 100
     assert rows["dmd2_1step"]["steps"] == 2 and rows["dmd2_1step"]["train_s"] > 0
     assert rows["teacher DDIM 50, CFG 2"]["fd"] < 0.5 * rows["teacher DDIM 1, CFG 2"]["fd"]
-    assert rows["teacher DDIM 50, CFG 2"]["accuracy"] > rows["teacher DDIM 1, CFG 2"]["accuracy"]
+    assert rows["teacher DDIM 50, CFG 2"]["accuracy"] > 0.97  # the shipped teacher: 0.999 at n=2000
     table = (out / "results.md").read_text()
     assert "| dmd2_1step | 1 |" in table and "Sampling speed: dmd2_1step" in table
     grid = Image.open(out / "comparison.png")

@@ -1,5 +1,6 @@
 """Batches: a short prompt list is encoded once at start and gives the text encoder's own states."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,3 +29,23 @@ def test_cached_prompt_states_equal_the_text_encoders(tiny_pipelines, monkeypatc
         for x, y in zip(flat_got, flat_want):
             assert x.shape == y.shape
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_shipped_mnist_train_images(tmp_path, monkeypatch):
+    """`data.images: stepdistill:mnist-train` is the teacher's 4000 real train digits, written once."""
+    from PIL import Image
+
+    from stepdistill.data import DataError, list_images
+    from stepdistill.evaluation.digits import load_mnist
+
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
+    files = list_images("stepdistill:mnist-train")
+    assert len(files) == 4000 and {f.parent.name for f in files} == {str(d) for d in range(10)}
+    x, y = load_mnist("train")
+    for f in files[::997]:  # <digit>/<index>.png holds train digit <index>
+        i = int(f.stem)
+        img = np.asarray(Image.open(f), dtype=np.float32) / 127.5 - 1
+        assert img.shape == (32, 32) and np.abs(img - x[i, 0].numpy()).max() < 1 / 127
+        assert f.parent.name == str(int(y[i]))
+    with pytest.raises(DataError, match="data.images 'stepdistill:mnist-test'"):
+        list_images("stepdistill:mnist-test")

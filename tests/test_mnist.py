@@ -103,7 +103,8 @@ def test_default_job_leaves_grid_loss_plot_and_an_exported_pipeline(tmp_path):
 
     out = tmp_path / "default"
     r = subprocess.run([sys.executable, str(ROOT / "train" / "distill.py"), f"train.output_dir={out}", "train.max_steps=4",
-                        "train.checkpoint_every=4", "train.validate_every=4", "train.report_to=none", "train.progress=false"],
+                        "train.checkpoint_every=4", "train.validate_every=4", "train.report_to=none", "train.progress=false",
+                        "method_args.pool_size=64"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

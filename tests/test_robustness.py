@@ -187,7 +187,7 @@ def test_too_many_nonfinite_in_a_row_stop_with_good_checkpoint(tmp_path):
 
 def test_nonfinite_stop_is_one_line_and_exit_4(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "train/distill.py"), "--config", str(ROOT / "configs/default.yaml"),
+    r = subprocess.run([sys.executable, str(ROOT / "train/distill.py"), "--config", str(ROOT / "configs/oracle/progressive_1step.yaml"),
                         "method=nan_plugin:NaNInjector", *ORACLE, "method_args={nan_steps: [0, 1]}",
                         "train.max_nonfinite_steps=2", f"train.output_dir={out}"],
                        capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
@@ -210,7 +210,7 @@ def _wait_for(pred, proc, timeout=300):
 
 def test_sigterm_saves_a_checkpoint_and_exits_3_then_continues(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train/distill.py"), "--config", str(ROOT / "configs/default.yaml"), *ORACLE,
+    cmd = [sys.executable, str(ROOT / "train/distill.py"), "--config", str(ROOT / "configs/oracle/progressive_1step.yaml"), *ORACLE,
            "train.max_steps=100000", "train.checkpoint_every=100000", f"train.output_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: (out / "config.yaml").is_file(), proc)
