@@ -307,8 +307,13 @@ class Trainer:
             opt = _adamw(params, lr=lr, betas=betas, weight_decay=oc.weight_decay if oc else 0.0)
             from diffusers.optimization import get_scheduler
 
-            sched = get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps,
-                                  num_training_steps=cfg.train.max_steps)
+            # the schedule runs on the loop's step, for every trainable alike, whether or not the trainable
+            # is updated in that step (as DMD2's own loop does): a fake score updated N times per student
+            # update anneals with the student, not N times faster. accelerate steps a prepared scheduler
+            # once per process, hence the lengths in process-steps (as in the diffusers training scripts).
+            sched = get_scheduler(cfg.train.lr_schedule, opt,
+                                  num_warmup_steps=cfg.train.lr_warmup_steps * acc.num_processes,
+                                  num_training_steps=cfg.train.max_steps * acc.num_processes)
             # no DDP wrapper: distillers call their networks in many ways per phase (frozen inside other
             # phases, several forwards per backward), so gradients are averaged explicitly instead
             module = acc.prepare_model(tr.module, device_placement=True, evaluation_mode=True).train()
@@ -548,6 +553,8 @@ class Trainer:
                 done = step + 1
                 if skipped is None:
                     in_a_row = 0
+                    for sched in self.schedulers.values():
+                        sched.step()
                     if hasattr(self.distiller, "on_step_end"):
                         self.distiller.on_step_end(step)
                 else:
@@ -707,7 +714,6 @@ class Trainer:
         if tcfg.grad_clip is not None:
             totals[f"{phase}/grad_norm"] = float(norm)
         opt.step()
-        self.schedulers[phase].step()
         opt.zero_grad(set_to_none=True)
         if phase in self.emas:
             self.emas[phase].step(params)

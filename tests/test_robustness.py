@@ -135,6 +135,29 @@ def test_safe_changes_are_allowed_and_logged(tmp_path, caplog):
     assert lr == pytest.approx(5e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))  # new base lr, position kept
 
 
+def test_learning_rate_schedules_follow_the_loop_step_for_every_trainable(tmp_path):
+    """DMD2 updates its student every 3rd step and its fake score every step: both learning rates still
+    follow the loop's step (DMD2's own loop), so a linear schedule ends both at zero, and at every
+    logged point they stand in the ratio of their base rates."""
+    trainer = Trainer(_oracle_cfg(tmp_path / "run", "train.max_steps=6", "train.checkpoint_every=6",
+                                  "train.lr_schedule=linear", "method_args.fake_updates=3", "method_args.lr=1e-3",
+                                  "method_args.fake_lr=2e-3", method="dmd2"))
+    seen = []
+    step_once = trainer._run_phase
+
+    def spy(phase, step, micro):
+        seen.append((phase, {n: o.param_groups[0]["lr"] for n, o in trainer.optimizers.items()}))
+        return step_once(phase, step, micro)
+
+    trainer._run_phase = spy
+    trainer.fit()
+    assert [p for p, _ in seen].count("student") == 2 and [p for p, _ in seen].count("fake") == 6
+    fake_lrs = [lrs["fake"] for p, lrs in seen if p == "fake"]
+    assert fake_lrs == pytest.approx([2e-3 * (1 - k / 6) for k in range(6)])
+    assert all(lrs["student"] == pytest.approx(lrs["fake"] / 2) for _, lrs in seen)
+    assert all(o.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12) for o in trainer.optimizers.values())
+
+
 def test_config_changes_classifies_keys():
     old = {"method": "dmd2", "train": {"max_steps": 10, "seed": 0}, "optim": {}, "method_args": {"fake_lr": 1e-4}}
     new = {"method": "dmd2", "train": {"max_steps": 20, "seed": 0}, "optim": {"student": {"lr": 1e-5}},
