@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from stepdistill.trainer import list_checkpoints
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no"]
@@ -83,13 +85,21 @@ SYNC_CASES = [pytest.param("progressive_2step", [], marks=pytest.mark.slow), ("d
 def test_two_processes_keep_identical_weights(tmp_path, tiny_pipelines, config, extra):
     out = tmp_path / "ddp"
     r = launch(f"configs/tiny-sd/{config}.yaml", [f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={out}",
-                                                "train.verify_rank_sync=true", "train.max_steps=3", *extra], processes=2)
+                                                "train.verify_rank_sync=true", "train.max_steps=3", "train.checkpoint_every=3",
+                                                "train.lr_schedule=linear", *extra], processes=2)
     assert r.returncode == 0, r.stderr[-3000:]
     log = json.loads((out / "rank_sync.json").read_text())
     assert [e["step"] for e in log] == [1, 2, 3] and all(e["ranks"] == 2 for e in log)
     # the checksums (of every trainable: student, and fake score where there is one) move every step
     assert len({tuple(e["checksums"]) for e in log}) == 3
     assert len(log[0]["checksums"]) == (2 if config.startswith("progressive") else 4)
+    # every schedule ends where it should after max_steps loop steps with 2 processes (accelerate steps a
+    # prepared scheduler once per process): a linear one at zero, not at zero halfway
+    scheds = sorted(list_checkpoints(out)[-1].glob("scheduler*.bin"))
+    assert len(scheds) == (1 if config.startswith("progressive") else 2)
+    for f in scheds:
+        state = torch.load(f, weights_only=True)
+        assert state["last_epoch"] == 6 and state["_last_lr"][0] == pytest.approx(0.0, abs=1e-12), (f.name, state)
 
 
 def _state_files(ckpt: Path) -> dict:
