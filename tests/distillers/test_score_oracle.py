@@ -18,14 +18,14 @@ def _eval(student, gmm, n=1000, seed=11):
 
 
 @pytest.mark.parametrize("config,bound", [
-    # DMD2's outcome is chaotic in tiny perturbations: 2.4-3.4x in session 1, 5.0-7.1x after the start-noise
-    # change and across thread counts (README); the untrained student is ~200x with empty modes
-    ("dmd2_1step.yaml", 10.0),
+    # measured 1.78x on this evaluation seed (1.14x on the benchmark's) since the schedules follow the loop
+    # step; 5-18x before, when the fake score's schedule annealed twice as fast as the student's (README)
+    ("dmd2_1step.yaml", 4.0),
     ("sid_1step.yaml", 4.0),
     pytest.param("vsd_1step.yaml", 6.0, marks=pytest.mark.slow),
     pytest.param("dmd_1step.yaml", 6.0, marks=pytest.mark.slow),
-    # measured 10-14x: the shared-weight Phased DMD does not yet reach the others (README)
-    pytest.param("phased_dmd_4step.yaml", 20.0, marks=pytest.mark.slow),
+    # measured 2.4x here, 1.03x on the benchmark's seed (one expert per phase, constant schedule)
+    pytest.param("phased_dmd_4step.yaml", 5.0, marks=pytest.mark.slow),
 ])
 def test_score_student_learns_the_mixture(tmp_path, oracle_cache, config, bound):
     student, teacher, gmm, _ = run_oracle(config, tmp_path / "run", [], oracle_cache)
