@@ -194,6 +194,7 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
     from stepdistill.config import load_config
     from stepdistill.generator import Student
     from stepdistill.shipped import shipped_path
+    from stepdistill.state_io import write_json
     from stepdistill.teachers import load_teacher
     from stepdistill.trainer import Trainer
 
@@ -231,9 +232,7 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         else:
             row, _ = bench.row(name, _student_sampler(student), steps, train_s)
             row.update(config=str(cfg_path.relative_to(ROOT)), steps=cfg.train.max_steps, batch_size=cfg.train.batch_size)
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps({**row, "key": key}))
-            os.replace(tmp, done)
+            write_json(done, {**row, "key": key})
         rows.append(row)
         pictures[name] = student
         print(json.dumps(row), flush=True)
@@ -253,9 +252,7 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
             kept[name] = row
         rows.append(row)
         print(json.dumps(row), flush=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "rows": kept}))
-    os.replace(tmp, cache)
+    write_json(cache, {"key": key, "rows": kept})
     pictures["teacher DDIM 50, CFG"] = (teacher, w)
     _digit_grid(pictures, teacher, out / "comparison.png")
     return rows

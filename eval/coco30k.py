@@ -40,6 +40,7 @@ import torch
 from stepdistill.evaluation import fid as fidlib
 from stepdistill.evaluation.clip_score import DEFAULT_MODEL, DEFAULT_PREFIX, DEFAULT_PRETRAINED, CLIPScorer, check_clip_weights
 from stepdistill.evaluation.fid import EvalError
+from stepdistill.state_io import write_json
 
 SAMPLING_FILE = "stepdistill_sampling.json"
 
@@ -203,12 +204,6 @@ def prepare(args) -> tuple[list[dict], dict, Path]:
 
 # ---------------------------------------------------------------- generation
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def image_path(out: Path, index: int) -> Path:
     return out / "images" / f"{index:05d}.png"
 
@@ -310,8 +305,8 @@ def main(argv=None) -> int:
         return _error(str(exc))
     if state.is_main_process:
         (args.out / "images").mkdir(parents=True, exist_ok=True)
-        _write_json(args.out / "captions.json", captions)
-        _write_json(args.out / "generation.json", settings)
+        write_json(args.out / "captions.json", captions)
+        write_json(args.out / "generation.json", settings)
     state.wait_for_everyone()
     made = generate(pipe, captions, settings, args.out, state.process_index, state.num_processes, args.batch_size,
                     state.device, show_progress=state.is_local_main_process)
@@ -325,7 +320,7 @@ def main(argv=None) -> int:
         result = metrics(args, captions, {**settings, "num_processes": state.num_processes}, ref_path, state.device)
     except EvalError as exc:
         return _error(str(exc))
-    _write_json(args.out / "results.json", result)
+    write_json(args.out / "results.json", result)
     print(f"COCO-{len(captions)}: FID {result['fid']:.3f}, CLIP score {result['clip_score']:.4f} -> {args.out / 'results.json'}")
     return 0
 

@@ -7,6 +7,7 @@ reading a checkpoint never unpickles anything (accelerate's own custom-object fi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,15 @@ def _join(obj: Any, tensors: dict) -> Any:
     if isinstance(obj, list):
         return [_join(v, tensors) for v in obj]
     return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, written to a temporary file and renamed into place (a reader never
+    sees half a file, and a crash leaves the previous version)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def save_state(state: dict, folder: str | Path, name: str) -> None:
