@@ -3,6 +3,7 @@ benchmarks)."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -78,3 +79,46 @@ def cfg_distance(student: Student, teacher, gmm, w: float, n: int = 1000, steps:
     floor = sum(energy_distance(refs[i], refs[i + 1]) for i in range(repeats)) / repeats
     x = draw(lambda z, c, u: student.sample(z, c, guidance=w))
     return {"energy": energy_distance(x, refs[0]), "floor": floor}
+
+
+def _ring_rotation(gmm, k: int) -> torch.Tensor:
+    """The rotation (in the first two coordinates) taking mode 0 of a ring mixture to mode k; it maps
+    the whole mixture onto itself, so it maps class 0's CFG problem onto class k's."""
+    a = 2 * math.pi * k / gmm.num_components
+    rot = torch.eye(gmm.dim, dtype=torch.float64)
+    rot[:2, :2] = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
+    moved = gmm.means @ rot.T
+    if not (torch.allclose(moved, gmm.means.roll(-k, 0), atol=1e-6) and bool((gmm.stds == gmm.stds[0]).all())
+            and bool((gmm.weights == gmm.weights[0]).all())):
+        raise ValueError("the fixed-point reference needs a ring mixture (GaussianMixture.ring)")
+    return rot.float()
+
+
+@torch.no_grad()
+def fixed_point_distance(student: Student, teacher, gmm, w: float, method: str, n: int = 1000, seed: int = 7,
+                         **solver) -> dict:
+    """Energy distance between the student at guidance w (labels drawn uniformly) and the distribution
+    its objective converges to with the exact CFG teacher (``fixed_points.objective_fixed_point``,
+    solved for class 0 and rotated onto each class). The floor is the distance between two
+    independent solves (other seeds) drawn with the same labels: the reference's own noise.
+    ``cfg_ode`` is the student's distance to the teacher's 64-step CFG samples, for comparison."""
+    from .fixed_points import draw, objective_fixed_point
+
+    with torch.enable_grad():
+        solves = [objective_fixed_point(gmm, teacher.process, 0, w, method=method, seed=seed + i, **solver)
+                  for i in range(2)]
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, gmm.num_components, (n,), generator=g)
+    rots = [_ring_rotation(gmm, k) for k in range(gmm.num_components)]
+
+    def reference(particles, h):
+        x = draw(particles, h, n, g)
+        return torch.stack([rots[int(k)] @ row for k, row in zip(labels, x)])
+
+    refs = [reference(*s) for s in solves]
+    cond, uncond = teacher.encode(labels)
+    z = torch.randn(n, *teacher.sample_shape, generator=g)
+    x = student.sample(z, cond, guidance=w)
+    ode = ode_sample(teacher.denoiser, z, 64, cond, guidance_scale=w, uncond=uncond)
+    return {"energy": energy_distance(x, refs[0]), "floor": energy_distance(refs[1], refs[0]),
+            "cfg_ode": energy_distance(x, ode), "cfg_ode_to_fixed_point": energy_distance(ode, refs[0])}

@@ -7,7 +7,7 @@ below would fail for it. Bounds are the measured values with margin (README, res
 import pytest
 import torch
 
-from stepdistill.testing.oracle_runs import cfg_distance, run_oracle
+from stepdistill.testing.oracle_runs import fixed_point_distance, run_oracle
 
 
 def _eval(student, gmm, n=1000, seed=11):
@@ -55,12 +55,19 @@ def test_sid_alpha_sweep(tmp_path, oracle_cache, alpha):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,extra", [("dmd2_1step.yaml", ["method_args.guidance_scale=2.0"]),
-                                          ("sid_1step.yaml", ["method_args.guidance_mode=lsg",
-                                                              "method_args.guidance_scale=2.0"])])
-def test_conditional_mixture_with_teacher_cfg(tmp_path, oracle_cache, config, extra):
+@pytest.mark.parametrize("config,extra,method,bound,share", [
+    # measured (2000 iterations, VP, w = 2): DMD2 9.3x the floor and 0.21 of the CFG ODE's distance,
+    # SiD-LSG 3.9x and 0.016 (README); the teacher's CFG ODE samples themselves are 44x / 250x
+    ("dmd2_1step.yaml", ["method_args.guidance_scale=2.0"], "dmd", 15.0, 0.4),
+    ("sid_1step.yaml", ["method_args.guidance_mode=lsg", "method_args.guidance_scale=2.0"], "sid", 8.0, 0.1),
+])
+def test_conditional_mixture_with_teacher_cfg(tmp_path, oracle_cache, config, extra, method, bound, share):
+    """With CFG in the real score the student's target is not the teacher's CFG samples but the
+    distribution its objective settles at (stepdistill.testing.fixed_points): the student must land
+    there, and much nearer to it than the teacher's many-step CFG samples are."""
     student, teacher, gmm, _ = run_oracle(config, tmp_path / "run", ["teacher.oracle.conditional=true", *extra],
                                           oracle_cache)
-    d = cfg_distance(student, teacher, gmm, w=2.0)
-    print(config, d)
-    assert d["energy"] < 6.0 * d["floor"], d
+    d = fixed_point_distance(student, teacher, gmm, 2.0, method)
+    print(config, d, d["energy"] / d["floor"], d["energy"] / d["cfg_ode_to_fixed_point"])
+    assert d["energy"] < bound * d["floor"], d
+    assert d["energy"] < share * d["cfg_ode_to_fixed_point"], d
