@@ -48,7 +48,8 @@ def test_score_student_flow(tmp_path, oracle_cache, config, process):
 @pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 1.2])
 def test_sid_alpha_sweep(tmp_path, oracle_cache, alpha):
-    student, teacher, gmm, _ = run_oracle("sid_1step.yaml", tmp_path / "run", [f"method_args.alpha={alpha}"], oracle_cache)
+    student, teacher, gmm, _ = run_oracle("sid_1step.yaml", tmp_path / "run", [f"method_args.alpha={alpha}"],
+                                          oracle_cache)
     ev = _eval(student, gmm)
     print("sid alpha", alpha, ev["energy"], ev["floor"], ev["min_mode_mass"])
     assert ev["energy"] < 6.0 * ev["floor"] and ev["min_mode_mass"] > 0.05, ev

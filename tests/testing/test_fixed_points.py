@@ -15,7 +15,8 @@ FAST = dict(particles=128, reps=4, iters=300)
 
 @pytest.fixture(scope="module")
 def problem():
-    return GaussianMixture.ring(8, 2, 3.0, 0.25), process_from_scheduler_config(DDIMScheduler(beta_schedule="scaled_linear"))
+    gmm = GaussianMixture.ring(8, 2, 3.0, 0.25)  # the oracle configs' mixture and VP schedule
+    return gmm, process_from_scheduler_config(DDIMScheduler(beta_schedule="scaled_linear"))
 
 
 @pytest.mark.parametrize("method", ["dmd", "sid"])
