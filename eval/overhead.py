@@ -93,7 +93,8 @@ def _networks(tr) -> list:
         for value in vars(obj).values() if hasattr(obj, "__dict__") and not isinstance(obj, nn.Module) else []:
             if isinstance(value, Denoiser):
                 nets[id(unwrap(value.model))] = unwrap(value.model)
-            elif hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor)) and type(value).__module__.startswith("stepdistill"):
+            elif (hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor))
+                  and type(value).__module__.startswith("stepdistill")):
                 stack.append(value)
     # a mixture of experts is never called itself: the Denoiser calls its experts
     from stepdistill.nets import PhasedExperts
