@@ -16,3 +16,20 @@ def tiny_pipelines(tmp_path_factory):
     paths["pixel_cls"] = TINY_FAMILIES["pixel"](root / "pixel_cls", num_class_embeds=5)
     paths["sd_v"] = TINY_FAMILIES["sd"](root / "sd_v", prediction_type="v_prediction")
     return paths
+
+
+@pytest.fixture(scope="session")
+def eval_script():
+    """Loads a script under eval/ as a module: ``eval_script("coco30k")``."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "eval"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -1,7 +1,6 @@
 """eval/coco30k.py end to end on a tiny COCO-format fixture: 2 accelerate processes, resume without
 regenerating, metrics equal to independent computations, and each bad input as one clear line."""
 
-import importlib.util
 import json
 import os
 import re
@@ -19,13 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "eval" / "coco30k.py"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no"]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("coco30k", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def _env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-def test_two_processes_then_resume_without_regenerating(fixture, tiny_pipelines, tmp_path):
+def test_two_processes_then_resume_without_regenerating(fixture, tiny_pipelines, tmp_path, eval_script):
     out = tmp_path / "out"
     cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", str(SCRIPT)] + _args(fixture, tiny_pipelines["sd"], out)
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
@@ -92,7 +84,7 @@ def test_two_processes_then_resume_without_regenerating(fixture, tiny_pipelines,
 
     # the same folder with other settings, or a reference made at another eval size, is refused
     # before anything is touched
-    coco = _load_script()
+    coco = eval_script("coco30k")
     assert coco.main(_args(fixture, tiny_pipelines["sd"], out, **{"--seed": "7"})) == 2
     assert coco.main(_args(fixture, tiny_pipelines["sd"], tmp_path / "new", **{"--eval-size": "64",
                                                                                  "--ref-stats": str(out / "ref_stats.npz")})) == 2
@@ -107,8 +99,8 @@ def _one_line_error(capsys) -> str:
     return lines[0]
 
 
-def test_bad_inputs_fail_early_with_one_line(fixture, tiny_pipelines, tmp_path, monkeypatch, capsys):
-    coco = _load_script()
+def test_bad_inputs_fail_early_with_one_line(fixture, tiny_pipelines, tmp_path, monkeypatch, capsys, eval_script):
+    coco = eval_script("coco30k")
     sd = tiny_pipelines["sd"]
     cases = [
         ({"--coco-annotations": str(tmp_path / "missing.json")}, r"--coco-annotations .*missing.json: no such file"),
@@ -142,8 +134,8 @@ def test_bad_inputs_fail_early_with_one_line(fixture, tiny_pipelines, tmp_path, 
     assert not (tmp_path / "o3" / "images").exists()
 
 
-def test_caption_draw_is_seeded_and_plain_caption_files_work(fixture, tmp_path):
-    coco = _load_script()
+def test_caption_draw_is_seeded_and_plain_caption_files_work(fixture, tmp_path, eval_script):
+    coco = eval_script("coco30k")
     ann = fixture["coco"] / "annotations" / "captions_val2014.json"
     a = coco.draw_coco_captions(ann, 4, seed=1)
     assert a == coco.draw_coco_captions(ann, 4, seed=1)
