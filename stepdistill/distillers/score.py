@@ -43,11 +43,16 @@ def student_and_fake(ctx: Context, method: str, opt) -> tuple[Student, Denoiser]
     return make_student(ctx, method, "renoise", student_timesteps(ctx)), make_fake(ctx, opt.fake_lora_rank)
 
 
-def score_times(process, batch: Batch, lo: float, hi: float) -> torch.Tensor:
-    """Times for the score losses: uniform over [lo, hi] of the process's noise range
-    (DMD: t ~ U[0.02 T, 0.98 T])."""
+def score_time_range(process, lo: float, hi: float) -> tuple[float, float]:
+    """The fractions [lo, hi] of the process's noise range as times (DMD: [0.02 T, 0.98 T])."""
     a, b = (0.0, process.t_max) if process.kind == "vp" else (0.0, 1.0)
-    return process.sample_uniform(batch.size, a + lo * (b - a), a + hi * (b - a), generator=batch.generator).to(batch.device)
+    return a + lo * (b - a), a + hi * (b - a)
+
+
+def score_times(process, batch: Batch, lo: float, hi: float) -> torch.Tensor:
+    """Times for the score losses: uniform over :func:`score_time_range`."""
+    return process.sample_uniform(batch.size, *score_time_range(process, lo, hi),
+                                  generator=batch.generator).to(batch.device)
 
 
 def denoising_loss(den: Denoiser, x0: torch.Tensor, cond: Cond | None, t: torch.Tensor, batch: Batch,

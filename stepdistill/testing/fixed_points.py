@@ -22,14 +22,9 @@ import math
 
 import torch
 
+from ..distillers.score import score_time_range
 from ..oracle import GaussianMixture
 from ..process import NoiseProcess
-
-
-def _times(process: NoiseProcess, n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
-    # the score losses' time range (distillers.score.score_times)
-    span = process.t_max if process.kind == "vp" else 1.0
-    return process.sample_uniform(n, lo * span, hi * span, generator=g)
 
 
 def _bandwidth(x: torch.Tensor) -> float:
@@ -53,7 +48,7 @@ def objective_gradient(gmm: GaussianMixture, process: NoiseProcess, x: torch.Ten
     h = _bandwidth(x) if h is None else h
     fake = GaussianMixture(x.detach(), h)
     m = n * reps
-    t = _times(process, m, t_min, t_max, generator)
+    t = process.sample_uniform(m, *score_time_range(process, t_min, t_max), generator=generator)
     a, s = process.alpha_sigma(t)
     xs = (x.detach().repeat(reps, 1) + h * torch.randn(m, d, generator=generator)).requires_grad_(method == "sid")
     x_t = a[:, None] * xs + s[:, None] * torch.randn(m, d, generator=generator)

@@ -109,11 +109,10 @@ def fixed_point_distance(student: Student, teacher, gmm, w: float, method: str, 
                   for i in range(2)]
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, gmm.num_components, (n,), generator=g)
-    rots = [_ring_rotation(gmm, k) for k in range(gmm.num_components)]
+    rots = torch.stack([_ring_rotation(gmm, k) for k in range(gmm.num_components)])[labels]  # (n, d, d)
 
     def reference(particles, h):
-        x = draw(particles, h, n, g)
-        return torch.stack([rots[int(k)] @ row for k, row in zip(labels, x)])
+        return (rots @ draw(particles, h, n, g)[:, :, None]).squeeze(-1)
 
     refs = [reference(*s) for s in solves]
     cond, uncond = teacher.encode(labels)
