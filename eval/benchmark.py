@@ -196,7 +196,7 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
     from stepdistill.shipped import shipped_path
     from stepdistill.state_io import write_json
     from stepdistill.teachers import load_teacher
-    from stepdistill.trainer import Trainer
+    from stepdistill.training import Trainer
 
     configs = {method: mnist_config(method) for method, _ in runs}  # every --runs name checked before any training
     teacher = load_teacher(MNIST_TEACHER)

@@ -211,9 +211,11 @@ def image_path(out: Path, index: int) -> Path:
 def load_pipeline(name: str, dtype: str | None, device):
     from diffusers import DiffusionPipeline
 
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    from stepdistill.config import torch_dtype
+
+    weights_dtype = torch_dtype(dtype)
     try:
-        pipe = DiffusionPipeline.from_pretrained(name, **({"torch_dtype": torch_dtype} if torch_dtype else {}))
+        pipe = DiffusionPipeline.from_pretrained(name, **({"torch_dtype": weights_dtype} if weights_dtype else {}))
     except (OSError, ValueError) as exc:
         raise EvalError(f"--pipeline {name}: could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     if "prompt" not in inspect.signature(pipe.__call__).parameters:

@@ -82,7 +82,7 @@ def _networks(tr) -> list:
     from stepdistill.denoiser import Denoiser, unwrap
 
     nets = {id(m): m for m in tr.teacher.pipeline.components.values() if isinstance(m, nn.Module)}
-    nets.update({id(unwrap(m)): unwrap(m) for m in tr.modules.values()})
+    nets.update({id(unwrap(st.module)): unwrap(st.module) for st in tr.states.values()})
     stack = [tr.distiller]
     seen = set()
     while stack:
@@ -111,7 +111,7 @@ def _networks(tr) -> list:
 def measure(method: str, teacher_path: Path, out_dir: Path, iters: int) -> dict:
     from stepdistill.config import load_config
     from stepdistill.denoiser import unwrap
-    from stepdistill.trainer import Trainer
+    from stepdistill.training import Trainer
 
     family = teacher_path.name
     cfg = load_config(ROOT / "configs" / f"tiny-{family}" / f"{CONFIGS[method]}.yaml",
@@ -121,8 +121,8 @@ def measure(method: str, teacher_path: Path, out_dir: Path, iters: int) -> dict:
     micro = cfg.train.batch_size
 
     def iteration(step):
-        for phase in tr.distiller.phases(step):
-            tr._run_phase(phase, step, micro)
+        for name in tr.distiller.updates(step):
+            tr._update(name, step, micro)
 
     for s in range(3):  # warm-up (also creates lazily built networks: round teachers, stage-2 teachers)
         iteration(s)
@@ -148,7 +148,7 @@ def measure(method: str, teacher_path: Path, out_dir: Path, iters: int) -> dict:
         per_passes.append(replay(list(rec.calls)))
         counts.append(len(rec.calls))
         rec.close()
-        for m in tr.modules.values():
+        for m in (st.module for st in tr.states.values()):
             for p in unwrap(m).parameters():
                 p.grad = None
     tr.accelerator.backward = plain_backward

@@ -18,9 +18,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the key."""
+from .errors import ConfigError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,6 +119,20 @@ def to_dict(obj) -> Any:
 
 def _fail(key: str, msg: str):
     raise ConfigError(f"{key}: {msg}")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")  # the names configs and command lines use for weight dtypes
+
+
+def torch_dtype(name: str | None):
+    """The torch dtype of a precision name in ``PRECISIONS`` (None stays None)."""
+    if name is None:
+        return None
+    import torch
+
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision {name!r} is not one of {list(PRECISIONS)}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 # ------------------------------------------------------------------------------------------------

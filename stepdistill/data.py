@@ -18,13 +18,10 @@ import numpy as np
 import torch
 
 from .denoiser import Cond
+from .errors import DataError
 
 logger = logging.getLogger("stepdistill")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class DataError(ValueError):
-    """A problem with user data; the message names the file."""
 
 
 def stream_seed(*parts: int) -> int:
@@ -126,6 +123,10 @@ def load_images(files: Sequence[Path], size: int, channels: int, skip_bad: bool 
     return torch.stack(out), kept
 
 
+# one-off draws outside the loop (teacher-sample pools, DMD's regression pairs, the GAN head's probe,
+# validation samples) have named streams at negative positions of the (step, rank) space, which loop
+# iterations never reach
+STREAMS = {"pool": -1, "gan_probe": -3, "regression_pairs": -7, "validation": -10**9}
 PROMPT_CACHE_LIMIT = 512  # prompt lists up to this many distinct prompts are encoded once, at start
 
 
@@ -178,6 +179,11 @@ class BatchSource:
             rows, table, empty = self._encoded
             cond, uncond = table[rows[idx]].to(self.device), empty.to(self.device).expand_to(n)
         return cond, uncond, None, prompts
+
+    def draw(self, stream: str, size: int, index: int = 0) -> Batch:
+        """A batch of the named one-off stream (``STREAMS``; rank 0's, so every rank draws the same);
+        ``index`` moves along a stream that is drawn in several pieces."""
+        return self.batch(STREAMS[stream] - index, 0, size)
 
     def batch(self, step: int, rank: int, size: int, micro: int = 0) -> Batch:
         g = self.generator(step, rank, micro)

@@ -30,14 +30,12 @@ from pathlib import Path
 
 import torch
 
+from .config import PRECISIONS, torch_dtype
+from .errors import ExportError, InputError
 from .generator import SPEC_FILE, Student, StudentSpec
 
 SAMPLING_FILE = "stepdistill_sampling.json"
 UNCONDITIONAL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
-
-
-class ExportError(ValueError):
-    """A student, run or destination that cannot be exported; the message names it."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +156,7 @@ def _resolve_source(source: Path, use_ema: bool) -> tuple[Path, dict | None]:
     if not (folder / SPEC_FILE).is_file():
         if use_ema and (source / "student" / SPEC_FILE).is_file():
             raise ExportError(f"run '{source}' has no student_ema/: it was trained without train.ema_decay")
-        from .trainer import list_checkpoints
+        from .training.checkpoints import list_checkpoints
 
         ckpts = list_checkpoints(source)
         last = ckpts[-1].name if ckpts else "none"
@@ -228,7 +226,7 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     """Write the pipeline folder ``out`` (which must not exist yet) and return it."""
     from diffusers import DiffusionPipeline
 
-    from .teachers import _resolve_path, find_denoiser
+    from .teachers import find_denoiser, resolve_teacher_path
 
     source, out = Path(source), Path(out)
     if out.exists():
@@ -243,7 +241,7 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
         teacher = tcfg.get("path")
         if teacher is None:
             raise ExportError(f"'{folder}' has no run config naming its teacher; pass the teacher (--teacher)")
-    pipe = DiffusionPipeline.from_pretrained(_resolve_path(teacher), torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(resolve_teacher_path(teacher), torch_dtype=dtype)
     component, _ = find_denoiser(pipe)
     student = Student.load(folder)
     model = student.model.to(dtype) if dtype is not None else student.model
@@ -281,14 +279,12 @@ def main(argv=None) -> int:
     p.add_argument("--ema", action="store_true", help="export student_ema/ instead of student/")
     p.add_argument("--lora", action="store_true", help="also write the LoRA adapters for pipe.load_lora_weights")
     p.add_argument("--teacher", default=None, help="teacher pipeline folder or hub id (default: the run's)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights dtype (default: as trained)")
+    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="weights dtype (default: as trained)")
     args = p.parse_args(argv)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
-    from .teachers import TeacherLoadError
-
     try:
-        out = export(args.source, args.out, teacher=args.teacher, use_ema=args.ema, lora=args.lora, dtype=dtype)
-    except (ExportError, TeacherLoadError, FileNotFoundError) as exc:
+        out = export(args.source, args.out, teacher=args.teacher, use_ema=args.ema, lora=args.lora,
+                     dtype=torch_dtype(args.dtype))
+    except (InputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"pipeline written to {out}; sample with {json.dumps(sampling_kwargs(out))}")

@@ -141,6 +141,25 @@ def save_lora_adapters(model: nn.Module, folder: str | Path) -> bool:
     return True
 
 
+def fused_copy(model: nn.Module) -> nn.Module:
+    """The model as a plain diffusers model: a LoRA model (or per-phase experts with LoRA) is copied
+    with its adapters merged into the base weights (peft through diffusers' PeftAdapterMixin); anything
+    else is returned as it is."""
+
+    def networks(m):  # a student network, or the experts of a PhasedExperts student
+        return [unwrap(e) for e in m.experts] if hasattr(m, "experts") else [m]
+
+    model = unwrap(model)
+    if not any(getattr(m, "peft_config", None) for m in networks(model)):
+        return model
+    fused = copy.deepcopy(model)
+    for m in networks(fused):
+        if getattr(m, "peft_config", None):
+            m.fuse_lora()
+            m.unload_lora()
+    return fused
+
+
 class Student:
     """A trainable denoiser and the schedule it samples with."""
 

@@ -3,7 +3,7 @@
 One object owns alpha_t, sigma_t, SNR, the conversions between prediction parameterisations and
 the deterministic ODE step, so that no other module computes them (k-diffusion's rule).
 
-Time conventions (DESIGN.md):
+Time conventions (docs/ARCHITECTURE.md):
 - ``VPProcess``: diffusers integer timesteps 0..T-1 (T = ``num_train_timesteps``). Non-integer times
   interpolate log(alphas_cumprod) linearly, so integer times are exact. ``t = -1`` is the clean end
   (alpha = 1, sigma = 0), matching DDIM's ``set_alpha_to_one`` final step.
@@ -23,8 +23,9 @@ import torch
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
 
 
-def _bcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a per-sample coefficient of shape (B,) or () against a (B, ...) tensor."""
+def per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample coefficient of shape (B,) or () in ``like``'s dtype and device, shaped to broadcast
+    against the (B, ...) tensor ``like``."""
     coef = coef.to(device=like.device, dtype=like.dtype)
     if coef.ndim == 0:
         return coef
@@ -72,14 +73,14 @@ class NoiseProcess:
     # -- forward process --------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         a, s = self.alpha_sigma(t)
-        return _bcast(a, x0) * x0 + _bcast(s, x0) * eps
+        return per_sample(a, x0) * x0 + per_sample(s, x0) * eps
 
     # -- conversions ------------------------------------------------------------------------------
     def to_x0_eps(self, pred: torch.Tensor, x_t: torch.Tensor, t, pred_type: str | None = None):
         """(x0, eps) implied by a prediction of ``pred_type`` at (x_t, t)."""
         pred_type = pred_type or self.prediction_type
         a, s = self.alpha_sigma(t)
-        a, s = _bcast(a, x_t), _bcast(s, x_t)
+        a, s = per_sample(a, x_t), per_sample(s, x_t)
         if pred_type == "epsilon":
             return (x_t - s * pred) / a, pred
         if pred_type == "sample":
@@ -100,7 +101,7 @@ class NoiseProcess:
             return x0
         if pred_type == "v_prediction":
             a, s = self.alpha_sigma(t)
-            return _bcast(a, x0) * eps - _bcast(s, x0) * x0
+            return per_sample(a, x0) * eps - per_sample(s, x0) * x0
         if pred_type == "flow":
             return eps - x0
         raise ValueError(f"unknown prediction type {pred_type!r}; expected one of {PREDICTION_TYPES}")
@@ -117,8 +118,8 @@ class NoiseProcess:
         x0 prediction at (x_t, t). Under flow matching this is exactly the Euler step."""
         a_t, s_t = self.alpha_sigma(t)
         a_s, s_s = self.alpha_sigma(s)
-        eps = (x_t - _bcast(a_t, x_t) * x0) / _bcast(s_t, x_t)
-        return _bcast(a_s, x_t) * x0 + _bcast(s_s, x_t) * eps
+        eps = (x_t - per_sample(a_t, x_t) * x0) / per_sample(s_t, x_t)
+        return per_sample(a_s, x_t) * x0 + per_sample(s_s, x_t) * eps
 
     # -- timestep sampling ------------------------------------------------------------------------
     def sample_uniform(self, n: int, lo: float, hi: float, generator=None, device=None) -> torch.Tensor:
@@ -272,4 +273,5 @@ __all__ = [
     "FlowProcess",
     "process_from_scheduler_config",
     "truncated_snr_weight",
+    "per_sample",
 ]

@@ -17,14 +17,11 @@ import torch
 from torch import nn
 
 from .denoiser import Cond, Denoiser, MODEL_ADAPTERS, find_adapter, unwrap
+from .errors import TeacherLoadError
 from .process import NoiseProcess, process_from_scheduler_config
 
 DENOISER_COMPONENTS = ("unet", "transformer")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
-
-
-class TeacherLoadError(ValueError):
-    """A teacher path or pipeline that cannot be used; the message names it."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +168,8 @@ class Teacher:
                    null_label=gmm.num_components)
 
 
-def _resolve_path(path: str | os.PathLike) -> str:
+def resolve_teacher_path(path: str | os.PathLike) -> str:
+    """A local pipeline folder (checked to hold model_index.json), a shipped teacher's folder, or a hub id."""
     from .shipped import is_shipped, shipped_path
 
     if is_shipped(path):  # stepdistill:<name>, a teacher this project ships
@@ -221,7 +219,7 @@ def load_teacher(
     ``num_embeds_ada_norm``)."""
     from diffusers import DiffusionPipeline
 
-    src = _resolve_path(path)
+    src = resolve_teacher_path(path)
     try:
         pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=dtype, trust_remote_code=allow_remote_code)
     except Exception as exc:  # diffusers / hub errors are long; name the path and keep the cause

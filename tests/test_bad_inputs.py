@@ -11,7 +11,8 @@ from PIL import Image
 from stepdistill.config import ConfigError, load_config
 from stepdistill.data import DataError, list_images, load_images, read_prompts
 from stepdistill.teachers import TeacherLoadError
-from stepdistill.trainer import MANIFEST, Trainer, list_checkpoints
+from stepdistill.training import Trainer, list_checkpoints
+from stepdistill.training.checkpoints import MANIFEST
 
 ORACLE = ["method=progressive", "teacher.oracle.components=4", "teacher.oracle.network_steps=50", "train.batch_size=8",
           "train.report_to=none", "train.progress=false", "train.num_validation=8", "train.validate_every=1000"]

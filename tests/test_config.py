@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from stepdistill.config import ConfigError, load_config
-from stepdistill.trainer import validate_inputs
+from stepdistill.training import validate_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -76,7 +76,7 @@ def test_shipped_teacher_is_a_diffusers_pipeline_and_is_good(evaluator, teacher)
 def test_dmd2_150_steps_beat_one_step_ddim(evaluator, teacher, tmp_path):
     from stepdistill.config import load_config
     from stepdistill.generator import Student
-    from stepdistill.trainer import Trainer
+    from stepdistill.training import Trainer
 
     cfg = load_config(ROOT / "configs" / "digits8" / "dmd2_1step.yaml",
                       [f"teacher.path={DIGITS8 / 'teacher'}", f"train.output_dir={tmp_path / 'run'}",
@@ -94,7 +94,7 @@ def test_dmd2_150_steps_beat_one_step_ddim(evaluator, teacher, tmp_path):
 
 
 def test_ill_conditioned_epsilon_start_is_warned(teacher):
-    from stepdistill.distillers.base import ill_conditioned_start
+    from stepdistill.distillers.common import ill_conditioned_start
 
     proc = teacher.denoiser.process  # linear betas: alpha_bar(999) = 4e-5
     msg = ill_conditioned_start(proc, "epsilon", 999)

@@ -141,7 +141,7 @@ def test_lora_run_exports_fused_and_as_lora_file(tmp_path, tiny_pipelines):
     from diffusers import DiffusionPipeline
 
     from stepdistill.config import load_config
-    from stepdistill.trainer import Trainer
+    from stepdistill.training import Trainer
 
     run = tmp_path / "run"
     cfg = load_config(ROOT / "configs" / "tiny-sd" / "dmd2_4step.yaml",
@@ -173,7 +173,7 @@ def test_train_export_writes_the_pipeline_at_the_end_and_checks_first(tmp_path, 
     from diffusers import DiffusionPipeline
 
     from stepdistill.config import ConfigError, load_config
-    from stepdistill.trainer import Trainer
+    from stepdistill.training import Trainer
 
     run = tmp_path / "run"
     common = [f"teacher.path={tiny_pipelines['sd']}", "train.max_steps=2", "train.report_to=none", "train.progress=false",

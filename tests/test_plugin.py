@@ -10,7 +10,9 @@ PLUGIN = textwrap.dedent('''
 
     import torch
 
-    from stepdistill.distillers.base import Trainable, make_student, mse
+    from stepdistill.distillers import Distiller
+    from stepdistill.distillers.common import make_student, student_trainable
+    from stepdistill.distillers.losses import mse
 
 
     @dataclass
@@ -18,24 +20,20 @@ PLUGIN = textwrap.dedent('''
         lr: float = 1e-3
 
 
-    class OneStepRegression:
+    class OneStepRegression(Distiller):
         """Regress the student's x0 at t_max onto the teacher's: a toy method from outside the package."""
 
         Options = Options
         calls = 0
 
         def __init__(self, ctx, options):
-            self.ctx, self.opt = ctx, options
+            super().__init__(ctx, options)
             self.student = make_student(ctx, "toy", "deterministic", [ctx.init.process.t_max])
 
         def trainables(self):
-            return {"student": Trainable(self.student.model, self.opt.lr,
-                                         lambda m: setattr(self.student.denoiser, "model", m), is_student=True)}
+            return {"student": student_trainable(self.student, self.opt.lr)}
 
-        def phases(self, step):
-            return ["student"]
-
-        def step(self, batch, step, phase):
+        def loss(self, batch, iteration, update):
             type(self).calls += 1
             proc = self.student.process
             t = torch.full((batch.size,), proc.t_max)
@@ -51,7 +49,7 @@ def test_dotted_path_plugin_trains(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     from stepdistill.config import load_config
     from stepdistill.generator import Student
-    from stepdistill.trainer import Trainer
+    from stepdistill.training import Trainer
 
     cfg = load_config(None, ["method=my_plugin:OneStepRegression", "teacher.oracle.components=4",
                              "teacher.oracle.network_steps=50", f"train.output_dir={tmp_path}/run", "train.max_steps=5",

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from stepdistill.config import ConfigError, load_config
 from stepdistill.state_io import load_state, save_state
-from stepdistill.trainer import NonFiniteError, Trainer, checkpoint_problem, config_changes, list_checkpoints
+from stepdistill.errors import NonFiniteError
+from stepdistill.training import Trainer, checkpoint_problem, config_changes, list_checkpoints
 from test_train_e2e import _state_files  # tests/ is on sys.path (pytest's rootdir-based import)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +132,7 @@ def test_safe_changes_are_allowed_and_logged(tmp_path, caplog):
     assert "method_args.lr: 0.0001 -> 0.0005" in caplog.text and "train.max_steps: 2 -> 4" in caplog.text
     import math
 
-    lr = trainer.optimizers["student"].param_groups[0]["lr"]
+    lr = trainer.states["student"].optimizer.param_groups[0]["lr"]
     assert lr == pytest.approx(5e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))  # new base lr, position kept
 
 
@@ -143,19 +144,19 @@ def test_learning_rate_schedules_follow_the_loop_step_for_every_trainable(tmp_pa
                                   "train.lr_schedule=linear", "method_args.fake_updates=3", "method_args.lr=1e-3",
                                   "method_args.fake_lr=2e-3", method="dmd2"))
     seen = []
-    step_once = trainer._run_phase
+    update_once = trainer._update
 
-    def spy(phase, step, micro):
-        seen.append((phase, {n: o.param_groups[0]["lr"] for n, o in trainer.optimizers.items()}))
-        return step_once(phase, step, micro)
+    def spy(name, iteration, micro):
+        seen.append((name, {n: st.optimizer.param_groups[0]["lr"] for n, st in trainer.states.items()}))
+        return update_once(name, iteration, micro)
 
-    trainer._run_phase = spy
+    trainer._update = spy
     trainer.fit()
     assert [p for p, _ in seen].count("student") == 2 and [p for p, _ in seen].count("fake") == 6
     fake_lrs = [lrs["fake"] for p, lrs in seen if p == "fake"]
     assert fake_lrs == pytest.approx([2e-3 * (1 - k / 6) for k in range(6)])
     assert all(lrs["student"] == pytest.approx(lrs["fake"] / 2) for _, lrs in seen)
-    assert all(o.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12) for o in trainer.optimizers.values())
+    assert all(st.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12) for st in trainer.states.values())
 
 
 def test_config_changes_classifies_keys():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill.trainer import list_checkpoints
+from stepdistill.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
@@ -138,7 +138,7 @@ def test_resume_after_interruption_is_exact(tmp_path, tiny_pipelines, config, ex
     r = launch(cfg, common + [f"train.output_dir={full}"], python=True)
     assert r.returncode == 0, r.stderr[-3000:]
     cmd = common + [f"train.output_dir={split}"]
-    r = launch(cfg, cmd, python=True, env=_env(STEPDISTILL_STOP_AFTER="4"))
+    r = launch(cfg, ["--stop-after", "4", *cmd], python=True)
     assert r.returncode == 3, r.stderr[-3000:]
     assert (split / "checkpoints" / "checkpoint-4" / "manifest.json").is_file() and not (split / "student").exists()
     r = launch(cfg, cmd, python=True)  # the same command again

@@ -25,7 +25,10 @@ import torch
 
 from ..data import Batch
 from ..generator import signal_prediction
-from .base import Context, Trainable, make_student, mse, register_method, student_trainable, teacher_x0
+from ..process import per_sample
+from .base import Context, Distiller, Trainable
+from .common import make_student, student_trainable
+from .losses import guided_x0, mse
 
 
 @dataclass
@@ -40,15 +43,14 @@ class BootOptions:
             raise ValueError(f"method_args.grid_steps must be >= 1, got {self.grid_steps}")
 
 
-@register_method("boot")
-class Boot:
+class Boot(Distiller):
+    name = "boot"
     Options = BootOptions
-    TRAINABLES = ("student",)
 
     def __init__(self, ctx: Context, options: BootOptions):
         if ctx.config.student.num_steps != 1:
             raise ValueError("method boot: the BOOT student samples in one step; set student.num_steps=1")
-        self.ctx, self.opt = ctx, options
+        super().__init__(ctx, options)
         proc = ctx.init.process
         self.grid = proc.sampling_times(options.grid_steps)  # t_max ... t_clean
         self.student = make_student(ctx, "boot", "signal", [proc.t_clean])
@@ -56,33 +58,30 @@ class Boot:
     def trainables(self) -> dict[str, Trainable]:
         return {"student": student_trainable(self.student, self.opt.lr)}
 
-    def phases(self, step: int) -> list[str]:
-        return ["student"]
-
     def _signal(self, x, eps, t):
         a, s = self.student.process.alpha_sigma(t)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        return (x - s.reshape(shape).to(x) * eps) / a.reshape(shape).to(x)
+        return (x - per_sample(s, x) * eps) / per_sample(a, x)
 
-    def step(self, batch: Batch, step: int, phase: str) -> dict:
-        proc, student, teacher = self.student.process, self.student.denoiser, self.ctx.teacher.denoiser
+    def x0(self, x_t, t, batch: Batch):
+        """The teacher's x0, with CFG when ``guidance_scale`` is set."""
+        return guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
+
+    def loss(self, batch: Batch, iteration: int, update: str) -> dict:
+        proc, student = self.student.process, self.student.denoiser
         b = batch.size
         eps = batch.randn(b, *self.ctx.teacher.sample_shape)
-        gs = self.opt.guidance_scale
         # boundary condition at t = T
         t_max = self.grid[0].expand(b)
         with torch.no_grad():
-            y_T = teacher_x0(teacher, eps * proc.sigma(t_max).reshape(-1, *[1] * (eps.ndim - 1)).to(eps), t_max, batch, gs)
+            y_T = self.x0(eps * per_sample(proc.sigma(t_max), eps), t_max, batch)
         loss_bc = mse(signal_prediction(student, eps, t_max, batch.cond), y_T)
         # bootstrapping between neighbouring grid times
         i = torch.randint(0, len(self.grid) - 1, (b,), generator=batch.generator)
         t, s = self.grid[i], self.grid[i + 1]
         with torch.no_grad():
             y_t = signal_prediction(student, eps, t, batch.cond)
-            a_t, s_t = proc.alpha_sigma(t)
-            shape = (-1,) + (1,) * (eps.ndim - 1)
-            x_t = a_t.reshape(shape).to(eps) * y_t + s_t.reshape(shape).to(eps) * eps
-            x_s = proc.ode_step(x_t, teacher_x0(teacher, x_t, t, batch, gs), t, s)
+            x_t = proc.add_noise(y_t, eps, t)
+            x_s = proc.ode_step(x_t, self.x0(x_t, t, batch), t, s)
             target = self._signal(x_s, eps, s)
             lam = lambda tt: -proc.log_snr(tt) / 2  # noqa: E731  (lambda_t = -log(alpha_t / sigma_t))
             s_clamped = s.clamp(min=proc.t_clean + 1e-3) if proc.kind == "flow" else s

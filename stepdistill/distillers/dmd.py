@@ -25,18 +25,16 @@ from torch import nn
 from ..data import Batch
 from ..denoiser import Cond, feature_module, unwrap
 from ..sampling import ode_sample
-from .base import Context, Trainable, mse, register_method, teacher_x0
-from .score import FakeScoreOptions, denoising_loss, generator_rollout, score_phases, score_times, student_and_fake, \
-    score_trainables
+from .base import Context, Trainable
+from .losses import denoising_loss, gradient_matching_loss, guided_x0, mse, per_sample_mean_abs
+from .score import FakeScoreOptions, ScoreDistiller, score_times
 
 
 def dm_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
     """DMD eq. 7-8 with the per-sample normaliser; x0_real, x0_fake carry no grad."""
     p_real = x - x0_real
     p_fake = x - x0_fake
-    norm = p_real.abs().flatten(1).mean(1).clamp(min=1e-8).reshape(-1, *[1] * (x.ndim - 1))
-    grad = torch.nan_to_num((p_real - p_fake) / norm)
-    return 0.5 * (x - (x - grad).detach()).pow(2).mean()
+    return gradient_matching_loss(x, (p_real - p_fake) / per_sample_mean_abs(p_real, 1e-8))
 
 
 @dataclass
@@ -59,43 +57,31 @@ class DMD2Options(FakeScoreOptions):
     fake_guidance_scale: float | None = None  # CFG of the fake score (None: conditional prediction only)
 
 
-class DMDBase:
-    TRAINABLES = ("student", "fake")
+class DMDBase(ScoreDistiller):
+    """What DMD and DMD2 share: the distribution-matching loss and the fake score's denoising loss."""
 
-    def __init__(self, ctx: Context, opt):
-        self.ctx, self.opt = ctx, opt
-        self.student, self.fake = student_and_fake(ctx, self.name, opt)
-
-    def trainables(self) -> dict[str, Trainable]:
-        return score_trainables(self.student, self.fake, self.opt)
-
-    def phases(self, step: int) -> list[str]:
-        return score_phases(step, self.opt)
-
-    def fake_cfg(self, x_t, t, batch: Batch) -> torch.Tensor:
-        gs = getattr(self.opt, "fake_guidance_scale", None)
-        return teacher_x0(self.fake, x_t, t, batch, gs)
+    fake_guidance_scale: float | None = None  # CFG of the fake score in the DM loss (DMD2 has an option)
 
     def distribution_matching(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         proc = self.student.process
         t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
         with torch.no_grad():
             x_t = proc.add_noise(x, batch.randn(*x.shape), t)
-            x0_real = teacher_x0(self.ctx.teacher.denoiser, x_t, t, batch, self.opt.guidance_scale)
-            x0_fake = self.fake_cfg(x_t, t, batch)
+            x0_real = guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
+            x0_fake = guided_x0(self.fake, x_t, t, batch.cond, batch.uncond, self.fake_guidance_scale)
         return dm_loss(x, x0_real, x0_fake)
 
     def fake_loss(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            x, _ = generator_rollout(self.student, batch, self.ctx.teacher.sample_shape, grad=False)
+            x, _ = self.sample(batch, grad=False)
         t = score_times(self.student.process, batch, 0.0, 1.0)
         return denoising_loss(self.fake, x, batch.cond, t, batch)
 
 
-@register_method("dmd")
 class DMD(DMDBase):
     """One-step DMD: distribution matching plus the regression loss on cached teacher ODE pairs."""
 
+    name = "dmd"
     Options = DMDOptions
 
     def __init__(self, ctx: Context, options: DMDOptions):
@@ -111,7 +97,7 @@ class DMD(DMDBase):
         if path.is_file():
             return torch.load(path, weights_only=True)
         src, n = self.ctx.source, self.opt.regression_pairs
-        b = src.batch(step=-7, rank=0, size=n)
+        b = src.draw("regression_pairs", n)
         noise = b.randn(n, *self.ctx.teacher.sample_shape)
         gs = self.opt.guidance_scale if b.uncond is not None else None
         x = torch.cat([ode_sample(self.ctx.teacher.denoiser, noise[i:i + 256], self.opt.regression_steps,
@@ -126,10 +112,10 @@ class DMD(DMDBase):
             tmp.replace(path)
         return pairs
 
-    def step(self, batch: Batch, step: int, phase: str) -> dict:
-        if phase == "fake":
+    def loss(self, batch: Batch, iteration: int, update: str) -> dict:
+        if update == "fake":
             return {"loss": self.fake_loss(batch)}
-        x, _ = generator_rollout(self.student, batch, self.ctx.teacher.sample_shape, grad=True)
+        x, _ = self.sample(batch, grad=True)
         loss_dm = self.distribution_matching(x, batch)
         # regression on the cached pairs (eq. 9)
         idx = torch.randint(0, len(self.pairs["noise"]), (batch.size,), generator=batch.generator)
@@ -184,14 +170,15 @@ class _Features:
             self.value = output[-1] if isinstance(output, tuple) else output  # SD3 blocks: (text, image)
 
 
-@register_method("dmd2")
 class DMD2(DMDBase):
     """DMD2: DM loss, TTUR, optional GAN head, one- or few-step generators (backward simulation)."""
 
+    name = "dmd2"
     Options = DMD2Options
 
     def __init__(self, ctx: Context, options: DMD2Options):
         super().__init__(ctx, options)
+        self.fake_guidance_scale = options.fake_guidance_scale
         self.head = None
         if options.gan:
             if ctx.source.x0_data is None and ctx.source.oracle is None:
@@ -199,7 +186,7 @@ class DMD2(DMDBase):
             self.features = _Features(feature_module(unwrap(self.fake.model)))
             with torch.no_grad():
                 probe = torch.zeros(1, *ctx.teacher.sample_shape, device=ctx.device)
-                b = ctx.source.batch(step=-3, rank=0, size=1)
+                b = ctx.source.draw("gan_probe", 1)
                 feats = self._fake_features(probe, torch.full((1,), self.fake.process.t_max / 2, device=ctx.device), b)
             self.head = GANHead(tuple(feats.shape[1:])).to(ctx.device)
             self.fake_bundle = nn.ModuleDict({"net": self.fake.model, "head": self.head})
@@ -225,14 +212,13 @@ class DMD2(DMDBase):
         x_t = proc.add_noise(x, batch.randn(*x.shape), t)
         return self.head(self._fake_features(x_t, t, batch))
 
-    def step(self, batch: Batch, step: int, phase: str) -> dict:
-        shape = self.ctx.teacher.sample_shape
-        if phase == "fake":
+    def loss(self, batch: Batch, iteration: int, update: str) -> dict:
+        if update == "fake":
             loss = self.fake_loss(batch)
             out = {"denoise": loss.detach()}
             if self.head is not None:
                 with torch.no_grad():
-                    x, _ = generator_rollout(self.student, batch, shape, grad=False)
+                    x, _ = self.sample(batch, grad=False)
                 real = batch.x0  # real data for this batch (images folder or the oracle)
                 d_fake = self._logits(x, batch)
                 d_real = self._logits(real, batch)
@@ -241,7 +227,7 @@ class DMD2(DMDBase):
                 out["gan_disc"] = loss_d.detach()
             out["loss"] = loss
             return out
-        x, k = generator_rollout(self.student, batch, shape, grad=True)
+        x, k = self.sample(batch, grad=True)
         loss = self.distribution_matching(x, batch)
         out = {"dm": loss.detach()}
         if self.head is not None:

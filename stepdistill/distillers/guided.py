@@ -21,8 +21,11 @@ import torch
 from ..data import Batch
 from ..denoiser import W_CONDITIONED, unwrap
 from ..process import truncated_snr_weight
-from .base import Context, SamplePool, Trainable, frozen_copy, make_student, mse, register_method, student_trainable, x0_source
+from .base import Context, Distiller, Trainable
+from .common import SamplePool, frozen_copy, make_student, student_trainable, x0_source
+from .losses import mse
 from .progressive import ProgressiveCore, ProgressiveOptions, RoundSchedule
+from .score import score_time_range
 
 
 @dataclass
@@ -42,10 +45,9 @@ class GuidedOptions:
             raise ValueError(f"method_args.sample_guidance ({self.sample_guidance}) must lie in [w_min, w_max]")
 
 
-@register_method("guided")
-class Guided:
+class Guided(Distiller):
+    name = "guided"
     Options = GuidedOptions
-    TRAINABLES = ("student",)
 
     def __init__(self, ctx: Context, options: GuidedOptions):
         if not ctx.teacher.conditional:
@@ -53,7 +55,7 @@ class Guided:
         name = type(unwrap(ctx.init.model)).__name__
         if name not in W_CONDITIONED:
             raise ValueError(f"method guided: {name} has no guidance-scale input; supported: {sorted(W_CONDITIONED)}")
-        self.ctx, self.opt = ctx, options
+        super().__init__(ctx, options)
         proc = ctx.init.process
         final = ctx.config.student.num_steps
         self.student = make_student(ctx, "guided", "deterministic", proc.grid(final).tolist(),
@@ -74,9 +76,6 @@ class Guided:
     def trainables(self) -> dict[str, Trainable]:
         return {"student": student_trainable(self.student, self.opt.lr)}
 
-    def phases(self, step: int) -> list[str]:
-        return ["student"]
-
     def _stage2(self) -> ProgressiveCore:
         if self.stage2 is None:
             # stage 1's student, frozen, is the w-conditioned teacher of the progressive rounds
@@ -84,14 +83,15 @@ class Guided:
                                           self.opt.progressive, (self.opt.w_min, self.opt.w_max))
         return self.stage2
 
-    def step(self, batch: Batch, step: int, phase: str) -> dict:
-        if step >= self.opt.stage1_steps:
-            out = self._stage2().loss(batch, step, self.pool, None)
+    def loss(self, batch: Batch, iteration: int, update: str) -> dict:
+        if iteration >= self.opt.stage1_steps:
+            out = self._stage2().loss(batch, iteration, self.pool, None)
             out["stage"] = torch.tensor(2.0)
             return out
         proc = self.student.process
         x0, cond, uncond = x0_source(self.opt.x_source, batch, self.pool)
-        t = proc.sample_uniform(batch.size, max(proc.t_clean, 0.0) if proc.kind == "vp" else 1e-3, proc.t_max,
+        lo, hi = score_time_range(proc, 0.0, 1.0)  # the whole range (flow: from 1e-3, off the clean end)
+        t = proc.sample_uniform(batch.size, lo if proc.kind == "vp" else 1e-3, hi,
                                 generator=batch.generator).to(batch.device)
         z = proc.add_noise(x0, batch.randn(*x0.shape), t)
         w = self.opt.w_min + (self.opt.w_max - self.opt.w_min) * batch.rand(batch.size)

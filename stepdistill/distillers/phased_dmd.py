@@ -37,8 +37,11 @@ import torch
 
 from ..data import Batch
 from ..denoiser import unwrap
-from .base import Context, Trainable, make_student, mse, register_method, student_timesteps, student_trainable, teacher_x0
-from .score import FakeScoreOptions, make_fake
+from ..process import per_sample
+from .base import Context, Distiller, Trainable
+from .common import make_student, student_timesteps, student_trainable
+from .losses import gradient_matching_loss, guided_x0, mse, per_sample_mean_abs
+from .score import FakeScoreOptions, make_fake, score_time_range
 
 logger = logging.getLogger("stepdistill")
 
@@ -53,13 +56,12 @@ class PhasedDMDOptions(FakeScoreOptions):
     reset_fake: bool = True  # re-initialise the fake score from the teacher at each phase start
 
 
-@register_method("phased_dmd")
-class PhasedDMD:
+class PhasedDMD(Distiller):
+    name = "phased_dmd"
     Options = PhasedDMDOptions
-    TRAINABLES = None  # the student's trainables are named per phase with experts (expert0, expert1, ...)
 
     def __init__(self, ctx: Context, options: PhasedDMDOptions):
-        self.ctx, self.opt = ctx, options
+        super().__init__(ctx, options)
         proc = ctx.init.process
         times = student_timesteps(ctx)
         self.student = make_student(ctx, "phased_dmd", "deterministic", times, experts=options.experts)
@@ -79,6 +81,13 @@ class PhasedDMD:
         self._fake_init = {k: v.detach().clone() for k, v in unwrap(self.fake.model).state_dict().items()}
 
     # -- what trains when ---------------------------------------------------------------------------
+    @classmethod
+    def trainable_names(cls, config, options) -> list[str]:
+        """With experts, one student trainable per phase (expert0, expert1, ...), then the fake score."""
+        if not options.experts:
+            return ["student", "fake"]
+        return [f"expert{k}" for k in range(config.student.num_steps)] + ["fake"]
+
     def trainables(self) -> dict[str, Trainable]:
         fake = {"fake": Trainable(self.fake.model, self.opt.fake_lr, lambda m: setattr(self.fake, "model", m))}
         if not self.opt.experts:
@@ -91,19 +100,19 @@ class PhasedDMD:
         return {**{f"expert{k}": Trainable(experts[k], self.opt.lr, put(k), is_student=True) for k in range(self.k)},
                 **fake}
 
-    def _phase_of(self, step: int) -> int:
-        return min(step // self.per_phase, self.k - 1)
+    def _phase_of(self, iteration: int) -> int:
+        return min(iteration // self.per_phase, self.k - 1)
 
-    def phases(self, step: int) -> list[str]:
+    def updates(self, iteration: int) -> list[str]:
         """The current phase's expert every ``fake_updates`` iterations, then the fake score."""
-        k = self._phase_of(step)
+        k = self._phase_of(iteration)
         gen = f"expert{k}" if self.opt.experts else "student"
-        return ([gen] if step % self.opt.fake_updates == 0 else []) + ["fake"]
+        return ([gen] if iteration % self.opt.fake_updates == 0 else []) + ["fake"]
 
-    def fresh_optimizers(self, step: int) -> list[str]:
+    def reinitialised(self, iteration: int) -> list[str]:
         """At a phase's first iteration the fake score is re-initialised from the teacher ("rather than
         from the model of the preceding phase"), and its optimiser state with it."""
-        k = self._phase_of(step)
+        k = self._phase_of(iteration)
         if k == self.phase:
             return []
         self.phase = k
@@ -132,9 +141,9 @@ class PhasedDMD:
     def _sub_times(self, batch: Batch, s: torch.Tensor) -> torch.Tensor:
         """t uniform in (s, t_max] of the score range: every phase reaches up to the highest noise."""
         proc = self.student.process
-        hi = proc.t_max * self.opt.t_max if proc.kind == "vp" else self.opt.t_max
-        lo = float(s) + (hi - float(s)) * 0.02 if float(s) > proc.t_clean else (proc.t_max * self.opt.t_min
-                                                                               if proc.kind == "vp" else self.opt.t_min)
+        lo, hi = score_time_range(proc, self.opt.t_min, self.opt.t_max)
+        if float(s) > proc.t_clean:  # an inner boundary: from just above s
+            lo = float(s) + (hi - float(s)) * 0.02
         return proc.sample_uniform(batch.size, lo, hi, generator=batch.generator).to(batch.device)
 
     def _kernel(self, t: torch.Tensor, s: torch.Tensor, like: torch.Tensor):
@@ -144,13 +153,12 @@ class PhasedDMD:
         a_s, s_s = proc.alpha_sigma(s.expand_as(t))
         a_ts = a_t / a_s
         var = (s_t**2 - a_ts**2 * s_s**2).clamp(min=1e-8)
-        shape = (-1,) + (1,) * (like.ndim - 1)
-        return a_ts.reshape(shape).to(like), var.sqrt().reshape(shape).to(like), s_t.reshape(shape).to(like)
+        return per_sample(a_ts, like), per_sample(var.sqrt(), like), per_sample(s_t, like)
 
-    def step(self, batch: Batch, step: int, phase: str) -> dict:
-        k = self._phase_of(step)
+    def loss(self, batch: Batch, iteration: int, update: str) -> dict:
+        k = self._phase_of(iteration)
         s = self.bounds[k + 1]
-        if phase == "fake":
+        if update == "fake":
             with torch.no_grad():
                 x_s, _ = self._phase_output(batch, k, grad=False)
             t = self._sub_times(batch, s)
@@ -166,14 +174,12 @@ class PhasedDMD:
         a_ts, sig_ts, _ = self._kernel(t, s, x_s)
         x_t = a_ts * x_s + sig_ts * batch.randn(*x_s.shape)
         with torch.no_grad():
-            x0_real = teacher_x0(self.ctx.teacher.denoiser, x_t, t, batch, self.opt.guidance_scale)
+            x0_real = guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
             x0_fake = self.fake(x_t.detach(), t, batch.cond)
         # eq. 10: the direction of the KL's gradient at x_s is a_{t|s} a_t / s_t^2 (x0_fake - x0_real); DMD's
         # normalised form drops the positive factors and divides by the x0 prediction's distance to the teacher's
-        norm = (x0_hat.detach() - x0_real).abs().flatten(1).mean(1).clamp(min=1e-8).reshape(-1, *[1] * (x_s.ndim - 1))
-        grad = torch.nan_to_num((x0_fake - x0_real) / norm)
-        loss = 0.5 * (x_s - (x_s - grad).detach()).pow(2).mean()
-        return {"loss": loss, "phase": torch.tensor(float(k))}
+        grad = (x0_fake - x0_real) / per_sample_mean_abs(x0_hat - x0_real, 1e-8)
+        return {"loss": gradient_matching_loss(x_s, grad), "phase": torch.tensor(float(k))}
 
     def state_dict(self) -> dict:
         return {"phase": self.phase, "per_phase": self.per_phase}

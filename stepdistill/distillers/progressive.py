@@ -21,9 +21,10 @@ import torch
 
 from ..data import Batch
 from ..denoiser import Denoiser, unwrap
-from ..process import NoiseProcess, truncated_snr_weight
-from .base import Context, SamplePool, Trainable, frozen_copy, make_student, mse, register_method, student_trainable, \
-    teacher_x0, x0_source
+from ..process import NoiseProcess, per_sample, truncated_snr_weight
+from .base import Context, Distiller, Trainable
+from .common import SamplePool, frozen_copy, make_student, student_trainable, x0_source
+from .losses import guided_x0, mse
 
 
 @dataclass
@@ -55,10 +56,8 @@ def two_step_target(teacher, process: NoiseProcess, z: torch.Tensor, t, t_mid, s
     z_s = process.ode_step(z_mid, teacher(z_mid, t_mid), t_mid, s)
     a_t, s_t = process.alpha_sigma(t)
     a_s, s_s = process.alpha_sigma(s)
-    ratio = (s_s / s_t).reshape(-1, *[1] * (z.ndim - 1)).to(z)
-    a_t = a_t.reshape(ratio.shape).to(z)
-    a_s = a_s.reshape(ratio.shape).to(z)
-    return (z_s - ratio * z) / (a_s - ratio * a_t)
+    ratio = per_sample(s_s / s_t, z)
+    return (z_s - ratio * z) / (per_sample(a_s, z) - ratio * per_sample(a_t, z))
 
 
 def loss_weight(kind: str, process: NoiseProcess, t) -> torch.Tensor | None:
@@ -80,8 +79,8 @@ class RoundSchedule:
         self.first = first_step
         self.per_round = steps_per_round or max(1, (total_steps - first_step) // self.rounds)
 
-    def round_of(self, step: int) -> int:
-        return min(max(step - self.first, 0) // self.per_round, self.rounds - 1)
+    def round_of(self, iteration: int) -> int:
+        return min(max(iteration - self.first, 0) // self.per_round, self.rounds - 1)
 
     def student_steps(self, rnd: int) -> int:
         return self.start_steps >> rnd
@@ -107,16 +106,16 @@ class ProgressiveCore:
         self.round = -1
         self.round_teacher: Denoiser | None = None
 
-    def teacher_for(self, step: int) -> Denoiser:
-        rnd = self.schedule.round_of(step)
+    def teacher_for(self, iteration: int) -> Denoiser:
+        rnd = self.schedule.round_of(iteration)
         if rnd != self.round:
             # the student at the start of a round is the frozen teacher of that round
             self.round_teacher = self.original if rnd == 0 else frozen_copy(self.student.denoiser)
             self.round = rnd
         return self.round_teacher
 
-    def loss(self, batch: Batch, step: int, pool: SamplePool | None, cfg_scale: float | None) -> dict:
-        teacher = self.teacher_for(step)
+    def loss(self, batch: Batch, iteration: int, pool: SamplePool | None, cfg_scale: float | None) -> dict:
+        teacher = self.teacher_for(iteration)
         proc = self.student.process
         x0, cond, uncond = x0_source(self.opt.x_source, batch, pool)
         b = batch.size
@@ -127,10 +126,10 @@ class ProgressiveCore:
         if self.guidance_range is not None:
             lo, hi = self.guidance_range
             w = (lo + (hi - lo) * batch.rand(b))
-        view = Batch(b, batch.generator, batch.device, cond, uncond)
         scale = cfg_scale if (self.round == 0 and teacher is self.original) else None
         with torch.no_grad():
-            target = two_step_target(lambda x, tt: teacher_x0(teacher, x, tt, view, scale, guidance=w), proc, z, t, t_mid, s)
+            target = two_step_target(lambda x, tt: guided_x0(teacher, x, tt, cond, uncond, scale, guidance=w), proc, z,
+                                     t, t_mid, s)
         pred = self.student.denoiser(z, t, cond, guidance=w)
         weight = loss_weight(self.opt.weighting, proc, t)
         return {"loss": mse(pred, target, None if weight is None else weight.to(pred)),
@@ -152,16 +151,14 @@ class ProgressiveCore:
             unwrap(self.round_teacher.model).load_state_dict(state["teacher"])
 
 
-@register_method("progressive")
-class Progressive:
+class Progressive(Distiller):
     """Progressive distillation of a (CFG) teacher into ``student.num_steps`` deterministic steps."""
 
+    name = "progressive"
     Options = ProgressiveOptions
-    TRAINABLES = ("student",)
 
     def __init__(self, ctx: Context, options: ProgressiveOptions):
-        self.ctx = ctx
-        self.opt = options
+        super().__init__(ctx, options)
         final = ctx.config.student.num_steps
         proc = ctx.init.process
         self.student = make_student(ctx, "progressive", "deterministic", proc.grid(final).tolist())
@@ -175,11 +172,8 @@ class Progressive:
     def trainables(self) -> dict[str, Trainable]:
         return {"student": student_trainable(self.student, self.opt.lr)}
 
-    def phases(self, step: int) -> list[str]:
-        return ["student"]
-
-    def step(self, batch: Batch, step: int, phase: str) -> dict:
-        return self.core.loss(batch, step, self.pool, self.opt.guidance_scale)
+    def loss(self, batch: Batch, iteration: int, update: str) -> dict:
+        return self.core.loss(batch, iteration, self.pool, self.opt.guidance_scale)
 
     def state_dict(self) -> dict:
         return self.core.state_dict()

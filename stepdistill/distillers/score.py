@@ -1,6 +1,6 @@
 """What the score-based methods (VSD, DMD, DMD2, Phased DMD, SiD) share: the fake score network,
-its denoising loss on detached generator samples, the generator's rollout (one step, or a few
-steps with backward simulation) and the time range of the score losses."""
+the generator's rollout (one step, or a few steps with backward simulation), the time range of the
+score losses and the two-time-scale update order."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
 from ..generator import Student, copy_for_training
-from .base import Context, Trainable, make_student, mse, student_timesteps, student_trainable
+from .base import Context, Distiller, Trainable
+from .common import make_student, student_timesteps, student_trainable
 
 
 @dataclass
@@ -38,11 +39,6 @@ def make_fake(ctx: Context, lora_rank: int) -> Denoiser:
     return Denoiser(model, ctx.init.process, ctx.init.prediction_type)
 
 
-def student_and_fake(ctx: Context, method: str, opt) -> tuple[Student, Denoiser]:
-    """A re-noising student with the configured timesteps and its fake score."""
-    return make_student(ctx, method, "renoise", student_timesteps(ctx)), make_fake(ctx, opt.fake_lora_rank)
-
-
 def score_time_range(process, lo: float, hi: float) -> tuple[float, float]:
     """The fractions [lo, hi] of the process's noise range as times (DMD: [0.02 T, 0.98 T])."""
     a, b = (0.0, process.t_max) if process.kind == "vp" else (0.0, 1.0)
@@ -53,18 +49,6 @@ def score_times(process, batch: Batch, lo: float, hi: float) -> torch.Tensor:
     """Times for the score losses: uniform over :func:`score_time_range`."""
     return process.sample_uniform(batch.size, *score_time_range(process, lo, hi),
                                   generator=batch.generator).to(batch.device)
-
-
-def denoising_loss(den: Denoiser, x0: torch.Tensor, cond: Cond | None, t: torch.Tensor, batch: Batch,
-                   guidance=None) -> torch.Tensor:
-    """The teacher's own training loss (in its prediction parameterisation) on samples x0."""
-    proc = den.process
-    eps = batch.randn(*x0.shape)
-    x_t = proc.add_noise(x0, eps, t)
-    target = proc.from_x0_eps(x0, eps, t, den.prediction_type)
-    if guidance is not None:
-        guidance = torch.as_tensor(guidance, dtype=torch.float32, device=x0.device).reshape(-1).expand(x0.shape[0])
-    return mse(den.raw(x_t, t, cond, guidance), target)
 
 
 def generator_rollout(student: Student, batch: Batch, shape, grad: bool, cond: Cond | None = None):
@@ -87,15 +71,34 @@ def generator_rollout(student: Student, batch: Batch, shape, grad: bool, cond: C
     return x0, k
 
 
-def score_trainables(student: Student, fake: Denoiser, opt) -> dict[str, Trainable]:
-    """The student and the fake score, each with its learning rate."""
-    return {
-        "student": student_trainable(student, opt.lr),
-        "fake": Trainable(fake.model, opt.fake_lr, lambda m: setattr(fake, "model", m)),
-    }
-
-
-def score_phases(step: int, opt) -> list[str]:
+def score_updates(iteration: int, fake_updates: int) -> list[str]:
     """The two-time-scale rule (DMD2 sec. 4.2): the fake score updates every iteration, the student
     every ``fake_updates``; student first, then the fake score on the student's newest samples."""
-    return (["student"] if step % opt.fake_updates == 0 else []) + ["fake"]
+    return (["student"] if iteration % fake_updates == 0 else []) + ["fake"]
+
+
+class ScoreDistiller(Distiller):
+    """A re-noising student (``student.timesteps`` or the process grid) and its fake score, each a
+    trainable with its own learning rate, updated by :func:`score_updates`."""
+
+    def __init__(self, ctx: Context, options):
+        super().__init__(ctx, options)
+        self.student = make_student(ctx, self.name, "renoise", student_timesteps(ctx))
+        self.fake = make_fake(ctx, options.fake_lora_rank)
+
+    @classmethod
+    def trainable_names(cls, config, options) -> list[str]:
+        return ["student", "fake"]
+
+    def trainables(self) -> dict[str, Trainable]:
+        return {
+            "student": student_trainable(self.student, self.opt.lr),
+            "fake": Trainable(self.fake.model, self.opt.fake_lr, lambda m: setattr(self.fake, "model", m)),
+        }
+
+    def updates(self, iteration: int) -> list[str]:
+        return score_updates(iteration, self.opt.fake_updates)
+
+    def sample(self, batch: Batch, grad: bool, cond: Cond | None = None):
+        """The generator's sample for ``batch`` (:func:`generator_rollout`)."""
+        return generator_rollout(self.student, batch, self.ctx.teacher.sample_shape, grad, cond)

@@ -38,8 +38,9 @@ from typing import Literal
 import torch
 
 from ..data import Batch
-from .base import Context, register_method
-from .score import FakeScoreOptions, denoising_loss, generator_rollout, score_times, score_trainables, student_and_fake
+from .base import Context
+from .losses import denoising_loss, guided_x0, per_sample_mean_abs, prompt_dropout
+from .score import FakeScoreOptions, ScoreDistiller, score_times
 
 
 @dataclass
@@ -69,29 +70,21 @@ class SiDOptions(FakeScoreOptions):
                 self.fake_train_guidance if self.fake_train_guidance is not None else train, conditioned)
 
 
-def _x0(den, x_t, t, cond, uncond, scale: float):
-    if scale == 1.0 or uncond is None:
-        return den(x_t, t, cond)
-    return den(x_t, t, cond, guidance_scale=scale, uncond=uncond)
-
-
-@register_method("sid")
-class SiD:
+class SiD(ScoreDistiller):
+    name = "sid"
     Options = SiDOptions
-    TRAINABLES = ("student", "fake")
 
     def __init__(self, ctx: Context, options: SiDOptions):
-        self.ctx, self.opt = ctx, options
-        self.student, self.fake = student_and_fake(ctx, "sid", options)
+        super().__init__(ctx, options)
         self.real_s, self.fake_s, self.train_s, self.fake_conditioned = options.scales()
 
     def trainables(self):
-        tr = score_trainables(self.student, self.fake, self.opt)
+        tr = super().trainables()
         for t in tr.values():
             t.betas = tuple(self.opt.betas)
         return tr
 
-    def phases(self, step: int) -> list[str]:
+    def updates(self, iteration: int) -> list[str]:
         return ["fake", "student"]
 
     def _fake_cond(self, batch: Batch):
@@ -99,31 +92,29 @@ class SiD:
             return batch.cond
         return batch.uncond.expand_to(batch.size)
 
-    def step(self, batch: Batch, step: int, phase: str) -> dict:
-        proc, shape = self.student.process, self.ctx.teacher.sample_shape
-        if phase == "fake":
+    def loss(self, batch: Batch, iteration: int, update: str) -> dict:
+        proc = self.student.process
+        if update == "fake":
             with torch.no_grad():
-                x, _ = generator_rollout(self.student, batch, shape, grad=False)
+                x, _ = self.sample(batch, grad=False)
             cond = self._fake_cond(batch)
-            if batch.uncond is not None and (self.train_s != 1.0 or not self.fake_conditioned) and self.opt.prompt_dropout > 0:
-                drop = batch.rand(batch.size) < self.opt.prompt_dropout
-                cond = batch.uncond.expand_to(batch.size).where(drop, cond)
+            if self.train_s != 1.0 or not self.fake_conditioned:
+                cond = prompt_dropout(batch, cond, self.opt.prompt_dropout)
             t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
             if self.train_s == 1.0 or batch.uncond is None:
                 return {"loss": denoising_loss(self.fake, x, cond, t, batch)}
             # kappa_1 != 1: the guided fake prediction is what regresses the target
             eps = batch.randn(*x.shape)
             x_t = proc.add_noise(x, eps, t)
-            pred = _x0(self.fake, x_t, t, cond, batch.uncond, self.train_s)
+            pred = guided_x0(self.fake, x_t, t, cond, batch.uncond, self.train_s)
             return {"loss": (pred - x).pow(2).mean()}
-        x_g, _ = generator_rollout(self.student, batch, shape, grad=True)
+        x_g, _ = self.sample(batch, grad=True)
         t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
         x_t = proc.add_noise(x_g, batch.randn(*x_g.shape), t)
         # gradients flow through both networks into x_t (their weights do not require grad here)
-        y_r = _x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.real_s)
-        y_f = _x0(self.fake, x_t, t, self._fake_cond(batch), batch.uncond, self.fake_s)
-        with torch.no_grad():
-            norm = (x_g - y_r).abs().flatten(1).mean(1).clamp(min=1e-5).reshape(-1, *[1] * (x_g.ndim - 1))
+        y_r = guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.real_s)
+        y_f = guided_x0(self.fake, x_t, t, self._fake_cond(batch), batch.uncond, self.fake_s)
+        norm = per_sample_mean_abs(x_g - y_r, 1e-5)
         diff = y_r - y_f
         loss = torch.nan_to_num(diff * ((y_r - x_g) - self.opt.alpha * diff) / norm).mean()
         return {"loss": loss}

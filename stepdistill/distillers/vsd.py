@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Batch
-from .base import Context, register_method, teacher_x0
-from .score import FakeScoreOptions, denoising_loss, generator_rollout, score_phases, score_times, student_and_fake, \
-    score_trainables
+from ..process import per_sample
+from .base import Context
+from .losses import denoising_loss, gradient_matching_loss, guided_x0, prompt_dropout
+from .score import FakeScoreOptions, ScoreDistiller, score_times
 
 
 @dataclass
@@ -33,47 +34,31 @@ class VSDOptions(FakeScoreOptions):
     prompt_dropout: float = 0.1  # the fake score also learns its unconditional branch (for its CFG)
 
 
-@register_method("vsd")
-class VSD:
+class VSD(ScoreDistiller):
+    name = "vsd"
     Options = VSDOptions
-    TRAINABLES = ("student", "fake")
 
     def __init__(self, ctx: Context, options: VSDOptions):
         if ctx.config.student.num_steps != 1:
             raise ValueError("method vsd: SwiftBrush trains one-step generators; set student.num_steps=1")
-        self.ctx, self.opt = ctx, options
-        self.student, self.fake = student_and_fake(ctx, "vsd", options)
+        super().__init__(ctx, options)
 
-    def trainables(self):
-        return score_trainables(self.student, self.fake, self.opt)
-
-    def phases(self, step: int) -> list[str]:
-        return score_phases(step, self.opt)
-
-    def step(self, batch: Batch, step: int, phase: str) -> dict:
-        shape = self.ctx.teacher.sample_shape
+    def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         proc = self.student.process
-        if phase == "fake":
+        if update == "fake":
             with torch.no_grad():
-                x, _ = generator_rollout(self.student, batch, shape, grad=False)
-            cond = batch.cond
-            if batch.uncond is not None and self.opt.prompt_dropout > 0:
-                drop = batch.rand(batch.size) < self.opt.prompt_dropout
-                cond = batch.uncond.expand_to(batch.size).where(drop, batch.cond)
+                x, _ = self.sample(batch, grad=False)
+            cond = prompt_dropout(batch, batch.cond, self.opt.prompt_dropout)
             t = score_times(proc, batch, 0.0, 1.0)
             return {"loss": denoising_loss(self.fake, x, cond, t, batch)}
-        x, _ = generator_rollout(self.student, batch, shape, grad=True)
+        x, _ = self.sample(batch, grad=True)
         t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
         with torch.no_grad():
             eps = batch.randn(*x.shape)
             x_t = proc.add_noise(x, eps, t)
-            e_real = _eps(proc, x_t, t, teacher_x0(self.ctx.teacher.denoiser, x_t, t, batch, self.opt.guidance_scale))
-            e_fake = _eps(proc, x_t, t, teacher_x0(self.fake, x_t, t, batch, self.opt.fake_guidance_scale))
-            w = (proc.sigma(t) ** 2).to(x).reshape(-1, *[1] * (x.ndim - 1))
-            grad = torch.nan_to_num(w * (e_real - e_fake))
-        loss = 0.5 * (x - (x - grad).detach()).pow(2).mean()
-        return {"loss": loss}
-
-
-def _eps(proc, x_t, t, x0):
-    return proc.to_x0_eps(x0, x_t, t, "sample")[1]
+            x0_real = guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
+            x0_fake = guided_x0(self.fake, x_t, t, batch.cond, batch.uncond, self.opt.fake_guidance_scale)
+            e_real = proc.to_x0_eps(x0_real, x_t, t, "sample")[1]
+            e_fake = proc.to_x0_eps(x0_fake, x_t, t, "sample")[1]
+            grad = per_sample(proc.sigma(t) ** 2, x) * (e_real - e_fake)
+        return {"loss": gradient_matching_loss(x, grad)}

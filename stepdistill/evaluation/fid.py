@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import EvalError
+
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -48,10 +50,6 @@ PROTOCOL = {
     "resize": "PIL LANCZOS to eval_size, then clean-fid 'clean' (PIL bicubic, float32) to 299",
     "statistics": "float64 mean and np.cov (N - 1)",
 }
-
-
-class EvalError(ValueError):
-    """A one-line, user-facing problem with an evaluation's inputs (path, weights, settings)."""
 
 
 def center_crop_resize(image, size: int | None) -> np.ndarray:

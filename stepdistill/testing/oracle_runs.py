@@ -13,7 +13,8 @@ from ..config import load_config
 from ..generator import Student
 from ..oracle import energy_distance
 from ..sampling import ode_sample
-from ..trainer import Trainer, build_teacher
+from ..training import Trainer
+from ..training.build import build_teacher
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "oracle"
 

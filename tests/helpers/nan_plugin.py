@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stepdistill.distillers.base import Trainable, make_student, mse
+from stepdistill.distillers import Distiller
+from stepdistill.distillers.common import make_student, student_trainable
+from stepdistill.distillers.losses import mse
 
 
 @dataclass
@@ -15,21 +17,17 @@ class Options:
     where: str = "loss"  # "loss": a NaN loss; "grad": a finite loss whose gradient is NaN
 
 
-class NaNInjector:
+class NaNInjector(Distiller):
     Options = Options
 
     def __init__(self, ctx, options):
-        self.ctx, self.opt = ctx, options
+        super().__init__(ctx, options)
         self.student = make_student(ctx, "nan_injector", "deterministic", [ctx.init.process.t_max])
 
     def trainables(self):
-        return {"student": Trainable(self.student.model, self.opt.lr,
-                                     lambda m: setattr(self.student.denoiser, "model", m), is_student=True)}
+        return {"student": student_trainable(self.student, self.opt.lr)}
 
-    def phases(self, step):
-        return ["student"]
-
-    def step(self, batch, step, phase):
+    def loss(self, batch, iteration, update):
         proc = self.student.process
         t = torch.full((batch.size,), proc.t_max)
         x = batch.randn(batch.size, *self.ctx.teacher.sample_shape)
@@ -37,7 +35,7 @@ class NaNInjector:
             target = self.ctx.teacher.denoiser(x, t, batch.cond)
         pred = self.student.denoiser(x, t, batch.cond)
         loss = mse(pred, target)
-        if step in self.opt.nan_steps:
+        if iteration in self.opt.nan_steps:
             if self.opt.where == "loss":
                 loss = loss * float("nan")
             else:  # sqrt of a negative number on the branch where() drops: finite value, NaN gradient

@@ -1,0 +1,115 @@
+"""What several methods build from: the student (a trainable copy of the teacher), frozen copies,
+its timesteps, and the pool of teacher samples of the trajectory methods."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from ..data import Batch, BatchSource
+from ..denoiser import Cond, Denoiser, unwrap
+from ..generator import Student, StudentSpec, copy_for_training
+from ..sampling import ode_sample
+from .base import Context, Trainable
+
+logger = logging.getLogger(__name__)
+
+
+def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float], *, guidance_scale=None,
+                 w_conditioned: bool = False, experts: bool = False) -> Student:
+    """A trainable copy of ``ctx.init`` (full or LoRA, per ``student.*``) with its schedule; with
+    ``w_conditioned``, rebuilt with a guidance-scale input; with ``experts``, one copy per timestep
+    (:class:`~stepdistill.nets.PhasedExperts`, each step served by its own network)."""
+    sc = ctx.config.student
+
+    def trainable_copy():
+        return copy_for_training(ctx.init.model, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
+                                 lora_targets=sc.lora_targets, w_conditioned=w_conditioned).to(ctx.device)
+
+    if experts:
+        from ..nets import PhasedExperts
+
+        model = PhasedExperts.from_experts([trainable_copy() for _ in timesteps], [float(t) for t in timesteps])
+    else:
+        model = trainable_copy()
+    spec = StudentSpec(method, sampler, [float(t) for t in timesteps], guidance_scale, ctx.init.process.describe(),
+                       ctx.init.prediction_type)
+    warning = ill_conditioned_start(ctx.init.process, ctx.init.prediction_type, spec.timesteps[0])
+    if warning:
+        logger.warning(warning)
+    return Student(Denoiser(model, ctx.init.process, ctx.init.prediction_type), spec)
+
+
+EPS_AMPLIFICATION_LIMIT = 50.0
+
+
+def ill_conditioned_start(process, prediction_type: str, t_init: float) -> str | None:
+    """A warning when an epsilon network's x0 at the student's first time is ill-conditioned:
+    x0 = (x - sigma eps) / alpha multiplies the epsilon error by sigma / alpha, which is 158 at
+    t = 999 for linear betas and 2e4 for cosine betas (SD's scaled-linear: 15). One-step students
+    from such a t_init diverged on the digits8 teacher."""
+    if process.kind != "vp" or prediction_type != "epsilon":
+        return None
+    alpha, sigma = process.alpha_sigma(torch.tensor([float(t_init)]))
+    ratio = float(sigma / alpha)
+    if ratio <= EPS_AMPLIFICATION_LIMIT:
+        return None
+    return (f"student t_init = {t_init:g}: an epsilon-prediction network's x0 there amplifies its error "
+            f"{ratio:.0f}-fold (sigma / alpha); students starting there tend to diverge. Set student.timesteps "
+            f"to start lower (sigma / alpha <= {EPS_AMPLIFICATION_LIMIT:g}) or use a v-prediction teacher")
+
+
+def student_trainable(student: Student, lr: float) -> Trainable:
+    """The student as a trainable (the EMA follows it); the loop hands back the prepared module."""
+    return Trainable(student.model, lr, lambda m: setattr(student.denoiser, "model", m), is_student=True)
+
+
+def frozen_copy(den: Denoiser) -> Denoiser:
+    """A frozen snapshot of a denoiser's current weights (e.g. the teacher of a progressive round)."""
+    model = copy.deepcopy(unwrap(den.model)).eval().requires_grad_(False)
+    return Denoiser(model, den.process, den.prediction_type)
+
+
+def student_timesteps(ctx: Context, num_steps: int | None = None) -> list[float]:
+    sc = ctx.config.student
+    if sc.timesteps is not None:
+        return list(sc.timesteps)
+    return ctx.init.process.grid(num_steps or sc.num_steps).tolist()
+
+
+class SamplePool:
+    """A fixed pool of teacher samples with the conditioning that made them: the 'teacher samples'
+    x-source of the trajectory methods, built once (deterministically, identical on every rank)."""
+
+    def __init__(self, teacher: Denoiser, source: BatchSource, size: int, steps: int, guidance_scale: float | None,
+                 chunk: int = 256):
+        xs, conds, unconds = [], [], []
+        done = 0
+        while done < size:
+            n = min(chunk, size - done)
+            b = source.draw("pool", n, index=done)
+            noise = b.randn(n, *source.teacher.sample_shape)
+            gs = guidance_scale if (guidance_scale not in (None, 1.0) and b.uncond is not None) else None
+            xs.append(ode_sample(teacher, noise, steps, b.cond, guidance_scale=gs, uncond=b.uncond))
+            conds.append(b.cond)
+            unconds.append(None if b.uncond is None else b.uncond.expand_to(n))
+            done += n
+        self.x0 = torch.cat(xs)
+        self.cond = None if conds[0] is None else Cond.cat_all(conds)
+        self.uncond = None if unconds[0] is None else Cond.cat_all(unconds)
+
+    def draw(self, batch: Batch) -> tuple[torch.Tensor, Cond | None, Cond | None]:
+        idx = torch.randint(0, len(self.x0), (batch.size,), generator=batch.generator).to(self.x0.device)
+        pick = (lambda c: None if c is None else c[idx])
+        return self.x0[idx], pick(self.cond), pick(self.uncond)
+
+
+def x0_source(kind: str, batch: Batch, pool: SamplePool | None):
+    """(x0, cond, uncond) from the data or from the teacher-sample pool."""
+    if kind == "data":
+        if batch.x0 is None:
+            raise ValueError("method_args.x_source=data needs real data: data.images, or an oracle teacher")
+        return batch.x0, batch.cond, batch.uncond
+    return pool.draw(batch)

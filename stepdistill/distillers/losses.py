@@ -1,0 +1,70 @@
+"""Loss pieces several methods share, each written once (docs/METHODS.md gives the equations).
+
+- :func:`mse`: per-sample mean squared error, optionally weighted per sample;
+- :func:`gradient_matching_loss`: ``0.5 || x - sg(x - g) ||^2``, whose gradient with respect to x is
+  ``g / numel``: how VSD, DMD and Phased DMD apply a score difference to the generator's sample;
+- :func:`per_sample_mean_abs`: DMD's normaliser, the mean absolute value over all but the batch
+  dimension (DMD, Phased DMD, SiD), detached and clamped;
+- :func:`guided_x0`: a denoiser's x0 with classifier-free guidance when a scale other than 1 and an
+  unconditional branch are given;
+- :func:`prompt_dropout`: rows replaced by the unconditional branch (a fake score that must learn its
+  own unconditional prediction for CFG);
+- :func:`denoising_loss`: the teacher's own training loss on given samples (fake scores).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import Batch
+from ..denoiser import Cond, Denoiser
+
+
+def mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean squared error, optionally weighted per sample, averaged over the batch."""
+    per = (a - b).pow(2).flatten(1).mean(1)
+    return (per * weight).mean() if weight is not None else per.mean()
+
+
+def gradient_matching_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``0.5 mean (x - sg(x - g))^2``: a loss whose gradient with respect to ``x`` is ``g / x.numel()``
+    (non-finite entries of g are zeroed first, as DMD's code does)."""
+    grad = torch.nan_to_num(grad)
+    return 0.5 * (x - (x - grad).detach()).pow(2).mean()
+
+
+def per_sample_mean_abs(d: torch.Tensor, min_value: float) -> torch.Tensor:
+    """mean |d| over every dimension but the batch, clamped below at ``min_value``, detached and
+    shaped to broadcast against ``d``."""
+    norm = d.detach().abs().flatten(1).mean(1).clamp(min=min_value)
+    return norm.reshape(-1, *[1] * (d.ndim - 1))
+
+
+def guided_x0(den: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None, uncond: Cond | None,
+              scale: float | None, guidance=None) -> torch.Tensor:
+    """``den``'s x0 at (x_t, t): with CFG ``u + scale (c - u)`` (diffusers convention) when ``scale`` is
+    neither None nor 1 and there is an unconditional branch, else the plain conditional prediction."""
+    if scale is not None and scale != 1.0 and uncond is not None:
+        return den(x_t, t, cond, guidance_scale=scale, uncond=uncond, guidance=guidance)
+    return den(x_t, t, cond, guidance=guidance)
+
+
+def prompt_dropout(batch: Batch, cond: Cond, p: float) -> Cond:
+    """``cond`` with each row replaced by the batch's unconditional branch with probability ``p``
+    (draws from the batch's stream only when there is something to drop)."""
+    if batch.uncond is None or p <= 0:
+        return cond
+    drop = batch.rand(batch.size) < p
+    return batch.uncond.expand_to(batch.size).where(drop, cond)
+
+
+def denoising_loss(den: Denoiser, x0: torch.Tensor, cond: Cond | None, t: torch.Tensor, batch: Batch,
+                   guidance=None) -> torch.Tensor:
+    """The teacher's own training loss (in its prediction parameterisation) on samples x0."""
+    proc = den.process
+    eps = batch.randn(*x0.shape)
+    x_t = proc.add_noise(x0, eps, t)
+    target = proc.from_x0_eps(x0, eps, t, den.prediction_type)
+    if guidance is not None:
+        guidance = torch.as_tensor(guidance, dtype=torch.float32, device=x0.device).reshape(-1).expand(x0.shape[0])
+    return mse(den.raw(x_t, t, cond, guidance), target)

@@ -1,0 +1,46 @@
+"""The exceptions the library raises; only the entry points turn them into exit statuses.
+
+``InputError`` and its subclasses are bad input (a config key, a file, a value): the message is one
+line naming it, raised before any work where possible (exit status 2). ``Interrupted`` is a run
+stopped early with a checkpoint to resume from (3); ``NonFiniteError`` too many non-finite steps in a
+row (4). See ``stepdistill.cli``.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad user input; the message names the key, file or value."""
+
+
+class ConfigError(InputError):
+    """A config problem; the message names the key."""
+
+
+class DataError(InputError):
+    """A problem with user data; the message names the file."""
+
+
+class TeacherLoadError(InputError):
+    """A teacher path or pipeline that cannot be used; the message names it."""
+
+
+class ExportError(InputError):
+    """A student, run or destination that cannot be exported; the message names it."""
+
+
+class EvalError(InputError):
+    """A problem with an evaluation's inputs (path, weights, settings)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient; the message names the last good checkpoint."""
+
+
+class Interrupted(Exception):
+    """The run stopped early (SIGTERM / SIGINT, or ``stop_after``) after writing a checkpoint."""
+
+    def __init__(self, step: int, checkpoint):
+        super().__init__(f"stopped at step {step} with a checkpoint ({checkpoint}); re-run the same command to continue")
+        self.step = step
+        self.checkpoint = checkpoint

@@ -1,0 +1,182 @@
+"""Checkpoints of a run: written atomically, verified against a manifest, listed, resumed from.
+
+``<output_dir>/checkpoints/checkpoint-<N>/`` holds accelerate's state (weights, optimisers,
+schedulers), a diffusers folder per trainable, ``training_state.{json,safetensors}`` (loop counters,
+method state, EMA; no pickle) and ``manifest.json`` (the step, the resolved config, the process
+count, every file's size and sha256). A checkpoint is written to ``checkpoint-N.tmp`` and renamed into
+place only when complete; older ones beyond the limit are deleted only after that (renamed to
+``.del`` first, so a half-deleted one is never taken for a checkpoint). Resume takes the newest
+checkpoint whose files match its manifest and refuses config differences that would change the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..state_io import save_state
+
+logger = logging.getLogger("stepdistill")
+CKPT_PREFIX = "checkpoint-"
+MANIFEST = "manifest.json"
+TRAINING_STATE = "training_state"  # loop counters, distiller state, EMA (JSON + safetensors)
+
+# train.* keys that may change between a run and its resume (logged); every other difference is refused
+RESUME_SAFE = ("train.output_dir", "train.max_steps", "train.checkpoint_every", "train.checkpoints_total_limit",
+               "train.log_every", "train.validate_every", "train.num_validation", "train.report_to", "train.progress",
+               "train.verify_rank_sync", "train.max_nonfinite_steps", "train.export")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints that were completed (renamed into place with a manifest), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        suffix = p.name[len(CKPT_PREFIX):]
+        if p.name.startswith(CKPT_PREFIX) and suffix.isdigit() and (p / MANIFEST).is_file():
+            out.append(p)
+    return sorted(out, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_manifest(folder: Path, step: int, config: dict, num_processes: int) -> dict:
+    files = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": sha256(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    return {"step": step, "config": config, "num_processes": num_processes, "files": files}
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (missing, truncated or altered files), or None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"unreadable {MANIFEST} ({type(exc).__name__})"
+    for rel, meta in files.items():
+        f = folder / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
+        if sha256(f) != meta["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def latest_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest; broken ones are skipped with a warning."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        logger.warning("skipping checkpoint %s: %s; trying the previous one", ckpt, problem)
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))  # an empty mapping adds nothing
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(unsafe, safe) differences between a checkpoint's config and this run's, as 'key: old -> new'."""
+    a, b = _flat(old), _flat(new)
+    unsafe, safe = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        last = key.rsplit(".", 1)[-1]
+        is_lr = key.split(".")[0] in ("optim", "method_args") and (last == "lr" or last.endswith("_lr"))
+        (safe if key in RESUME_SAFE or is_lr else unsafe).append(line)
+    return unsafe, safe
+
+
+def check_resumable(ckpt: Path, config: dict, num_processes: int) -> list[str]:
+    """The safe config differences of resuming ``ckpt`` with ``config``; unsafe ones, or another process
+    count, raise ConfigError naming each."""
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    unsafe, safe = config_changes(manifest["config"], config)
+    if unsafe:
+        raise ConfigError(f"resume: {ckpt} was written with a different config: {'; '.join(unsafe)}. Restore "
+                          f"those values or use a new train.output_dir")
+    if manifest["num_processes"] != num_processes:
+        raise ConfigError(f"resume: {ckpt} was written by {manifest['num_processes']} processes, this run has "
+                          f"{num_processes}; per-rank data streams would differ, so the result would not equal an "
+                          f"uninterrupted run. Launch with --num_processes {manifest['num_processes']} or use a new "
+                          f"train.output_dir")
+    return safe
+
+
+def recover_leftovers(run_dir: Path) -> None:
+    """Finish or undo what a killed run left: a checkpoint renamed to ``.old`` whose replacement never
+    arrived comes back; ``.tmp`` (half-written), ``.del`` (half-deleted) and other ``.old`` folders go."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for leftover in root.glob(f"{CKPT_PREFIX}*.old"):
+        step_dir = root / leftover.name[:-len(".old")]
+        if not step_dir.exists():  # killed between the two renames: the old copy is the good one
+            os.replace(leftover, step_dir)
+    for suffix in (".tmp", ".del", ".old"):
+        for leftover in root.glob(f"{CKPT_PREFIX}*{suffix}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_checkpoint(accelerator, run_dir: Path, step: int, training_state: dict, config: dict,
+                     limit: int | None) -> Path:
+    """Write ``checkpoint-<step>`` (collective: every rank calls it): accelerate's state into
+    ``checkpoint-<step>.tmp``, then, on the main process, the training state and the manifest (fsynced),
+    the rename into place, and the deletion of checkpoints beyond ``limit``."""
+    acc = accelerator
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"{CKPT_PREFIX}{step}"
+    tmp = root / f"{CKPT_PREFIX}{step}.tmp"
+    if acc.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_state(training_state, tmp, TRAINING_STATE)
+        manifest = make_manifest(tmp, step, config, acc.num_processes)
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        old = None
+        if final.exists():  # the same step saved again (e.g. a resumed run): keep it until replaced
+            old = root / f"{CKPT_PREFIX}{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if limit is not None:
+            for stale in list_checkpoints(run_dir)[:-limit]:
+                doomed = stale.with_name(stale.name + ".del")  # invisible first, then deleted
+                os.replace(stale, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final

@@ -1,0 +1,70 @@
+"""What the ranks of a multi-process run agree on: flags, starting weights, averaged gradients, and a
+check that their weights stay identical. Every function is a no-op with one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when it is true on any (ranks must agree before a collective save)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def all_ranks(accelerator, flag: bool) -> bool:
+    """True on every rank when it is true on all."""
+    return not any_rank(accelerator, not flag)
+
+
+def broadcast_from_main(accelerator, module: nn.Module) -> None:
+    """Start every rank from rank 0's weights (what DDP does when it wraps a module)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(accelerator, params: list[nn.Parameter]) -> None:
+    """Data parallelism: the mean of every rank's gradient, in one flat all-reduce (the networks are not
+    DDP-wrapped: distillers call them in many ways per update, frozen inside other updates)."""
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def verify_rank_sync(accelerator, params_by_name: dict[str, list[nn.Parameter]], step: int, log: Path) -> None:
+    """All-gather a checksum of each trainable, fail if the ranks disagree, and append the checksums to
+    ``log`` (JSON list, main process)."""
+    acc = accelerator
+    sums = []
+    for name in sorted(params_by_name):
+        flat = torch.cat([p.detach().double().flatten() for p in params_by_name[name]])
+        probe = torch.sin(torch.arange(flat.numel(), dtype=torch.float64, device=flat.device))
+        sums += [flat.sum(), (flat * probe).sum()]
+    sums = torch.stack(sums).to(acc.device)
+    gathered = acc.gather(sums[None]).reshape(acc.num_processes, -1)
+    spread = float((gathered - gathered[0]).abs().max())
+    if spread != 0.0:
+        raise RuntimeError(f"step {step}: trainable weights differ across ranks (max checksum difference {spread})")
+    if acc.is_main_process:
+        done = json.loads(log.read_text()) if log.is_file() else []
+        log.write_text(json.dumps(done + [{"step": step, "ranks": acc.num_processes, "checksums": gathered[0].tolist()}]))

@@ -1,0 +1,298 @@
+"""The training loop: builds a run (``build``), then for each iteration lets the distiller name its
+updates and applies them (``update``), logs, validates and checkpoints (``checkpoints``), and at the
+end writes the student (``outputs``). docs/ARCHITECTURE.md shows one iteration's data flow.
+
+Re-running the same command resumes from the newest verified checkpoint. SIGTERM / SIGINT finish
+the iteration, write a checkpoint and raise :class:`~stepdistill.errors.Interrupted`; too many
+non-finite iterations in a row raise :class:`~stepdistill.errors.NonFiniteError`. The library never
+exits the process: ``stepdistill.cli`` maps these to exit statuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import RunConfig, dump_config, from_dict, to_dict
+from ..denoiser import unwrap
+from ..distillers.base import Context
+from ..errors import ConfigError, Interrupted, NonFiniteError
+from ..state_io import load_state
+from . import outputs
+from .build import build_distiller, build_source, build_teacher, build_trainables, check_exportable, validate_inputs
+from .checkpoints import TRAINING_STATE, check_resumable, latest_good_checkpoint, recover_leftovers, write_checkpoint
+from .distributed import any_rank, verify_rank_sync
+from .update import apply_update, ema_weights, select
+
+logger = logging.getLogger("stepdistill")
+
+
+@dataclass
+class LoopState:
+    """Loop counters saved with every checkpoint."""
+
+    step: int = 0  # iterations done
+    nonfinite_skipped: int = 0  # iterations whose updates were skipped for a NaN/inf loss or gradient
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "nonfinite_skipped": self.nonfinite_skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+
+
+@contextlib.contextmanager
+def preemption_signals():
+    """SIGTERM / SIGINT ask the loop to finish its iteration and stop with a checkpoint (a second one
+    acts as usual). Yields a function telling whether a stop was requested."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        logger.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+        signal.signal(signum, previous[signum])
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield lambda: bool(received)
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+class Trainer:
+    """Builds a run from its config and trains it with :meth:`fit`."""
+
+    def __init__(self, cfg: RunConfig, accelerator=None):
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.cfg = cfg
+        tcfg = cfg.train
+        self.run_dir = Path(tcfg.output_dir)
+        self.accelerator = acc = accelerator or Accelerator(
+            # without CUDA, cpu=True is what makes a multi-process launch use gloo (MULTI_CPU)
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=tcfg.mixed_precision,
+            log_with=None if tcfg.report_to == "none" else tcfg.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+        )
+        method = validate_inputs(cfg, acc.num_processes)
+        self.options = from_dict(method.Options, cfg.method_args, "method_args")
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        # random initialisations (LoRA adapters, GAN heads) are the same on every rank and every run;
+        # per-iteration randomness comes from stepdistill.data's per-(step, rank) streams instead
+        set_seed(tcfg.seed)
+        self.teacher, init, self.oracle = build_teacher(cfg, acc.device, self.run_dir, acc.is_main_process,
+                                                        acc.wait_for_everyone)
+        self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, acc.process_index)
+        self.distiller = build_distiller(method, Context(self.teacher, init, self.source, cfg, acc.device), self.options)
+        if tcfg.export:
+            check_exportable(self.distiller, self.teacher)
+        self.states = build_trainables(acc, self.distiller, cfg)
+        self.loop = LoopState()
+        acc.register_save_state_pre_hook(self._save_hook)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> Path:
+        """Train to ``train.max_steps`` (resuming first) and return the student folder. ``stop_after``
+        stops with a checkpoint after that iteration, as a preemption would."""
+        from tqdm.auto import tqdm
+
+        acc, tcfg = self.accelerator, self.cfg.train
+        start = self.resume()  # before anything is written: a refused resume leaves the run folder as it was
+        if acc.is_main_process:
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        if acc.trackers == [] and tcfg.report_to != "none":
+            acc.init_trackers("stepdistill", config={"method": self.cfg.method, "steps": tcfg.max_steps})
+        micro = tcfg.batch_size // (acc.num_processes * tcfg.gradient_accumulation_steps)
+        bar = tqdm(total=tcfg.max_steps, initial=start, disable=not (acc.is_main_process and tcfg.progress),
+                   desc=self.cfg.method, dynamic_ncols=True)
+        history, window, t_last = [], {}, time.time()  # window: every update's values since the last log line
+        in_a_row = 0  # consecutive iterations skipped for non-finite values
+        with preemption_signals() as stop_requested:
+            for iteration in range(start, tcfg.max_steps):
+                skipped = self._iteration(iteration, micro, window)
+                done = iteration + 1
+                if skipped is None:
+                    in_a_row = 0
+                else:
+                    in_a_row += 1
+                    self.loop.nonfinite_skipped += 1
+                    logger.warning("step %d: non-finite loss or gradient in the update of '%s'; update skipped (%d in "
+                                   "a row, %d in all)", done, skipped, in_a_row, self.loop.nonfinite_skipped)
+                    if in_a_row >= tcfg.max_nonfinite_steps:
+                        bar.close()
+                        raise NonFiniteError(
+                            f"{in_a_row} steps in a row (up to step {done}) had a non-finite loss or gradient "
+                            f"(train.max_nonfinite_steps={tcfg.max_nonfinite_steps}); stopped without saving. "
+                            f"Last good checkpoint: {latest_good_checkpoint(self.run_dir) or 'none yet'}")
+                if done % tcfg.log_every == 0 or done == tcfg.max_steps:
+                    logs = {k: sum(v) / len(v) for k, v in window.items()}
+                    logs["it_per_s"] = tcfg.log_every / max(time.time() - t_last, 1e-9)
+                    logs["nonfinite_skipped"] = self.loop.nonfinite_skipped
+                    t_last, window = time.time(), {}
+                    acc.log(logs, step=done)
+                    history.append({"step": done, **logs})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
+                bar.update(1)
+                if done % tcfg.validate_every == 0 or done == tcfg.max_steps:
+                    self.validate(done)
+                if tcfg.verify_rank_sync:
+                    verify_rank_sync(acc, {n: st.params for n, st in self.states.items()}, done,
+                                     self.run_dir / "rank_sync.json")
+                interrupt = done == stop_after or any_rank(acc, stop_requested())
+                if done % tcfg.checkpoint_every == 0 or done == tcfg.max_steps or interrupt:
+                    checkpoint = self.save_checkpoint(done)
+                if interrupt and done < tcfg.max_steps:
+                    bar.close()
+                    acc.end_training()
+                    raise Interrupted(done, checkpoint)
+        bar.close()
+        out = self.finish(history)
+        acc.end_training()
+        return out
+
+    def _iteration(self, iteration: int, micro: int, window: dict) -> str | None:
+        """The distiller's updates of this iteration, then one step of every learning-rate schedule.
+        Returns the update whose loss or gradient was non-finite (the iteration's later updates and the
+        schedules are then skipped), or None."""
+        for name in self.distiller.reinitialised(iteration):
+            self.states[name].optimizer.state.clear()  # re-initialised weights start without old moments
+        for name in self.distiller.updates(iteration):
+            values, finite = self._update(name, iteration, micro)
+            if not finite:
+                return name
+            for key, val in values.items():
+                window.setdefault(key, []).append(val)
+        for st in self.states.values():
+            st.scheduler.step()
+        return None
+
+    def _update(self, name: str, iteration: int, micro: int) -> tuple[dict, bool]:
+        """One optimiser update of trainable ``name``; each micro-batch has its own stream per update."""
+        acc = self.accelerator
+        select(self.states, name)
+
+        def micro_loss(k: int) -> dict:
+            batch = self.source.batch(iteration, acc.process_index, micro, micro=k).fork(zlib.crc32(name.encode()))
+            with acc.autocast():
+                return self.distiller.loss(batch, iteration, name)
+
+        return apply_update(acc, self.states[name], micro_loss, self.cfg.train.gradient_accumulation_steps,
+                            self.cfg.train.grad_clip)
+
+    def validate(self, step: int) -> None:
+        """A grid of the student's samples (with its EMA weights when kept), logged with its metrics."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return
+        student = self.distiller.student
+        with ema_weights(self.states), acc.autocast():
+            x, batch = outputs.validation_samples(student, self.teacher, self.source, self.cfg.train.num_validation,
+                                                  self.cfg.train.seed)
+        path = self.run_dir / "samples" / f"step_{step:07d}.png"
+        metrics = outputs.save_samples(x, batch, self.teacher, self.oracle, path)
+        outputs.log_image(acc, path, step)
+        if metrics:
+            acc.log(metrics, step=step)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _save_hook(self, models, weights, output_dir):
+        """accelerate's save hook: a diffusers folder per (non-LoRA) trainable and the student's schedule."""
+        if not self.accelerator.is_main_process:
+            return
+        names = {id(unwrap(st.module)): name for name, st in self.states.items()}
+        for model in models:
+            m = unwrap(model)
+            name = names.get(id(m))
+            if name and hasattr(m, "save_pretrained") and not getattr(m, "peft_config", None):
+                m.save_pretrained(Path(output_dir) / name, safe_serialization=True)
+        self.distiller.student.spec.save(Path(output_dir) / "student")
+
+    def resolved_config(self) -> dict:
+        """The run config with method_args as the method resolves them (defaults filled in)."""
+        return {**self.cfg.to_dict(), "method_args": to_dict(self.options)}
+
+    def save_checkpoint(self, step: int) -> Path:
+        self.loop.step = step
+        state = {"loop": self.loop.state_dict(), "distiller": self.distiller.state_dict()}
+        emas = {name: st.ema.state_dict() for name, st in self.states.items() if st.ema is not None}
+        if emas:
+            state["ema"] = emas
+        return write_checkpoint(self.accelerator, self.run_dir, step, state, self.resolved_config(),
+                                self.cfg.train.checkpoints_total_limit)
+
+    def resume(self) -> int:
+        """Load the newest verified checkpoint, if any, and return its step (0 without one)."""
+        acc = self.accelerator
+        if acc.is_main_process:  # saves, renames, deletions that never finished
+            recover_leftovers(self.run_dir)
+        acc.wait_for_everyone()
+        latest = latest_good_checkpoint(self.run_dir)
+        if latest is None:
+            return 0
+        safe = check_resumable(latest, self.resolved_config(), acc.num_processes)
+        acc.load_state(str(latest))
+        state = load_state(latest, TRAINING_STATE)
+        self.loop.load_state_dict(state["loop"])
+        if state.get("distiller"):
+            self.distiller.load_state_dict(state["distiller"])
+        saved = state.get("ema") or {}
+        for name, st in self.states.items():
+            if st.ema is None:
+                continue
+            if name not in saved:
+                raise ConfigError(f"resume: the checkpoint holds no EMA of trainable '{name}' (train.ema_decay was off "
+                                  f"or the method's trainables differ); use a new train.output_dir")
+            st.ema.load_state_dict(saved[name])
+            st.ema.to(acc.device)
+        if safe:
+            logger.warning("resuming from %s with changed settings: %s", latest, "; ".join(safe))
+            self._apply_learning_rates()
+        logger.info("resumed from %s (step %d)", latest, self.loop.step)
+        return self.loop.step
+
+    def _apply_learning_rates(self):
+        """After loading a checkpoint, use this run's learning rates (the schedule's position is kept)."""
+        for st in self.states.values():
+            inner = getattr(st.scheduler, "scheduler", st.scheduler)
+            inner.base_lrs = [st.lr for _ in inner.base_lrs]
+            for group, fn in zip(inner.optimizer.param_groups, inner.lr_lambdas):
+                group["initial_lr"] = st.lr
+                group["lr"] = st.lr * fn(inner.last_epoch)
+
+    # -- the end ----------------------------------------------------------------------------------
+    def finish(self, history: list[dict]) -> Path:
+        """The final student (and its EMA) as diffusers folders with the schedule, the loss history and
+        plot, and with ``train.export`` the pipeline."""
+        from ..generator import fused_copy
+
+        acc = self.accelerator
+        out = self.run_dir / "student"
+        if acc.is_main_process:
+            student = self.distiller.student
+            outputs.save_student(student, out)
+            has_ema = any(st.ema is not None for st in self.states.values())
+            if has_ema:
+                with ema_weights(self.states):
+                    student.save(self.run_dir / "student_ema", fused_copy(student.model))
+            if history:
+                outputs.save_history(history, self.run_dir)
+            if self.cfg.train.export:
+                outputs.export_pipeline(self.run_dir, self.cfg.teacher.path, use_ema=has_ema)
+        acc.wait_for_everyone()
+        return out
