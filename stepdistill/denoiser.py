@@ -60,9 +60,6 @@ class Cond:
     def __getitem__(self, idx) -> "Cond":
         return self.map(lambda t: t[idx])
 
-    def repeat_interleave(self, n: int) -> "Cond":
-        return self.map(lambda t: t.repeat_interleave(n, dim=0))
-
     def expand_to(self, batch: int) -> "Cond":
         """Broadcast a batch-1 conditioning (e.g. the empty prompt) to ``batch`` rows."""
         return self.map(lambda t: t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t)

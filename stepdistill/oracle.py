@@ -2,7 +2,7 @@
 
 Data p0 = sum_k pi_k N(mu_k, s_k^2 I) in d dimensions. Under x_t = a x0 + s eps the noisy marginal
 is sum_k pi_k N(a mu_k, (a^2 s_k^2 + s^2) I), so responsibilities, the score and E[x0 | x_t] are
-closed-form (DESIGN.md, "Exact oracle"). Conditioning on a class label k restricts the mixture to
+closed-form (docs/METHODS.md, "The exact oracle"). Conditioning on a class label k restricts the mixture to
 component k; label ``K`` (== num_components) means unconditional, which is how CFG's null branch
 is expressed.
 """
@@ -180,7 +180,7 @@ def fit_network(
     prediction_type: str | None = None,
 ):
     """Regress an MLP onto the oracle's exact predictions: the network teacher that students and
-    fake scores are initialised from in oracle runs (DESIGN.md: "initialise from the teacher").
+    fake scores are initialised from in oracle runs (docs/METHODS.md: "initialise from the teacher").
 
     Returns ``(mlp, prediction_type)``; VP networks predict v (well conditioned at every t), flow
     networks the velocity. Conditional networks see the null label with probability 0.2 (CFG)."""

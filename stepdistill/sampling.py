@@ -19,7 +19,6 @@ def ode_sample(
     guidance_scale: float | torch.Tensor | None = None,
     uncond: Cond | None = None,
     guidance: float | torch.Tensor | None = None,
-    return_trajectory: bool = False,
 ):
     """DDIM (eta = 0) / Euler sampling from pure noise at the first time to the clean end.
 
@@ -34,9 +33,7 @@ def ode_sample(
         if float(times[-1]) != process.t_clean:
             times = torch.cat([times, torch.tensor([process.t_clean])])
     x = noise
-    traj = [x]
     for t, s in zip(times[:-1], times[1:]):
         x0 = denoiser(x, t, cond, guidance_scale=guidance_scale, uncond=uncond, guidance=guidance)
         x = process.ode_step(x, x0, t, s)
-        traj.append(x)
-    return (x, traj) if return_trajectory else x
+    return x
