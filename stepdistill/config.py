@@ -209,7 +209,7 @@ class DataConfig:
 class OptimConfig:
     lr: float | None = None  # default: the method's
     betas: list[float] | None = None  # default: the method's (0.9, 0.999) unless it says otherwise
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # default: train.weight_decay
 
     def __post_init__(self):
         if self.lr is not None and self.lr <= 0:
@@ -225,7 +225,8 @@ class TrainConfig:
     mixed_precision: typing.Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     grad_clip: float | None = 1.0
-    lr_schedule: typing.Literal["constant", "cosine", "linear"] = "constant"  # diffusers.optimization names
+    weight_decay: float = 0.0  # AdamW weight decay of every trainable (optim.<name>.weight_decay overrides)
+    lr_schedule: typing.Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"  # diffusers names
     lr_warmup_steps: int = 0
     ema_decay: float | None = None  # EMA of the student (diffusers EMAModel); None: off
     checkpoint_every: int = 500

@@ -1,6 +1,11 @@
 """Batches: conditioning (prompts, class labels), real data when the source has it, and the
 per-step random stream.
 
+Real images come paired with their own conditioning: a caption in ``<name>.txt`` beside each image
+(text teachers), or the integer name of the image's folder (class-conditional teachers). A batch's
+``x0`` and ``x0_cond`` are rows of the same items, so no code path pairs a real image with another
+item's caption.
+
 Every batch is a pure function of (seed, step, rank, micro-batch): noise, times and prompt choice come
 from a generator seeded by those numbers, so a resumed run sees exactly the batches an uninterrupted
 run would (no data-loader state to save), and each rank sees different data.
@@ -40,6 +45,7 @@ class Batch:
     labels: torch.Tensor | None = None
     prompts: list | None = None
     x0: torch.Tensor | None = None  # real data (denoiser space) when the source has it
+    x0_cond: Cond | None = None  # the conditioning of those real items (their own captions or labels)
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator).to(self.device)
@@ -50,7 +56,7 @@ class Batch:
     def fork(self, tag: int) -> "Batch":
         """The same batch with an independent random stream (for a second phase of the step)."""
         g = torch.Generator().manual_seed(stream_seed(self.generator.initial_seed(), tag))
-        return Batch(self.size, g, self.device, self.cond, self.uncond, self.labels, self.prompts, self.x0)
+        return Batch(self.size, g, self.device, self.cond, self.uncond, self.labels, self.prompts, self.x0, self.x0_cond)
 
 
 def read_prompts(spec: str | Sequence[str], skip_bad: bool = False) -> list[str]:
@@ -102,6 +108,39 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
+def image_captions(files: Sequence[Path], skip_bad: bool = False) -> tuple[list[Path], list[str] | None]:
+    """(files, captions): each image's caption from ``<name>.txt`` beside it, or None when no image has
+    one. Once any image has a caption, every image needs one (``skip_bad``: images without are dropped)."""
+    sidecars = [f.with_suffix(".txt") for f in files]
+    if not any(c.is_file() for c in sidecars):
+        return list(files), None
+    kept, captions = [], []
+    for f, c in zip(files, sidecars):
+        text = c.read_text(errors="replace").strip() if c.is_file() else ""
+        if not text:
+            if skip_bad:
+                continue
+            raise DataError(f"image '{f}' has no caption ('{c.name}' {'is empty' if c.is_file() else 'is missing'}) while "
+                            f"other images have one; add it or set data.skip_bad_items=true")
+        kept.append(f)
+        captions.append(text)
+    if not kept:
+        raise DataError("data.images: no image with a caption")
+    return kept, captions
+
+
+def folder_labels(files: Sequence[Path], num_classes: int) -> list[int]:
+    """Class labels from the images' folder names (``<label>/<name>.png``), each in [0, num_classes)."""
+    labels = []
+    for f in files:
+        name = f.parent.name
+        if not name.isdigit() or int(name) >= num_classes:
+            raise DataError(f"image '{f}': a class-conditional teacher's real images sit in folders named by their "
+                            f"class (0..{num_classes - 1}), not '{name}'")
+        labels.append(int(name))
+    return labels
+
+
 def load_images(files: Sequence[Path], size: int, channels: int, skip_bad: bool = False) -> tuple[torch.Tensor, list[Path]]:
     """Images resized (shorter side) and centre-cropped to ``size``, in [-1, 1], (N, C, size, size)."""
     from PIL import Image, UnidentifiedImageError
@@ -130,14 +169,43 @@ STREAMS = {"pool": -1, "gan_probe": -3, "regression_pairs": -7, "validation": -1
 PROMPT_CACHE_LIMIT = 512  # prompt lists up to this many distinct prompts are encoded once, at start
 
 
-class BatchSource:
-    """Makes the batch for (step, rank, micro) from a teacher and the data config.
+class PromptTable:
+    """Text conditioning of a list of prompts, by index. A short list (<= PROMPT_CACHE_LIMIT distinct
+    prompts) is run through the text encoder once and rows are looked up; longer lists are encoded
+    batch by batch."""
 
-    A short prompt list (<= PROMPT_CACHE_LIMIT distinct prompts) is run through the text encoder once
-    and batches index the stored states; longer lists (captions) are encoded batch by batch."""
+    def __init__(self, teacher, prompts: list[str]):
+        self.teacher, self.prompts = teacher, prompts
+        self.cached = None  # (index of each prompt, cond of the distinct prompts, uncond row), on the CPU
+        if len(set(prompts)) <= PROMPT_CACHE_LIMIT:
+            distinct = list(dict.fromkeys(prompts))
+            parts = [teacher.encode(distinct[i:i + 64]) for i in range(0, len(distinct), 64)]
+            where = {p: i for i, p in enumerate(distinct)}
+            self.cached = (torch.tensor([where[p] for p in prompts]), Cond.cat_all([c for c, _ in parts]).to("cpu"),
+                           parts[0][1][:1].to("cpu"))
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def encode(self, idx: torch.Tensor, device) -> tuple[Cond, Cond, list[str]]:
+        """(cond, uncond, prompts) of the prompts at ``idx``."""
+        prompts = [self.prompts[i] for i in idx.tolist()]
+        if self.cached is None:
+            cond, uncond = self.teacher.encode(prompts)
+            return cond, uncond, prompts
+        rows, table, empty = self.cached  # the text encoder's own states, stored at start
+        return table[rows[idx]].to(device), empty.to(device).expand_to(len(prompts)), prompts
+
+
+class BatchSource:
+    """Makes the batch for (step, rank, micro) from a teacher and the data config: conditioning drawn
+    from the prompt list (or class labels), and real items (images in the denoiser's space with their
+    own captions or labels, or exact oracle samples) when the source has them. Without a prompt list,
+    a text teacher's generation prompts are the drawn real items' captions."""
 
     def __init__(self, teacher, *, seed: int, device, prompts: list[str] | None = None,
-                 x0_data: torch.Tensor | None = None, oracle=None, conditional: bool | None = None, rank: int = 0):
+                 x0_data: torch.Tensor | None = None, x0_captions: list[str] | None = None,
+                 x0_labels: list[int] | None = None, oracle=None, conditional: bool | None = None, rank: int = 0):
         self.teacher = teacher
         self.rank = rank  # this process's index (data streams differ per rank)
         self.seed = seed
@@ -146,21 +214,26 @@ class BatchSource:
         self.x0_data = x0_data
         self.oracle = oracle  # a GaussianMixture: exact data samples
         self.conditional = teacher.conditional if conditional is None else conditional
-        if self.conditional and teacher.null_label is None and not prompts:
-            raise DataError(f"data.prompts: teacher {teacher.name} is text-conditioned; give prompts (a .txt/.json file or a list)")
-        self._encoded = None  # (index of each prompt, cond of the distinct prompts, uncond row), on the CPU
-        if self.conditional and teacher.null_label is None and prompts and len(set(prompts)) <= PROMPT_CACHE_LIMIT:
-            distinct = list(dict.fromkeys(prompts))
-            parts = [teacher.encode(distinct[i:i + 64]) for i in range(0, len(distinct), 64)]
-            where = {p: i for i, p in enumerate(distinct)}
-            self._encoded = (torch.tensor([where[p] for p in prompts]), Cond.cat_all([c for c, _ in parts]).to("cpu"),
-                             parts[0][1][:1].to("cpu"))
+        text = self.conditional and teacher.null_label is None
+        if x0_data is not None and self.conditional and oracle is None:
+            if text and x0_captions is None:
+                raise DataError(f"data.images: teacher {teacher.name} is text-conditioned, so its real images need "
+                                f"their own captions: put <name>.txt beside each image")
+            if not text and x0_labels is None:
+                raise DataError(f"data.images: teacher {teacher.name} is class-conditional, so its real images need "
+                                f"their labels: put them in folders named by class")
+        if text and not prompts and x0_captions is None:
+            raise DataError(f"data.prompts: teacher {teacher.name} is text-conditioned; give prompts (a .txt/.json file "
+                            f"or a list) or captioned images (data.images)")
+        self.prompt_table = PromptTable(teacher, prompts) if text and prompts else None
+        self.caption_table = PromptTable(teacher, x0_captions) if text and x0_captions is not None else None
+        self.x0_labels = None if x0_labels is None else torch.tensor(x0_labels)
 
     def generator(self, step: int, rank: int, micro: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(stream_seed(self.seed, step, rank, micro))
 
     def conditioning(self, n: int, g: torch.Generator):
-        """(cond, uncond, labels, prompts) for n random draws."""
+        """(cond, uncond, labels, prompts) for n random draws from the prompt list or the classes."""
         if not self.conditional:
             return None, None, None, None
         t = self.teacher
@@ -171,14 +244,20 @@ class BatchSource:
                 labels = torch.randint(0, t.null_label, (n,), generator=g)
             cond, uncond = t.encode(labels.to(self.device))
             return cond, uncond, labels, None
-        idx = torch.randint(0, len(self.prompts), (n,), generator=g)
-        prompts = [self.prompts[i] for i in idx.tolist()]
-        if self._encoded is None:
-            cond, uncond = t.encode(prompts)
-        else:  # the same states the text encoder gives, stored at start (the unconditional row is shared)
-            rows, table, empty = self._encoded
-            cond, uncond = table[rows[idx]].to(self.device), empty.to(self.device).expand_to(n)
+        idx = torch.randint(0, len(self.prompt_table), (n,), generator=g)
+        cond, uncond, prompts = self.prompt_table.encode(idx, self.device)
         return cond, uncond, None, prompts
+
+    def item_conditioning(self, idx: torch.Tensor):
+        """(cond, uncond, labels, prompts) of the real items at ``idx``: their own captions or labels."""
+        if not self.conditional:
+            return None, None, None, None
+        if self.caption_table is not None:
+            cond, uncond, prompts = self.caption_table.encode(idx, self.device)
+            return cond, uncond, None, prompts
+        labels = self.x0_labels[idx]
+        cond, uncond = self.teacher.encode(labels.to(self.device))
+        return cond, uncond, labels, None
 
     def draw(self, stream: str, size: int, index: int = 0) -> Batch:
         """A batch of the named one-off stream (``STREAMS``; rank 0's, so every rank draws the same);
@@ -187,12 +266,21 @@ class BatchSource:
 
     def batch(self, step: int, rank: int, size: int, micro: int = 0) -> Batch:
         g = self.generator(step, rank, micro)
-        cond, uncond, labels, prompts = self.conditioning(size, g)
-        x0 = None
-        if self.oracle is not None:
-            x0, _ = self.oracle.sample(size, g, labels)
-        elif self.x0_data is not None:
+        x0 = x0_cond = None
+        if self.x0_data is not None and self.oracle is None and self.conditional and self.prompt_table is None \
+                and self.teacher.null_label is None:
+            # no prompt list: the real items' own captions are the batch's prompts
             idx = torch.randint(0, len(self.x0_data), (size,), generator=g)
-            x0 = self.x0_data[idx]
+            cond, uncond, labels, prompts = self.item_conditioning(idx)
+            x0, x0_cond = self.x0_data[idx], cond
+        else:
+            cond, uncond, labels, prompts = self.conditioning(size, g)
+            if self.oracle is not None:
+                x0, _ = self.oracle.sample(size, g, labels)
+                x0_cond = cond  # each exact sample is drawn from the class it is conditioned on
+            elif self.x0_data is not None:
+                idx = torch.randint(0, len(self.x0_data), (size,), generator=g)
+                x0 = self.x0_data[idx]
+                x0_cond = self.item_conditioning(idx)[0]
         return Batch(size, g, self.device, cond, uncond, labels, prompts,
-                     None if x0 is None else x0.to(self.device))
+                     None if x0 is None else x0.to(self.device), x0_cond)

@@ -133,12 +133,14 @@ def assemble_mnist_sd(dest: str | Path | None = None, pipeline: str | Path = MNI
 
 def mnist_train_images(dest: str | Path | None = None) -> Path:
     """The 4,000 train digits of the mnist-sd teacher as 32x32 grayscale PNG files (one folder per
-    digit), written once into the cache: real images for ``data.images`` (DMD2's GAN, data x-sources)."""
+    digit), each with its caption beside it (``<index>.txt``: a training prompt naming its digit, the
+    templates in turn), written once into the cache: real image-caption pairs for ``data.images``
+    (DMD2's GAN, data x-sources)."""
     from PIL import Image
 
     from .evaluation.digits import load_mnist
 
-    dest = Path(dest) if dest is not None else cache_root() / "data" / "mnist-train"
+    dest = Path(dest) if dest is not None else cache_root() / "data" / "mnist-train-2"  # layout 2: with captions
     if (dest / "COMPLETE").is_file():
         return dest
     try:
@@ -152,7 +154,8 @@ def mnist_train_images(dest: str | Path | None = None) -> Path:
     for i, (img, label) in enumerate(zip(pixels, y.tolist())):
         (tmp / str(label)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img, mode="L").save(tmp / str(label) / f"{i:04d}.png")
-    (tmp / "COMPLETE").write_text("4000 MNIST train digits (stepdistill.evaluation.digits.load_mnist)\n")
+        (tmp / str(label) / f"{i:04d}.txt").write_text(digit_prompt(label, i % len(PROMPT_TEMPLATES)) + "\n")
+    (tmp / "COMPLETE").write_text("4000 MNIST train digits (stepdistill.evaluation.digits.load_mnist), captioned\n")
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, dest)

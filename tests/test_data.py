@@ -14,10 +14,10 @@ def test_cached_prompt_states_equal_the_text_encoders(tiny_pipelines, monkeypatc
     teacher = load_teacher(tiny_pipelines[family])
     prompts = ["a red cube", "two cats", "a red cube", "a dog on grass"]
     cached = BatchSource(teacher, seed=0, device="cpu", prompts=prompts)
-    assert cached._encoded is not None and cached._encoded[1].batch_size() == 3  # the distinct prompts only
+    assert cached.prompt_table.cached is not None and cached.prompt_table.cached[1].batch_size() == 3  # the distinct prompts only
     monkeypatch.setattr(data, "PROMPT_CACHE_LIMIT", 2)  # too many distinct prompts: encoded per batch
     direct = BatchSource(teacher, seed=0, device="cpu", prompts=prompts)
-    assert direct._encoded is None
+    assert direct.prompt_table.cached is None
     a, b = cached.batch(step=3, rank=0, size=6), direct.batch(step=3, rank=0, size=6)
     assert a.prompts == b.prompts and len(set(a.prompts)) > 1
     want_c, want_u = teacher.encode(a.prompts)
@@ -35,12 +35,16 @@ def test_shipped_mnist_train_images(tmp_path, monkeypatch):
     """`data.images: stepdistill:mnist-train` is the teacher's 4000 real train digits, written once."""
     from PIL import Image
 
-    from stepdistill.data import DataError, list_images
+    from stepdistill.data import DataError, image_captions, list_images
     from stepdistill.evaluation.digits import load_mnist
 
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
     files = list_images("stepdistill:mnist-train")
     assert len(files) == 4000 and {f.parent.name for f in files} == {str(d) for d in range(10)}
+    from stepdistill.shipped import prompt_digit
+
+    _, captions = image_captions(files)
+    assert all(prompt_digit(c) == int(f.parent.name) for f, c in zip(files, captions))  # each its own digit
     x, y = load_mnist("train")
     for f in files[::997]:  # <digit>/<index>.png holds train digit <index>
         i = int(f.stem)
@@ -49,3 +53,38 @@ def test_shipped_mnist_train_images(tmp_path, monkeypatch):
         assert f.parent.name == str(int(y[i]))
     with pytest.raises(DataError, match="data.images 'stepdistill:mnist-test'"):
         list_images("stepdistill:mnist-test")
+
+
+def test_real_images_come_with_their_own_captions_or_are_refused(tmp_path, tiny_pipelines):
+    """A text teacher's real images are paired with the caption beside each one; uncaptioned images,
+    or one image missing its caption, are refused naming what is wrong."""
+    from PIL import Image
+
+    from stepdistill.data import DataError, image_captions, list_images
+
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(folder / f"{i}.png")
+    teacher = load_teacher(tiny_pipelines["sd"])
+    files, captions = image_captions(list_images(folder))
+    assert captions is None
+    with pytest.raises(DataError, match="text-conditioned, so its real images need their own captions"):
+        BatchSource(teacher, seed=0, device="cpu", prompts=["x"], x0_data=torch.zeros(3, 4, 4, 4))
+    (folder / "0.txt").write_text("a red square\n")
+    (folder / "2.txt").write_text("a blue square")
+    with pytest.raises(DataError, match=r"image '.*1.png' has no caption \('1.txt' is missing\)"):
+        image_captions(list_images(folder))
+    files, captions = image_captions(list_images(folder), skip_bad=True)
+    assert [f.name for f in files] == ["0.png", "2.png"] and captions == ["a red square", "a blue square"]
+    x0 = torch.arange(2.0)[:, None, None, None].expand(2, 4, 4, 4).contiguous()  # item i is all i
+    source = BatchSource(teacher, seed=0, device="cpu", x0_data=x0, x0_captions=captions)
+    b = source.batch(step=1, rank=0, size=8)
+    assert b.prompts == [captions[int(v)] for v in b.x0[:, 0, 0, 0]]  # without a prompt list: the captions
+    want = teacher.encode(b.prompts)[0].kwargs["encoder_hidden_states"]
+    torch.testing.assert_close(b.x0_cond.kwargs["encoder_hidden_states"], want, rtol=1e-5, atol=1e-6)
+    mixed = BatchSource(teacher, seed=0, device="cpu", prompts=["a cat"], x0_data=x0, x0_captions=captions)
+    b = mixed.batch(step=1, rank=0, size=8)
+    assert b.prompts == ["a cat"] * 8  # generation prompts from the list, real items with their own captions
+    want = teacher.encode([captions[int(v)] for v in b.x0[:, 0, 0, 0]])[0].kwargs["encoder_hidden_states"]
+    torch.testing.assert_close(b.x0_cond.kwargs["encoder_hidden_states"], want, rtol=1e-5, atol=1e-6)

@@ -83,6 +83,11 @@ class Distiller:
         trainable ``update``, every other entry is logged."""
         raise NotImplementedError
 
+    def lr_factor(self, name: str, iteration: int) -> float:
+        """A factor on trainable ``name``'s learning rate at this iteration, on top of
+        ``train.lr_schedule`` (progressive distillation anneals within each round). Default: 1."""
+        return 1.0
+
     def reinitialised(self, iteration: int) -> list[str]:
         """Trainables whose weights the method re-initialised at the start of this iteration, so that
         the loop clears their optimiser state. Default: none."""

@@ -18,10 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float], *, guidance_scale=None,
-                 w_conditioned: bool = False, experts: bool = False) -> Student:
+                 w_conditioned: bool = False, experts: bool = False, prediction_type: str | None = None) -> Student:
     """A trainable copy of ``ctx.init`` (full or LoRA, per ``student.*``) with its schedule; with
     ``w_conditioned``, rebuilt with a guidance-scale input; with ``experts``, one copy per timestep
-    (:class:`~stepdistill.nets.PhasedExperts`, each step served by its own network)."""
+    (:class:`~stepdistill.nets.PhasedExperts`, each step served by its own network); with
+    ``prediction_type``, its output read in that parameterisation instead of the teacher's."""
     sc = ctx.config.student
 
     def trainable_copy():
@@ -34,12 +35,12 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
         model = PhasedExperts.from_experts([trainable_copy() for _ in timesteps], [float(t) for t in timesteps])
     else:
         model = trainable_copy()
-    spec = StudentSpec(method, sampler, [float(t) for t in timesteps], guidance_scale, ctx.init.process.describe(),
-                       ctx.init.prediction_type)
-    warning = ill_conditioned_start(ctx.init.process, ctx.init.prediction_type, spec.timesteps[0])
+    pred = prediction_type or ctx.init.prediction_type
+    spec = StudentSpec(method, sampler, [float(t) for t in timesteps], guidance_scale, ctx.init.process.describe(), pred)
+    warning = ill_conditioned_start(ctx.init.process, pred, spec.timesteps[0])
     if warning:
         logger.warning(warning)
-    return Student(Denoiser(model, ctx.init.process, ctx.init.prediction_type), spec)
+    return Student(Denoiser(model, ctx.init.process, pred), spec)
 
 
 EPS_AMPLIFICATION_LIMIT = 50.0
@@ -107,9 +108,10 @@ class SamplePool:
 
 
 def x0_source(kind: str, batch: Batch, pool: SamplePool | None):
-    """(x0, cond, uncond) from the data or from the teacher-sample pool."""
+    """(x0, cond, uncond) from the data (each real item with its own conditioning) or from the
+    teacher-sample pool."""
     if kind == "data":
         if batch.x0 is None:
             raise ValueError("method_args.x_source=data needs real data: data.images, or an oracle teacher")
-        return batch.x0, batch.cond, batch.uncond
+        return batch.x0, batch.x0_cond, batch.uncond
     return pool.draw(batch)

@@ -52,7 +52,7 @@ class DMD2Options(FakeScoreOptions):
     lr: float = 1e-5
     fake_updates: int = 5  # DMD2: 5 fake-score updates per generator update (two time-scale rule)
     gan: bool = False  # the GAN classifier head; needs real data (data.images, or the oracle)
-    gan_gen_weight: float = 3e-3  # generator's GAN loss weight (1e-3..5e-3 in the paper)
+    gan_gen_weight: float = 1e-3  # generator's GAN loss weight (official: SD1.5 1e-3, SDXL 5e-3)
     gan_disc_weight: float = 1e-2  # the head's classification loss weight in the fake-score update
     fake_guidance_scale: float | None = None  # CFG of the fake score (None: conditional prediction only)
 
@@ -71,9 +71,11 @@ class DMDBase(ScoreDistiller):
             x0_fake = guided_x0(self.fake, x_t, t, batch.cond, batch.uncond, self.fake_guidance_scale)
         return dm_loss(x, x0_real, x0_fake)
 
-    def fake_loss(self, batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            x, _ = self.sample(batch, grad=False)
+    def fake_loss(self, batch: Batch, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake score's denoising loss on the student's (detached) samples ``x``, drawn when not given."""
+        if x is None:
+            with torch.no_grad():
+                x, _ = self.sample(batch, grad=False)
         t = score_times(self.student.process, batch, 0.0, 1.0)
         return denoising_loss(self.fake, x, batch.cond, t, batch)
 
@@ -134,27 +136,37 @@ def regression_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class GANHead(nn.Module):
-    """DMD2's classifier on the fake score's bottleneck features: a small conv stack for feature maps,
-    an MLP for token or vector features; one logit per sample."""
+    """DMD2's classifier on the fake score's bottleneck features, one logit per sample.
+
+    Feature maps (C, H, W) go through the official head's layout: 4x4 stride-2 convolutions (each with
+    GroupNorm(32) and SiLU) until the map is at most 4x4, a convolution over the whole remaining map
+    (stride 4 at 4x4) with GroupNorm and SiLU, and a 1x1 convolution to one channel. At the native
+    bottlenecks this is exactly the official SD1.5 head (8x8: one stride-2 block) and SDXL head
+    (32x32: three). Token or vector features (DiT, SD3, the oracle's MLP), which the official code
+    never sees, get a LayerNorm-MLP."""
 
     def __init__(self, feat_shape: tuple[int, ...], width: int = 256):
         super().__init__()
         if len(feat_shape) == 3:  # (C, H, W)
-            c = feat_shape[0]
+            c, size = feat_shape[0], min(feat_shape[1:])
             groups = 32 if c % 32 == 0 else 1
-            self.net = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.SiLU(),
-                                     nn.Conv2d(c, c, 3, stride=2 if min(feat_shape[1:]) > 2 else 1, padding=1),
-                                     nn.GroupNorm(groups, c), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                     nn.Linear(c, 1))
+            layers = []
+            while size > 4:
+                layers += [nn.Conv2d(c, c, 4, stride=2, padding=1), nn.GroupNorm(groups, c), nn.SiLU()]
+                size //= 2
+            layers += [nn.Conv2d(c, c, size, stride=size), nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, 1, 1)]
+            self.net = nn.Sequential(*layers)
         else:  # (N, D) tokens or (D,)
             d = feat_shape[-1]
             self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width), nn.SiLU(), nn.Linear(width, 1))
         self.tokens = len(feat_shape) == 2
+        self.maps = len(feat_shape) == 3
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if self.tokens:
             feats = feats.mean(1)
-        return self.net(feats.float()).squeeze(-1)
+        out = self.net(feats.float())
+        return out.flatten(1).mean(1) if self.maps else out.squeeze(-1)
 
 
 class _Features:
@@ -187,41 +199,43 @@ class DMD2(DMDBase):
             with torch.no_grad():
                 probe = torch.zeros(1, *ctx.teacher.sample_shape, device=ctx.device)
                 b = ctx.source.draw("gan_probe", 1)
-                feats = self._fake_features(probe, torch.full((1,), self.fake.process.t_max / 2, device=ctx.device), b)
+                t = torch.full((1,), self.fake.process.t_max / 2, device=ctx.device)
+                feats = self._fake_features(probe, t, b.cond)
             self.head = GANHead(tuple(feats.shape[1:])).to(ctx.device)
             self.fake_bundle = nn.ModuleDict({"net": self.fake.model, "head": self.head})
 
     def trainables(self) -> dict[str, Trainable]:
         tr = super().trainables()
         if self.head is not None:
-            tr["fake"] = Trainable(self.fake_bundle, self.opt.fake_lr, lambda m: setattr(self.fake, "model", m["net"]))
+            tr["fake"] = Trainable(self.fake_bundle, self.fake_lr, lambda m: setattr(self.fake, "model", m["net"]))
         return tr
 
-    def _fake_features(self, x_t, t, batch: Batch) -> torch.Tensor:
+    def _fake_features(self, x_t, t, cond) -> torch.Tensor:
         self.features.active = True
         try:
-            self.fake(x_t, t, batch.cond)
+            self.fake(x_t, t, cond)
         finally:
             self.features.active = False
         return self.features.value
 
-    def _logits(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The head's logit for (real or generated) clean samples, noised at a random time."""
+    def _logits(self, x: torch.Tensor, cond, batch: Batch) -> torch.Tensor:
+        """The head's logit for clean samples ``x`` under their own conditioning ``cond``, noised at a
+        time drawn over the whole range (the official classifier's t ~ U[0, 1000), not the DM loss's)."""
         proc = self.student.process
-        t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
+        t = score_times(proc, batch, 0.0, 1.0)
         x_t = proc.add_noise(x, batch.randn(*x.shape), t)
-        return self.head(self._fake_features(x_t, t, batch))
+        return self.head(self._fake_features(x_t, t, cond))
 
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         if update == "fake":
-            loss = self.fake_loss(batch)
+            with torch.no_grad():
+                x, _ = self.sample(batch, grad=False)
+            loss = self.fake_loss(batch, x)
             out = {"denoise": loss.detach()}
             if self.head is not None:
-                with torch.no_grad():
-                    x, _ = self.sample(batch, grad=False)
-                real = batch.x0  # real data for this batch (images folder or the oracle)
-                d_fake = self._logits(x, batch)
-                d_real = self._logits(real, batch)
+                # generated samples with the prompts that made them; real items with their own captions
+                d_fake = self._logits(x, batch.cond, batch)
+                d_real = self._logits(batch.x0, batch.x0_cond, batch)
                 loss_d = nn.functional.softplus(d_fake).mean() + nn.functional.softplus(-d_real).mean()
                 loss = loss + self.opt.gan_disc_weight * loss_d
                 out["gan_disc"] = loss_d.detach()
@@ -231,7 +245,7 @@ class DMD2(DMDBase):
         loss = self.distribution_matching(x, batch)
         out = {"dm": loss.detach()}
         if self.head is not None:
-            loss_g = nn.functional.softplus(-self._logits(x, batch)).mean()
+            loss_g = nn.functional.softplus(-self._logits(x, batch.cond, batch)).mean()
             loss = loss + self.opt.gan_gen_weight * loss_g
             out["gan_gen"] = loss_g.detach()
         out["loss"] = loss

@@ -100,6 +100,12 @@ class Guided(Distiller):
         pred = self.student.denoiser(z, t, cond, guidance=w)
         return {"loss": mse(pred, target, truncated_snr_weight(proc, t).to(pred)), "stage": torch.tensor(1.0)}
 
+    def lr_factor(self, name: str, iteration: int) -> float:
+        """Stage 2's rounds anneal as progressive distillation's do (``progressive.round_lr``)."""
+        if iteration < self.opt.stage1_steps or self.opt.progressive.round_lr == "constant":
+            return 1.0
+        return 1.0 - self._schedule.round_progress(iteration, self.ctx.config.train.max_steps)
+
     def state_dict(self) -> dict:
         return {"stage2": None if self.stage2 is None else self.stage2.state_dict(),
                 "stage2_teacher": None if self.stage2 is None else unwrap(self.stage2.original.model).state_dict()}

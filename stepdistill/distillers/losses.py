@@ -9,7 +9,8 @@
   unconditional branch are given;
 - :func:`prompt_dropout`: rows replaced by the unconditional branch (a fake score that must learn its
   own unconditional prediction for CFG);
-- :func:`denoising_loss`: the teacher's own training loss on given samples (fake scores).
+- :func:`guided_raw`, :func:`denoising_loss`: the teacher's own training loss on given samples (fake
+  scores), optionally on its CFG-combined prediction.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from ..data import Batch
 from ..denoiser import Cond, Denoiser
 
 
-def mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample mean squared error, optionally weighted per sample, averaged over the batch."""
-    per = (a - b).pow(2).flatten(1).mean(1)
+def mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Per-sample squared error, optionally weighted per sample, averaged over the batch. Per sample it
+    is the mean over elements (``reduction="mean"``) or their sum (``"sum"``, as SiD's code reduces)."""
+    sq = (a - b).pow(2).flatten(1)
+    per = sq.sum(1) if reduction == "sum" else sq.mean(1)
     return (per * weight).mean() if weight is not None else per.mean()
 
 
@@ -58,13 +61,33 @@ def prompt_dropout(batch: Batch, cond: Cond, p: float) -> Cond:
     return batch.uncond.expand_to(batch.size).where(drop, cond)
 
 
+def guided_raw(den: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None, uncond: Cond | None,
+               scale: float | None, guidance=None) -> torch.Tensor:
+    """``den``'s raw prediction (its own parameterisation), with CFG ``u + scale (c - u)`` applied to
+    it (one batched forward) when ``scale`` is neither None nor 1 and there is an unconditional branch.
+    The parameterisations are affine in the prediction at a fixed (x_t, t), so this is the CFG of the
+    x0 prediction expressed in the network's own output."""
+    if guidance is not None:
+        guidance = torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+    if scale is None or scale == 1.0 or uncond is None:
+        return den.raw(x_t, t, cond, guidance)
+    b = x_t.shape[0]
+    both = den.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat(uncond.expand_to(b), cond.expand_to(b)),
+                   None if guidance is None else torch.cat([guidance, guidance]))
+    u, c = both.chunk(2)
+    return u + scale * (c - u)
+
+
 def denoising_loss(den: Denoiser, x0: torch.Tensor, cond: Cond | None, t: torch.Tensor, batch: Batch,
-                   guidance=None) -> torch.Tensor:
-    """The teacher's own training loss (in its prediction parameterisation) on samples x0."""
+                   guidance=None, *, uncond: Cond | None = None, guidance_scale: float | None = None,
+                   weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """The teacher's own training loss (in its prediction parameterisation) on samples x0: the network's
+    prediction at x_t = alpha_t x0 + sigma_t eps regresses the target of its parameterisation (eps, x0,
+    v or flow). ``guidance_scale`` with ``uncond`` regresses the CFG-combined prediction instead (SiD-LSG's
+    kappa_1); ``weight`` (B,) weights samples; ``reduction`` as in :func:`mse`."""
     proc = den.process
     eps = batch.randn(*x0.shape)
     x_t = proc.add_noise(x0, eps, t)
     target = proc.from_x0_eps(x0, eps, t, den.prediction_type)
-    if guidance is not None:
-        guidance = torch.as_tensor(guidance, dtype=torch.float32, device=x0.device).reshape(-1).expand(x0.shape[0])
-    return mse(den.raw(x_t, t, cond, guidance), target)
+    pred = guided_raw(den, x_t, t, cond, uncond, guidance_scale, guidance)
+    return mse(pred, target, weight, reduction)

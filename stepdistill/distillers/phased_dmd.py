@@ -22,6 +22,15 @@ Within phase k, distribution matching happens on the subinterval forward process
   form (as DMD drops the positive weight w_{t|s}, this implementation divides by the mean distance of
   the phase's x0 prediction to the teacher's, DMD2-style).
 
+Where the paper and the public implementation (LightX2V's phased_dmd trainer for Wan) differ, this
+follows the paper: (1) the fake score's loss keeps eq. 13's min(10 s_{t|s}^2, 1) weight (the code uses
+an unweighted velocity MSE); (2) the DMD gradient is applied to the phase output x_s, where eq. 10
+takes it (the code applies it to the student's x0 prediction); (3) phases are trained one after
+another with the fake score re-initialised at each start, as sec. 2.2 describes (the code alternates
+two regions every iteration, each with its own persistent fake score). From the code, where the
+paper is silent: Adam betas (0, 0.999) for every trainable (``betas``) and, in the shipped configs,
+weight decay 0.01 and gradient clipping at 10.
+
 The last phase (s = t_clean) is ordinary DMD. Per-phase experts are a :class:`~stepdistill.nets.PhasedExperts`
 network (sampling routes each step to its expert; no stock diffusers pipeline does that, so such
 students are sampled with stepdistill); ``experts: false`` gives one network that exports as an
@@ -31,7 +40,7 @@ ordinary few-step DDIM student.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +63,7 @@ class PhasedDMDOptions(FakeScoreOptions):
     steps_per_phase: int | None = None  # default: train.max_steps / K
     experts: bool = True  # one expert network per phase (a mixture of experts); false: one shared network
     reset_fake: bool = True  # re-initialise the fake score from the teacher at each phase start
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas of every trainable (LightX2V)
 
 
 class PhasedDMD(Distiller):
@@ -65,7 +75,7 @@ class PhasedDMD(Distiller):
         proc = ctx.init.process
         times = student_timesteps(ctx)
         self.student = make_student(ctx, "phased_dmd", "deterministic", times, experts=options.experts)
-        self.fake = make_fake(ctx, options.fake_lora_rank)
+        self.fake = make_fake(ctx, options)
         self.bounds = torch.cat([self.student.times(), torch.tensor([proc.t_clean])])
         self.k = len(times)
         max_steps = ctx.config.train.max_steps
@@ -89,16 +99,20 @@ class PhasedDMD(Distiller):
         return [f"expert{k}" for k in range(config.student.num_steps)] + ["fake"]
 
     def trainables(self) -> dict[str, Trainable]:
-        fake = {"fake": Trainable(self.fake.model, self.opt.fake_lr, lambda m: setattr(self.fake, "model", m))}
-        if not self.opt.experts:
-            return {"student": student_trainable(self.student, self.opt.lr), **fake}
-        experts = unwrap(self.student.model).experts
+        fake_lr = self.opt.lr if self.opt.fake_lr is None else self.opt.fake_lr
+        if self.opt.experts:
+            experts = unwrap(self.student.model).experts
 
-        def put(k):
-            return lambda m: experts.__setitem__(k, m)
+            def put(k):
+                return lambda m: experts.__setitem__(k, m)
 
-        return {**{f"expert{k}": Trainable(experts[k], self.opt.lr, put(k), is_student=True) for k in range(self.k)},
-                **fake}
+            out = {f"expert{k}": Trainable(experts[k], self.opt.lr, put(k), is_student=True) for k in range(self.k)}
+        else:
+            out = {"student": student_trainable(self.student, self.opt.lr)}
+        out["fake"] = Trainable(self.fake.model, fake_lr, lambda m: setattr(self.fake, "model", m))
+        for tr in out.values():
+            tr.betas = tuple(self.opt.betas)
+        return out
 
     def _phase_of(self, iteration: int) -> int:
         return min(iteration // self.per_phase, self.k - 1)

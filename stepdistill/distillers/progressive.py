@@ -9,6 +9,15 @@ on z_t'' in one DDIM step (eq. 8 / Alg. 2):
 
 with the truncated-SNR weight max(SNR_t, 1) (sec. 4). Rounds halve N inside one run (e.g. 64 -> 1);
 the student of round r becomes the frozen teacher of round r + 1.
+
+As in the paper and its official configs, the learning rate is annealed linearly to zero within each
+round (``round_lr``), on top of ``train.lr_schedule``. Sec. 4 avoids an epsilon output for the student,
+because x0 = (z - sigma eps) / alpha multiplies the network's error by sigma / alpha at high noise
+(14.6 at t = 999 for SD's schedule); ``student_prediction`` gives the student an x0 (``sample``) or
+``v_prediction`` output head instead of the teacher's (the network is the teacher's, its output read
+in the new parameterisation, so the first round also learns the new head; the exported scheduler's
+prediction_type follows it). The official code's x-and-eps head ('both') has no diffusers equivalent.
+With ``x_source: data`` the x of each row is a real image with its own caption.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ class ProgressiveOptions:
     guidance_scale: float | None = None  # CFG of the original teacher (round 0), diffusers convention
     weighting: Literal["truncated_snr", "snr", "none"] = "truncated_snr"
     lr: float = 1e-4
+    round_lr: Literal["linear", "constant"] = "linear"  # the learning rate within each round (official: linear to 0)
+    student_prediction: Literal["teacher", "sample", "v_prediction"] = "teacher"  # the student's output head
 
     def __post_init__(self):
         if self.start_steps < 1 or self.start_steps & (self.start_steps - 1):
@@ -81,6 +92,13 @@ class RoundSchedule:
 
     def round_of(self, iteration: int) -> int:
         return min(max(iteration - self.first, 0) // self.per_round, self.rounds - 1)
+
+    def round_progress(self, iteration: int, total_steps: int) -> float:
+        """How far into its round ``iteration`` is, in [0, 1) (the last round runs to ``total_steps``)."""
+        rnd = self.round_of(iteration)
+        start = self.first + rnd * self.per_round
+        length = (total_steps - start) if rnd == self.rounds - 1 else self.per_round
+        return (iteration - start) / max(length, 1)
 
     def student_steps(self, rnd: int) -> int:
         return self.start_steps >> rnd
@@ -161,7 +179,8 @@ class Progressive(Distiller):
         super().__init__(ctx, options)
         final = ctx.config.student.num_steps
         proc = ctx.init.process
-        self.student = make_student(ctx, "progressive", "deterministic", proc.grid(final).tolist())
+        head = None if options.student_prediction == "teacher" else options.student_prediction
+        self.student = make_student(ctx, "progressive", "deterministic", proc.grid(final).tolist(), prediction_type=head)
         schedule = RoundSchedule(proc, options.start_steps, final, 0, ctx.config.train.max_steps, options.steps_per_round)
         self.core = ProgressiveCore(self.student, ctx.teacher.denoiser, schedule, options)
         self.pool = None
@@ -174,6 +193,11 @@ class Progressive(Distiller):
 
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         return self.core.loss(batch, iteration, self.pool, self.opt.guidance_scale)
+
+    def lr_factor(self, name: str, iteration: int) -> float:
+        if self.opt.round_lr == "constant":
+            return 1.0
+        return 1.0 - self.core.schedule.round_progress(iteration, self.ctx.config.train.max_steps)
 
     def state_dict(self) -> dict:
         return self.core.state_dict()

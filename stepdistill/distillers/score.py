@@ -20,7 +20,9 @@ class FakeScoreOptions:
     """Options every score-based method has (flattened into its own Options)."""
 
     fake_lora_rank: int = 0  # 0: the fake score is a full copy of the teacher; > 0: a LoRA on a copy
-    fake_lr: float = 1e-4
+    fake_lora_alpha: float | None = None  # LoRA scale alpha / rank (default alpha = rank)
+    fake_lora_targets: list[str] | None = None  # modules the fake score's LoRA adapts (default: student.lora_targets)
+    fake_lr: float | None = None  # default: the student's learning rate (DMD2 and SiD use equal rates)
     fake_updates: int = 1  # fake-score updates per student update (two time-scale rule)
     t_min: float = 0.02  # score losses use times in [t_min, t_max] as fractions of the process range
     t_max: float = 0.98
@@ -32,10 +34,10 @@ class FakeScoreOptions:
             raise ValueError(f"method_args.t_min / t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
 
 
-def make_fake(ctx: Context, lora_rank: int) -> Denoiser:
+def make_fake(ctx: Context, opt: FakeScoreOptions) -> Denoiser:
     """The fake score: initialised as the teacher (DMD sec. 3.2 / SiD sec. 4), full or LoRA."""
-    model = copy_for_training(ctx.init.model, lora_rank=lora_rank, lora_alpha=lora_rank or None,
-                              lora_targets=ctx.config.student.lora_targets).to(ctx.device)
+    model = copy_for_training(ctx.init.model, lora_rank=opt.fake_lora_rank, lora_alpha=opt.fake_lora_alpha,
+                              lora_targets=opt.fake_lora_targets or ctx.config.student.lora_targets).to(ctx.device)
     return Denoiser(model, ctx.init.process, ctx.init.prediction_type)
 
 
@@ -84,7 +86,7 @@ class ScoreDistiller(Distiller):
     def __init__(self, ctx: Context, options):
         super().__init__(ctx, options)
         self.student = make_student(ctx, self.name, "renoise", student_timesteps(ctx))
-        self.fake = make_fake(ctx, options.fake_lora_rank)
+        self.fake = make_fake(ctx, options)
 
     @classmethod
     def trainable_names(cls, config, options) -> list[str]:
@@ -93,8 +95,12 @@ class ScoreDistiller(Distiller):
     def trainables(self) -> dict[str, Trainable]:
         return {
             "student": student_trainable(self.student, self.opt.lr),
-            "fake": Trainable(self.fake.model, self.opt.fake_lr, lambda m: setattr(self.fake, "model", m)),
+            "fake": Trainable(self.fake.model, self.fake_lr, lambda m: setattr(self.fake, "model", m)),
         }
+
+    @property
+    def fake_lr(self) -> float:
+        return self.opt.lr if self.opt.fake_lr is None else self.opt.fake_lr
 
     def updates(self, iteration: int) -> list[str]:
         return score_updates(iteration, self.opt.fake_updates)

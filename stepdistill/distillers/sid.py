@@ -2,28 +2,42 @@
 "Guided Score identity Distillation for Data-Free One-Step Text-to-Image Generation") and few-step
 SiD (uniform mixture of the steps' outputs).
 
-Per iteration (1:1 alternation, fake score first): the fake score f_psi (an x0-predictor initialised
-as the teacher) takes the teacher's denoising loss on detached generator samples; then the generator
-takes, at x_t = alpha_t x_g + sigma_t eps with y_r = teacher x0 and y_f = fake x0 (SiD eq. 23 / the
-alpha-weighted form of sec. 4.3):
+Per iteration (1:1 alternation, fake score first, as the official loop):
 
-    L_G = (y_r - y_f) . ((y_r - x_g) - alpha (y_r - y_f)) / mean_CHW |x_g - y_r|,
+- the fake score f_psi (initialised as the teacher) takes the teacher's own denoising loss on
+  detached generator samples, in the network's own parameterisation (epsilon for SD1.5), on its
+  CFG-combined prediction u + kappa_1 (c - u) when kappa_1 != 1 (SiD-LSG's code regresses the guided
+  epsilon, not x0: an x0-space loss would reweight the times by (sigma/alpha)^2, 10^4 across SD's
+  range);
+- the generator takes, at x_t = alpha_t x_g + sigma_t eps with y_r = teacher x0 and y_f = fake x0
+  (SiD eq. 23 / the alpha-weighted form of sec. 4.3):
 
-with gradients flowing into x_g directly and *through both score networks* (their weights frozen
-during this phase); the normaliser is detached. alpha = 1.2 (EDM setting; the SD runs use 1.0).
-Here the loss is averaged over elements rather than summed (a constant rescaling of the learning
-rate).
+      L_G = (y_r - y_f) . ((y_r - x_g) - alpha (y_r - y_f)) / mean_CHW |x_g - y_r|,
+
+  with gradients flowing into x_g directly and *through both score networks* (their weights frozen
+  during this update); the normaliser is detached. alpha = 1.2 (EDM setting; the SD runs use 1.0).
+
+Both losses are summed over the elements of a sample and averaged over the batch, as the official
+code reduces them: with Adam's eps = 1e-8 at lr 1e-6 a mean over 4x64x64 latents (16384x smaller
+gradients) would not be the same optimiser. Samples whose generator loss is not finite are dropped
+(the batch mean still divides by the batch size), as in the official code.
 
 SiD-LSG guidance (all CFG in the diffusers form u + s (c - u)):
-- ``fake_train_guidance`` (kappa_1): the fake score's own prediction inside its denoising loss; when
-  it is not 1 the fake score sees the empty prompt 10% of the time;
+- ``fake_train_guidance`` (kappa_1): the fake score's own prediction inside its denoising loss;
 - ``fake_guidance`` (kappa_2 = kappa_3): y_f in the generator loss;
 - ``real_guidance`` (kappa_4): y_r in the generator loss.
-``guidance_mode`` fills these: ``lsg`` (all = ``guidance_scale``; 1.5-4.5 in the paper),
-``zero`` (Zero-CFG: no CFG in the teacher, the fake score unconditioned), ``anti`` (Anti-CFG:
-no CFG in the teacher, negative guidance ``-guidance_scale`` in the fake score), ``none``.
+When kappa_1 or kappa_2 is not 1, each prompt of the fake score's update is replaced by the empty
+prompt with probability ``prompt_dropout`` (0.1) before the generator draws its samples, so the
+generator makes those samples from the empty prompt too (official); the generator's own update never
+drops prompts. ``guidance_mode`` fills the kappas: ``lsg`` (all = ``guidance_scale``; 1.5-4.5 in
+the paper), ``zero`` (Zero-CFG: no CFG in the teacher, the fake score unconditioned), ``anti``
+(Anti-CFG: no CFG in the teacher, negative guidance ``-guidance_scale`` in the fake score), ``none``.
 Zero- and Anti-CFG follow the Few-Step SiD paper's description; their exact constants are not in
 the public code.
+
+Deviation from the official code: the generator starts from unit Gaussian noise at t_init (the
+convention an exported diffusers pipeline follows); SiD-LSG's code feeds sigma(t_init) times the
+noise (0.93 at t_init = 625).
 
 Few-step SiD: the generator samples with re-noising between its steps; each iteration picks a step
 k uniformly, runs steps < k without grad and trains on step k's output, so one fake score matches
@@ -95,19 +109,16 @@ class SiD(ScoreDistiller):
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         proc = self.student.process
         if update == "fake":
-            with torch.no_grad():
-                x, _ = self.sample(batch, grad=False)
-            cond = self._fake_cond(batch)
-            if self.train_s != 1.0 or not self.fake_conditioned:
+            cond = batch.cond
+            if self.train_s != 1.0 or self.fake_s != 1.0:  # before sampling: the generator sees the drop too
                 cond = prompt_dropout(batch, cond, self.opt.prompt_dropout)
+            with torch.no_grad():
+                x, _ = self.sample(batch, grad=False, cond=cond)
+            if not self.fake_conditioned and batch.uncond is not None:
+                cond = batch.uncond.expand_to(batch.size)
             t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
-            if self.train_s == 1.0 or batch.uncond is None:
-                return {"loss": denoising_loss(self.fake, x, cond, t, batch)}
-            # kappa_1 != 1: the guided fake prediction is what regresses the target
-            eps = batch.randn(*x.shape)
-            x_t = proc.add_noise(x, eps, t)
-            pred = guided_x0(self.fake, x_t, t, cond, batch.uncond, self.train_s)
-            return {"loss": (pred - x).pow(2).mean()}
+            return {"loss": denoising_loss(self.fake, x, cond, t, batch, uncond=batch.uncond,
+                                           guidance_scale=self.train_s, reduction="sum")}
         x_g, _ = self.sample(batch, grad=True)
         t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
         x_t = proc.add_noise(x_g, batch.randn(*x_g.shape), t)
@@ -116,5 +127,6 @@ class SiD(ScoreDistiller):
         y_f = guided_x0(self.fake, x_t, t, self._fake_cond(batch), batch.uncond, self.fake_s)
         norm = per_sample_mean_abs(x_g - y_r, 1e-5)
         diff = y_r - y_f
-        loss = torch.nan_to_num(diff * ((y_r - x_g) - self.opt.alpha * diff) / norm).mean()
-        return {"loss": loss}
+        per = (diff * ((y_r - x_g) - self.opt.alpha * diff) / norm).flatten(1).sum(1)
+        per = torch.where(torch.isfinite(per), per, torch.zeros_like(per))  # a non-finite sample is dropped
+        return {"loss": per.mean()}

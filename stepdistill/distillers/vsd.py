@@ -9,18 +9,24 @@ follows the VSD gradient (ProlificDreamer eq. 9; SwiftBrush eq. 6) at x_t = alph
 
 with CFG on both networks as SwiftBrush does (4.5 in the paper), w(t) = sigma_t^2 and
 t ~ U[20, 980] for T = 1000.
+
+The fake score follows SwiftBrush's code: its denoising loss at t ~ U[0, T) weights each sample by
+alpha_t^2 (the code scales both the LoRA's epsilon and the target by sqrt(alphas_cumprod)); its LoRA
+has rank 64 and alpha 108 (scale 1.69) on ``to_q`` and ``to_v`` only; and 10% of the fake score's
+updates see the empty prompt for the whole batch (one coin per batch, as the code draws it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from ..data import Batch
 from ..process import per_sample
 from .base import Context
-from .losses import denoising_loss, gradient_matching_loss, guided_x0, prompt_dropout
+from .losses import denoising_loss, gradient_matching_loss, guided_x0
 from .score import FakeScoreOptions, ScoreDistiller, score_times
 
 
@@ -29,9 +35,12 @@ class VSDOptions(FakeScoreOptions):
     guidance_scale: float = 4.5  # CFG of the teacher (diffusers convention)
     fake_guidance_scale: float | None = 4.5  # CFG of the LoRA fake score
     fake_lora_rank: int = 64
-    fake_lr: float = 1e-3
+    fake_lora_alpha: float | None = 108.0  # SwiftBrush's scale 108 / 64
+    fake_lora_targets: list[str] | None = field(default_factory=lambda: ["to_q", "to_v"])
+    fake_lr: float | None = 1e-3
     lr: float = 1e-6
-    prompt_dropout: float = 0.1  # the fake score also learns its unconditional branch (for its CFG)
+    prompt_dropout: float = 0.1  # probability that a fake-score update sees the empty prompt (whole batch)
+    fake_weighting: Literal["alpha2", "none"] = "alpha2"  # SwiftBrush's alpha_t^2 weight of the fake loss
 
 
 class VSD(ScoreDistiller):
@@ -48,9 +57,12 @@ class VSD(ScoreDistiller):
         if update == "fake":
             with torch.no_grad():
                 x, _ = self.sample(batch, grad=False)
-            cond = prompt_dropout(batch, batch.cond, self.opt.prompt_dropout)
+            cond = batch.cond
+            if batch.uncond is not None and self.opt.prompt_dropout > 0 and float(batch.rand(1)) < self.opt.prompt_dropout:
+                cond = batch.uncond.expand_to(batch.size)
             t = score_times(proc, batch, 0.0, 1.0)
-            return {"loss": denoising_loss(self.fake, x, cond, t, batch)}
+            weight = proc.alpha(t) ** 2 if self.opt.fake_weighting == "alpha2" else None
+            return {"loss": denoising_loss(self.fake, x, cond, t, batch, weight=weight)}
         x, _ = self.sample(batch, grad=True)
         t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
         with torch.no_grad():

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, from_dict, torch_dtype
-from ..data import BatchSource, list_images, load_images, read_prompts
+from ..data import BatchSource, folder_labels, image_captions, list_images, load_images, read_prompts
 from ..denoiser import Denoiser, unwrap
 from ..distillers.base import Context, Distiller
 from ..distillers.registry import get_method
@@ -87,20 +87,28 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) ->
 
 
 def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, rank: int = 0) -> BatchSource:
-    """The batch source: prompts, real images (encoded into the denoiser's space once), the oracle."""
+    """The batch source: prompts, real images (encoded into the denoiser's space once) with their own
+    captions or class labels, the oracle."""
     prompts = read_prompts(cfg.data.prompts, cfg.data.skip_bad_items) if cfg.data.prompts is not None else None
-    x0 = None
+    x0 = captions = labels = None
     if cfg.data.images is not None:
-        files = list_images(cfg.data.images)
+        found = list_images(cfg.data.images)
+        files, captions = image_captions(found, cfg.data.skip_bad_items)
         scale = getattr(teacher.pipeline, "vae_scale_factor", 1) if teacher.vae is not None else 1
         channels = teacher.vae.config.in_channels if teacher.vae is not None else teacher.sample_shape[0]
         images, kept = load_images(files, teacher.sample_shape[-1] * scale, channels, cfg.data.skip_bad_items)
-        if len(kept) < len(files):
-            logger.warning("data.images: skipped %d unreadable of %d images (data.skip_bad_items=true)",
-                           len(files) - len(kept), len(files))
+        if len(kept) < len(found):
+            logger.warning("data.images: skipped %d unreadable or uncaptioned of %d images (data.skip_bad_items=true)",
+                           len(found) - len(kept), len(found))
+        if captions is not None:
+            keep = set(kept)
+            captions = [c for f, c in zip(files, captions) if f in keep]
+        if teacher.conditional and teacher.null_label is not None:
+            labels = folder_labels(kept, teacher.null_label)
         x0 = torch.cat([teacher.encode_images(images[i:i + 64].to(device), torch.Generator().manual_seed(seed + i))
                         for i in range(0, len(images), 64)]).to(device)
-    return BatchSource(teacher, seed=seed, device=device, prompts=prompts, x0_data=x0, oracle=oracle, rank=rank)
+    return BatchSource(teacher, seed=seed, device=device, prompts=prompts, x0_data=x0, x0_captions=captions,
+                       x0_labels=labels, oracle=oracle, rank=rank)
 
 
 def build_distiller(method: type[Distiller], ctx: Context, options) -> Distiller:
@@ -132,6 +140,12 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
+def _with_factor(sched, opt, distiller: Distiller, name: str, num_processes: int):
+    """``sched`` (a LambdaLR over process-steps) times ``distiller.lr_factor(name, iteration)``."""
+    base = sched.lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: base(s) * distiller.lr_factor(name, s // num_processes))
+
+
 def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig) -> dict[str, TrainableState]:
     """Per trainable: its optimiser (AdamW; ``optim.<name>`` overrides the method's settings), its
     learning-rate schedule, the accelerate-prepared module (identical on every rank) and, for student
@@ -152,13 +166,15 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig) -> dict[
         if not params:
             raise ConfigError(f"trainable '{name}' has no parameters that require grad")
         betas = tuple(oc.betas) if oc and oc.betas else (tr.betas or (0.9, 0.999))
-        opt = adamw(params, lr=lr, betas=betas, weight_decay=oc.weight_decay if oc else 0.0)
+        decay = oc.weight_decay if oc and oc.weight_decay is not None else cfg.train.weight_decay
+        opt = adamw(params, lr=lr, betas=betas, weight_decay=decay)
         # the schedule runs on the loop's iteration, for every trainable alike, whether or not the trainable
         # is updated in that iteration (as DMD2's own loop does): a fake score updated N times per student
         # update anneals with the student, not N times faster. accelerate steps a prepared scheduler once
         # per process, hence the lengths in process-steps (as in the diffusers training scripts).
         sched = get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps * acc.num_processes,
                               num_training_steps=cfg.train.max_steps * acc.num_processes)
+        sched = _with_factor(sched, opt, distiller, name, acc.num_processes)  # the method's own factor on top
         # no DDP wrapper: distillers call their networks in many ways per update (frozen inside other
         # updates, several forwards per backward), so gradients are averaged explicitly instead
         module = acc.prepare_model(tr.module, device_placement=True, evaluation_mode=True).train()

@@ -95,7 +95,8 @@ def test_dmd2_gan_reads_real_images_from_folder(tmp_path, tiny_pipelines):
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    (folder / "notes.txt").write_text("not an image")
+        (folder / f"{i}.txt").write_text(f"a photo of thing {i}")  # each real image's own caption
+    (folder / "notes.md").write_text("not an image")
     out = tmp_path / "gan"
     r = launch("configs/tiny-sd/dmd2_4step.yaml", [f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={out}",
                                                  f"data.images={folder}", "method_args.gan=true"])

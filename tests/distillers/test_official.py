@@ -1,0 +1,318 @@
+"""Each method's update against what its authors' code computes, on fixed tensors.
+
+The official losses are written out here by hand from the papers' public code (docs/METHODS.md names
+the files): SiD-LSG's fake-score loss (epsilon space, CFG kappa_1, summed over elements) and
+generator loss (summed), SwiftBrush's alpha_t^2-weighted LoRA loss, DMD2's GAN head layout and its
+real branch (each real image with its own caption). Random draws are replayed from the batch's own
+generator in the order the method makes them.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from stepdistill.config import load_config
+from stepdistill.data import Batch, BatchSource
+from stepdistill.denoiser import Cond, Denoiser
+from stepdistill.distillers.base import Context
+from stepdistill.nets import MLPDenoiser
+from stepdistill.oracle import GaussianMixture
+from stepdistill.teachers import Teacher
+
+
+def _context(method: str, *overrides, t_init: float = 600.0):
+    """A conditional oracle teacher whose networks (teacher copy, student, fake score) are an
+    epsilon-prediction MLP, as SD1.5's UNet is."""
+    from diffusers import DDIMScheduler
+
+    from stepdistill.process import process_from_scheduler_config
+
+    proc = process_from_scheduler_config(DDIMScheduler(beta_schedule="scaled_linear"))
+    gmm = GaussianMixture.ring(4, 3, 2.0, 0.3)
+    teacher = Teacher.from_oracle(gmm, proc)
+    torch.manual_seed(0)
+    net = MLPDenoiser(dim=3, hidden=32, depth=2, num_classes=4).requires_grad_(False)
+    teacher.denoiser = Denoiser(net, proc, "epsilon")  # the 'real score' of these tests
+    cfg = load_config(None, [f"method={method}", "teacher.oracle.components=4", "teacher.oracle.dim=3",
+                             "teacher.oracle.conditional=true", f"student.timesteps=[{t_init}]", *overrides])
+    source = BatchSource(teacher, seed=0, device="cpu", oracle=gmm)
+    return Context(teacher, teacher.denoiser, source, cfg, torch.device("cpu")), proc
+
+
+def _perturb(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _eps(net, x_t, t, labels):
+    return net(x_t, t, class_labels=labels)
+
+
+def _replay(batch: Batch) -> torch.Generator:
+    g = torch.Generator()
+    g.set_state(batch.generator.get_state())
+    return g
+
+
+def _batch(source, seed=3, n=6):
+    return source.batch(step=seed, rank=0, size=n)
+
+
+# ------------------------------------------------------------------------------------------------
+# SiD-LSG (mingyuanzhou/SiD-LSG, training/sid_training_loop.py)
+# ------------------------------------------------------------------------------------------------
+def _sid(*overrides):
+    from stepdistill.distillers.sid import SiD
+
+    ctx, proc = _context("sid", "method_args.guidance_mode=lsg", "method_args.guidance_scale=2.5", *overrides)
+    from stepdistill.config import from_dict
+
+    sid = SiD(ctx, from_dict(SiD.Options, ctx.config.method_args, "method_args"))
+    _perturb(sid.student.model, 1)
+    _perturb(sid.fake.model, 2)
+    return sid, ctx, proc
+
+
+def test_sid_fake_loss_is_the_official_guided_epsilon_regression_summed_over_elements():
+    sid, ctx, proc = _sid()
+    batch = _batch(ctx.source)
+    g = _replay(batch)
+    loss = sid.loss(batch, 0, "fake")["loss"]
+    # the same draws, in the method's order: prompt dropout, the generator's noise, t, the loss's eps
+    labels = batch.labels.clone()
+    drop = torch.rand(6, generator=g) < 0.1
+    labels = torch.where(drop, torch.full_like(labels, 4), labels)  # 4 = the null label: the empty prompt
+    z = torch.randn(6, 3, generator=g)
+    t0 = torch.full((6,), 600.0)
+    a0, s0 = proc.alpha_sigma(t0)
+    with torch.no_grad():
+        x_g = (z - s0[:, None] * _eps(sid.student.model, z, t0, labels)) / a0[:, None]
+    t = (proc.t_max * 0.02 + (proc.t_max * 0.98 - proc.t_max * 0.02) * torch.rand(6, generator=g, dtype=torch.float64)).float()
+    eps = torch.randn(6, 3, generator=g)
+    a, s = proc.alpha_sigma(t)
+    x_t = a[:, None] * x_g + s[:, None] * eps
+    e_c = _eps(sid.fake.model, x_t, t, labels)
+    e_u = _eps(sid.fake.model, x_t, t, torch.full_like(labels, 4))
+    official = ((e_u + 2.5 * (e_c - e_u) - eps) ** 2).sum() / 6  # (1 / B) sum over every element
+    torch.testing.assert_close(loss, official, rtol=1e-5, atol=1e-6)
+
+
+def test_sid_generator_loss_is_the_official_score_identity_loss_summed_over_elements():
+    sid, ctx, proc = _sid("method_args.alpha=1.2")
+    batch = _batch(ctx.source, seed=4)
+    g = _replay(batch)
+    loss = sid.loss(batch, 0, "student")["loss"]
+    labels, null = batch.labels, torch.full_like(batch.labels, 4)
+    z = torch.randn(6, 3, generator=g)
+    t0 = torch.full((6,), 600.0)
+    a0, s0 = proc.alpha_sigma(t0)
+    x_g = (z - s0[:, None] * _eps(sid.student.model, z, t0, labels)) / a0[:, None]
+    t = (proc.t_max * 0.02 + (proc.t_max * 0.98 - proc.t_max * 0.02) * torch.rand(6, generator=g, dtype=torch.float64)).float()
+    a, s = proc.alpha_sigma(t)
+    x_t = a[:, None] * x_g + s[:, None] * torch.randn(6, 3, generator=g)
+
+    def guided_x0(net, kappa):
+        e_c, e_u = _eps(net, x_t, t, labels), _eps(net, x_t, t, null)
+        return (x_t - s[:, None] * (e_u + kappa * (e_c - e_u))) / a[:, None]
+
+    y_real, y_fake = guided_x0(ctx.teacher.denoiser.model, 2.5), guided_x0(sid.fake.model, 2.5)
+    w = (x_g - y_real).abs().mean(1, keepdim=True).detach().clamp(min=1e-5)
+    official = ((y_real - y_fake) * ((y_real - x_g) - 1.2 * (y_real - y_fake)) / w).sum() / 6
+    torch.testing.assert_close(loss, official, rtol=1e-5, atol=1e-6)
+
+
+def test_sid_drops_prompts_when_only_the_fake_guidance_differs_and_the_generator_sees_the_drop():
+    sid, ctx, _ = _sid("method_args.fake_train_guidance=1.0", "method_args.prompt_dropout=0.5")
+    assert sid.train_s == 1.0 and sid.fake_s == 2.5  # kappa_1 = 1, kappa_2 != 1: the official code drops
+    batch = _batch(ctx.source, seed=9)
+    drop = torch.rand(6, generator=_replay(batch)) < 0.5
+    assert 0 < int(drop.sum()) < 6
+    seen = []
+    real_rollout = sid.sample
+    sid.sample = lambda b, grad, cond=None: (seen.append(cond), real_rollout(b, grad, cond))[1]
+    sid.loss(batch, 0, "fake")
+    expect = torch.where(drop, torch.full_like(batch.labels, 4), batch.labels)
+    assert torch.equal(seen[0].kwargs["class_labels"], expect)  # the generator drew from the dropped prompts
+
+
+# ------------------------------------------------------------------------------------------------
+# SwiftBrush (VinAIResearch/SwiftBrush, train_swiftbrush.py)
+# ------------------------------------------------------------------------------------------------
+def test_vsd_fake_loss_weights_by_alphas_cumprod_as_swiftbrush():
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.vsd import VSD
+
+    ctx, proc = _context("vsd", "method_args.fake_lora_rank=0", "method_args.prompt_dropout=0.0")
+    vsd = VSD(ctx, from_dict(VSD.Options, ctx.config.method_args, "method_args"))
+    _perturb(vsd.student.model, 1)
+    _perturb(vsd.fake.model, 2)
+    batch = _batch(ctx.source, seed=5)
+    g = _replay(batch)
+    loss = vsd.loss(batch, 0, "fake")["loss"]
+    z = torch.randn(6, 3, generator=g)
+    t0 = torch.full((6,), 600.0)
+    a0, s0 = proc.alpha_sigma(t0)
+    with torch.no_grad():
+        x = (z - s0[:, None] * _eps(vsd.student.model, z, t0, batch.labels)) / a0[:, None]
+    t = (proc.t_max * torch.rand(6, generator=g, dtype=torch.float64)).float()  # t ~ U[0, T)
+    eps = torch.randn(6, 3, generator=g)
+    a, s = proc.alpha_sigma(t)
+    e = _eps(vsd.fake.model, a[:, None] * x + s[:, None] * eps, t, batch.labels)
+    acp = a[:, None] ** 2
+    official = torch.nn.functional.mse_loss(acp.sqrt() * e, acp.sqrt() * eps)  # both scaled by sqrt(alphas_cumprod)
+    torch.testing.assert_close(loss, official, rtol=1e-5, atol=1e-7)
+
+
+def test_vsd_lora_is_swiftbrushs():
+    from stepdistill.distillers.vsd import VSDOptions
+
+    opt = VSDOptions()
+    assert (opt.fake_lora_rank, opt.fake_lora_alpha, opt.fake_lora_targets) == (64, 108.0, ["to_q", "to_v"])
+    assert (opt.lr, opt.fake_lr, opt.guidance_scale, opt.fake_guidance_scale) == (1e-6, 1e-3, 4.5, 4.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# DMD2 (tianweiy/DMD2, main/sd_guidance.py)
+# ------------------------------------------------------------------------------------------------
+def test_dmd2_gan_head_has_the_official_layout_at_the_native_bottlenecks():
+    from torch import nn
+
+    from stepdistill.distillers.dmd import GANHead
+
+    def layout(head):
+        return [(m.kernel_size[0], m.stride[0], m.padding[0], m.out_channels) for m in head.net if isinstance(m, nn.Conv2d)]
+
+    # SD1.5: 64x64 latents give an 8x8 mid block of 1280 channels; SDXL: 128x128 latents give 32x32
+    assert layout(GANHead((1280, 8, 8))) == [(4, 2, 1, 1280), (4, 4, 0, 1280), (1, 1, 0, 1)]
+    assert layout(GANHead((1280, 32, 32))) == [(4, 2, 1, 1280)] * 3 + [(4, 4, 0, 1280), (1, 1, 0, 1)]
+    assert all(m.num_groups == 32 for m in GANHead((1280, 8, 8)).net if isinstance(m, nn.GroupNorm))
+    assert GANHead((1280, 8, 8))(torch.randn(2, 1280, 8, 8)).shape == (2,)  # one logit per sample
+
+
+def test_dmd2_gan_real_branch_sees_each_real_image_with_its_own_caption(tmp_path, tiny_pipelines):
+    """The classifier's real rows are conditioned on their own captions (not on the batch's other
+    prompts), and the classifier times are drawn over the whole range."""
+    from PIL import Image
+
+    from stepdistill.distillers.dmd import DMD2
+    from stepdistill.training import Trainer
+
+    images = tmp_path / "images"
+    images.mkdir()
+    captions = ["a red cube", "two cats", "a dog on grass", "a blue car", "an old tree", "a small boat"]
+    for i, caption in enumerate(captions):
+        Image.new("RGB", (32, 32), (40 * i, 255 - 40 * i, 20)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(caption)
+    cfg = load_config("configs/tiny-sd/dmd2_4step.yaml", [
+        f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={tmp_path}/run", "train.report_to=none",
+        "train.progress=false", "method_args.gan=true", f"data.images={images}", "data.prompts=[a yellow sun]"])
+    trainer = Trainer(cfg)
+    dmd2 = trainer.distiller
+    calls = []
+    logits = DMD2._logits
+
+    def spy(self, x, cond, batch):
+        calls.append((x.detach().clone(), cond))
+        return logits(self, x, cond, batch)
+
+    DMD2._logits = spy
+    try:
+        batch = trainer.source.batch(0, 0, 4)
+        dmd2.loss(batch, 0, "fake")
+    finally:
+        DMD2._logits = logits
+    (x_fake, cond_fake), (x_real, cond_real) = calls
+    table = trainer.source.x0_data
+    for row in range(4):
+        item = int(((table - x_real[row]).flatten(1).abs().amax(1) == 0).nonzero()[0])
+        own = trainer.teacher.encode([captions[item]])[0].kwargs["encoder_hidden_states"][0]
+        torch.testing.assert_close(cond_real.kwargs["encoder_hidden_states"][row], own)
+    prompt = trainer.teacher.encode(["a yellow sun"])[0].kwargs["encoder_hidden_states"][0]
+    assert all(torch.allclose(c, prompt) for c in cond_fake.kwargs["encoder_hidden_states"])  # fakes: their prompts
+    assert not torch.allclose(cond_real.kwargs["encoder_hidden_states"][0], prompt)
+
+
+def test_dmd2_gan_classifier_times_cover_the_whole_range():
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.dmd import DMD2
+
+    ctx, proc = _context("dmd2", "method_args.gan=true", "method_args.t_min=0.4", "method_args.t_max=0.6")
+    dmd2 = DMD2(ctx, from_dict(DMD2.Options, ctx.config.method_args, "method_args"))
+    seen = []
+    features = dmd2._fake_features
+    dmd2._fake_features = lambda x_t, t, cond: (seen.append(t), features(x_t, t, cond))[1]
+    for step in range(20):
+        dmd2.loss(ctx.source.batch(step, 0, 32), step, "fake")
+    t = torch.cat(seen)
+    assert float(t.min()) < 0.1 * proc.t_max and float(t.max()) > 0.9 * proc.t_max  # not the DM loss's [0.4, 0.6]
+
+
+# ------------------------------------------------------------------------------------------------
+# defaults and recipes
+# ------------------------------------------------------------------------------------------------
+def test_fake_score_learning_rate_defaults_to_the_students():
+    from stepdistill.distillers.dmd import DMD2Options
+    from stepdistill.distillers.sid import SiDOptions
+
+    for options in (DMD2Options(lr=3e-6), SiDOptions(lr=3e-6)):
+        assert options.fake_lr is None  # resolved to lr: DMD2 and SiD train both networks at one rate
+    ctx, _ = _context("dmd2", "method_args.lr=3e-6")
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.dmd import DMD2
+
+    dmd2 = DMD2(ctx, from_dict(DMD2.Options, ctx.config.method_args, "method_args"))
+    assert {n: t.lr for n, t in dmd2.trainables().items()} == {"student": 3e-6, "fake": 3e-6}
+
+
+def test_progressive_learning_rate_anneals_linearly_within_each_round(tmp_path):
+    from stepdistill.training import Trainer
+
+    cfg = load_config("configs/oracle/progressive_1step.yaml", [
+        f"train.output_dir={tmp_path}/run", "train.report_to=none", "train.progress=false", "train.max_steps=8",
+        "train.checkpoint_every=8", "train.validate_every=8", "teacher.oracle.network_steps=20",
+        "method_args.start_steps=2", "method_args.lr=1e-3", "train.lr_schedule=constant"])  # 2 rounds of 4
+    trainer = Trainer(cfg)
+    seen = []
+    update = trainer._update
+
+    def spy(name, iteration, micro):
+        seen.append(trainer.states["student"].optimizer.param_groups[0]["lr"])
+        return update(name, iteration, micro)
+
+    trainer._update = spy
+    trainer.fit()
+    assert seen == pytest.approx([1e-3 * f for f in (1, 0.75, 0.5, 0.25, 1, 0.75, 0.5, 0.25)])
+
+
+@pytest.mark.parametrize("head", ["v_prediction", "sample"])
+def test_progressive_student_head_round_trips_through_export(tmp_path, tiny_pipelines, head):
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.export import export, sampling_kwargs
+    from stepdistill.generator import Student
+    from stepdistill.teachers import load_teacher
+    from stepdistill.training import Trainer
+
+    cfg = load_config("configs/tiny-sd/progressive_2step.yaml", [
+        f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={tmp_path}/run", "train.report_to=none",
+        "train.progress=false", "train.max_steps=2", f"method_args.student_prediction={head}"])
+    Trainer(cfg).fit()
+    student = Student.load(tmp_path / "run" / "student")
+    assert student.spec.prediction_type == head == student.denoiser.prediction_type
+    out = export(tmp_path / "run", tmp_path / "pipe")
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.prediction_type == head
+    teacher = load_teacher(tiny_pipelines["sd"])
+    prompts = ["a red cube", "two cats"]
+    size = teacher.sample_shape[-1] * pipe.vae_scale_factor
+    got = pipe(prompt=prompts, output_type="latent", height=size, width=size, generator=torch.Generator().manual_seed(7),
+               **sampling_kwargs(out)).images
+    noise = torch.randn((2, *teacher.sample_shape), generator=torch.Generator().manual_seed(7))
+    ref = student.sample(noise, teacher.encode(prompts)[0])
+    torch.testing.assert_close(got.float(), ref, rtol=1e-5, atol=1e-5)
+    as_eps = copy.copy(student.denoiser)
+    as_eps.prediction_type = "epsilon"  # the same network read as the teacher's head samples differently
+    assert not torch.allclose(Student(as_eps, student.spec).sample(noise, teacher.encode(prompts)[0]), ref, atol=1e-3)
