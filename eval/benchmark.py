@@ -2,6 +2,7 @@
 """Compare every method under a fixed budget and write results JSON, a markdown table and a picture.
 
     python eval/benchmark.py --suite mnist [--out runs/benchmark/mnist] [--runs dmd2:1,sid:1] [--max-steps N]
+        [--guidance 1] [--set key=value ...] [--curve 1000,3000,10000]
     python eval/benchmark.py --suite oracle [--out runs/benchmark/oracle] [--process vp|flow]
 
 The mnist suite distils the shipped MNIST mini-SD teacher (``stepdistill:mnist-sd``) with every
@@ -12,6 +13,14 @@ digits in the project's classifier's feature space (FD, not FID), the classifier
 digit the prompt names, NFE, sampling time per image (batch of 100, decoding included) and training
 time. The teacher's DDIM rows (1, 2, 4, 50 steps with CFG, 50 without) are measured the same way,
 and the 1-step students' sampling speed is compared with the teacher's 50 steps with CFG.
+
+Every mnist row has several judges: FD, KID and improved precision / recall (Kynkaanniemi et al.) in
+the classifier's features; FD and KID under a second evaluator (another architecture and seed,
+trained only on the 1,000 held-out digits, ``stepdistill/assets/mnist_sd/judge``); and the mean ink
+(the share of white in an image) against the real digits'. ``--guidance 1`` distils every method
+against the unguided teacher (each method's own guidance options set to 1, SiD's mode to none);
+``--set`` adds overrides to every run; ``--curve`` trains to the largest of its iteration counts,
+keeps a checkpoint at each, and measures and plots every one (``curve.png``).
 
 The oracle suite distils the exact 8-mode Gaussian-mixture teacher with each shipped config under
 configs/oracle/ (the budgets are in those files) and measures every student against the true
@@ -25,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -126,6 +136,7 @@ MNIST_RUNS = [("progressive", 1), ("progressive", 2), ("progressive", 4), ("guid
               ("boot", 1), ("vsd", 1), ("dmd", 1), ("dmd2", 1), ("dmd2", 2), ("dmd2", 4), ("phased_dmd", 2),
               ("phased_dmd", 4), ("sid", 1), ("sid", 2), ("sid", 4)]
 MNIST_TEACHER = "stepdistill:mnist-sd"
+JUDGES = 2  # the version of DigitBench.judge_all: rows measured by another version are measured again
 
 
 def mnist_config(method: str) -> Path:
@@ -135,16 +146,26 @@ def mnist_config(method: str) -> Path:
     return matches[0]
 
 
+# the overrides that make each method distil the unguided teacher (--guidance 1)
+UNGUIDED = {"progressive": ["method_args.guidance_scale=1.0"], "guided": ["method_args.sample_guidance=1.0"],
+            "boot": ["method_args.guidance_scale=1.0"],
+            "vsd": ["method_args.guidance_scale=1.0", "method_args.fake_guidance_scale=1.0"],
+            "dmd": ["method_args.guidance_scale=1.0"], "dmd2": ["method_args.guidance_scale=1.0"],
+            "phased_dmd": ["method_args.guidance_scale=1.0"], "sid": ["method_args.guidance_mode=none"]}
+
+
 class DigitBench:
-    """The fixed evaluation draw (prompts, labels, noise) and the evaluator of the mnist suite."""
+    """The fixed evaluation draw (prompts, labels, noise) and the judges of the mnist suite."""
 
     def __init__(self, teacher, out: Path, n: int, seed: int = 2024):
         from stepdistill.evaluation.digits import MNIST_SD, DigitsEvaluator, load_classifier, load_mnist
         from stepdistill.shipped import evaluation_prompts
 
         self.teacher, self.n = teacher, n
-        self.evaluator = DigitsEvaluator(load_classifier(MNIST_SD / "classifier"), load_mnist("train")[0],
-                                         cache_dir=out / "fd_cache")
+        real = load_mnist("train")[0]
+        self.evaluator = DigitsEvaluator(load_classifier(MNIST_SD / "classifier"), real, cache_dir=out / "fd_cache")
+        self.judge = DigitsEvaluator(load_classifier(MNIST_SD / "judge"), real, cache_dir=out / "fd_cache")
+        self.real_ink = _ink(real)
         self.labels, self.prompts = evaluation_prompts(n)
         self.noise = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
         self.conds = [teacher.encode(self.prompts[i:i + 500]) for i in range(0, n, 500)]
@@ -168,10 +189,24 @@ class DigitBench:
             times.append(time.perf_counter() - t0)
         return 1000 * sorted(times)[len(times) // 2] / batch
 
+    def judge_all(self, x: torch.Tensor) -> dict:
+        """Every judge's verdict on the decoded samples x."""
+        precision, recall = self.evaluator.precision_recall(x)
+        ink = _ink(x)
+        return {"fd": self.evaluator.fd(x), "accuracy": self.evaluator.accuracy(x, self.labels),
+                "kid": self.evaluator.kid(x), "precision": precision, "recall": recall,
+                "fd_judge2": self.judge.fd(x), "kid_judge2": self.judge.kid(x), "accuracy_judge2": self.judge.accuracy(x, self.labels),
+                "ink_mean": float(ink.mean()), "ink_std": float(ink.std()), "real_ink_mean": float(self.real_ink.mean())}
+
     def row(self, name, sample, nfe, train_s) -> tuple[dict, torch.Tensor]:
         x = self.images(sample)
-        return {"method": name, "nfe": nfe, "fd": self.evaluator.fd(x), "accuracy": self.evaluator.accuracy(x, self.labels),
-                "sample_ms": self.ms_per_image(sample), "train_s": train_s}, x
+        return {"method": name, "nfe": nfe, **self.judge_all(x), "sample_ms": self.ms_per_image(sample),
+                "train_s": train_s}, x
+
+
+def _ink(images: torch.Tensor) -> torch.Tensor:
+    """The share of white (the stroke) in each image in [-1, 1]: bold strokes have more."""
+    return ((images.clamp(-1, 1) + 1) / 2).flatten(1).mean(1)
 
 
 def _student_sampler(student):
@@ -188,7 +223,8 @@ def _teacher_sampler(teacher, steps, w):
     return sample
 
 
-def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps: int | None = None) -> list[dict]:
+def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps: int | None = None,
+                guidance: float | None = None, extra: tuple[str, ...] = (), curve: list[int] | None = None) -> list[dict]:
     import yaml
 
     from stepdistill.config import load_config
@@ -203,21 +239,31 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
     bench = DigitBench(teacher, out, n)
     rows, pictures = [], {}
     for method, steps in runs:
-        name = f"{method}_{steps}step"
+        name = f"{method}_{steps}step" + ("_g1" if guidance == 1.0 else "")
         run_dir = out / name
         done = run_dir / "bench.json"
         cfg_path = configs[method]
         overrides = [f"train.output_dir={run_dir}", f"student.num_steps={steps}", "train.report_to=none",
                      f"teacher.path={MNIST_TEACHER}"]
+        if guidance == 1.0:
+            overrides += UNGUIDED[method]
+        overrides += list(extra)
+        if curve:
+            max_steps = max(curve)
+            every = curve[0]
+            for c in curve:
+                every = math.gcd(every, c)
+            overrides += ["train.checkpoints_total_limit=null"]
         if max_steps is not None:
-            overrides += [f"train.max_steps={max_steps}", f"train.checkpoint_every={max_steps}",
+            overrides += [f"train.max_steps={max_steps}", f"train.checkpoint_every={every if curve else max_steps}",
                           f"train.validate_every={max_steps}"]
         timesteps = (yaml.safe_load(cfg_path.read_text()).get("student") or {}).get("timesteps")
         if timesteps is not None and len(timesteps) != steps:  # the config's own list is for another count
             overrides.append("student.timesteps=null")
         cfg = load_config(cfg_path, overrides)
         # a finished run of an earlier invocation is kept when it was measured under the same settings
-        key = {"n": n, "overrides": overrides, "config": hashlib.sha256(cfg_path.read_bytes()).hexdigest()[:16]}
+        key = {"n": n, "overrides": overrides, "config": hashlib.sha256(cfg_path.read_bytes()).hexdigest()[:16],
+               "judges": JUDGES}
         measured = done.is_file() and json.loads(done.read_text()).get("key") == key
         if done.is_file() and not measured:
             shutil.rmtree(run_dir)  # measured under another budget, n or config: trained again from scratch
@@ -236,13 +282,17 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         rows.append(row)
         pictures[name] = student
         print(json.dumps(row), flush=True)
+        if curve:
+            rows += _curve_rows(bench, run_dir, name, curve)
+    if curve:
+        _plot_curve([r for r in rows if "iterations" in r], out / "curve.png")
     w = float(yaml.safe_load(mnist_config("dmd2").read_text())["method_args"]["guidance_scale"])
     # the teacher's FD and accuracy depend only on the draw: kept from an earlier invocation at the same n
     cache = out / "teacher_rows.json"
-    key = {"n": n, "teacher": shipped_path(MNIST_TEACHER).name}
+    key = {"n": n, "teacher": shipped_path(MNIST_TEACHER).name, "judges": JUDGES}
     kept = json.loads(cache.read_text()) if cache.is_file() else {}
     kept = kept.get("rows", {}) if kept.get("key") == key else {}
-    for steps, scale in ((1, w), (2, w), (4, w), (50, w), (50, 1.0)):
+    for steps, scale in ((1, w), (2, w), (4, w), (50, w), (1, 1.0), (2, 1.0), (4, 1.0), (50, 1.0)):
         name = f"teacher DDIM {steps}" + (f", CFG {scale:g}" if scale != 1.0 else "")
         sampler = _teacher_sampler(teacher, steps, scale)
         if name in kept:
@@ -256,6 +306,47 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
     pictures["teacher DDIM 50, CFG"] = (teacher, w)
     _digit_grid(pictures, teacher, out / "comparison.png")
     return rows
+
+
+def _curve_rows(bench: DigitBench, run_dir: Path, name: str, curve: list[int]) -> list[dict]:
+    """The student at each iteration count of ``curve`` (its checkpoints), measured by every judge
+    (cached beside the checkpoint)."""
+    from stepdistill.generator import Student
+    from stepdistill.state_io import write_json
+
+    rows = []
+    for it in curve:
+        ckpt = run_dir / "checkpoints" / f"checkpoint-{it}"
+        cached = ckpt / "bench_row.json"
+        if cached.is_file():
+            row = json.loads(cached.read_text())
+        else:
+            student = Student.load(ckpt / "student")
+            row = {"method": name, "iterations": it, **bench.judge_all(bench.images(_student_sampler(student)))}
+            write_json(cached, row)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _plot_curve(rows: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    for name in dict.fromkeys(r["method"] for r in rows):
+        pts = [r for r in rows if r["method"] == name]
+        for ax, key, label in ((axes[0], "fd", "FD (classifier)"), (axes[1], "fd_judge2", "FD (second judge)")):
+            ax.plot([r["iterations"] for r in pts], [r[key] for r in pts], "o-", label=name)
+            ax.set_xscale("log")
+            ax.set_xlabel("iterations (batch 32)")
+            ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 @torch.no_grad()
@@ -291,10 +382,21 @@ def _digit_grid(pictures: dict, teacher, path: Path):
 
 
 def mnist_markdown(rows: list[dict]) -> str:
-    lines = ["| method | NFE | FD | class accuracy | sample (ms / image) | train (s) |", "|---|---|---|---|---|---|"]
+    lines = ["| method | NFE | FD | accuracy | KID x1e3 | precision | recall | FD judge 2 | KID judge 2 x1e3 | ink | "
+             "sample (ms / image) | train (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    curve = [r for r in rows if "iterations" in r]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['nfe']} | {r['fd']:.2f} | {r['accuracy']:.3f} | {r['sample_ms']:.2f} | "
-                     f"{r['train_s']:.0f} |")
+        if "iterations" in r:
+            continue
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['fd']:.1f} | {r['accuracy']:.3f} | {1e3 * r['kid']:.2f} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['fd_judge2']:.1f} | {1e3 * r['kid_judge2']:.2f} | "
+                     f"{r['ink_mean']:.3f} | {r['sample_ms']:.2f} | {r['train_s']:.0f} |")
+    if curve:
+        lines += ["", "| run | iterations | FD | accuracy | KID x1e3 | precision | recall | FD judge 2 | ink |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['iterations']} | {r['fd']:.1f} | {r['accuracy']:.3f} | {1e3 * r['kid']:.2f} | "
+                  f"{r['precision']:.3f} | {r['recall']:.3f} | {r['fd_judge2']:.1f} | {r['ink_mean']:.3f} |" for r in curve]
+    rows = [r for r in rows if "iterations" not in r]
     teacher50 = next((r for r in rows if r["method"].startswith("teacher DDIM 50, CFG")), None)
     fast = [r for r in rows if r["nfe"] == 1 and not r["method"].startswith("teacher")]
     if teacher50 and fast:
@@ -323,6 +425,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default=None, help="mnist: a subset, e.g. dmd2:1,sid:1 (default: every method)")
     parser.add_argument("--max-steps", type=int, default=None, help="mnist: override every config's train.max_steps")
     parser.add_argument("--n", type=int, default=2000, help="mnist: samples per row")
+    parser.add_argument("--guidance", type=float, choices=[1.0], default=None,
+                        help="mnist: 1 distils every method against the unguided teacher")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="mnist: an override for every run")
+    parser.add_argument("--curve", default=None, help="mnist: iteration counts to measure, e.g. 1000,3000,10000")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.suite == "mnist":
@@ -338,9 +444,17 @@ def main(argv=None) -> int:
                     mnist_config(method)
                 except FileNotFoundError as exc:
                     parser.error(f"--runs: {exc}")
+        curve = None
+        if args.curve:
+            if not all(c.isdigit() and int(c) > 0 for c in args.curve.split(",")):
+                parser.error(f"--curve: '{args.curve}' is not a list of iteration counts (e.g. 1000,3000,10000)")
+            curve = sorted(int(c) for c in args.curve.split(","))
+        for item in args.set:
+            if "=" not in item:
+                parser.error(f"--set: '{item}' is not key=value")
         out = args.out or ROOT / "runs" / "benchmark" / "mnist"
         out.mkdir(parents=True, exist_ok=True)
-        rows = mnist_suite(out, runs, args.n, args.max_steps)
+        rows = mnist_suite(out, runs, args.n, args.max_steps, args.guidance, tuple(args.set), curve)
         table = mnist_markdown(rows)
     else:
         out = args.out or ROOT / "runs" / "benchmark" / f"{args.suite}-{args.process}"

@@ -21,7 +21,11 @@ def test_mnist_suite_writes_results_table_and_grid(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {row["method"]: row for row in json.loads((out / "results.json").read_text())}
     assert set(rows) == {"dmd2_1step", "teacher DDIM 1, CFG 2", "teacher DDIM 2, CFG 2", "teacher DDIM 4, CFG 2",
-                         "teacher DDIM 50, CFG 2", "teacher DDIM 50"}
+                         "teacher DDIM 50, CFG 2", "teacher DDIM 1", "teacher DDIM 2", "teacher DDIM 4", "teacher DDIM 50"}
+    good, bad = rows["teacher DDIM 50, CFG 2"], rows["teacher DDIM 1, CFG 2"]
+    # every judge ranks the 50-step teacher above its 1-step samples
+    assert good["fd_judge2"] < 0.5 * bad["fd_judge2"] and good["kid"] < bad["kid"] and good["precision"] > bad["precision"]
+    assert 0 <= good["recall"] <= 1 and abs(good["ink_mean"] - good["real_ink_mean"]) < 0.05
     assert rows["dmd2_1step"]["nfe"] == 1 and rows["teacher DDIM 50, CFG 2"]["nfe"] == 100
     assert rows["dmd2_1step"]["steps"] == 2 and rows["dmd2_1step"]["train_s"] > 0
     assert rows["teacher DDIM 50, CFG 2"]["fd"] < 0.5 * rows["teacher DDIM 1, CFG 2"]["fd"]
@@ -37,3 +41,11 @@ def test_mnist_suite_writes_results_table_and_grid(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     again = {row["method"]: row for row in json.loads((out / "results.json").read_text())}
     assert again["dmd2_1step"]["train_s"] == rows["dmd2_1step"]["train_s"]
+    # --curve keeps a checkpoint at each count and measures every one; the plot is written
+    r = subprocess.run([sys.executable, str(ROOT / "eval" / "benchmark.py"), "--suite", "mnist", "--runs", "dmd2:1",
+                        "--curve", "1,3", "--n", "200", "--out", str(tmp_path / "curve")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    curve = [row for row in json.loads((tmp_path / "curve" / "results.json").read_text()) if "iterations" in row]
+    assert [row["iterations"] for row in curve] == [1, 3] and curve[0]["fd"] != curve[1]["fd"]  # 2 student updates apart
+    assert Image.open(tmp_path / "curve" / "curve.png").size[0] > 300

@@ -101,8 +101,8 @@ class Guided(Distiller):
         return {"loss": mse(pred, target, truncated_snr_weight(proc, t).to(pred)), "stage": torch.tensor(1.0)}
 
     def lr_factor(self, name: str, iteration: int) -> float:
-        """Stage 2's rounds anneal as progressive distillation's do (``progressive.round_lr``)."""
-        if iteration < self.opt.stage1_steps or self.opt.progressive.round_lr == "constant":
+        """Stage 2's rounds anneal when ``progressive.round_lr`` is ``linear`` (default: constant)."""
+        if iteration < self.opt.stage1_steps or self.opt.progressive.round_lr != "linear":
             return 1.0
         return 1.0 - self._schedule.round_progress(iteration, self.ctx.config.train.max_steps)
 

@@ -11,7 +11,8 @@
   Inception's); its argmax gives class accuracy of conditional samples, the small-scale stand-in
   for CLIP score.
 * :class:`DigitsEvaluator`: FD through torchmetrics' custom-feature path, with the reference
-  statistics computed once and cached as safetensors; class accuracy.
+  statistics computed once and cached as safetensors; KID (torchmetrics) and improved precision /
+  recall (Kynkaanniemi et al. 2019) in the same features; class accuracy.
 """
 
 from __future__ import annotations
@@ -138,6 +139,18 @@ class ClassifierFeatures(nn.Module):
         return self.classifier.features(x.float())
 
 
+class StandardisedFeatures(ClassifierFeatures):
+    """The classifier's features with each dimension standardised by fixed statistics."""
+
+    def __init__(self, classifier: DigitClassifier, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__(classifier)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (super().forward(x) - self.mean) / self.std
+
+
 class DigitsEvaluator:
     """FD (classifier features, torchmetrics) against a reference image set, and class accuracy.
 
@@ -170,6 +183,51 @@ class DigitsEvaluator:
                 save_file({n: getattr(self.metric, n).contiguous() for n in self._REAL}, tmp)
                 tmp.replace(cache)
         self.cache = cache
+        self.reference = reference
+        self._real_features = None
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.classifier.features(c.clamp(-1, 1).float()) for c in images.split(512)])
+
+    def real_features(self) -> torch.Tensor:
+        if self._real_features is None:
+            self._real_features = self.features(self.reference)
+        return self._real_features
+
+    @torch.no_grad()
+    def kid(self, samples: torch.Tensor, subsets: int = 50, subset_size: int = 1000, seed: int = 0) -> float:
+        """Kernel distance (KID: the unbiased MMD^2 with a cubic polynomial kernel, torchmetrics) of
+        ``samples`` to the reference set in the classifier's features, each standardised by the
+        reference's mean and spread (the kernel is not scale-free), averaged over random subsets."""
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        size = min(subset_size, len(samples), len(self.reference))
+        real = self.real_features()
+        feature = StandardisedFeatures(self.classifier, real.mean(0), real.std(0).clamp(min=1e-6))
+        metric = KernelInceptionDistance(feature=feature, subsets=subsets, subset_size=size)
+        for chunk in self.reference.split(512):
+            metric.update(chunk.clamp(-1, 1), real=True)
+        for chunk in samples.split(512):
+            metric.update(chunk.clamp(-1, 1), real=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # torchmetrics draws its subsets from the global generator
+            mean, _ = metric.compute()
+        return float(mean)
+
+    @torch.no_grad()
+    def precision_recall(self, samples: torch.Tensor, k: int = 3) -> tuple[float, float]:
+        """Improved precision and recall (Kynkaanniemi et al. 2019) in the classifier's features: the
+        share of samples inside the real set's k-NN balls, and of real images inside the samples'."""
+        real, fake = self.real_features(), self.features(samples)
+
+        def radii(x):  # distance of each point to its k-th nearest neighbour within its own set
+            return torch.cat([torch.cdist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(1024)])
+
+        def inside(points, centres, r):
+            return torch.cat([(torch.cdist(c, centres) <= r[None]).any(1) for c in points.split(1024)]).float().mean()
+
+        return float(inside(fake, real, radii(real))), float(inside(real, fake, radii(fake)))
 
     def _key(self, reference: torch.Tensor) -> str:
         h = hashlib.sha256()
