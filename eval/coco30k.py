@@ -215,7 +215,7 @@ def load_pipeline(name: str, dtype: str | None, device):
 
     weights_dtype = torch_dtype(dtype)
     try:
-        pipe = DiffusionPipeline.from_pretrained(name, **({"torch_dtype": weights_dtype} if weights_dtype else {}))
+        pipe = DiffusionPipeline.from_pretrained(name, **({"dtype": weights_dtype} if weights_dtype else {}))
     except (OSError, ValueError) as exc:
         raise EvalError(f"--pipeline {name}: could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     if "prompt" not in inspect.signature(pipe.__call__).parameters:

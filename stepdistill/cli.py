@@ -31,6 +31,8 @@ def distill(argv=None) -> int:
                         help="stop with a checkpoint after step N (exit status 3), as a preemption would")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     args = parser.parse_intermixed_args(argv)  # options may stand between the key=value overrides
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error(f"--stop-after must be >= 1, got {args.stop_after}")
 
     from .config import dump_config, load_config
 

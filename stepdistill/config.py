@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,9 +29,40 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+class OverrideText(str):
+    """The text of a command-line ``key=value`` override, read by the type of the field it sets: a
+    string field takes the text as given (``train.mixed_precision=no`` stays ``"no"``, not YAML 1.1's
+    False), any other field its YAML value."""
+
+    @property
+    def yaml_value(self) -> Any:
+        return yaml.safe_load(str(self)) if str(self) != "" else None
+
+
+def _is_text_type(tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is str:
+        return True
+    if origin is typing.Literal:
+        return all(isinstance(a, str) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_text_type(a) for a in args if a is not type(None))
+    return False
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp is Any:  # untyped here (method_args): the method's Options read the override's text later
+        return value
+    if isinstance(value, OverrideText):
+        parsed = value.yaml_value
+        if parsed is None and type(None) in args:
+            return None
+        if _is_text_type(tp) and not isinstance(parsed, (list, dict)):
+            value = str(value)  # the text as given
+        else:
+            value = parsed
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -74,11 +106,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, Path)):
@@ -108,6 +142,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 
 def to_dict(obj) -> Any:
+    if isinstance(obj, OverrideText):  # an override no dataclass typed (inside method_args): its YAML value
+        return obj.yaml_value
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -119,6 +155,16 @@ def to_dict(obj) -> Any:
 
 def _fail(key: str, msg: str):
     raise ConfigError(f"{key}: {msg}")
+
+
+def check_range(key: str, value, *, gt=None, ge=None, lt=None, le=None) -> None:
+    """One line naming ``key`` when ``value`` (if not None) is outside the given bounds."""
+    if value is None:
+        return
+    for ok, rule in ((gt is None or value > gt, f"> {gt}"), (ge is None or value >= ge, f">= {ge}"),
+                     (lt is None or value < lt, f"< {lt}"), (le is None or value <= le, f"<= {le}")):
+        if not ok:
+            _fail(key, f"must be {rule}, got {value!r}")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # the names configs and command lines use for weight dtypes
@@ -157,6 +203,11 @@ class OracleConfig:
     def __post_init__(self):
         if self.components < 1 or self.dim < 2:
             _fail("teacher.oracle", "needs components >= 1 and dim >= 2")
+        check_range("teacher.oracle.radius", self.radius, ge=0)
+        check_range("teacher.oracle.std", self.std, gt=0)
+        check_range("teacher.oracle.shift", self.shift, gt=0)
+        for key in ("network_steps", "hidden", "depth"):
+            check_range(f"teacher.oracle.{key}", getattr(self, key), ge=1)
 
 
 @dataclass
@@ -192,6 +243,7 @@ class StudentConfig:
             self.num_steps = len(ts)
         if self.lora_rank < 0:
             _fail("student.lora_rank", f"must be >= 0, got {self.lora_rank}")
+        check_range("student.lora_alpha", self.lora_alpha, gt=0)
 
 
 @dataclass
@@ -212,8 +264,10 @@ class OptimConfig:
     weight_decay: float | None = None  # default: train.weight_decay
 
     def __post_init__(self):
-        if self.lr is not None and self.lr <= 0:
-            _fail("optim.lr", f"must be > 0, got {self.lr}")
+        check_range("optim.lr", self.lr, gt=0)
+        check_range("optim.weight_decay", self.weight_decay, ge=0)
+        if self.betas is not None and (len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas)):
+            _fail("optim.betas", f"must be two numbers in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -247,6 +301,10 @@ class TrainConfig:
                 _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             _fail("train.checkpoints_total_limit", "must be >= 1 or null")
+        check_range("train.grad_clip", self.grad_clip, gt=0)  # null turns clipping off
+        check_range("train.weight_decay", self.weight_decay, ge=0)
+        check_range("train.lr_warmup_steps", self.lr_warmup_steps, ge=0)
+        check_range("train.seed", self.seed, ge=0)
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             _fail("train.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         if self.batch_size % self.gradient_accumulation_steps:
@@ -269,12 +327,18 @@ class RunConfig:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
+    """(dotted key, value) of ``key=value``; the value keeps its text (:class:`OverrideText`) until the
+    field's type is known."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
-    if not key:
-        raise ConfigError(f"override {text!r} has no key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has no key" if not key else f"override {text!r}: '{key}' is not a dotted key")
+    try:
+        yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return key.split("."), OverrideText(raw)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -282,6 +346,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         node = raw
         for part in path[:-1]:
+            if isinstance(node.get(part), OverrideText):  # a mapping set by an earlier override
+                node[part] = node[part].yaml_value
             if node.get(part) is None:
                 node[part] = {}
             if not isinstance(node[part], dict):
@@ -297,9 +363,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> R
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
+            raise ConfigError(f"config file '{p}' " + ("is a folder, not a file" if p.is_dir() else "does not exist"))
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file '{p}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
         if not isinstance(raw, dict):

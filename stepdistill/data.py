@@ -59,6 +59,15 @@ class Batch:
         return Batch(self.size, g, self.device, self.cond, self.uncond, self.labels, self.prompts, self.x0, self.x0_cond)
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{what} '{path}' cannot be read ({type(exc).__name__}: {exc.strerror or exc})") from None
+
+
 def read_prompts(spec: str | Sequence[str], skip_bad: bool = False) -> list[str]:
     """Prompts from an inline list, a .txt file (one per line) or a .json list of strings."""
     if isinstance(spec, (list, tuple)):
@@ -66,17 +75,19 @@ def read_prompts(spec: str | Sequence[str], skip_bad: bool = False) -> list[str]
     else:
         path = Path(spec)
         if not path.is_file():
-            raise DataError(f"data.prompts: prompt file '{path}' does not exist")
+            raise DataError(f"data.prompts: prompt file '{path}' " + ("is a folder, not a file" if path.is_dir()
+                                                                      else "does not exist"))
         where = str(path)
+        text = _read_text(path, "prompt file")
         if path.suffix == ".json":
             try:
-                prompts = json.loads(path.read_text())
+                prompts = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(f"prompt file '{path}' is not valid JSON: {exc}") from exc
             if not isinstance(prompts, list):
                 raise DataError(f"prompt file '{path}' must hold a JSON list of strings")
         else:
-            prompts = path.read_text().splitlines()
+            prompts = text.splitlines()
     out = []
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
@@ -101,7 +112,8 @@ def list_images(folder: str | Path) -> list[Path]:
     except FileNotFoundError as exc:
         raise DataError(str(exc)) from exc
     if not folder.is_dir():
-        raise DataError(f"data.images: image folder '{folder}' does not exist")
+        raise DataError(f"data.images: image folder '{folder}' " + ("is a file, not a folder" if folder.exists()
+                                                                     else "does not exist"))
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"data.images: image folder '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -116,7 +128,7 @@ def image_captions(files: Sequence[Path], skip_bad: bool = False) -> tuple[list[
         return list(files), None
     kept, captions = [], []
     for f, c in zip(files, sidecars):
-        text = c.read_text(errors="replace").strip() if c.is_file() else ""
+        text = _read_text(c, "caption file").strip() if c.is_file() else ""
         if not text:
             if skip_bad:
                 continue
@@ -154,11 +166,12 @@ def load_images(files: Sequence[Path], size: int, channels: int, skip_bad: bool 
                 im = TF.center_crop(TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), size)
                 out.append(TF.to_tensor(im) * 2 - 1)
                 kept.append(f)
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            # every way PIL refuses a file (truncated, not an image, odd modes, bombs) is one bad item
             if not skip_bad:
                 raise DataError(f"image '{f}' cannot be read ({type(exc).__name__}); remove it or set data.skip_bad_items=true") from exc
     if not out:
-        raise DataError("no readable images")
+        raise DataError(f"data.images: none of the {len(files)} images can be read")
     return torch.stack(out), kept
 
 

@@ -33,6 +33,7 @@ import torch
 from .config import PRECISIONS, torch_dtype
 from .errors import ExportError, InputError
 from .generator import SPEC_FILE, Student, StudentSpec
+from .state_io import temporary_name
 
 SAMPLING_FILE = "stepdistill_sampling.json"
 UNCONDITIONAL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
@@ -142,16 +143,29 @@ def check_student_network(name: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------
-def _resolve_source(source: Path, use_ema: bool) -> tuple[Path, dict | None]:
-    """(student folder, run config or None) for a run folder or a student folder."""
+def _read(path: Path, kind: str):
+    """A run's ``config.yaml`` or a student's JSON file, or one ExportError naming the file."""
     import yaml
 
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if kind == "yaml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise ExportError(f"'{path}' cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                          ) from None
+    if not isinstance(data, dict):
+        raise ExportError(f"'{path}' does not hold a mapping")
+    return data
+
+
+def _resolve_source(source: Path, use_ema: bool) -> tuple[Path, dict | None]:
+    """(student folder, run config or None) for a run folder or a student folder."""
     if (source / SPEC_FILE).is_file():
         run_cfg = source.parent / "config.yaml"
-        return source, (yaml.safe_load(run_cfg.read_text()) if run_cfg.is_file() else None)
+        return source, (_read(run_cfg, "yaml") if run_cfg.is_file() else None)
     if not (source / "config.yaml").is_file():
         raise ExportError(f"'{source}' is neither a run folder (config.yaml) nor a student folder ({SPEC_FILE})")
-    cfg = yaml.safe_load((source / "config.yaml").read_text())
+    cfg = _read(source / "config.yaml", "yaml")
     folder = source / ("student_ema" if use_ema else "student")
     if not (folder / SPEC_FILE).is_file():
         if use_ema and (source / "student" / SPEC_FILE).is_file():
@@ -175,12 +189,38 @@ def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict) -> dict:
     return {**kwargs, "guidance_scale": float(spec.guidance_scale) if spec.guidance_scale is not None else 1.0}
 
 
-def _model_card(pipe_cls: str, spec: StudentSpec, call: dict, teacher: str, lora: bool, metrics: dict | None) -> str:
+def teacher_license(teacher: str) -> str | None:
+    """The ``license`` of a local teacher folder's model card (its README's YAML front matter), if any."""
+    import yaml
+
+    card = Path(teacher) / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None
+
+
+def _model_card(pipe_cls: str, spec: StudentSpec, call: dict, teacher: str, lora: bool, metrics: dict | None,
+                license: str | None = None) -> str:
+    import yaml
+
     args = ", ".join(f"{k}={v!r}" for k, v in call.items())
     prompt = "" if pipe_cls in UNCONDITIONAL_PIPELINES else ("class_labels=[0], " if pipe_cls == "DiTPipeline"
                                                               else "\"a photo of a cat\", ")
+    meta = {"library_name": "diffusers", "base_model": teacher, **({"license": license} if license else {}),
+            "pipeline_tag": "unconditional-image-generation" if pipe_cls in UNCONDITIONAL_PIPELINES + ("DiTPipeline",)
+            else "text-to-image", "tags": ["stepdistill", "step-distillation", spec.method]}
+    if metrics:
+        meta["stepdistill_metrics"] = metrics
     lines = [
-        "---", "library_name: diffusers", "tags: [stepdistill, step-distillation]", "---", "",
+        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
         f"# {spec.method} student of `{teacher}` ({len(spec.timesteps)}-step)", "",
         f"Distilled with stepdistill (method `{spec.method}`).", "",
         f"- pipeline: `{pipe_cls}`",
@@ -232,16 +272,27 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     if out.exists():
         raise ExportError(f"export destination '{out}' already exists; choose a new folder (nothing was written)")
     folder, run_cfg = _resolve_source(source, use_ema)
-    spec = StudentSpec.load(folder)
-    check_student_network(json.loads((folder / "config.json").read_text())["_class_name"])
+    try:
+        spec = StudentSpec(**_read(folder / SPEC_FILE, "json"))
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"'{folder / SPEC_FILE}' is not a student config ({exc})") from None
+    network = _read(folder / "config.json", "json").get("_class_name")
+    if not isinstance(network, str):
+        raise ExportError(f"'{folder / 'config.json'}' names no network class (_class_name)")
+    check_student_network(network)
     tcfg = (run_cfg or {}).get("teacher") or {}
+    if not isinstance(tcfg, dict):
+        raise ExportError(f"'{source}': the run config's teacher section is not a mapping")
     if teacher is None:
         if tcfg.get("oracle") is not None:
             raise ExportError(f"'{source}' distilled the Gaussian-mixture oracle, which has no diffusers pipeline")
         teacher = tcfg.get("path")
         if teacher is None:
             raise ExportError(f"'{folder}' has no run config naming its teacher; pass the teacher (--teacher)")
-    pipe = DiffusionPipeline.from_pretrained(resolve_teacher_path(teacher), torch_dtype=dtype)
+    from .shipped import quiet_text_encoder_type
+
+    with quiet_text_encoder_type(teacher):
+        pipe = DiffusionPipeline.from_pretrained(resolve_teacher_path(teacher), dtype=dtype)
     component, _ = find_denoiser(pipe)
     student = Student.load(folder)
     model = student.model.to(dtype) if dtype is not None else student.model
@@ -249,8 +300,11 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     sched, kwargs = scheduler_for(spec, pipe.scheduler.config, pred)
     call = _call_kwargs(pipe, spec, kwargs)
     pipe.register_modules(**{component: model, "scheduler": sched})
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"export destination '{out}': its folder cannot be created ({type(exc).__name__})") from None
+    tmp = temporary_name(out)  # this process's own: nothing of the user's is written over or deleted
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / SAMPLING_FILE).write_text(json.dumps({"call_kwargs": call, "student": json.loads((folder / SPEC_FILE).read_text())},
@@ -260,7 +314,9 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
         metrics = None
         if (folder.parent / "metrics.json").is_file():
             metrics = json.loads((folder.parent / "metrics.json").read_text())
-        (tmp / "README.md").write_text(_model_card(type(pipe).__name__, spec, call, str(teacher), lora, metrics))
+        card = _model_card(type(pipe).__name__, spec, call, str(teacher), lora, metrics,
+                           teacher_license(resolve_teacher_path(teacher)))
+        (tmp / "README.md").write_text(card)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

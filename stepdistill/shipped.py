@@ -12,8 +12,10 @@ in the cache (``$STEPDISTILL_CACHE``, default ``~/.cache/stepdistill``), which
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -170,6 +172,29 @@ SHIPPED = {
 }
 SHIPPED_DATA = {"mnist-train": mnist_train_images}
 _NAME = re.compile(rf"^{PREFIX}(?P<name>[\w\-]+)$")
+
+
+class _SentenceEncoderType(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Expected types for text_encoder") and "BertModel" in message)
+
+
+@contextlib.contextmanager
+def quiet_text_encoder_type(path):
+    """The shipped mnist-sd teacher is a stock StableDiffusionPipeline whose text encoder is a sentence
+    encoder (a BertModel) instead of CLIP, and diffusers warns about that type on every load: for a
+    shipped teacher (``path`` is ``stepdistill:<name>``) that one warning is dropped."""
+    if not is_shipped(path):
+        yield
+        return
+    target = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    quiet = _SentenceEncoderType()
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)
 
 
 def is_shipped(path) -> bool:

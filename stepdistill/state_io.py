@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,18 @@ def _join(obj: Any, tensors: dict) -> Any:
     return obj
 
 
+def temporary_name(path: str | Path) -> Path:
+    """A name beside ``path`` that belongs to this process alone (``.<name>.tmp-<pid>-<random>``), so
+    that writing or cleaning it up never touches a file someone else made."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """``obj`` as JSON at ``path``, written to a temporary file and renamed into place (a reader never
     sees half a file, and a crash leaves the previous version)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
 
@@ -76,3 +84,13 @@ def load_state(folder: str | Path, name: str) -> dict:
     st = folder / f"{name}.safetensors"
     tensors = load_file(str(st)) if st.is_file() else {}
     return _join(tree, tensors)
+
+
+def cache_key_problem(saved: dict | None, wanted: dict) -> str | None:
+    """Why a cache made for the settings ``saved`` cannot serve ``wanted`` ('key: old -> new; ...'), or
+    None when they are the same."""
+    if saved is None:
+        return "it records no settings (made by an older version)"
+    diffs = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
+             if saved.get(k) != wanted.get(k)]
+    return "; ".join(diffs) or None

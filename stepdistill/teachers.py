@@ -219,9 +219,12 @@ def load_teacher(
     ``num_embeds_ada_norm``)."""
     from diffusers import DiffusionPipeline
 
+    from .shipped import quiet_text_encoder_type
+
     src = resolve_teacher_path(path)
     try:
-        pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=dtype, trust_remote_code=allow_remote_code)
+        with quiet_text_encoder_type(path):
+            pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype, trust_remote_code=allow_remote_code)
     except Exception as exc:  # diffusers / hub errors are long; name the path and keep the cause
         where = "local folder" if Path(src).is_dir() else "hub id (not in the local cache, or offline)"
         raise TeacherLoadError(f"teacher '{path}' ({where}) could not be loaded: {type(exc).__name__}: {exc}".splitlines()[0]) from exc

@@ -98,16 +98,22 @@ def test_teacher_with_cfg_is_good(evaluator, teacher):
 
 
 def test_default_job_leaves_grid_loss_plot_and_an_exported_pipeline(tmp_path):
-    """`train/distill.py` with no config runs configs/default.yaml (here with a tiny budget)."""
+    """README's first command (`accelerate launch --config_file configs/accelerate/default.yaml
+    train/distill.py`, no distill config: configs/default.yaml) with a tiny budget: it prints no warning
+    block, and leaves the grid, the loss plot and the exported pipeline."""
     from diffusers import DiffusionPipeline
 
     out = tmp_path / "default"
-    r = subprocess.run([sys.executable, str(ROOT / "train" / "distill.py"), f"train.output_dir={out}", "train.max_steps=4",
+    launcher = Path(sys.executable).with_name("accelerate")
+    r = subprocess.run([str(launcher), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "default.yaml"),
+                        str(ROOT / "train" / "distill.py"), f"train.output_dir={out}", "train.max_steps=4",
                         "train.checkpoint_every=4", "train.validate_every=4", "train.report_to=none", "train.progress=false",
                         "method_args.pool_size=64"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    for noise in ("were not passed to `accelerate launch`", "Warning", "Expected types for"):
+        assert noise not in r.stderr, r.stderr[:3000]
     assert (out / "samples" / "step_0000004.png").is_file() and (out / "losses.png").is_file()
     pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
     assert type(pipe).__name__ == "StableDiffusionPipeline"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import check_range
 from ..data import Batch
 from ..generator import signal_prediction
 from ..process import per_sample
@@ -39,6 +40,9 @@ class BootOptions:
     lr: float = 1e-4
 
     def __post_init__(self):
+        check_range("method_args.lr", self.lr, gt=0)
+        check_range("method_args.boundary_weight", self.boundary_weight, ge=0)
+        check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
         if self.grid_steps < 1:
             raise ValueError(f"method_args.grid_steps must be >= 1, got {self.grid_steps}")
 

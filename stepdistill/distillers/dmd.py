@@ -16,18 +16,25 @@ real data (sec. 4.3) and multi-step generators trained by backward simulation (s
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..config import check_range
 from ..data import Batch
 from ..denoiser import Cond, feature_module, unwrap
 from ..sampling import ode_sample
+from ..state_io import cache_key_problem
 from .base import Context, Trainable
 from .losses import denoising_loss, gradient_matching_loss, guided_x0, mse, per_sample_mean_abs
 from .score import FakeScoreOptions, ScoreDistiller, score_times
+
+logger = logging.getLogger("stepdistill")
+
 
 
 def dm_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -45,6 +52,14 @@ class DMDOptions(FakeScoreOptions):
     regression_pairs: int = 1024  # teacher ODE pairs generated and cached in the run folder
     regression_steps: int = 32  # teacher DDIM steps per pair
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
+        check_range("method_args.lr", self.lr, gt=0)
+        check_range("method_args.regression_weight", self.regression_weight, ge=0)
+        check_range("method_args.regression_pairs", self.regression_pairs, ge=1)
+        check_range("method_args.regression_steps", self.regression_steps, ge=1)
+
 
 @dataclass
 class DMD2Options(FakeScoreOptions):
@@ -55,6 +70,14 @@ class DMD2Options(FakeScoreOptions):
     gan_gen_weight: float = 1e-3  # generator's GAN loss weight (official: SD1.5 1e-3, SDXL 5e-3)
     gan_disc_weight: float = 1e-2  # the head's classification loss weight in the fake-score update
     fake_guidance_scale: float | None = None  # CFG of the fake score (None: conditional prediction only)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
+        check_range("method_args.lr", self.lr, gt=0)
+        check_range("method_args.gan_gen_weight", self.gan_gen_weight, ge=0)
+        check_range("method_args.gan_disc_weight", self.gan_disc_weight, ge=0)
+        check_range("method_args.fake_guidance_scale", self.fake_guidance_scale, ge=0)
 
 
 class DMDBase(ScoreDistiller):
@@ -94,10 +117,19 @@ class DMD(DMDBase):
 
     def _regression_pairs(self):
         """(noise, teacher ODE sample, conditioning) pairs, generated once and cached in the run folder
-        (identical on every rank: the same seeds)."""
+        (identical on every rank: the same seeds) with the settings they were made under; a cache made
+        under others is generated again."""
         path = Path(self.ctx.config.train.output_dir) / "dmd_regression_pairs.pt"
+        cfg = self.ctx.config
+        key = {"pairs": self.opt.regression_pairs, "steps": self.opt.regression_steps,
+               "guidance_scale": self.opt.guidance_scale, "teacher": str(cfg.teacher.path), "seed": cfg.train.seed,
+               "prompts": str(cfg.data.prompts)}
         if path.is_file():
-            return torch.load(path, weights_only=True)
+            pairs = torch.load(path, weights_only=True)
+            problem = cache_key_problem(pairs.get("key") if isinstance(pairs, dict) else None, key)
+            if problem is None:
+                return pairs
+            logger.warning("%s was made under other settings (%s): generating the pairs again", path, problem)
         src, n = self.ctx.source, self.opt.regression_pairs
         b = src.draw("regression_pairs", n)
         noise = b.randn(n, *self.ctx.teacher.sample_shape)
@@ -106,10 +138,11 @@ class DMD(DMDBase):
                                   None if b.cond is None else b.cond[i:i + 256], guidance_scale=gs,
                                   uncond=None if b.uncond is None else b.uncond.expand_to(n)[i:i + 256])
                        for i in range(0, n, 256)])
-        pairs = {"noise": noise.cpu(), "x": x.cpu(), "cond": None if b.cond is None else b.cond.to("cpu").kwargs}
+        pairs = {"noise": noise.cpu(), "x": x.cpu(), "cond": None if b.cond is None else b.cond.to("cpu").kwargs,
+                 "key": key}
         if self.ctx.source.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
             torch.save(pairs, tmp)
             tmp.replace(path)
         return pairs

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from ..config import check_range
 from ..data import Batch
 from ..denoiser import W_CONDITIONED, unwrap
 from ..process import truncated_snr_weight
@@ -39,6 +40,9 @@ class GuidedOptions:
     lr: float = 1e-4
 
     def __post_init__(self):
+        check_range("method_args.lr", self.lr, gt=0)
+        check_range("method_args.w_min", self.w_min, ge=0)
+        check_range("method_args.stage1_steps", self.stage1_steps, ge=0)
         if not self.w_min <= self.w_max:
             raise ValueError(f"method_args.w_min ({self.w_min}) must be <= w_max ({self.w_max})")
         if not self.w_min <= self.sample_guidance <= self.w_max:

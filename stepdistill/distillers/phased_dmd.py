@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import check_range
 from ..data import Batch
 from ..denoiser import unwrap
 from ..process import per_sample
@@ -64,6 +65,12 @@ class PhasedDMDOptions(FakeScoreOptions):
     experts: bool = True  # one expert network per phase (a mixture of experts); false: one shared network
     reset_fake: bool = True  # re-initialise the fake score from the teacher at each phase start
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas of every trainable (LightX2V)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
+        check_range("method_args.lr", self.lr, gt=0)
+        check_range("method_args.steps_per_phase", self.steps_per_phase, ge=1)
 
 
 class PhasedDMD(Distiller):

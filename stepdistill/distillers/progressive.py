@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from ..config import check_range
 from ..data import Batch
 from ..denoiser import Denoiser, unwrap
 from ..process import NoiseProcess, per_sample, truncated_snr_weight
@@ -53,6 +54,11 @@ class ProgressiveOptions:
     student_prediction: Literal["teacher", "sample", "v_prediction"] = "teacher"  # the student's output head
 
     def __post_init__(self):
+        check_range("method_args.lr", self.lr, gt=0)
+        check_range("method_args.pool_size", self.pool_size, ge=1)
+        check_range("method_args.pool_steps", self.pool_steps, ge=1)
+        check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
+        check_range("method_args.steps_per_round", self.steps_per_round, ge=1)
         if self.start_steps < 1 or self.start_steps & (self.start_steps - 1):
             raise ValueError(f"method_args.start_steps must be a power of two, got {self.start_steps}")
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import check_range
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
 from ..generator import Student, copy_for_training
@@ -28,6 +29,9 @@ class FakeScoreOptions:
     t_max: float = 0.98
 
     def __post_init__(self):
+        check_range("method_args.fake_lr", self.fake_lr, gt=0)
+        check_range("method_args.fake_lora_rank", self.fake_lora_rank, ge=0)
+        check_range("method_args.fake_lora_alpha", self.fake_lora_alpha, gt=0)
         if self.fake_updates < 1:
             raise ValueError(f"method_args.fake_updates must be >= 1, got {self.fake_updates}")
         if not 0 <= self.t_min < self.t_max <= 1:

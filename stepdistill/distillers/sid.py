@@ -51,6 +51,7 @@ from typing import Literal
 
 import torch
 
+from ..config import check_range
 from ..data import Batch
 from .base import Context
 from .losses import denoising_loss, guided_x0, per_sample_mean_abs, prompt_dropout
@@ -70,6 +71,11 @@ class SiDOptions(FakeScoreOptions):
     prompt_dropout: float = 0.1
 
     def __post_init__(self):
+        check_range("method_args.lr", self.lr, gt=0)
+        check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
+        check_range("method_args.real_guidance", self.real_guidance, ge=0)
+        check_range("method_args.fake_train_guidance", self.fake_train_guidance, ge=0)
+        check_range("method_args.prompt_dropout", self.prompt_dropout, ge=0, le=1)
         super().__post_init__()
         if self.fake_updates != 1:
             raise ValueError("method_args.fake_updates: SiD alternates 1:1")

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from ..config import check_range
 from ..data import Batch
 from ..process import per_sample
 from .base import Context
@@ -41,6 +42,13 @@ class VSDOptions(FakeScoreOptions):
     lr: float = 1e-6
     prompt_dropout: float = 0.1  # probability that a fake-score update sees the empty prompt (whole batch)
     fake_weighting: Literal["alpha2", "none"] = "alpha2"  # SwiftBrush's alpha_t^2 weight of the fake loss
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
+        check_range("method_args.fake_guidance_scale", self.fake_guidance_scale, ge=0)
+        check_range("method_args.lr", self.lr, gt=0)
+        check_range("method_args.prompt_dropout", self.prompt_dropout, ge=0, le=1)
 
 
 class VSD(ScoreDistiller):

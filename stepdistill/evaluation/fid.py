@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from ..errors import EvalError
+from ..state_io import temporary_name
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -205,7 +206,7 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta:
     """Write statistics atomically (a temporary file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = temporary_name(path).with_suffix(".npz")
     np.savez(tmp, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta, sort_keys=True)))
     os.replace(tmp, path)
     return path
@@ -243,12 +244,13 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     ref = sub.add_parser("ref", help="compute reference statistics of an image folder once")
     ref.add_argument("images", type=Path)
-    ref.add_argument("out", type=Path, help="statistics file to write (.npz)")
+    ref.add_argument("out", type=Path, help="statistics file to write (.npz; an existing one needs --overwrite)")
     calc = sub.add_parser("calc", help="FID of an image folder against saved reference statistics")
     calc.add_argument("images", type=Path)
     calc.add_argument("--ref", type=Path, required=True, help="statistics file written by 'ref'")
-    calc.add_argument("--json", type=Path, default=None, help="also write the result here")
+    calc.add_argument("--json", type=Path, default=None, help="also write the result here (an existing file needs --overwrite)")
     for q in (ref, calc):
+        q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
         q.add_argument("--eval-size", type=int, default=512, help="centre-crop + LANCZOS size (0: crop only)")
         q.add_argument("--inception-weights", default=None, help=f"local {INCEPTION_FILE} (file or folder)")
         q.add_argument("--batch-size", type=int, default=64)
@@ -257,6 +259,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     size = args.eval_size or None
     try:
+        existing = args.out if args.cmd == "ref" else args.json
+        if existing is not None and existing.exists() and not args.overwrite:
+            raise EvalError(f"{existing} already exists (statistics of many images may have gone into it); pass "
+                            f"--overwrite to replace it, or choose another file")
         extractor = load_inception(args.inception_weights, args.device)
         files = list_images(args.images)
         kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)

@@ -37,14 +37,35 @@ def save_sample_figure(x: torch.Tensor, path: str | Path, oracle=None, labels: S
     return path
 
 
+SEGMENT_KEYS = ("round", "stage", "phase")  # logged by progressive, guided and Phased DMD
+
+
+def segment_starts(history: list[dict]) -> list[tuple[int, str]]:
+    """(step, label) where a logged round, stage or phase begins (after the first)."""
+    out = []
+    for word in SEGMENT_KEYS:
+        keys = [k for k in {k for h in history for k in h} if k.split("/")[-1] == word]
+        for key in sorted(keys)[:1]:  # one trainable's record of it is enough
+            last = None
+            for h in history:
+                if key in h and h[key] != last:
+                    if last is not None:
+                        out.append((h["step"], f"{word} {h[key]:g}"))
+                    last = h[key]
+    return sorted(out)
+
+
 def plot_losses(history: list[dict], path: str | Path) -> Path:
-    """Every logged ``*loss`` series against the step, one panel per phase."""
+    """Every logged ``*loss`` series against the step, one panel per trainable's loss, with the starts
+    of progressive rounds, guided stages and Phased DMD phases marked (the loss of a new round is not
+    comparable with the last one's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = sorted({k for h in history for k in h if k.endswith("loss")})
+    marks = segment_starts(history)
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3), dpi=100, squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(h["step"], h[key]) for h in history if key in h]
@@ -52,6 +73,10 @@ def plot_losses(history: list[dict], path: str | Path) -> Path:
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.set_yscale("log" if all(p[1] > 0 for p in pts) else "linear")
+        for step, label in marks:
+            ax.axvline(step, color="tab:gray", lw=0.8, ls="--")
+            ax.text(step, 1.0, label, transform=ax.get_xaxis_transform(), rotation=90, va="top", ha="right", fontsize=7,
+                    color="tab:gray")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -22,7 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "oracle"
 def prefit_network(cfg, cache_root: Path) -> Path:
     """Fit (once per oracle config) the MLP network teacher and return its folder, to be copied
     into each run folder so tests share one fit."""
-    key = "_".join(f"{k}-{v}" for k, v in sorted(vars(cfg.teacher.oracle).items()))
+    key = "_".join(f"{k}-{v}" for k, v in sorted(vars(cfg.teacher.oracle).items())) + f"_seed-{cfg.train.seed}"
     folder = cache_root / key
     if not (folder / "oracle_network" / "config.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)

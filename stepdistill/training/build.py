@@ -4,21 +4,26 @@ source, the distiller, and one :class:`~stepdistill.training.update.TrainableSta
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, from_dict, torch_dtype
+from ..config import RunConfig, from_dict, to_dict, torch_dtype
 from ..data import BatchSource, folder_labels, image_captions, list_images, load_images, read_prompts
 from ..denoiser import Denoiser, unwrap
 from ..distillers.base import Context, Distiller
 from ..distillers.registry import get_method
 from ..errors import ConfigError, ExportError
+from ..state_io import cache_key_problem
 from ..teachers import Teacher, load_teacher, resolve_teacher_path
 from .distributed import broadcast_from_main
 from .update import TrainableState
+
+CACHE_KEY = "stepdistill_key.json"  # what a cache in the run folder was made for
 
 logger = logging.getLogger("stepdistill")
 
@@ -75,12 +80,23 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) ->
         teacher.null_label = None
     cache = run_dir / "oracle_network"
     pred = "flow" if process.kind == "flow" else "v_prediction"
-    if is_main and not (cache / "config.json").is_file():
-        net, pred = fit_network(gmm, process, steps=spec.network_steps, hidden=spec.hidden, depth=spec.depth,
-                                conditional=spec.conditional, seed=cfg.train.seed)
-        tmp = run_dir / "oracle_network.tmp"
-        net.save_pretrained(tmp)
-        os.replace(tmp, cache)
+    key = {**to_dict(spec), "seed": cfg.train.seed}  # what the fitted network depends on
+    if is_main:
+        problem = "it is missing"
+        if (cache / "config.json").is_file():
+            saved = json.loads((cache / CACHE_KEY).read_text()) if (cache / CACHE_KEY).is_file() else None
+            problem = cache_key_problem(saved, key)
+            if problem:
+                logger.warning("%s was fitted for another oracle (%s): fitting it again", cache, problem)
+        if problem:
+            net, pred = fit_network(gmm, process, steps=spec.network_steps, hidden=spec.hidden, depth=spec.depth,
+                                    conditional=spec.conditional, seed=cfg.train.seed)
+            tmp = run_dir / f"oracle_network.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            net.save_pretrained(tmp)
+            (tmp / CACHE_KEY).write_text(json.dumps(key, indent=1))
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(tmp, cache)
     wait()
     net = MLPDenoiser.from_pretrained(cache).to(device).eval().requires_grad_(False)
     return teacher, Denoiser(net, process, pred), gmm
@@ -111,8 +127,20 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
                        x0_labels=labels, oracle=oracle, rank=rank)
 
 
+def check_timesteps(timesteps, process) -> None:
+    """``student.timesteps`` must lie in the teacher's sampling range, whatever the method."""
+    if timesteps is None:
+        return
+    lo, hi = (0.0, process.t_max) if process.kind == "vp" else (0.0, 1.0)
+    for t in timesteps:
+        if not (lo <= t <= hi) or (process.kind == "flow" and t == 0.0):
+            what = "diffusers timesteps of its scheduler" if process.kind == "vp" else "flow times t, 0 excluded"
+            raise ConfigError(f"student.timesteps: {t:g} is outside the teacher's range [{lo:g}, {hi:g}] ({what})")
+
+
 def build_distiller(method: type[Distiller], ctx: Context, options) -> Distiller:
     """The method's distiller; the checks its constructor makes become one-line config errors."""
+    check_timesteps(ctx.config.student.timesteps, ctx.init.process)
     try:
         return method(ctx, options)
     except ValueError as exc:

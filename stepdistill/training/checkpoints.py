@@ -77,13 +77,16 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def latest_good_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose files match its manifest; broken ones are skipped with a warning."""
+def latest_good_checkpoint(run_dir: Path, broken: list[Path] | None = None) -> Path | None:
+    """The newest checkpoint whose files match its manifest; broken ones are skipped with a warning
+    (and appended to ``broken``)."""
     for ckpt in reversed(list_checkpoints(run_dir)):
         problem = checkpoint_problem(ckpt)
         if problem is None:
             return ckpt
         logger.warning("skipping checkpoint %s: %s; trying the previous one", ckpt, problem)
+        if broken is not None:
+            broken.append(ckpt)
     return None
 
 
@@ -104,6 +107,8 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     unsafe, safe = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):
+            continue
+        if key.startswith("data_fingerprint.") and key not in a:  # recorded by a version that took none
             continue
         line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
         last = key.rsplit(".", 1)[-1]
@@ -144,10 +149,12 @@ def recover_leftovers(run_dir: Path) -> None:
 
 
 def write_checkpoint(accelerator, run_dir: Path, step: int, training_state: dict, config: dict,
-                     limit: int | None) -> Path:
+                     limit: int | None, broken: set[Path] = frozenset()) -> Path:
     """Write ``checkpoint-<step>`` (collective: every rank calls it): accelerate's state into
     ``checkpoint-<step>.tmp``, then, on the main process, the training state and the manifest (fsynced),
-    the rename into place, and the deletion of checkpoints beyond ``limit``."""
+    the rename into place, and the deletion of the oldest checkpoints beyond ``limit``. Checkpoints known
+    to be ``broken`` (they failed verification) neither count toward the limit nor are deleted, so the
+    newest good one (the one just written) is never removed."""
     acc = accelerator
     root = Path(run_dir) / "checkpoints"
     final = root / f"{CKPT_PREFIX}{step}"
@@ -174,7 +181,8 @@ def write_checkpoint(accelerator, run_dir: Path, step: int, training_state: dict
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if limit is not None:
-            for stale in list_checkpoints(run_dir)[:-limit]:
+            good = [c for c in list_checkpoints(run_dir) if c not in broken]  # oldest first
+            for stale in [c for c in good[:-limit] if c != final]:
                 doomed = stale.with_name(stale.name + ".del")  # invisible first, then deleted
                 os.replace(stale, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)

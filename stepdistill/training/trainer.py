@@ -26,8 +26,10 @@ from ..errors import ConfigError, Interrupted, NonFiniteError
 from ..state_io import load_state
 from . import outputs
 from .build import build_distiller, build_source, build_teacher, build_trainables, check_exportable, validate_inputs
-from .checkpoints import TRAINING_STATE, check_resumable, latest_good_checkpoint, recover_leftovers, write_checkpoint
-from .distributed import any_rank, verify_rank_sync
+from .checkpoints import (TRAINING_STATE, check_resumable, latest_good_checkpoint, list_checkpoints, recover_leftovers,
+                          write_checkpoint)
+from .distributed import all_ranks, any_rank, verify_rank_sync
+from .run_folder import RunLock, check_run_record, data_fingerprint, write_run_record
 from .update import apply_update, ema_weights, select
 
 logger = logging.getLogger("stepdistill")
@@ -90,32 +92,77 @@ class Trainer:
         )
         method = validate_inputs(cfg, acc.num_processes)
         self.options = from_dict(method.Options, cfg.method_args, "method_args")
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        # random initialisations (LoRA adapters, GAN heads) are the same on every rank and every run;
-        # per-iteration randomness comes from stepdistill.data's per-(step, rank) streams instead
-        set_seed(tcfg.seed)
-        self.teacher, init, self.oracle = build_teacher(cfg, acc.device, self.run_dir, acc.is_main_process,
-                                                        acc.wait_for_everyone)
-        self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, acc.process_index)
-        self.distiller = build_distiller(method, Context(self.teacher, init, self.source, cfg, acc.device), self.options)
-        if tcfg.export:
-            check_exportable(self.distiller, self.teacher)
-        self.states = build_trainables(acc, self.distiller, cfg)
+        self.fingerprint = data_fingerprint(cfg.data)
+        self.lock = RunLock(self.run_dir)
+        self._on_main(self._take_folder)
+        self.broken: set[Path] = set()  # checkpoints that failed verification (never counted by the limit)
+        try:
+            # random initialisations (LoRA adapters, GAN heads) are the same on every rank and every run;
+            # per-iteration randomness comes from stepdistill.data's per-(step, rank) streams instead
+            set_seed(tcfg.seed)
+            self.teacher, init, self.oracle = build_teacher(cfg, acc.device, self.run_dir, acc.is_main_process,
+                                                            acc.wait_for_everyone)
+            self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, acc.process_index)
+            ctx = Context(self.teacher, init, self.source, cfg, acc.device)
+            self.distiller = build_distiller(method, ctx, self.options)
+            if tcfg.export:
+                check_exportable(self.distiller, self.teacher)
+            self.states = build_trainables(acc, self.distiller, cfg)
+        except BaseException:
+            self.lock.release()
+            raise
         self.loop = LoopState()
         acc.register_save_state_pre_hook(self._save_hook)
+
+    def close(self) -> None:
+        """Release the run folder (``fit`` does so itself when it ends)."""
+        self.lock.release()
+
+    def _on_main(self, fn) -> None:
+        """Run ``fn`` on the main process; when it raises, every rank raises (no rank is left waiting)."""
+        acc, error = self.accelerator, None
+        if acc.is_main_process:
+            try:
+                fn()
+            except ConfigError as exc:
+                error = exc
+        if not all_ranks(acc, error is None):
+            raise error or ConfigError(f"train.output_dir: '{self.run_dir}' refused on the main process (its error "
+                                       f"names why)")
+
+    def _take_folder(self) -> None:
+        """Create the run folder, lock it for this run, and refuse it when it holds another run."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"train.output_dir: cannot create '{self.run_dir}' ({type(exc).__name__}: "
+                              f"{exc.strerror or exc})") from None
+        self.lock.acquire()
+        try:
+            if not list_checkpoints(self.run_dir):  # with checkpoints, resume compares against them
+                check_run_record(self.run_dir, self.resolved_config())
+        except BaseException:
+            self.lock.release()
+            raise
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> Path:
         """Train to ``train.max_steps`` (resuming first) and return the student folder. ``stop_after``
-        stops with a checkpoint after that iteration, as a preemption would."""
+        stops with a checkpoint after that iteration, as a preemption would. The run folder's lock is
+        released at the end, however the run ends."""
+        try:
+            return self._fit(stop_after)
+        finally:
+            self.lock.release()
+
+    def _fit(self, stop_after: int | None) -> Path:
         from tqdm.auto import tqdm
 
         acc, tcfg = self.accelerator, self.cfg.train
         start = self.resume()  # before anything is written: a refused resume leaves the run folder as it was
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            write_run_record(self.run_dir, self.resolved_config())
         if acc.trackers == [] and tcfg.report_to != "none":
             acc.init_trackers("stepdistill", config={"method": self.cfg.method, "steps": tcfg.max_steps})
         micro = tcfg.batch_size // (acc.num_processes * tcfg.gradient_accumulation_steps)
@@ -224,8 +271,9 @@ class Trainer:
         self.distiller.student.spec.save(Path(output_dir) / "student")
 
     def resolved_config(self) -> dict:
-        """The run config with method_args as the method resolves them (defaults filled in)."""
-        return {**self.cfg.to_dict(), "method_args": to_dict(self.options)}
+        """The run config with method_args as the method resolves them (defaults filled in) and the
+        data's fingerprints."""
+        return {**self.cfg.to_dict(), "method_args": to_dict(self.options), "data_fingerprint": self.fingerprint}
 
     def save_checkpoint(self, step: int) -> Path:
         self.loop.step = step
@@ -233,8 +281,10 @@ class Trainer:
         emas = {name: st.ema.state_dict() for name, st in self.states.items() if st.ema is not None}
         if emas:
             state["ema"] = emas
+        path = self.run_dir / "checkpoints" / f"checkpoint-{step}"
+        self.broken.discard(path)  # a broken checkpoint of this step is replaced by a good one
         return write_checkpoint(self.accelerator, self.run_dir, step, state, self.resolved_config(),
-                                self.cfg.train.checkpoints_total_limit)
+                                self.cfg.train.checkpoints_total_limit, self.broken)
 
     def resume(self) -> int:
         """Load the newest verified checkpoint, if any, and return its step (0 without one)."""
@@ -242,7 +292,9 @@ class Trainer:
         if acc.is_main_process:  # saves, renames, deletions that never finished
             recover_leftovers(self.run_dir)
         acc.wait_for_everyone()
-        latest = latest_good_checkpoint(self.run_dir)
+        broken: list[Path] = []
+        latest = latest_good_checkpoint(self.run_dir, broken)
+        self.broken = set(broken)
         if latest is None:
             return 0
         safe = check_resumable(latest, self.resolved_config(), acc.num_processes)

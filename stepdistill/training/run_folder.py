@@ -1,0 +1,117 @@
+"""Who holds a run folder and what it holds.
+
+- :class:`RunLock`: an exclusive lock on ``train.output_dir`` for the run's lifetime (``.lock``,
+  ``fcntl.flock``, holding the holder's pid, host and start time). The kernel drops the lock when its
+  holder dies, so a lock left by a killed run is stale by construction and the next run takes it; a
+  second live run is refused with one line naming the holder.
+- ``run.json``: the resolved config of the run the folder holds and fingerprints of its data. A run
+  started in a folder that holds another run (even one whose checkpoints were deleted) is refused with
+  the differences named.
+- Caches in the folder (the oracle's fitted network, DMD's regression pairs) carry the settings they
+  were made for (``state_io.cache_key_problem``); a cache made for others is rebuilt, with a warning
+  naming the difference, never reused.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..state_io import write_json
+from .checkpoints import config_changes
+
+RUN_RECORD = "run.json"
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """``with RunLock(folder): ...`` or ``acquire()`` / ``release()``."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown holder"
+            f.close()
+            raise ConfigError(f"train.output_dir: '{self.path.parent}' is in use by another run ({holder}); wait for "
+                              f"it to finish or use another train.output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now().isoformat(timespec='seconds')}")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def check_run_record(folder: Path, config: dict) -> None:
+    """Refuse to start a run in a folder whose ``run.json`` records a run with another config (only the
+    step budget, cadences and learning rates may differ, as on resume)."""
+    path = Path(folder) / RUN_RECORD
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"train.output_dir: '{path}' is unreadable; this folder holds a run that cannot be checked: "
+                          f"use another train.output_dir") from None
+    unsafe, _ = config_changes(old, config)
+    if unsafe:
+        raise ConfigError(f"train.output_dir: '{folder}' holds another run ({'; '.join(unsafe)}); nothing was changed. "
+                          f"Use another train.output_dir, or delete that folder to replace it")
+
+
+def write_run_record(folder: Path, config: dict) -> None:
+    write_json(Path(folder) / RUN_RECORD, {"config": config})
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def data_fingerprint(data_cfg) -> dict:
+    """Fingerprints of the run's data: the prompt file's content, the image folder's listing (relative
+    path, size and modification time of every file, captions included). A change between a run and
+    its resume is an unsafe config difference."""
+    from ..data import list_images
+
+    out = {}
+    prompts = data_cfg.prompts
+    if isinstance(prompts, (list, tuple)):
+        out["prompts"] = _sha256_bytes(json.dumps(list(prompts)).encode())
+    elif prompts is not None and Path(prompts).is_file():
+        out["prompts"] = _sha256_bytes(Path(prompts).read_bytes())
+    if data_cfg.images is not None:
+        files = list_images(data_cfg.images)
+        root = files[0].parent
+        while not all(root in f.parents for f in files):
+            root = root.parent
+        listing = []
+        for f in files + [f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()]:
+            st = f.stat()
+            listing.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns))
+        out["images"] = _sha256_bytes(json.dumps(sorted(listing)).encode())
+    return out
