@@ -317,12 +317,13 @@ def _curve_rows(bench: DigitBench, run_dir: Path, name: str, curve: list[int]) -
     rows = []
     for it in curve:
         ckpt = run_dir / "checkpoints" / f"checkpoint-{it}"
-        cached = ckpt / "bench_row.json"
+        cached = run_dir / "curve" / f"checkpoint-{it}.json"  # beside, not inside: a checkpoint holds only its files
         if cached.is_file():
             row = json.loads(cached.read_text())
         else:
             student = Student.load(ckpt / "student")
             row = {"method": name, "iterations": it, **bench.judge_all(bench.images(_student_sampler(student)))}
+            cached.parent.mkdir(parents=True, exist_ok=True)
             write_json(cached, row)
         rows.append(row)
         print(json.dumps(row), flush=True)

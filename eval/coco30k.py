@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import inspect
 import json
+import math
 import os
 import random
 import sys
@@ -150,6 +151,14 @@ def prepare(args) -> tuple[list[dict], dict, Path]:
     the reference statistics path. Raises EvalError with one line naming the option."""
     if args.num_captions < 1:
         raise EvalError(f"--num-captions must be positive, got {args.num_captions}")
+    for name in ("batch_size", "metrics_batch_size", "num_inference_steps", "resolution"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.eval_size < 0:
+        raise EvalError(f"--eval-size must be >= 0 (0: crop only), got {args.eval_size}")
+    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        raise EvalError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
     pipe_dir = Path(args.pipeline)
     if pipe_dir.exists() and not (pipe_dir / "model_index.json").is_file():
         raise EvalError(f"--pipeline {args.pipeline}: no model_index.json (not a diffusers pipeline folder)")

@@ -50,6 +50,15 @@ def _is_text_type(tp) -> bool:
     return False
 
 
+def _takes_text_list(tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, tuple):
+        return bool(args) and _is_text_type(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_takes_text_list(a) for a in args)
+    return False
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -59,7 +68,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         parsed = value.yaml_value
         if parsed is None and type(None) in args:
             return None
-        if _is_text_type(tp) and not isinstance(parsed, (list, dict)):
+        if isinstance(parsed, list) and _takes_text_list(tp):
+            value = yaml.load(str(value), Loader=yaml.BaseLoader)  # a list of texts: every item as written
+        elif _is_text_type(tp) and not isinstance(parsed, (list, dict)):
             value = str(value)  # the text as given
         else:
             value = parsed

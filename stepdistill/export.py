@@ -271,6 +271,12 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     source, out = Path(source), Path(out)
     if out.exists():
         raise ExportError(f"export destination '{out}' already exists; choose a new folder (nothing was written)")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise ExportError(f"export destination '{out}': its folder cannot be created ('{ancestor}' is "
+                          f"{'not a folder' if not ancestor.is_dir() else 'not writable'})")
     folder, run_cfg = _resolve_source(source, use_ema)
     try:
         spec = StudentSpec(**_read(folder / SPEC_FILE, "json"))
@@ -300,10 +306,7 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     sched, kwargs = scheduler_for(spec, pipe.scheduler.config, pred)
     call = _call_kwargs(pipe, spec, kwargs)
     pipe.register_modules(**{component: model, "scheduler": sched})
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"export destination '{out}': its folder cannot be created ({type(exc).__name__})") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(out)  # this process's own: nothing of the user's is written over or deleted
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)

@@ -11,7 +11,7 @@ from PIL import Image
 from stepdistill.config import ConfigError, load_config
 from stepdistill.data import DataError, list_images, load_images, read_prompts
 from stepdistill.teachers import TeacherLoadError
-from stepdistill.training import Trainer, list_checkpoints
+from stepdistill.training import Trainer, list_checkpoints, validate_inputs
 from stepdistill.training.checkpoints import MANIFEST
 
 ORACLE = ["method=progressive", "teacher.oracle.components=4", "teacher.oracle.network_steps=50", "train.batch_size=8",
@@ -51,6 +51,8 @@ def _images(tmp_path: Path, corrupt: bool = False) -> Path:
     return folder
 
 
+LATIN1 = "a caf\u00e9 sign".encode("latin-1")  # not UTF-8
+
 # id, (tmp_path -> overrides), error class, message pattern
 CASES = [
     ("prompt-file-empty-line", lambda t: [f"data.prompts={_write(t, 'p.txt', 'a cat' + chr(10) + '   ' + chr(10) + 'a dog')}"],
@@ -83,7 +85,64 @@ CASES = [
     ("nonfinite-limit-zero", lambda t: ["train.max_nonfinite_steps=0"], ConfigError, r"train.max_nonfinite_steps: must be >= 1"),
     ("accumulation-does-not-divide", lambda t: ["train.gradient_accumulation_steps=3"], ConfigError,
      r"train.batch_size: 8 does not divide by gradient_accumulation_steps 3"),
+    # numbers out of range (each reached torch, or ran silently, before)
+    ("grad-clip-negative", lambda t: ["train.grad_clip=-1"], ConfigError, r"train.grad_clip: must be > 0, got -1.0"),
+    ("grad-clip-zero", lambda t: ["train.grad_clip=0"], ConfigError, r"train.grad_clip: must be > 0, got 0.0"),
+    ("lr-nan", lambda t: ["method_args.lr=nan"], ConfigError, r"method_args.lr: must be a finite number, got nan"),
+    ("lr-negative", lambda t: ["method_args.lr=-1e-4"], ConfigError, r"method_args.lr: must be > 0, got -0.0001"),
+    ("optim-lr-inf", lambda t: ["optim.student.lr=inf"], ConfigError, r"optim.student.lr: must be a finite number, got inf"),
+    ("guidance-nan", lambda t: ["method_args.guidance_scale=.nan"], ConfigError,
+     r"method_args.guidance_scale: must be a finite number"),
+    ("guidance-negative", lambda t: ["method_args.guidance_scale=-2"], ConfigError,
+     r"method_args.guidance_scale: must be >= 0, got -2.0"),
+    ("warmup-negative", lambda t: ["train.lr_warmup_steps=-5"], ConfigError, r"train.lr_warmup_steps: must be >= 0, got -5"),
+    ("seed-negative", lambda t: ["train.seed=-1"], ConfigError, r"train.seed: must be >= 0, got -1"),
+    ("weight-decay-negative", lambda t: ["train.weight_decay=-0.1"], ConfigError, r"train.weight_decay: must be >= 0"),
+    ("betas-out-of-range", lambda t: ["optim.student.betas=[0.9, 1.5]"], ConfigError,
+     r"optim.betas: must be two numbers in \[0, 1\), got \[0.9, 1.5\]"),
+    ("lora-alpha-zero", lambda t: ["student.lora_alpha=0"], ConfigError, r"student.lora_alpha: must be > 0, got 0.0"),
+    ("oracle-std-zero", lambda t: ["teacher.oracle.std=0"], ConfigError, r"teacher.oracle.std: must be > 0, got 0.0"),
+    ("pool-size-zero", lambda t: ["method_args.pool_size=0"], ConfigError, r"method_args.pool_size: must be >= 1, got 0"),
+    ("dropout-above-one", lambda t: ["method=sid", "method_args.prompt_dropout=1.5"], ConfigError,
+     r"method_args.prompt_dropout: must be <= 1, got 1.5"),
+    ("fake-lora-alpha-negative", lambda t: ["method=dmd2", "method_args.fake_lora_alpha=-1"], ConfigError,
+     r"method_args.fake_lora_alpha: must be > 0"),
+    ("gan-weight-negative", lambda t: ["method=dmd2", "method_args.gan_gen_weight=-1"], ConfigError,
+     r"method_args.gan_gen_weight: must be >= 0"),
+    # student.timesteps outside the process range: one check, one message, for every method
+    ("timesteps-above-range", lambda t: ["student.timesteps=[1000]"], ConfigError,
+     r"student.timesteps: 1000 is outside the teacher's range \[0, 999\] \(diffusers timesteps of its scheduler\)"),
+    ("timesteps-below-range-dmd2", lambda t: ["method=dmd2", "student.timesteps=[-5]"], ConfigError,
+     r"student.timesteps: -5 is outside the teacher's range \[0, 999\]"),
+    ("timesteps-above-range-sid", lambda t: ["method=sid", "student.timesteps=[1500]"], ConfigError,
+     r"student.timesteps: 1500 is outside"),
+    ("timesteps-flow-zero", lambda t: ["method=dmd2", "teacher.oracle.process=flow", "student.timesteps=[0.0]"],
+     ConfigError, r"student.timesteps: 0 is outside the teacher's range \[0, 1\] \(flow times t, 0 excluded\)"),
+    # files and folders
+    ("prompt-file-not-utf8", lambda t: [f"data.prompts={_write(t, 'latin.txt', LATIN1)}"],
+     DataError, r"prompt file '.*latin.txt' is not UTF-8 text"),
+    ("prompt-file-is-a-folder", lambda t: [f"data.prompts={t}"], DataError, r"prompt file '.*' is a folder, not a file"),
+    ("images-is-a-file", lambda t: [f"data.images={_write(t, 'one.png', b'x')}"], DataError,
+     r"image folder '.*one.png' is a file, not a folder"),
+    ("output-dir-under-a-file", lambda t: [f"train.output_dir={_write(t, 'blocker', 'x')}/run"], ConfigError,
+     r"train.output_dir: cannot create '.*blocker/run' \(NotADirectoryError"),
+    ("caption-missing-for-one-image", lambda t: [f"data.images={_captioned(t, missing=1)}"], DataError,
+     r"image '.*1.png' has no caption \('1.txt' is missing\) while other images have one"),
+    ("plugin-not-a-distiller", lambda t: ["method=json:JSONDecoder"], ConfigError,
+     r"method: plug-in 'json:JSONDecoder' is not a subclass of stepdistill.distillers.Distiller"),
+    ("override-bad-key", lambda t: ["train..seed=1"], ConfigError, r"override 'train..seed=1': 'train..seed' is not a dotted key"),
+    ("override-bad-yaml", lambda t: ["train.seed=[1"], ConfigError, r"override 'train.seed=\[1': the value is not valid YAML"),
 ]
+
+
+def _captioned(tmp_path: Path, missing: int | None = None) -> Path:
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"{i}.png")
+        if i != missing:
+            (folder / f"{i}.txt").write_text(f"a square number {i}")
+    return folder
 
 
 @pytest.mark.parametrize("case,make,exc,match", CASES, ids=[c[0] for c in CASES])
@@ -149,3 +208,130 @@ def test_no_pickle_in_our_checkpoint_files(tmp_path):
     assert {"model.safetensors", "training_state.json", "training_state.safetensors", MANIFEST} <= set(names)
     for name in ("optimizer.bin", "scheduler.bin"):
         torch.load(ckpt / name, weights_only=True)
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda m: [m], "is malformed"),  # a list instead of a mapping
+    (lambda m: {k: v for k, v in m.items() if k != "config"}, "is malformed"),  # a key removed
+    (lambda m: None, "is malformed"),  # null
+    (lambda m: {**m, "files": {k: {"size": "big"} for k in m["files"]}}, "is malformed"),
+    (lambda m: {**m, "files": {k: v for k, v in list(m["files"].items())[1:]}}, "is not in the manifest"),  # unlisted file
+])
+def test_a_hand_edited_manifest_makes_its_checkpoint_unverified_not_a_crash(tmp_path, caplog, edit, problem):
+    """A manifest that is not what this project writes (a list, missing keys, null, bad entries, a file it
+    does not list) is skipped with a warning naming why; the previous checkpoint is resumed."""
+    out = tmp_path / "run"
+    Trainer(load_config(None, ORACLE + [f"train.output_dir={out}", "train.max_steps=4", "train.checkpoint_every=2",
+                                        "train.checkpoints_total_limit=null"])).fit()
+    ckpt = out / "checkpoints" / "checkpoint-4"
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    (ckpt / MANIFEST).write_text(json.dumps(edit(manifest)))
+    trainer = Trainer(load_config(None, ORACLE + [f"train.output_dir={out}", "train.max_steps=6"]))
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        assert trainer.resume() == 2
+    trainer.close()
+    assert f"skipping checkpoint {ckpt}" in caplog.text and problem in caplog.text
+
+
+def test_command_line_values_take_the_fields_type(tmp_path):
+    """`key=value` is read by the field's declared type: text fields keep the text (YAML 1.1 would read
+    `no` as false), numbers and lists their YAML value."""
+    cfg = load_config(None, ORACLE + ["train.mixed_precision=no", "train.report_to=none", "method_args.lr=3e-4",
+                                      "data.prompts=[yes, no]", "method=progressive"])
+    assert cfg.train.mixed_precision == "no" and cfg.data.prompts == ["yes", "no"]
+    assert validate_inputs(cfg) and cfg.method == "progressive"
+    from stepdistill.distillers.sid import SiD
+    from stepdistill.config import from_dict
+
+    opt = from_dict(SiD.Options, load_config(None, ORACLE + ["method=sid", "method_args.guidance_mode=none",
+                                                             "method_args.alpha=1"]).method_args, "method_args")
+    assert opt.guidance_mode == "none" and opt.alpha == 1.0
+
+
+def test_a_changed_prompt_file_between_run_and_resume_is_refused(tmp_path):
+    prompts = _write(tmp_path, "p.txt", "a cat\na dog\n")
+    out = tmp_path / "run"
+    cfg = ORACLE + [f"train.output_dir={out}", "train.checkpoint_every=2", f"data.prompts={prompts}"]
+    Trainer(load_config(None, cfg + ["train.max_steps=2"])).fit()
+    prompts.write_text("a cat\na horse\n")
+    before = _snapshot(out)
+    with pytest.raises(ConfigError, match=r"different config: data_fingerprint.prompts: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        Trainer(load_config(None, cfg + ["train.max_steps=4"])).fit()
+    assert _snapshot(out) == before
+
+
+def test_config_file_that_is_not_utf8_or_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*bad.yaml' is not UTF-8 text"):
+        load_config(_write(tmp_path, "bad.yaml", LATIN1))
+    with pytest.raises(ConfigError, match=r"config file '.*' is a folder, not a file"):
+        load_config(tmp_path)
+
+
+def test_unreadable_images_of_every_kind_are_skipped_when_asked(tmp_path):
+    folder = _images(tmp_path)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "truncated.png").write_bytes((folder / "ok_0.png").read_bytes()[:40])
+    images, kept = load_images(list_images(folder), 8, 3, skip_bad=True)
+    assert [p.name for p in kept] == ["ok_0.png", "ok_1.png", "ok_2.png"]
+    with pytest.raises(DataError, match=r"image '.*empty.png' cannot be read"):
+        load_images(list_images(folder), 8, 3)
+
+
+def _run(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_command_line_tools_give_one_line_errors(tmp_path):
+    """Bad options of the distill, export and fid commands: exit status 2 and one line naming them."""
+    r = _run("train/distill.py", "--config", "configs/oracle/progressive_1step.yaml", "--stop-after", "0")
+    assert r.returncode == 2 and "--stop-after must be >= 1, got 0" in r.stderr
+    r = _run("-m", "stepdistill.evaluation.fid", "calc", str(tmp_path), "--ref", str(tmp_path / "r.npz"), "--batch-size", "0")
+    assert r.returncode == 2 and "--batch-size must be positive, got 0" in r.stderr
+    import numpy as np
+
+    np.savez(tmp_path / "nan.npz", mu=np.array([0.0, np.nan]), sigma=np.eye(2), meta=np.array("{}"))
+    from stepdistill.evaluation.fid import EvalError, load_stats
+
+    with pytest.raises(EvalError, match=r"nan.npz: the statistics hold non-finite values"):
+        load_stats(tmp_path / "nan.npz")
+    np.savez(tmp_path / "shape.npz", mu=np.zeros(3), sigma=np.eye(2), meta=np.array("{}"))
+    with pytest.raises(EvalError, match=r"shape.npz: mu has shape \(3,\) and sigma \(2, 2\)"):
+        load_stats(tmp_path / "shape.npz")
+
+
+def test_export_of_damaged_run_files_is_one_line(tmp_path):
+    from stepdistill.export import ExportError, export
+
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "config.yaml").write_bytes(b"teacher: [unclosed")
+    with pytest.raises(ExportError, match=r"'.*config.yaml' cannot be read \(ScannerError|ParserError"):
+        export(run, tmp_path / "out")
+    (run / "config.yaml").write_text("teacher: {path: somewhere}\n")
+    (run / "student" / "student_config.json").write_text("{not json")
+    with pytest.raises(ExportError, match=r"'.*student_config.json' cannot be read \(JSONDecodeError"):
+        export(run, tmp_path / "out")
+    (run / "student" / "student_config.json").write_text(json.dumps({"method": "x", "sampler": "nope", "timesteps": [1]}))
+    with pytest.raises(ExportError, match=r"student_config.json' is not a student config \(sampler 'nope'"):
+        export(run, tmp_path / "out")
+    blocker = _write(tmp_path, "blocker", "x")
+    with pytest.raises(ExportError, match=r"export destination '.*blocker/out': its folder cannot be created"):
+        export(run, blocker / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_coco30k_refuses_bad_numbers_before_loading_anything(tmp_path, eval_script):
+    coco = eval_script("coco30k")
+    captions = _write(tmp_path, "c.txt", "a cat\na dog\n")
+    for flag, value, message in [("--batch-size", "0", "--batch-size must be positive, got 0"),
+                                 ("--num-inference-steps", "-1", "--num-inference-steps must be positive, got -1"),
+                                 ("--eval-size", "-3", "--eval-size must be >= 0"),
+                                 ("--guidance-scale", "nan", "--guidance-scale must be a finite number >= 0")]:
+        args = coco.parse_args(["--pipeline", str(tmp_path), "--out", str(tmp_path / "o"), "--captions", str(captions),
+                                flag, value])
+        with pytest.raises(coco.EvalError, match=message):
+            coco.prepare(args)

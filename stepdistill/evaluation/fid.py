@@ -222,6 +222,10 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
             meta = json.loads(str(data["meta"])) if "meta" in data else {}
     except (KeyError, ValueError, OSError) as exc:
         raise EvalError(f"{path} is not a statistics file with mu and sigma ({exc})") from exc
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise EvalError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (d,) and (d, d)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvalError(f"{path}: the statistics hold non-finite values (NaN or inf); compute them again with 'ref'")
     return mu, sigma, meta
 
 
@@ -257,6 +261,10 @@ def main(argv=None) -> int:
         q.add_argument("--num-workers", type=int, default=0)
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    for name in ("batch_size", "num_workers"):
+        if getattr(args, name) < (1 if name == "batch_size" else 0):
+            p.error(f"--{name.replace('_', '-')} must be {'positive' if name == 'batch_size' else '>= 0'}, "
+                    f"got {getattr(args, name)}")
     size = args.eval_size or None
     try:
         existing = args.out if args.cmd == "ref" else args.json

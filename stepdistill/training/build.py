@@ -33,8 +33,18 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
     method = get_method(cfg.method)
     options = from_dict(method.Options, cfg.method_args, "method_args")
     tc = cfg.teacher
+    process = oracle_process(tc.oracle) if tc.oracle is not None else None
     if tc.path is not None:
-        resolve_teacher_path(tc.path)
+        scheduler = Path(resolve_teacher_path(tc.path)) / "scheduler" / "scheduler_config.json"
+        if scheduler.is_file():  # a local pipeline: its time range is known before anything is loaded
+            from ..process import process_from_scheduler_config
+
+            try:
+                process = process_from_scheduler_config(json.loads(scheduler.read_text()))
+            except (ValueError, TypeError):
+                process = None  # the pipeline load names what is wrong with it
+    if process is not None:
+        check_timesteps(cfg.student.timesteps, process)
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: '{out}' exists and is not a folder")
@@ -44,7 +54,7 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
     if cfg.data.prompts is not None:
         read_prompts(cfg.data.prompts, cfg.data.skip_bad_items)
     if cfg.data.images is not None:
-        list_images(cfg.data.images)
+        image_captions(list_images(cfg.data.images), cfg.data.skip_bad_items)  # every image captioned, or none
     if cfg.train.export and tc.path is None:
         raise ConfigError("train.export: the Gaussian-mixture oracle (teacher.oracle) has no diffusers pipeline to "
                           "export into")
@@ -53,6 +63,17 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
         if name not in known:
             raise ConfigError(f"optim.{name}: method {cfg.method} has no trainable '{name}' (it has {list(known)})")
     return method
+
+
+def oracle_process(spec):
+    """The noise process of the Gaussian-mixture oracle (``teacher.oracle``)."""
+    from ..process import FlowProcess, process_from_scheduler_config
+
+    if spec.process == "flow":
+        return FlowProcess(shift=spec.shift)
+    from diffusers import DDIMScheduler
+
+    return process_from_scheduler_config(DDIMScheduler(beta_schedule=spec.beta_schedule))
 
 
 def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) -> tuple[Teacher, Denoiser, object]:
@@ -65,16 +86,10 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) ->
         return teacher, teacher.denoiser, None
     from ..nets import MLPDenoiser
     from ..oracle import GaussianMixture, fit_network
-    from ..process import FlowProcess, process_from_scheduler_config
 
     spec = tc.oracle
     gmm = GaussianMixture.ring(spec.components, spec.dim, spec.radius, spec.std)
-    if spec.process == "flow":
-        process = FlowProcess(shift=spec.shift)
-    else:
-        from diffusers import DDIMScheduler
-
-        process = process_from_scheduler_config(DDIMScheduler(beta_schedule=spec.beta_schedule))
+    process = oracle_process(spec)
     teacher = Teacher.from_oracle(gmm, process)
     if not spec.conditional:
         teacher.null_label = None

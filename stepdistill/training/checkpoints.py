@@ -60,12 +60,28 @@ def make_manifest(folder: Path, step: int, config: dict, num_processes: int) -> 
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (missing, truncated or altered files), or None."""
+    """Why a checkpoint folder cannot be resumed from, or None: an unreadable or malformed manifest, a
+    file missing, truncated or altered, or a file the manifest does not list (nothing is loaded
+    unchecked)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError) as exc:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         return f"unreadable {MANIFEST} ({type(exc).__name__})"
+    malformed = f"{MANIFEST} is malformed (it needs step, config, num_processes and a size and sha256 per file)"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or \
+            not isinstance(manifest.get("config"), dict) or not isinstance(manifest.get("num_processes"), int) or \
+            not isinstance(manifest.get("step"), int):
+        return malformed
+    files = manifest["files"]
+    for rel, meta in files.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or not isinstance(meta.get("sha256"), str) \
+                or ".." in Path(rel).parts or Path(rel).is_absolute():
+            return malformed
+    listed = set(files)
+    for f in sorted(folder.rglob("*")):
+        rel = str(f.relative_to(folder))
+        if f.is_file() and f.name != MANIFEST and rel not in listed:
+            return f"{rel} is not in the manifest"
     for rel, meta in files.items():
         f = folder / rel
         if not f.is_file():

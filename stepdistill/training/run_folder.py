@@ -1,9 +1,10 @@
 """Who holds a run folder and what it holds.
 
-- :class:`RunLock`: an exclusive lock on ``train.output_dir`` for the run's lifetime (``.lock``,
-  ``fcntl.flock``, holding the holder's pid, host and start time). The kernel drops the lock when its
-  holder dies, so a lock left by a killed run is stale by construction and the next run takes it; a
-  second live run is refused with one line naming the holder.
+- :class:`RunLock`: an exclusive lock on ``train.output_dir`` for the run's lifetime (``fcntl.flock``
+  on the folder itself; ``.lock`` inside names the holder's pid, host and start time while it runs).
+  The kernel drops the lock when its holder dies, so a lock left by a killed run is stale by
+  construction and the next run takes it; a second live run is refused with one line naming the
+  holder. Released, the folder is as it was (the ``.lock`` note is removed).
 - ``run.json``: the resolved config of the run the folder holds and fingerprints of its data. A run
   started in a folder that holds another run (even one whose checkpoints were deleted) is refused with
   the differences named.
@@ -33,31 +34,38 @@ class RunLock:
     """``with RunLock(folder): ...`` or ``acquire()`` / ``release()``."""
 
     def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK_FILE
-        self._file = None
+        self.folder = Path(folder)
+        self.note = self.folder / LOCK_FILE
+        self._fd = None
 
     def acquire(self) -> None:
         import fcntl
 
-        f = open(self.path, "a+")
+        fd = os.open(self.folder, os.O_RDONLY)
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown holder"
-            f.close()
-            raise ConfigError(f"train.output_dir: '{self.path.parent}' is in use by another run ({holder}); wait for "
-                              f"it to finish or use another train.output_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now().isoformat(timespec='seconds')}")
-        f.flush()
-        self._file = f
+            os.close(fd)
+            try:
+                holder = self.note.read_text().strip()
+            except OSError:
+                holder = ""
+            raise ConfigError(f"train.output_dir: '{self.folder}' is in use by another run ({holder or 'holder unknown'}); "
+                              f"wait for it to finish or use another train.output_dir") from None
+        self._fd = fd
+        self.holder = (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                       f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+        self.note.write_text(self.holder + "\n")  # a killed holder's note is simply overwritten
 
     def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the descriptor drops the flock
-            self._file = None
+        if self._fd is not None:
+            try:
+                if self.note.read_text().strip() == self.holder:
+                    self.note.unlink()
+            except OSError:
+                pass
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
 
     def __enter__(self):
         self.acquire()
@@ -67,17 +75,31 @@ class RunLock:
         self.release()
 
 
-def check_run_record(folder: Path, config: dict) -> None:
+def check_run_record(folder: Path, config: dict, plain_config: dict) -> None:
     """Refuse to start a run in a folder whose ``run.json`` records a run with another config (only the
-    step budget, cadences and learning rates may differ, as on resume)."""
+    step budget, cadences and learning rates may differ, as on resume). A folder from before run.json
+    existed is compared through its ``config.yaml`` (``plain_config``: this run's config as written there)."""
+    import yaml
+
     path = Path(folder) / RUN_RECORD
-    if not path.is_file():
+    legacy = Path(folder) / "config.yaml"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())["config"]
+            assert isinstance(old, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise ConfigError(f"train.output_dir: '{path}' is unreadable, so what the folder holds cannot be checked; "
+                              f"use another train.output_dir") from None
+    elif legacy.is_file():
+        try:
+            old = yaml.safe_load(legacy.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return  # not a config this project wrote
+        if not (isinstance(old, dict) and {"method", "teacher", "train"} <= set(old)):
+            return
+        config = plain_config
+    else:
         return
-    try:
-        old = json.loads(path.read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"train.output_dir: '{path}' is unreadable; this folder holds a run that cannot be checked: "
-                          f"use another train.output_dir") from None
     unsafe, _ = config_changes(old, config)
     if unsafe:
         raise ConfigError(f"train.output_dir: '{folder}' holds another run ({'; '.join(unsafe)}); nothing was changed. "

@@ -140,7 +140,7 @@ class Trainer:
         self.lock.acquire()
         try:
             if not list_checkpoints(self.run_dir):  # with checkpoints, resume compares against them
-                check_run_record(self.run_dir, self.resolved_config())
+                check_run_record(self.run_dir, self.resolved_config(), self.cfg.to_dict())
         except BaseException:
             self.lock.release()
             raise
