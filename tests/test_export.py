@@ -195,3 +195,20 @@ def test_train_export_writes_the_pipeline_at_the_end_and_checks_first(tmp_path, 
     with pytest.raises(ConfigError, match="train.export: BOOT students"):
         Trainer(bad)
     assert not (tmp_path / "boot" / "checkpoints").exists()
+
+
+def test_model_card_carries_the_hub_metadata(tmp_path, tiny_pipelines):
+    """base_model (the teacher), license (from the teacher's own card), pipeline_tag, the method."""
+    import shutil
+
+    import yaml
+
+    teacher_dir = tmp_path / "teacher"
+    shutil.copytree(tiny_pipelines["sd"], teacher_dir)
+    (teacher_dir / "README.md").write_text("---\nlicense: creativeml-openrail-m\ntags: [x]\n---\n# a teacher\n")
+    teacher = load_teacher(teacher_dir)
+    make_student_folder(tmp_path / "student", teacher, "renoise", [999])
+    out = export(tmp_path / "student", tmp_path / "pipe", teacher=str(teacher_dir))
+    meta = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert meta["base_model"] == str(teacher_dir) and meta["license"] == "creativeml-openrail-m"
+    assert meta["pipeline_tag"] == "text-to-image" and meta["library_name"] == "diffusers" and "test" in meta["tags"]

@@ -68,3 +68,15 @@ def test_pipeline_without_supported_denoiser(tmp_path):
     DanceDiffusionPipeline(unet=unet, scheduler=IPNDMScheduler()).save_pretrained(path)
     with pytest.raises(TeacherLoadError, match="no denoiser adapter for UNet1DModel"):
         load_teacher(path)
+
+
+def test_loss_plot_marks_where_rounds_stages_and_phases_begin(tmp_path):
+    from stepdistill.evaluation.grids import plot_losses, segment_starts
+
+    history = [{"step": s, "student/loss": 1.0 / s, "student/round": float(r)} for s, r in
+               [(10, 0), (20, 0), (30, 1), (40, 1), (50, 2)]]
+    assert segment_starts(history) == [(30, "round 1"), (50, "round 2")]
+    phased = [{"step": s, "fake/loss": 1.0, "fake/phase": float(p), "expert0/phase": float(p)} for s, p in
+              [(5, 0), (10, 1), (15, 1)]]
+    assert segment_starts(phased) == [(10, "phase 1")]  # one trainable's record is enough
+    assert plot_losses(history, tmp_path / "l.png").stat().st_size > 1000
