@@ -8,7 +8,8 @@ from stepdistill.config import ConfigError, load_config
 from stepdistill.training import validate_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+ACCELERATE = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p not in ACCELERATE)
 
 
 def test_there_are_shipped_configs():
@@ -29,6 +30,17 @@ def test_every_shipped_config_loads_and_validates(path, tiny_pipelines, monkeypa
     name = path.stem  # <method>_<N>step
     if name != "default":
         assert name.endswith(f"_{cfg.student.num_steps}step"), f"{path.name}: student.num_steps={cfg.student.num_steps}"
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=[p.name for p in ACCELERATE])
+def test_shipped_accelerate_configs_load(path):
+    """configs/accelerate/*.yaml are accelerate launch configs that accelerate itself reads, each giving
+    every value accelerate would otherwise warn about."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 1 and cfg.num_machines == 1 and cfg.mixed_precision == "no"
+    assert cfg.dynamo_config == {} or cfg.dynamo_config.get("dynamo_backend", "NO") in ("NO", "no")
 
 
 def _cfg(tmp_path, text, overrides=()):
