@@ -157,11 +157,11 @@ UNGUIDED = {"progressive": ["method_args.guidance_scale=1.0"], "guided": ["metho
 class DigitBench:
     """The fixed evaluation draw (prompts, labels, noise) and the judges of the mnist suite."""
 
-    def __init__(self, teacher, out: Path, n: int, seed: int = 2024):
+    def __init__(self, teacher, out: Path, n: int, seed: int = 2024, time_batch: int = 100):
         from stepdistill.evaluation.digits import MNIST_SD, DigitsEvaluator, load_classifier, load_mnist
         from stepdistill.shipped import evaluation_prompts
 
-        self.teacher, self.n = teacher, n
+        self.teacher, self.n, self.time_batch = teacher, n, time_batch
         real = load_mnist("train")[0]
         self.evaluator = DigitsEvaluator(load_classifier(MNIST_SD / "classifier"), real, cache_dir=out / "fd_cache")
         self.judge = DigitsEvaluator(load_classifier(MNIST_SD / "judge"), real, cache_dir=out / "fd_cache")
@@ -180,7 +180,8 @@ class DigitBench:
         return torch.cat(out)
 
     @torch.no_grad()
-    def ms_per_image(self, sample, batch: int = 100, repeats: int = 3) -> float:
+    def ms_per_image(self, sample, batch: int | None = None, repeats: int = 3) -> float:
+        batch = batch or self.time_batch
         cond, uncond = self.teacher.encode(self.prompts[:batch])
         times = []
         for _ in range(repeats):
@@ -224,7 +225,8 @@ def _teacher_sampler(teacher, steps, w):
 
 
 def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps: int | None = None,
-                guidance: float | None = None, extra: tuple[str, ...] = (), curve: list[int] | None = None) -> list[dict]:
+                guidance: float | None = None, extra: tuple[str, ...] = (), curve: list[int] | None = None,
+                time_batch: int = 100) -> list[dict]:
     import yaml
 
     from stepdistill.config import load_config
@@ -236,7 +238,7 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
 
     configs = {method: mnist_config(method) for method, _ in runs}  # every --runs name checked before any training
     teacher = load_teacher(MNIST_TEACHER)
-    bench = DigitBench(teacher, out, n)
+    bench = DigitBench(teacher, out, n, time_batch=time_batch)
     rows, pictures = [], {}
     for method, steps in runs:
         name = f"{method}_{steps}step" + ("_g1" if guidance == 1.0 else "")
@@ -404,7 +406,7 @@ def mnist_markdown(rows: list[dict]) -> str:
         best = min(fast, key=lambda r: r["fd"])
         lines += ["", f"Sampling speed: {best['method']} {best['sample_ms']:.2f} ms / image vs the teacher's 50 steps with "
                       f"CFG ({teacher50['nfe']} network evaluations) {teacher50['sample_ms']:.2f} ms / image: "
-                      f"{teacher50['sample_ms'] / best['sample_ms']:.0f}x faster (same run, batch 100, decoding included)."]
+                      f"{teacher50['sample_ms'] / best['sample_ms']:.0f}x faster (same run, decoding included)."]
     return "\n".join(lines)
 
 
@@ -429,6 +431,7 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, choices=[1.0], default=None,
                         help="mnist: 1 distils every method against the unguided teacher")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="mnist: an override for every run")
+    parser.add_argument("--time-batch", type=int, default=100, help="mnist: batch of the sampling-time measurement")
     parser.add_argument("--curve", default=None, help="mnist: iteration counts to measure, e.g. 1000,3000,10000")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -455,7 +458,7 @@ def main(argv=None) -> int:
                 parser.error(f"--set: '{item}' is not key=value")
         out = args.out or ROOT / "runs" / "benchmark" / "mnist"
         out.mkdir(parents=True, exist_ok=True)
-        rows = mnist_suite(out, runs, args.n, args.max_steps, args.guidance, tuple(args.set), curve)
+        rows = mnist_suite(out, runs, args.n, args.max_steps, args.guidance, tuple(args.set), curve, args.time_batch)
         table = mnist_markdown(rows)
     else:
         out = args.out or ROOT / "runs" / "benchmark" / f"{args.suite}-{args.process}"

@@ -291,6 +291,12 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float | None = 1.0
     weight_decay: float = 0.0  # AdamW weight decay of every trainable (optim.<name>.weight_decay overrides)
+    # memory (docs/ARCHITECTURE.md, "Memory"): recompute activations in the backward pass; the trainable
+    # copies' weights (and gradients) in bf16; AdamW's moments in 8 bits (torchao). With bf16 weights the
+    # optimiser rounds its updates stochastically (torchao), so small updates are not lost to rounding.
+    gradient_checkpointing: bool = False
+    trainable_dtype: typing.Literal["fp32", "bf16"] = "fp32"
+    optimizer: typing.Literal["adamw", "adamw8bit"] = "adamw"
     lr_schedule: typing.Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"  # diffusers names
     lr_warmup_steps: int = 0
     ema_decay: float | None = None  # EMA of the student (diffusers EMAModel); None: off

@@ -242,6 +242,13 @@ class BatchSource:
         self.caption_table = PromptTable(teacher, x0_captions) if text and x0_captions is not None else None
         self.x0_labels = None if x0_labels is None else torch.tensor(x0_labels)
 
+    @property
+    def fully_cached(self) -> bool:
+        """Whether every prompt and caption this source draws was encoded at start (no text encoder
+        runs per batch)."""
+        tables = [t for t in (self.prompt_table, self.caption_table) if t is not None]
+        return bool(tables) and all(t.cached is not None for t in tables)
+
     def generator(self, step: int, rank: int, micro: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(stream_seed(self.seed, step, rank, micro))
 

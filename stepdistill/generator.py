@@ -71,11 +71,13 @@ def w_conditioned_class(model: nn.Module) -> tuple[type, dict]:
 
 
 def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float | None = None,
-                      lora_targets=("to_q", "to_k", "to_v", "to_out.0"), w_conditioned: bool = False) -> nn.Module:
-    """A float32 trainable copy of a (frozen) network: all weights, or LoRA adapters only (peft,
-    through diffusers' ``add_adapter``). ``w_conditioned`` rebuilds the network with a guidance-scale
-    input (:func:`w_conditioned_class`); weights it did not have are zero-initialised, so the copy
-    starts as the teacher."""
+                      lora_targets=("to_q", "to_k", "to_v", "to_out.0"), w_conditioned: bool = False,
+                      dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A trainable copy of a (frozen) network in ``dtype`` (float32 by default, or bfloat16 with
+    ``train.trainable_dtype``): all weights, or LoRA adapters only (peft, through diffusers'
+    ``add_adapter``). ``w_conditioned`` rebuilds the network with a guidance-scale input
+    (:func:`w_conditioned_class`); weights it did not have are zero-initialised, so the copy starts as
+    the teacher."""
     src = unwrap(model)
     if w_conditioned:
         cls, config_updates = w_conditioned_class(src)
@@ -87,9 +89,9 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
         with torch.no_grad():
             for name in missing:
                 params[name].zero_()
-        student = new.float()
+        student = new.to(dtype)
     else:
-        student = copy.deepcopy(src).float()
+        student = copy.deepcopy(src).to(dtype)
     student.train()
     if lora_rank:
         from peft import LoraConfig

@@ -45,19 +45,19 @@ def register_pipeline(*class_names: str, text: bool = True) -> Callable[[EncodeF
 
 @register_pipeline("StableDiffusionPipeline")
 def _encode_sd(teacher: "Teacher", prompts):
-    pe, npe = teacher.pipeline.encode_prompt(list(prompts), teacher.device, 1, True, negative_prompt=None)
+    pe, npe = teacher.pipeline.encode_prompt(list(prompts), teacher.encoder_device, 1, True, negative_prompt=None)
     return Cond({"encoder_hidden_states": pe}), Cond({"encoder_hidden_states": npe})
 
 
 @register_pipeline("StableDiffusionXLPipeline")
 def _encode_sdxl(teacher: "Teacher", prompts):
     pipe = teacher.pipeline
-    pe, npe, pooled, npooled = pipe.encode_prompt(list(prompts), device=teacher.device, do_classifier_free_guidance=True)
+    pe, npe, pooled, npooled = pipe.encode_prompt(list(prompts), device=teacher.encoder_device, do_classifier_free_guidance=True)
     size = tuple(teacher.sample_shape[-2:])
     size = (size[0] * pipe.vae_scale_factor, size[1] * pipe.vae_scale_factor)
     proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
     ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj)
-    ids = ids.to(teacher.device).repeat(len(prompts), 1)
+    ids = ids.to(teacher.encoder_device).repeat(len(prompts), 1)
     return (
         Cond({"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}),
         Cond({"encoder_hidden_states": npe, "added_cond_kwargs": {"text_embeds": npooled, "time_ids": ids}}),
@@ -67,7 +67,7 @@ def _encode_sdxl(teacher: "Teacher", prompts):
 @register_pipeline("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 def _encode_pixart(teacher: "Teacher", prompts):
     pe, mask, npe, nmask = teacher.pipeline.encode_prompt(
-        list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=teacher.device, clean_caption=False
+        list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=teacher.encoder_device, clean_caption=False
     )
     return (
         Cond({"encoder_hidden_states": pe, "encoder_attention_mask": mask}),
@@ -79,7 +79,7 @@ def _encode_pixart(teacher: "Teacher", prompts):
 def _encode_sd3(teacher: "Teacher", prompts):
     prompts = list(prompts)
     pe, npe, pooled, npooled = teacher.pipeline.encode_prompt(
-        prompts, prompt_2=None, prompt_3=None, device=teacher.device, do_classifier_free_guidance=True
+        prompts, prompt_2=None, prompt_3=None, device=teacher.encoder_device, do_classifier_free_guidance=True
     )
     return (
         Cond({"encoder_hidden_states": pe, "pooled_projections": pooled}),
@@ -125,14 +125,29 @@ class Teacher:
     def conditional(self) -> bool:
         return self.family in TEXT_FAMILIES or self.null_label is not None
 
+    @property
+    def encoder_device(self) -> torch.device:
+        """Where the text encoders are (the CPU once :meth:`offload_text_encoders` moved them)."""
+        enc = getattr(self.pipeline, "text_encoder", None) if self.pipeline is not None else None
+        return next(enc.parameters()).device if isinstance(enc, nn.Module) else self.device
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU (when every prompt's states are cached, the accelerator's
+        memory is better spent on the networks that train); :meth:`encode` still works, on the CPU."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.pipeline, name, None) if self.pipeline is not None else None
+            if isinstance(module, nn.Module):
+                module.to("cpu")
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[Any]) -> tuple[Cond, Cond]:
-        """(cond, uncond) for a batch of prompts (text teachers) or class labels; the uncond branch
-        is the empty prompt / null label, as the pipeline itself builds it for CFG."""
+        """(cond, uncond) for a batch of prompts (text teachers) or class labels, on the teacher's
+        device; the uncond branch is the empty prompt / null label, as the pipeline itself builds it."""
         if not self.conditional:
             raise ValueError(f"teacher {self.name} ({self.family}) is unconditional; it takes no prompts")
         fn = PIPELINE_FAMILIES.get(self.family, _encode_labels)
-        return fn(self, prompts)
+        cond, uncond = fn(self, prompts)
+        return cond.to(self.device), uncond.to(self.device)
 
     # -- latents ----------------------------------------------------------------------------------
     @property

@@ -201,11 +201,12 @@ def test_no_pickle_in_our_checkpoint_files(tmp_path):
     Trainer(load_config(None, ORACLE + [f"train.output_dir={out}", "train.max_steps=2", "train.checkpoint_every=2",
                                         "train.ema_decay=0.9"])).fit()
     (ckpt,) = list_checkpoints(out)
-    names = sorted(p.name for p in ckpt.iterdir() if p.is_file())
-    # accelerate's own files: weights as safetensors, optimizer/scheduler read back with weights_only=True,
-    # RNG states; ours (loop, distiller, EMA) are JSON + safetensors; no custom_checkpoint_*.pkl
+    names = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+    # accelerate's own files: optimizer/scheduler read back with weights_only=True, RNG states; ours: the
+    # weights as safetensors, loop, distiller and EMA as JSON + safetensors; no custom_checkpoint_*.pkl
     assert not [n for n in names if n.startswith("custom_checkpoint")], names
-    assert {"model.safetensors", "training_state.json", "training_state.safetensors", MANIFEST} <= set(names)
+    assert {"student/diffusion_pytorch_model.safetensors", "training_state.json", "training_state.safetensors", MANIFEST} <= set(names)
+    assert [n for n in names if n.endswith(".pkl")] == ["random_states_0.pkl"]
     for name in ("optimizer.bin", "scheduler.bin"):
         torch.load(ckpt / name, weights_only=True)
 

@@ -15,11 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_mnist_suite_writes_results_table_and_grid(tmp_path):
     out = tmp_path / "bench"
-    r = subprocess.run([sys.executable, str(ROOT / "eval" / "benchmark.py"), "--suite", "mnist", "--runs", "dmd2:1",
-                        "--max-steps", "2", "--n", "200", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # --curve trains to its largest count, keeps a checkpoint at each and measures every one
+    command = [sys.executable, str(ROOT / "eval" / "benchmark.py"), "--suite", "mnist", "--runs", "dmd2:1",
+               "--curve", "1,3", "--n", "200", "--time-batch", "10", "--out", str(out)]
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = {row["method"]: row for row in json.loads((out / "results.json").read_text())}
+    results = json.loads((out / "results.json").read_text())
+    curve = [row for row in results if "iterations" in row]
+    assert [row["iterations"] for row in curve] == [1, 3] and curve[0]["fd"] != curve[1]["fd"]  # 2 student updates apart
+    assert Image.open(out / "curve.png").size[0] > 300
+    rows = {row["method"]: row for row in results if "iterations" not in row}
     assert set(rows) == {"dmd2_1step", "teacher DDIM 1, CFG 2", "teacher DDIM 2, CFG 2", "teacher DDIM 4, CFG 2",
                          "teacher DDIM 50, CFG 2", "teacher DDIM 1", "teacher DDIM 2", "teacher DDIM 4", "teacher DDIM 50"}
     good, bad = rows["teacher DDIM 50, CFG 2"], rows["teacher DDIM 1, CFG 2"]
@@ -27,7 +33,7 @@ def test_mnist_suite_writes_results_table_and_grid(tmp_path):
     assert good["fd_judge2"] < 0.5 * bad["fd_judge2"] and good["kid"] < bad["kid"] and good["precision"] > bad["precision"]
     assert 0 <= good["recall"] <= 1 and abs(good["ink_mean"] - good["real_ink_mean"]) < 0.05
     assert rows["dmd2_1step"]["nfe"] == 1 and rows["teacher DDIM 50, CFG 2"]["nfe"] == 100
-    assert rows["dmd2_1step"]["steps"] == 2 and rows["dmd2_1step"]["train_s"] > 0
+    assert rows["dmd2_1step"]["steps"] == 3 and rows["dmd2_1step"]["train_s"] > 0
     assert rows["teacher DDIM 50, CFG 2"]["fd"] < 0.5 * rows["teacher DDIM 1, CFG 2"]["fd"]
     assert rows["teacher DDIM 50, CFG 2"]["accuracy"] > 0.97  # the shipped teacher: 0.999 at n=2000
     table = (out / "results.md").read_text()
@@ -35,17 +41,8 @@ def test_mnist_suite_writes_results_table_and_grid(tmp_path):
     grid = Image.open(out / "comparison.png")
     assert grid.size[0] > 400 and grid.size[1] > 100  # one row per method + the teacher, ten digits each
     # a second invocation reuses the finished run instead of training it again
-    r = subprocess.run([sys.executable, str(ROOT / "eval" / "benchmark.py"), "--suite", "mnist", "--runs", "dmd2:1",
-                        "--max-steps", "2", "--n", "200", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    again = {row["method"]: row for row in json.loads((out / "results.json").read_text())}
+    again = {row["method"]: row for row in json.loads((out / "results.json").read_text()) if "iterations" not in row}
     assert again["dmd2_1step"]["train_s"] == rows["dmd2_1step"]["train_s"]
-    # --curve keeps a checkpoint at each count and measures every one; the plot is written
-    r = subprocess.run([sys.executable, str(ROOT / "eval" / "benchmark.py"), "--suite", "mnist", "--runs", "dmd2:1",
-                        "--curve", "1,3", "--n", "200", "--out", str(tmp_path / "curve")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    curve = [row for row in json.loads((tmp_path / "curve" / "results.json").read_text()) if "iterations" in row]
-    assert [row["iterations"] for row in curve] == [1, 3] and curve[0]["fd"] != curve[1]["fd"]  # 2 student updates apart
-    assert Image.open(tmp_path / "curve" / "curve.png").size[0] > 300

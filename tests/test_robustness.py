@@ -67,15 +67,16 @@ def test_checkpoint_manifest_corruption_and_fallback(tmp_path, caplog):
     assert [c.name for c in ckpts] == ["checkpoint-4", "checkpoint-6"]  # the limit kept the newest two
     manifest = json.loads((ckpts[-1] / "manifest.json").read_text())
     assert manifest["step"] == 6 and manifest["config"]["train"]["max_steps"] == 6
-    assert {"training_state.json", "training_state.safetensors", "model.safetensors"} <= set(manifest["files"])
+    assert {"training_state.json", "training_state.safetensors", "student/diffusion_pytorch_model.safetensors"} <= set(manifest["files"])
+    assert "model.safetensors" not in manifest["files"]  # each weight once: in the trainable's own folder
     assert not list(ckpts[-1].glob("*.pkl")) or all(p.name.startswith("random_states") for p in ckpts[-1].glob("*.pkl"))
     assert checkpoint_problem(ckpts[-1]) is None
     # corrupt the newest: one flipped byte, same size
-    f = ckpts[-1] / "model.safetensors"
+    f = ckpts[-1] / "student/diffusion_pytorch_model.safetensors"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
-    assert checkpoint_problem(ckpts[-1]) == "model.safetensors does not match its checksum"
+    assert checkpoint_problem(ckpts[-1]) == "student/diffusion_pytorch_model.safetensors does not match its checksum"
     (ckpts[0] / "optimizer.bin").write_bytes(b"")
     assert "optimizer.bin has 0 bytes" in checkpoint_problem(ckpts[0])
     # both broken: a longer run starts over, warning about each; nothing is resumed from a bad file

@@ -30,7 +30,7 @@ def _snapshot(folder: Path) -> dict:
 
 
 def _corrupt(ckpt: Path):
-    f = ckpt / "model.safetensors"
+    f = ckpt / "student/diffusion_pytorch_model.safetensors"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))

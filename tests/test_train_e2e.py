@@ -103,11 +103,12 @@ def test_two_processes_keep_identical_weights(tmp_path, tiny_pipelines, config, 
 
 
 def _state_files(ckpt: Path) -> dict:
-    """Every tensor of an accelerate checkpoint: models (safetensors), optimisers, schedulers, EMA."""
+    """Every tensor of a checkpoint: the trainables' weights (safetensors, in their folders), optimisers,
+    schedulers, EMA."""
     out = {}
-    for f in sorted(ckpt.iterdir()):
+    for f in sorted(ckpt.rglob("*")):
         if f.suffix == ".safetensors":
-            out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+            out.update({f"{f.relative_to(ckpt)}:{k}": v for k, v in load_file(f).items()})
         elif f.suffix in (".bin", ".pkl") and not f.name.startswith("random_states"):
             flat = _flatten(torch.load(f, weights_only=True), f.name)
             out.update(flat)

@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from ..config import torch_dtype
 from ..data import Batch, BatchSource
 from ..denoiser import Cond, Denoiser, unwrap
 from ..generator import Student, StudentSpec, copy_for_training
@@ -27,7 +28,8 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
 
     def trainable_copy():
         return copy_for_training(ctx.init.model, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
-                                 lora_targets=sc.lora_targets, w_conditioned=w_conditioned).to(ctx.device)
+                                 lora_targets=sc.lora_targets, w_conditioned=w_conditioned,
+                                 dtype=torch_dtype(ctx.config.train.trainable_dtype)).to(ctx.device)
 
     if experts:
         from ..nets import PhasedExperts

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import check_range
+from ..config import check_range, torch_dtype
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
 from ..generator import Student, copy_for_training
@@ -41,7 +41,8 @@ class FakeScoreOptions:
 def make_fake(ctx: Context, opt: FakeScoreOptions) -> Denoiser:
     """The fake score: initialised as the teacher (DMD sec. 3.2 / SiD sec. 4), full or LoRA."""
     model = copy_for_training(ctx.init.model, lora_rank=opt.fake_lora_rank, lora_alpha=opt.fake_lora_alpha,
-                              lora_targets=opt.fake_lora_targets or ctx.config.student.lora_targets).to(ctx.device)
+                              lora_targets=opt.fake_lora_targets or ctx.config.student.lora_targets,
+                              dtype=torch_dtype(ctx.config.train.trainable_dtype)).to(ctx.device)
     return Denoiser(model, ctx.init.process, ctx.init.prediction_type)
 
 

@@ -138,8 +138,11 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
             labels = folder_labels(kept, teacher.null_label)
         x0 = torch.cat([teacher.encode_images(images[i:i + 64].to(device), torch.Generator().manual_seed(seed + i))
                         for i in range(0, len(images), 64)]).to(device)
-    return BatchSource(teacher, seed=seed, device=device, prompts=prompts, x0_data=x0, x0_captions=captions,
-                       x0_labels=labels, oracle=oracle, rank=rank)
+    source = BatchSource(teacher, seed=seed, device=device, prompts=prompts, x0_data=x0, x0_captions=captions,
+                         x0_labels=labels, oracle=oracle, rank=rank)
+    if source.fully_cached and torch.device(device).type != "cpu":
+        teacher.offload_text_encoders()  # every prompt's states are cached: the encoders leave the accelerator
+    return source
 
 
 def check_timesteps(timesteps, process) -> None:
@@ -183,6 +186,32 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
+def make_optimizer(kind: str, params, **kwargs) -> torch.optim.Optimizer:
+    """``train.optimizer``: torch's AdamW, or torchao's AdamW with 8-bit moments (``adamw8bit``); for
+    bf16 weights, torchao's AdamW that rounds the bf16 update stochastically (an update smaller than
+    bf16's resolution is kept on average instead of lost)."""
+    bf16 = any(p.dtype == torch.bfloat16 for p in params)
+    if kind == "adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(params, bf16_stochastic_round=bf16, **kwargs)
+    if bf16:
+        from torchao.optim import _AdamW
+
+        return _AdamW(params, bf16_stochastic_round=True, **kwargs)
+    return adamw(params, **kwargs)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """diffusers' gradient checkpointing on a network (every expert of a per-phase student); a network
+    without it is refused naming its class."""
+    nets = [unwrap(e) for e in unwrap(model).experts] if hasattr(unwrap(model), "experts") else [unwrap(model)]
+    for net in nets:
+        if not getattr(net, "_supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.gradient_checkpointing: {type(net).__name__} has no gradient checkpointing")
+        net.enable_gradient_checkpointing()
+
+
 def _with_factor(sched, opt, distiller: Distiller, name: str, num_processes: int):
     """``sched`` (a LambdaLR over process-steps) times ``distiller.lr_factor(name, iteration)``."""
     base = sched.lr_lambdas[0]
@@ -210,7 +239,9 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig) -> dict[
             raise ConfigError(f"trainable '{name}' has no parameters that require grad")
         betas = tuple(oc.betas) if oc and oc.betas else (tr.betas or (0.9, 0.999))
         decay = oc.weight_decay if oc and oc.weight_decay is not None else cfg.train.weight_decay
-        opt = adamw(params, lr=lr, betas=betas, weight_decay=decay)
+        opt = make_optimizer(cfg.train.optimizer, params, lr=lr, betas=betas, weight_decay=decay)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(tr.module if not isinstance(tr.module, torch.nn.ModuleDict) else tr.module["net"])
         # the schedule runs on the loop's iteration, for every trainable alike, whether or not the trainable
         # is updated in that iteration (as DMD2's own loop does): a fake score updated N times per student
         # update anneals with the student, not N times faster. accelerate steps a prepared scheduler once

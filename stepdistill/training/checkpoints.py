@@ -53,10 +53,60 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hash_all(paths: list[Path]) -> list[str]:
+    """sha256 of every file, several at once (hashlib releases the GIL: multi-GB checkpoints of several
+    networks hash in the time of the largest one, on enough cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(paths)))) as pool:
+        return list(pool.map(sha256, paths))
+
+
 def make_manifest(folder: Path, step: int, config: dict, num_processes: int) -> dict:
-    files = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": sha256(f)}
-             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    paths = [f for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST]
+    files = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": h} for f, h in zip(paths, _hash_all(paths))}
     return {"step": step, "config": config, "num_processes": num_processes, "files": files}
+
+
+PLAIN_WEIGHTS = "diffusion_pytorch_model.safetensors"  # a whole diffusers network (its config beside it)
+TRAINED_WEIGHTS = "trainable.safetensors"  # only what trains (LoRA adapters, a bundle's parts)
+
+
+def save_trainable(module, params: list, folder: Path) -> None:
+    """One copy of a trainable's weights in a checkpoint: a plain diffusers network as a model folder
+    (config and safetensors, loadable with ``from_pretrained``), anything else (a LoRA network, whose
+    base is the teacher's; a bundle of network and head) as its trained parameters only."""
+    from diffusers import ModelMixin
+    from safetensors.torch import save_file, save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(module, ModelMixin) and not getattr(module, "peft_config", None):
+        module.save_config(folder)
+        save_model(module, str(folder / PLAIN_WEIGHTS))
+        return
+    trained = {id(p) for p in params}
+    save_file({n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if id(p) in trained},
+              str(folder / TRAINED_WEIGHTS))
+
+
+def has_trainable(folder: Path) -> bool:
+    return (folder / PLAIN_WEIGHTS).is_file() or (folder / TRAINED_WEIGHTS).is_file()
+
+
+def load_trainable(module, params: list, folder: Path) -> None:
+    """The weights :func:`save_trainable` wrote, into ``module`` (every trained parameter covered)."""
+    from safetensors.torch import load_file, load_model
+
+    if (folder / PLAIN_WEIGHTS).is_file():
+        load_model(module, str(folder / PLAIN_WEIGHTS), strict=True)
+        return
+    state = load_file(str(folder / TRAINED_WEIGHTS))
+    names = {id(p): n for n, p in module.named_parameters()}
+    missing = sorted(names[id(p)] for p in params if names[id(p)] not in state)
+    result = module.load_state_dict(state, strict=False)
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"resume: {folder} does not match this run's trainable (missing {missing[:3]}, unexpected "
+                          f"{list(result.unexpected_keys)[:3]}); use a new train.output_dir")
 
 
 def checkpoint_problem(folder: Path) -> str | None:

@@ -26,8 +26,8 @@ from ..errors import ConfigError, Interrupted, NonFiniteError
 from ..state_io import load_state
 from . import outputs
 from .build import build_distiller, build_source, build_teacher, build_trainables, check_exportable, validate_inputs
-from .checkpoints import (TRAINING_STATE, check_resumable, latest_good_checkpoint, list_checkpoints, recover_leftovers,
-                          write_checkpoint)
+from .checkpoints import (TRAINING_STATE, check_resumable, has_trainable, latest_good_checkpoint, list_checkpoints,
+                          load_trainable, recover_leftovers, save_trainable, write_checkpoint)
 from .distributed import all_ranks, any_rank, verify_rank_sync
 from .run_folder import RunLock, check_run_record, data_fingerprint, write_run_record
 from .update import apply_update, ema_weights, select
@@ -108,11 +108,15 @@ class Trainer:
             if tcfg.export:
                 check_exportable(self.distiller, self.teacher)
             self.states = build_trainables(acc, self.distiller, cfg)
+            teacher_net = unwrap(self.teacher.denoiser.model)
+            if tcfg.gradient_checkpointing and getattr(teacher_net, "_supports_gradient_checkpointing", False):
+                teacher_net.enable_gradient_checkpointing()  # SiD back-propagates through the teacher too
         except BaseException:
             self.lock.release()
             raise
         self.loop = LoopState()
         acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
 
     def close(self) -> None:
         """Release the run folder (``fit`` does so itself when it ends)."""
@@ -258,17 +262,33 @@ class Trainer:
             acc.log(metrics, step=step)
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def _trainable_of(self, models) -> list:
+        """(state, folder name) of each model accelerate hands a hook, or [] if they are not all ours."""
+        by_id = {id(unwrap(st.module)): st for st in self.states.values()}
+        found = [by_id.get(id(unwrap(m))) for m in models]
+        return found if found and all(found) else []
+
     def _save_hook(self, models, weights, output_dir):
-        """accelerate's save hook: a diffusers folder per (non-LoRA) trainable and the student's schedule."""
+        """accelerate's save hook: each trainable's weights once, in its own folder (``save_trainable``),
+        instead of accelerate's copy; and the student's schedule."""
+        ours = self._trainable_of(models)
+        if ours:
+            weights.clear()  # every rank: accelerate writes no second copy of the weights
         if not self.accelerator.is_main_process:
             return
-        names = {id(unwrap(st.module)): name for name, st in self.states.items()}
-        for model in models:
-            m = unwrap(model)
-            name = names.get(id(m))
-            if name and hasattr(m, "save_pretrained") and not getattr(m, "peft_config", None):
-                m.save_pretrained(Path(output_dir) / name, safe_serialization=True)
+        for st in ours:
+            save_trainable(unwrap(st.module), st.params, Path(output_dir) / st.name)
         self.distiller.student.spec.save(Path(output_dir) / "student")
+
+    def _load_hook(self, models, input_dir):
+        """accelerate's load hook: the weights ``_save_hook`` wrote (older checkpoints, with accelerate's
+        own model files, are left to accelerate)."""
+        ours = self._trainable_of(models)
+        if not ours or not all(has_trainable(Path(input_dir) / st.name) for st in ours):
+            return
+        for st in ours:
+            load_trainable(unwrap(st.module), st.params, Path(input_dir) / st.name)
+        models.clear()
 
     def resolved_config(self) -> dict:
         """The run config with method_args as the method resolves them (defaults filled in) and the
