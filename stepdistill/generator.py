@@ -70,6 +70,15 @@ def w_conditioned_class(model: nn.Module) -> tuple[type, dict]:
     return (type(unwrap(model)) if cls_name is None else getattr(nets, cls_name)), updates
 
 
+def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` in ``dtype`` (through ``float()`` / ``bfloat16()``: diffusers warns on ``.to(dtype)``)."""
+    if dtype == torch.float32:
+        return module.float()
+    if dtype == torch.bfloat16:
+        return module.bfloat16()
+    return module.to(dtype)
+
+
 def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float | None = None,
                       lora_targets=("to_q", "to_k", "to_v", "to_out.0"), w_conditioned: bool = False,
                       dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -89,9 +98,9 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
         with torch.no_grad():
             for name in missing:
                 params[name].zero_()
-        student = new.to(dtype)
+        student = _cast(new, dtype)
     else:
-        student = copy.deepcopy(src).to(dtype)
+        student = _cast(copy.deepcopy(src), dtype)
     student.train()
     if lora_rank:
         from peft import LoraConfig

@@ -194,12 +194,22 @@ def make_optimizer(kind: str, params, **kwargs) -> torch.optim.Optimizer:
     if kind == "adamw8bit":
         from torchao.optim import AdamW8bit
 
-        return AdamW8bit(params, bf16_stochastic_round=bf16, **kwargs)
-    if bf16:
+        opt = AdamW8bit(params, bf16_stochastic_round=bf16, **kwargs)
+    elif bf16:
         from torchao.optim import _AdamW
 
-        return _AdamW(params, bf16_stochastic_round=True, **kwargs)
-    return adamw(params, **kwargs)
+        opt = _AdamW(params, bf16_stochastic_round=True, **kwargs)
+    else:
+        return adamw(params, **kwargs)
+    opt.register_load_state_dict_post_hook(_tensor_lr)
+    return opt
+
+
+def _tensor_lr(optimizer) -> None:
+    """torchao's optimisers keep each group's learning rate as a tensor; a loaded state gives floats."""
+    for group in optimizer.param_groups:
+        if not torch.is_tensor(group["lr"]):
+            group["lr"] = torch.tensor(float(group["lr"]))
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -19,6 +19,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..config import RunConfig, dump_config, from_dict, to_dict
 from ..denoiser import unwrap
 from ..distillers.base import Context
@@ -76,7 +78,6 @@ class Trainer:
     """Builds a run from its config and trains it with :meth:`fit`."""
 
     def __init__(self, cfg: RunConfig, accelerator=None):
-        import torch
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -345,7 +346,11 @@ class Trainer:
             inner.base_lrs = [st.lr for _ in inner.base_lrs]
             for group, fn in zip(inner.optimizer.param_groups, inner.lr_lambdas):
                 group["initial_lr"] = st.lr
-                group["lr"] = st.lr * fn(inner.last_epoch)
+                lr = st.lr * fn(inner.last_epoch)
+                if torch.is_tensor(group["lr"]):  # torchao's optimisers keep it as a tensor
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, history: list[dict]) -> Path:

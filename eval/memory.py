@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""Peak memory of one training iteration on the full-size SD1.5 and SDXL UNets, under the memory
+options, with a breakdown.
+
+    python eval/memory.py [--model sd15|sdxl] [--latent 32] [--cases NAME,...] [--out runs/memory]
+    python eval/memory.py --list                         # the cases
+
+The UNet is built from the public ``unet/config.json`` values of SD1.5 (320/640/1280/1280, cross-
+attention 768: 859.5M parameters) or SDXL (2.57B) with random weights, offline, inside a Stable
+Diffusion pipeline whose text encoders and VAE are small stand-ins of the right widths (they hold no
+share of the memory that matters). Each case runs in a fresh process: the distill config of
+``configs/sd15/<method>.yaml`` with the case's options, two iterations of the real loop, and it reports
+
+- peak memory: CUDA ``max_memory_allocated`` on a GPU, the peak resident set (VmHWM) on the CPU;
+- weights: every distinct parameter and buffer of every network (teacher, student, fake score,
+  encoders), at their dtypes;
+- gradients: the largest trainable's trained parameters at the trainable dtype (one trainable's
+  gradients live at a time: each update clears them);
+- optimiser state: every tensor the optimisers hold after their first step;
+- activations and the rest: peak minus the memory after the build, minus optimiser state and
+  gradients (on the CPU this includes the allocator's slack);
+- the second iteration's time.
+
+On the CPU the latents default to 32x32 (SD1.5's native is 64x64, SDXL's 128x128): weights, gradients
+and optimiser state do not depend on the latent size, activations grow about linearly with the number
+of latent pixels times the batch, so the table also gives the projection to the native size (x4 for
+SD1.5 at 64x64 from 32x32). The model-state columns divided by N are what each of N processes would hold
+when that state is sharded (FSDP), a projection: this script does not run FSDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 cross_attention_dim=2048, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True,
+                 freq_shift=0)
+
+# name: (method config, overrides); every case also runs at --batch
+CASES = {
+    "dmd2-full-full-fp32": ("dmd2_1step", ["train.trainable_dtype=fp32", "train.gradient_checkpointing=false"]),
+    "dmd2-full-lora-fp32-ckpt": ("dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=fp32",
+                                                "train.gradient_checkpointing=true"]),
+    "dmd2-full-lora-bf16-ckpt": ("dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
+                                                "train.gradient_checkpointing=true"]),
+    "dmd2-full-lora-bf16-ckpt-8bit": ("dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
+                                                     "train.gradient_checkpointing=true", "train.optimizer=adamw8bit"]),
+    "dmd2-full-full-bf16-ckpt": ("dmd2_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
+    "dmd2-lora-lora-bf16-ckpt": ("dmd2_1step", ["student.lora_rank=64", "method_args.fake_lora_rank=64",
+                                                "train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
+    "sid-full-lora-bf16-ckpt": ("sid_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
+                                              "train.gradient_checkpointing=true"]),
+    "vsd-full-lora-bf16-ckpt": ("vsd_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
+    "progressive-full-bf16-ckpt": ("progressive_4step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true",
+                                                         "method_args.pool_size=2", "method_args.pool_steps=2"]),
+}
+
+
+def build_pipeline(model: str, folder: Path, latent: int) -> Path:
+    """A StableDiffusion(XL)Pipeline folder with the full-size UNet (random weights, seed 0; its
+    ``sample_size``, the latent side the runs use, changes no weight) and small text encoders and VAE of
+    the widths the UNet expects."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from stepdistill.testing.tiny_pipelines import TINY_FAMILIES
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    TINY_FAMILIES["sd" if model == "sd15" else "sdxl"](tmp)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tmp)
+
+    def encoder(hidden: int, projection: int | None):
+        tok = pipe.tokenizer
+        cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
+                             num_attention_heads=8, max_position_embeddings=tok.model_max_length,
+                             projection_dim=projection or hidden, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+    torch.manual_seed(0)
+    if model == "sd15":
+        pipe.register_modules(unet=UNet2DConditionModel(**{**SD15_UNET, "sample_size": latent}),
+                              text_encoder=encoder(768, None))
+    else:
+        pipe.register_modules(unet=UNet2DConditionModel(**{**SDXL_UNET, "sample_size": latent}), text_encoder=encoder(768, None),
+                              text_encoder_2=encoder(1280, 1280))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(folder)
+    return folder
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not hasattr(t, "untyped_storage"):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def measure_one(spec: dict) -> dict:
+    """One case, in this (fresh) process."""
+    import torch
+
+    from stepdistill.config import load_config
+    from stepdistill.denoiser import unwrap
+    from stepdistill.training import Trainer
+
+    cuda = torch.cuda.is_available()
+    base_kib = _rss_kib("VmRSS")
+    config, overrides = CASES[spec["case"]]
+    cfg_path = ROOT / "configs" / "sd15" / f"{config}.yaml"  # the method's recipe; the teacher is the case's
+    out = Path(spec["out"]) / "runs" / f"{spec['model']}-{spec['case']}-b{spec['batch']}"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(cfg_path, [f"teacher.path={spec['pipeline']}", f"train.output_dir={out}", "train.report_to=none",
+                                 "train.progress=false", f"train.batch_size={spec['batch']}", "train.max_steps=2",
+                                 "train.ema_decay=null", "data.prompts=[a photo of a cat, a red car]", *overrides])
+    trainer = Trainer(cfg)
+    side = trainer.teacher.sample_shape[-1]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    built_kib = _rss_kib("VmRSS")
+    built_cuda = torch.cuda.memory_allocated() if cuda else 0
+    micro = cfg.train.batch_size
+    times = []
+    for it in range(2):
+        t0 = time.perf_counter()
+        trainer._iteration(it, micro, {})
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    nets = [m for m in trainer.teacher.pipeline.components.values() if isinstance(m, torch.nn.Module)]
+    nets += [unwrap(st.module) for st in trainer.states.values()]
+    weights = _tensor_bytes(t for m in nets for t in list(m.parameters()) + list(m.buffers()))
+    grads = max(sum(p.numel() * p.element_size() for p in st.params) for st in trainer.states.values())
+    optim = _tensor_bytes(v for st in trainer.states.values() for s in st.optimizer.state.values()
+                          for v in s.values() if torch.is_tensor(v))
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        activations = peak - built_cuda - optim - grads
+    else:
+        peak = _rss_kib("VmHWM") * 1024
+        activations = peak - built_kib * 1024 - optim - grads
+    trainer.close()
+    shutil.rmtree(out, ignore_errors=True)
+    params = {n: sum(p.numel() for p in unwrap(st.module).parameters()) for n, st in trainer.states.items()}
+    return {"model": spec["model"], "case": spec["case"], "batch": spec["batch"], "latent": side,
+            "device": "cuda" if cuda else "cpu", "peak_gb": peak / 2**30, "weights_gb": weights / 2**30,
+            "grads_gb": grads / 2**30, "optimizer_gb": optim / 2**30, "activations_gb": activations / 2**30,
+            "runtime_gb": base_kib / 2**20, "iteration_s": times[-1], "unet_params": params,
+            "trained_params": {n: sum(p.numel() for p in st.params) for n, st in trainer.states.items()}}
+
+
+def markdown(rows: list[dict], native: int) -> str:
+    lines = ["| model | case | batch | latent | peak (GB) | weights | gradients | optimiser | activations + rest | "
+             f"projected peak at {native}x{native} | model state / 8 (FSDP) | iteration (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        scale = (native / r["latent"]) ** 2
+        projected = r["peak_gb"] + r["activations_gb"] * (scale - 1)
+        state = r["weights_gb"] + r["grads_gb"] + r["optimizer_gb"]
+        lines.append(f"| {r['model']} | {r['case']} | {r['batch']} | {r['latent']} | {r['peak_gb']:.1f} | "
+                     f"{r['weights_gb']:.1f} | {r['grads_gb']:.1f} | {r['optimizer_gb']:.1f} | {r['activations_gb']:.1f} | "
+                     f"{projected:.1f} | {state / 8:.1f} | {r['iteration_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["sd15", "sdxl"], default="sd15")
+    p.add_argument("--cases", default=None, help=f"comma-separated, default all: {', '.join(CASES)}")
+    p.add_argument("--batch", default="1,4", help="batch sizes, e.g. 1,4")
+    p.add_argument("--latent", type=int, default=None, help="latent side (default: native on a GPU, 32 on the CPU)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "memory")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.list:
+        print("\n".join(f"{k}: {v[0]} {' '.join(v[1])}" for k, v in CASES.items()))
+        return 0
+    if args.one:
+        print("RESULT " + json.dumps(measure_one(json.loads(args.one))), flush=True)
+        return 0
+    import torch
+
+    cases = args.cases.split(",") if args.cases else list(CASES)
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"--cases: unknown {unknown}; see --list")
+    batches = [int(b) for b in args.batch.split(",")]
+    native = 64 if args.model == "sd15" else 128
+    latent = args.latent or (native if torch.cuda.is_available() else 32)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipeline = build_pipeline(args.model, args.out / f"pipeline-{args.model}-{latent}", latent)
+    rows = []
+    results = args.out / f"results-{args.model}.json"
+    for case in cases:
+        for batch in batches:
+            spec = {"model": args.model, "case": case, "batch": batch, "latent": latent, "out": str(args.out),
+                    "pipeline": str(pipeline)}
+            r = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{case} batch {batch}: failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}",
+                      flush=True)
+                continue
+            rows.append(json.loads(line[len("RESULT "):]))
+            print(json.dumps(rows[-1]), flush=True)
+            results.write_text(json.dumps(rows, indent=1))
+    table = markdown(rows, native)
+    (args.out / f"results-{args.model}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
