@@ -44,6 +44,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# the shipped oracle configs' ring, and two other mixtures the recipes were not tuned on
+ORACLE_LAYOUTS = {"ring": [],
+                  "grid": ["teacher.oracle.layout=grid", "teacher.oracle.components=9", "teacher.oracle.radius=2.0",
+                           "teacher.oracle.std=0.2"],
+                  "scattered": ["teacher.oracle.layout=scattered", "teacher.oracle.components=12", "teacher.oracle.dim=8",
+                                "teacher.oracle.radius=3.0", "teacher.oracle.std=0.3"]}
 ORACLE_CONFIGS = ["progressive_1step", "guided_1step", "boot_1step", "vsd_1step", "dmd_1step", "dmd2_1step",
                   "sid_1step", "phased_dmd_4step"]
 
@@ -55,21 +61,21 @@ def _row(name, x, gmm, nfe, train_s, sample_s, traj=None):
             "train_s": train_s, "sample_ms": 1000 * sample_s}
 
 
-def oracle_suite(out: Path, process: str, n: int = 1000) -> list[dict]:
+def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = ()) -> list[dict]:
     from stepdistill.sampling import ode_sample
     from stepdistill.testing.oracle_runs import run_oracle
 
     rows, samples = [], {}
     cache = out / "oracle_networks"
-    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(123))
     teacher = gmm = None
     for cfg in ORACLE_CONFIGS:
-        overrides = [f"teacher.oracle.process={process}"]
+        overrides = [f"teacher.oracle.process={process}", *layout]
         if cfg.startswith("guided"):
             overrides.append("teacher.oracle.conditional=true")
         t0 = time.time()
         student, teacher_c, gmm, _ = run_oracle(f"{cfg}.yaml", out / cfg, overrides, cache)
         train_s = time.time() - t0
+        z = torch.randn(n, *teacher_c.sample_shape, generator=torch.Generator().manual_seed(123))
         steps = len(student.spec.timesteps)
         with torch.no_grad():
             t1 = time.time()
@@ -263,6 +269,9 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         if timesteps is not None and len(timesteps) != steps:  # the config's own list is for another count
             overrides.append("student.timesteps=null")
         cfg = load_config(cfg_path, overrides)
+        if curve and (cfg.student.lora_rank or (method == "phased_dmd" and cfg.method_args.get("experts", True))):
+            raise SystemExit(f"--curve: {name}'s checkpoints hold no one-network student (a LoRA student or per-phase "
+                             f"experts); measure it without --curve")
         # a finished run of an earlier invocation is kept when it was measured under the same settings
         key = {"n": n, "overrides": overrides, "config": hashlib.sha256(cfg_path.read_bytes()).hexdigest()[:16],
                "judges": JUDGES}
@@ -424,6 +433,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["mnist", "oracle"], required=True)
     parser.add_argument("--process", choices=["vp", "flow"], default="vp", help="oracle: the noise process")
+    parser.add_argument("--layout", choices=list(ORACLE_LAYOUTS), default="ring", help="oracle: the mixture")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runs", default=None, help="mnist: a subset, e.g. dmd2:1,sid:1 (default: every method)")
     parser.add_argument("--max-steps", type=int, default=None, help="mnist: override every config's train.max_steps")
@@ -461,9 +471,9 @@ def main(argv=None) -> int:
         rows = mnist_suite(out, runs, args.n, args.max_steps, args.guidance, tuple(args.set), curve, args.time_batch)
         table = mnist_markdown(rows)
     else:
-        out = args.out or ROOT / "runs" / "benchmark" / f"{args.suite}-{args.process}"
+        out = args.out or ROOT / "runs" / "benchmark" / f"{args.suite}-{args.process}-{args.layout}"
         out.mkdir(parents=True, exist_ok=True)
-        rows = oracle_suite(out, args.process)
+        rows = oracle_suite(out, args.process, layout=ORACLE_LAYOUTS[args.layout])
         table = markdown(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text(table + "\n")

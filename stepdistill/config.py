@@ -38,6 +38,25 @@ class OverrideText(str):
     def yaml_value(self) -> Any:
         return yaml.safe_load(str(self)) if str(self) != "" else None
 
+    def value_for(self, tp, key: str) -> Any:
+        """The value this text gives a field of type ``tp``: a text field takes the YAML string when the
+        text is one (quotes removed) and the text as written when YAML would read it as something else
+        (``no``, ``1e-3``, ``@x``); empty or null text is None; other fields take the YAML value."""
+        text = str(self)
+        try:
+            parsed = self.yaml_value
+        except yaml.YAMLError as exc:
+            if _is_text_type(tp) and text.strip():
+                return text
+            raise ConfigError(f"{key}: {text!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if parsed is None:
+            return None
+        if isinstance(parsed, list) and _takes_text_list(tp):
+            return yaml.load(text, Loader=yaml.BaseLoader)  # a list of texts: every item as written
+        if _is_text_type(tp) and not isinstance(parsed, (list, dict)):
+            return parsed if isinstance(parsed, str) else text
+        return parsed
+
 
 def _is_text_type(tp) -> bool:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -65,15 +84,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:  # untyped here (method_args): the method's Options read the override's text later
         return value
     if isinstance(value, OverrideText):
-        parsed = value.yaml_value
-        if parsed is None and type(None) in args:
+        value = value.value_for(tp, key)
+        if value is None and type(None) in args:
             return None
-        if isinstance(parsed, list) and _takes_text_list(tp):
-            value = yaml.load(str(value), Loader=yaml.BaseLoader)  # a list of texts: every item as written
-        elif _is_text_type(tp) and not isinstance(parsed, (list, dict)):
-            value = str(value)  # the text as given
-        else:
-            value = parsed
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -154,7 +167,10 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 def to_dict(obj) -> Any:
     if isinstance(obj, OverrideText):  # an override no dataclass typed (inside method_args): its YAML value
-        return obj.yaml_value
+        try:
+            return obj.yaml_value
+        except yaml.YAMLError:
+            return str(obj)
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -199,9 +215,10 @@ def torch_dtype(name: str | None):
 class OracleConfig:
     """The exact Gaussian-mixture teacher (tests, benchmarks)."""
 
+    layout: typing.Literal["ring", "grid", "scattered"] = "ring"  # GaussianMixture.<layout>
     components: int = 8
     dim: int = 2
-    radius: float = 3.0
+    radius: float = 3.0  # ring, scattered: distance of the modes from the origin; grid: their spacing
     std: float = 0.15
     process: typing.Literal["vp", "flow"] = "vp"
     beta_schedule: str = "scaled_linear"  # VP only
@@ -351,10 +368,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has no key" if not key else f"override {text!r}: '{key}' is not a dotted key")
-    try:
-        yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
     return key.split("."), OverrideText(raw)
 
 
@@ -364,7 +377,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node = raw
         for part in path[:-1]:
             if isinstance(node.get(part), OverrideText):  # a mapping set by an earlier override
-                node[part] = node[part].yaml_value
+                node[part] = node[part].value_for(dict, text)
             if node.get(part) is None:
                 node[part] = {}
             if not isinstance(node[part], dict):

@@ -152,13 +152,16 @@ def save_lora_adapters(model: nn.Module, folder: str | Path) -> bool:
     return True
 
 
+def networks(model: nn.Module) -> list[nn.Module]:
+    """The networks of a student: itself, or the experts of a PhasedExperts student."""
+    model = unwrap(model)
+    return [unwrap(e) for e in model.experts] if hasattr(model, "experts") else [model]
+
+
 def fused_copy(model: nn.Module) -> nn.Module:
     """The model as a plain diffusers model: a LoRA model (or per-phase experts with LoRA) is copied
     with its adapters merged into the base weights (peft through diffusers' PeftAdapterMixin); anything
     else is returned as it is."""
-
-    def networks(m):  # a student network, or the experts of a PhasedExperts student
-        return [unwrap(e) for e in m.experts] if hasattr(m, "experts") else [m]
 
     model = unwrap(model)
     if not any(getattr(m, "peft_config", None) for m in networks(model)):
@@ -221,7 +224,8 @@ class Student:
 
     @classmethod
     def load(cls, folder: str | Path, device=None) -> "Student":
-        """A student saved by :meth:`save` (the final ``student/`` of a run, or a checkpoint's)."""
+        """A student saved by :meth:`save`: the final ``student/`` of a run, or a checkpoint's ``student/``
+        when the student is one full network (a LoRA student's checkpoint holds its adapters only)."""
         from .nets import network_class
         from .process import process_from_scheduler_config
 

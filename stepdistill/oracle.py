@@ -50,6 +50,29 @@ class GaussianMixture:
         means[:, 0], means[:, 1] = radius * torch.cos(angles), radius * torch.sin(angles)
         return cls(means, std, weights)
 
+    @classmethod
+    def grid(cls, k: int = 9, dim: int = 2, spacing: float = 2.0, std: float = 0.2) -> "GaussianMixture":
+        """k = m^2 modes on an m x m grid in the first two coordinates, centred (others zero)."""
+        m = int(round(k ** 0.5))
+        if m * m != k or dim < 2:
+            raise ValueError(f"grid mixture needs a square number of components and dim >= 2, got {k}, {dim}")
+        coords = (torch.arange(m, dtype=torch.float64) - (m - 1) / 2) * spacing
+        means = torch.zeros(k, dim, dtype=torch.float64)
+        means[:, 0], means[:, 1] = coords.repeat_interleave(m), coords.repeat(m)
+        return cls(means, std)
+
+    @classmethod
+    def scattered(cls, k: int = 12, dim: int = 8, radius: float = 3.0, std: float = 0.3, seed: int = 0) -> "GaussianMixture":
+        """k modes at random directions in d dimensions (distance ``radius`` from the origin), with
+        unequal weights (the heaviest about 4x the lightest) and stds (0.5x to 1.5x ``std``): a layout
+        the ring does not test."""
+        g = torch.Generator().manual_seed(seed)
+        dirs = torch.randn(k, dim, generator=g, dtype=torch.float64)
+        means = radius * dirs / dirs.norm(dim=1, keepdim=True)
+        weights = 1.0 + 3.0 * torch.rand(k, generator=g, dtype=torch.float64)
+        stds = std * (0.5 + torch.rand(k, generator=g, dtype=torch.float64))
+        return cls(means, stds, weights)
+
     # -- sampling and density ---------------------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None):
         """(x, labels): n samples of p0, or of the components given by ``labels``."""

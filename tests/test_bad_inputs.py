@@ -131,7 +131,8 @@ CASES = [
     ("plugin-not-a-distiller", lambda t: ["method=json:JSONDecoder"], ConfigError,
      r"method: plug-in 'json:JSONDecoder' is not a subclass of stepdistill.distillers.Distiller"),
     ("override-bad-key", lambda t: ["train..seed=1"], ConfigError, r"override 'train..seed=1': 'train..seed' is not a dotted key"),
-    ("override-bad-yaml", lambda t: ["train.seed=[1"], ConfigError, r"override 'train.seed=\[1': the value is not valid YAML"),
+    ("override-bad-yaml", lambda t: ["train.seed=[1"], ConfigError, r"train.seed: '\[1' is not valid YAML"),
+    ("override-empty-text", lambda t: ["train.output_dir="], ConfigError, r"train.output_dir: expected a string, got None"),
 ]
 
 

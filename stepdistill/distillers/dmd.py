@@ -16,19 +16,20 @@ real data (sec. 4.3) and multi-step generators trained by backward simulation (s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config import check_range
+from ..config import check_range, to_dict
 from ..data import Batch
 from ..denoiser import Cond, feature_module, unwrap
 from ..sampling import ode_sample
-from ..state_io import cache_key_problem
+from ..state_io import cache_key_problem, temporary_name
 from .base import Context, Trainable
 from .losses import denoising_loss, gradient_matching_loss, guided_x0, mse, per_sample_mean_abs
 from .score import FakeScoreOptions, ScoreDistiller, score_times
@@ -121,9 +122,10 @@ class DMD(DMDBase):
         under others is generated again."""
         path = Path(self.ctx.config.train.output_dir) / "dmd_regression_pairs.pt"
         cfg = self.ctx.config
+        prompts = self.ctx.source.prompt_table.prompts if self.ctx.source.prompt_table is not None else None
         key = {"pairs": self.opt.regression_pairs, "steps": self.opt.regression_steps,
-               "guidance_scale": self.opt.guidance_scale, "teacher": str(cfg.teacher.path), "seed": cfg.train.seed,
-               "prompts": str(cfg.data.prompts)}
+               "guidance_scale": self.opt.guidance_scale, "teacher": to_dict(cfg.teacher), "seed": cfg.train.seed,
+               "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
         if path.is_file():
             pairs = torch.load(path, weights_only=True)
             problem = cache_key_problem(pairs.get("key") if isinstance(pairs, dict) else None, key)
@@ -142,7 +144,7 @@ class DMD(DMDBase):
                  "key": key}
         if self.ctx.source.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            tmp = temporary_name(path)
             torch.save(pairs, tmp)
             tmp.replace(path)
         return pairs

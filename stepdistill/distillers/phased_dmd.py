@@ -51,7 +51,7 @@ from ..process import per_sample
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_timesteps, student_trainable
 from .losses import gradient_matching_loss, guided_x0, mse, per_sample_mean_abs
-from .score import FakeScoreOptions, make_fake, score_time_range
+from .score import FakeScoreOptions, fake_learning_rate, make_fake, score_time_range
 
 logger = logging.getLogger("stepdistill")
 
@@ -106,7 +106,7 @@ class PhasedDMD(Distiller):
         return [f"expert{k}" for k in range(config.student.num_steps)] + ["fake"]
 
     def trainables(self) -> dict[str, Trainable]:
-        fake_lr = self.opt.lr if self.opt.fake_lr is None else self.opt.fake_lr
+        fake_lr = fake_learning_rate(self.opt)
         if self.opt.experts:
             experts = unwrap(self.student.model).experts
 

@@ -167,9 +167,12 @@ class ProgressiveCore:
         teacher = None
         if self.round_teacher is not None and self.round_teacher is not self.original:
             teacher = unwrap(self.round_teacher.model).state_dict()
-        return {"round": self.round, "teacher": teacher}
+        return {"round": self.round, "teacher": teacher, "per_round": self.schedule.per_round}
 
     def load_state_dict(self, state: dict) -> None:
+        # the round length is kept from the run's start: a resume with another train.max_steps keeps the
+        # round boundaries (no new round teacher mid-round, no jump in the per-round learning rate)
+        self.schedule.per_round = int(state.get("per_round", self.schedule.per_round))
         self.round = int(state["round"])
         if state["teacher"] is None:
             self.round_teacher = self.original if self.round == 0 else None

@@ -38,6 +38,11 @@ class FakeScoreOptions:
             raise ValueError(f"method_args.t_min / t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
 
 
+def fake_learning_rate(opt) -> float:
+    """``fake_lr``, or the student's ``lr`` when it is not set (DMD2 and SiD train both at one rate)."""
+    return opt.lr if opt.fake_lr is None else opt.fake_lr
+
+
 def make_fake(ctx: Context, opt: FakeScoreOptions) -> Denoiser:
     """The fake score: initialised as the teacher (DMD sec. 3.2 / SiD sec. 4), full or LoRA."""
     model = copy_for_training(ctx.init.model, lora_rank=opt.fake_lora_rank, lora_alpha=opt.fake_lora_alpha,
@@ -105,7 +110,7 @@ class ScoreDistiller(Distiller):
 
     @property
     def fake_lr(self) -> float:
-        return self.opt.lr if self.opt.fake_lr is None else self.opt.fake_lr
+        return fake_learning_rate(self.opt)
 
     def updates(self, iteration: int) -> list[str]:
         return score_updates(iteration, self.opt.fake_updates)

@@ -18,7 +18,8 @@ from ..denoiser import Denoiser, unwrap
 from ..distillers.base import Context, Distiller
 from ..distillers.registry import get_method
 from ..errors import ConfigError, ExportError
-from ..state_io import cache_key_problem
+from ..generator import networks
+from ..state_io import cache_key_problem, temporary_name
 from ..teachers import Teacher, load_teacher, resolve_teacher_path
 from .distributed import broadcast_from_main
 from .update import TrainableState
@@ -88,7 +89,7 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) ->
     from ..oracle import GaussianMixture, fit_network
 
     spec = tc.oracle
-    gmm = GaussianMixture.ring(spec.components, spec.dim, spec.radius, spec.std)
+    gmm = getattr(GaussianMixture, spec.layout)(spec.components, spec.dim, spec.radius, spec.std)
     process = oracle_process(spec)
     teacher = Teacher.from_oracle(gmm, process)
     if not spec.conditional:
@@ -106,8 +107,7 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) ->
         if problem:
             net, pred = fit_network(gmm, process, steps=spec.network_steps, hidden=spec.hidden, depth=spec.depth,
                                     conditional=spec.conditional, seed=cfg.train.seed)
-            tmp = run_dir / f"oracle_network.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = temporary_name(cache)
             net.save_pretrained(tmp)
             (tmp / CACHE_KEY).write_text(json.dumps(key, indent=1))
             shutil.rmtree(cache, ignore_errors=True)
@@ -215,8 +215,7 @@ def _tensor_lr(optimizer) -> None:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """diffusers' gradient checkpointing on a network (every expert of a per-phase student); a network
     without it is refused naming its class."""
-    nets = [unwrap(e) for e in unwrap(model).experts] if hasattr(unwrap(model), "experts") else [unwrap(model)]
-    for net in nets:
+    for net in networks(model):
         if not getattr(net, "_supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing: {type(net).__name__} has no gradient checkpointing")
         net.enable_gradient_checkpointing()
@@ -277,5 +276,5 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig) -> dict[
         for st in states.values():
             if st.trainable.is_student:
                 st.ema = EMAModel(st.params, decay=cfg.train.ema_decay)
-                st.ema.to(acc.device)
+                st.ema.to(acc.device, dtype=torch.float32)  # a bf16 average would not move: its steps are below bf16's resolution
     return states

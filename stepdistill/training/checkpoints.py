@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..state_io import save_state
+from .distributed import on_main
 
 logger = logging.getLogger("stepdistill")
 CKPT_PREFIX = "checkpoint-"
@@ -29,7 +30,8 @@ TRAINING_STATE = "training_state"  # loop counters, distiller state, EMA (JSON +
 # train.* keys that may change between a run and its resume (logged); every other difference is refused
 RESUME_SAFE = ("train.output_dir", "train.max_steps", "train.checkpoint_every", "train.checkpoints_total_limit",
                "train.log_every", "train.validate_every", "train.num_validation", "train.report_to", "train.progress",
-               "train.verify_rank_sync", "train.max_nonfinite_steps", "train.export")
+               "train.verify_rank_sync", "train.max_nonfinite_steps", "train.export",
+               "train.gradient_checkpointing")  # memory only: the same gradients
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -85,8 +87,10 @@ def save_trainable(module, params: list, folder: Path) -> None:
         save_model(module, str(folder / PLAIN_WEIGHTS))
         return
     trained = {id(p) for p in params}
-    save_file({n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if id(p) in trained},
-              str(folder / TRAINED_WEIGHTS))
+    state = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if id(p) in trained}
+    persistent = set(module.state_dict())
+    state.update({n: b.detach().cpu().contiguous() for n, b in module.named_buffers() if n in persistent})  # statistics
+    save_file(state, str(folder / TRAINED_WEIGHTS))
 
 
 def has_trainable(folder: Path) -> bool:
@@ -231,26 +235,31 @@ def write_checkpoint(accelerator, run_dir: Path, step: int, training_state: dict
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
-    if acc.is_main_process:
-        save_state(training_state, tmp, TRAINING_STATE)
-        manifest = make_manifest(tmp, step, config, acc.num_processes)
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        old = None
-        if final.exists():  # the same step saved again (e.g. a resumed run): keep it until replaced
-            old = root / f"{CKPT_PREFIX}{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        if limit is not None:
-            good = [c for c in list_checkpoints(run_dir) if c not in broken]  # oldest first
-            for stale in [c for c in good[:-limit] if c != final]:
-                doomed = stale.with_name(stale.name + ".del")  # invisible first, then deleted
-                os.replace(stale, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
-    acc.wait_for_everyone()
+    on_main(acc, lambda: _complete(acc, run_dir, root, tmp, final, step, training_state, config, limit, broken),
+            f"writing checkpoint-{step}")
     return final
+
+
+def _complete(acc, run_dir: Path, root: Path, tmp: Path, final: Path, step: int, training_state: dict,
+              config: dict, limit: int | None, broken) -> None:
+    """The main process's part of :func:`write_checkpoint`: state, manifest, rename, limit."""
+    save_state(training_state, tmp, TRAINING_STATE)
+    manifest = make_manifest(tmp, step, config, acc.num_processes)
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    old = None
+    if final.exists():  # the same step saved again (e.g. a resumed run): keep it until replaced
+        old = root / f"{CKPT_PREFIX}{step}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if limit is not None:
+        good = [c for c in list_checkpoints(run_dir) if c not in broken]  # oldest first
+        for stale in [c for c in good[:-limit] if c != final]:
+            doomed = stale.with_name(stale.name + ".del")  # invisible first, then deleted
+            os.replace(stale, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)

@@ -23,6 +23,33 @@ def all_ranks(accelerator, flag: bool) -> bool:
     return not any_rank(accelerator, not flag)
 
 
+def on_main(accelerator, fn, what: str):
+    """``fn()`` on the main process and its result on every rank (picklable). When it raises, the main
+    process re-raises and every other rank raises a RuntimeError naming ``what``, so that no rank is left
+    waiting in a collective for a process that has failed."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: B902  (re-raised below, after the ranks agree)
+            error = exc
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        box = [None if error is not None else result, error is None]
+        dist.broadcast_object_list(box, src=0)
+        result, ok = box
+    else:
+        ok = error is None
+    if not ok:
+        if error is not None:
+            raise error
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{what} failed on the main process (its error names why)")
+    return result
+
+
 def broadcast_from_main(accelerator, module: nn.Module) -> None:
     """Start every rank from rank 0's weights (what DDP does when it wraps a module)."""
     if accelerator.num_processes == 1:

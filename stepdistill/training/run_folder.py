@@ -52,10 +52,18 @@ class RunLock:
                 holder = ""
             raise ConfigError(f"train.output_dir: '{self.folder}' is in use by another run ({holder or 'holder unknown'}); "
                               f"wait for it to finish or use another train.output_dir") from None
-        self._fd = fd
         self.holder = (f"pid {os.getpid()} on {socket.gethostname()}, since "
                        f"{datetime.datetime.now().isoformat(timespec='seconds')}")
-        self.note.write_text(self.holder + "\n")  # a killed holder's note is simply overwritten
+        try:
+            self.note.write_text(self.holder + "\n")  # a killed holder's note is simply overwritten
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def release(self) -> None:
         if self._fd is not None:

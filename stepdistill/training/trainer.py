@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
-from ..config import RunConfig, dump_config, from_dict, to_dict
+from ..config import RunConfig, from_dict, to_dict
 from ..denoiser import unwrap
 from ..distillers.base import Context
 from ..errors import ConfigError, Interrupted, NonFiniteError
@@ -30,7 +31,7 @@ from . import outputs
 from .build import build_distiller, build_source, build_teacher, build_trainables, check_exportable, validate_inputs
 from .checkpoints import (TRAINING_STATE, check_resumable, has_trainable, latest_good_checkpoint, list_checkpoints,
                           load_trainable, recover_leftovers, save_trainable, write_checkpoint)
-from .distributed import all_ranks, any_rank, verify_rank_sync
+from .distributed import any_rank, on_main, verify_rank_sync
 from .run_folder import RunLock, check_run_record, data_fingerprint, write_run_record
 from .update import apply_update, ema_weights, select
 
@@ -95,7 +96,7 @@ class Trainer:
         self.options = from_dict(method.Options, cfg.method_args, "method_args")
         self.fingerprint = data_fingerprint(cfg.data)
         self.lock = RunLock(self.run_dir)
-        self._on_main(self._take_folder)
+        on_main(acc, self._take_folder, f"train.output_dir '{self.run_dir}'")
         self.broken: set[Path] = set()  # checkpoints that failed verification (never counted by the limit)
         try:
             # random initialisations (LoRA adapters, GAN heads) are the same on every rank and every run;
@@ -123,18 +124,6 @@ class Trainer:
         """Release the run folder (``fit`` does so itself when it ends)."""
         self.lock.release()
 
-    def _on_main(self, fn) -> None:
-        """Run ``fn`` on the main process; when it raises, every rank raises (no rank is left waiting)."""
-        acc, error = self.accelerator, None
-        if acc.is_main_process:
-            try:
-                fn()
-            except ConfigError as exc:
-                error = exc
-        if not all_ranks(acc, error is None):
-            raise error or ConfigError(f"train.output_dir: '{self.run_dir}' refused on the main process (its error "
-                                       f"names why)")
-
     def _take_folder(self) -> None:
         """Create the run folder, lock it for this run, and refuse it when it holds another run."""
         try:
@@ -155,6 +144,9 @@ class Trainer:
         """Train to ``train.max_steps`` (resuming first) and return the student folder. ``stop_after``
         stops with a checkpoint after that iteration, as a preemption would. The run folder's lock is
         released at the end, however the run ends."""
+        # a second fit() of this trainer takes the folder again (the first released it at its end)
+        on_main(self.accelerator, lambda: None if self.lock.held else self.lock.acquire(),
+                f"train.output_dir '{self.run_dir}'")
         try:
             return self._fit(stop_after)
         finally:
@@ -166,7 +158,9 @@ class Trainer:
         acc, tcfg = self.accelerator, self.cfg.train
         start = self.resume()  # before anything is written: a refused resume leaves the run folder as it was
         if acc.is_main_process:
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            # the config as run: method_args with the method's defaults filled in and every value typed
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump({**self.cfg.to_dict(), "method_args": to_dict(self.options)},
+                                                                     sort_keys=False))
             write_run_record(self.run_dir, self.resolved_config())
         if acc.trackers == [] and tcfg.report_to != "none":
             acc.init_trackers("stepdistill", config={"method": self.cfg.method, "steps": tcfg.max_steps})
@@ -206,7 +200,7 @@ class Trainer:
                 if tcfg.verify_rank_sync:
                     verify_rank_sync(acc, {n: st.params for n, st in self.states.items()}, done,
                                      self.run_dir / "rank_sync.json")
-                interrupt = done == stop_after or any_rank(acc, stop_requested())
+                interrupt = (stop_after is not None and done >= stop_after) or any_rank(acc, stop_requested())
                 if done % tcfg.checkpoint_every == 0 or done == tcfg.max_steps or interrupt:
                     checkpoint = self.save_checkpoint(done)
                 if interrupt and done < tcfg.max_steps:
@@ -310,15 +304,18 @@ class Trainer:
     def resume(self) -> int:
         """Load the newest verified checkpoint, if any, and return its step (0 without one)."""
         acc = self.accelerator
-        if acc.is_main_process:  # saves, renames, deletions that never finished
-            recover_leftovers(self.run_dir)
-        acc.wait_for_everyone()
-        broken: list[Path] = []
-        latest = latest_good_checkpoint(self.run_dir, broken)
+
+        def choose():  # on the main process: one verification, one decision for every rank
+            recover_leftovers(self.run_dir)  # saves, renames, deletions that never finished
+            broken: list[Path] = []
+            latest = latest_good_checkpoint(self.run_dir, broken)
+            safe = [] if latest is None else check_resumable(latest, self.resolved_config(), acc.num_processes)
+            return latest, broken, safe
+
+        latest, broken, safe = on_main(acc, choose, "resume")
         self.broken = set(broken)
         if latest is None:
             return 0
-        safe = check_resumable(latest, self.resolved_config(), acc.num_processes)
         acc.load_state(str(latest))
         state = load_state(latest, TRAINING_STATE)
         self.loop.load_state_dict(state["loop"])
@@ -332,7 +329,7 @@ class Trainer:
                 raise ConfigError(f"resume: the checkpoint holds no EMA of trainable '{name}' (train.ema_decay was off "
                                   f"or the method's trainables differ); use a new train.output_dir")
             st.ema.load_state_dict(saved[name])
-            st.ema.to(acc.device)
+            st.ema.to(acc.device, dtype=torch.float32)
         if safe:
             logger.warning("resuming from %s with changed settings: %s", latest, "; ".join(safe))
             self._apply_learning_rates()
@@ -356,20 +353,19 @@ class Trainer:
     def finish(self, history: list[dict]) -> Path:
         """The final student (and its EMA) as diffusers folders with the schedule, the loss history and
         plot, and with ``train.export`` the pipeline."""
-        from ..generator import fused_copy
-
-        acc = self.accelerator
         out = self.run_dir / "student"
-        if acc.is_main_process:
+
+        def write():
             student = self.distiller.student
             outputs.save_student(student, out)
             has_ema = any(st.ema is not None for st in self.states.values())
             if has_ema:
                 with ema_weights(self.states):
-                    student.save(self.run_dir / "student_ema", fused_copy(student.model))
+                    outputs.save_student(student, self.run_dir / "student_ema")
             if history:
                 outputs.save_history(history, self.run_dir)
             if self.cfg.train.export:
                 outputs.export_pipeline(self.run_dir, self.cfg.teacher.path, use_ema=has_ema)
-        acc.wait_for_everyone()
+
+        on_main(self.accelerator, write, "writing the final student")
         return out
