@@ -17,7 +17,7 @@ def test_mnist_suite_writes_results_table_and_grid(tmp_path):
     out = tmp_path / "bench"
     # --curve trains to its largest count, keeps a checkpoint at each and measures every one
     command = [sys.executable, str(ROOT / "eval" / "benchmark.py"), "--suite", "mnist", "--runs", "dmd2:1",
-               "--curve", "1,3", "--n", "200", "--time-batch", "10", "--out", str(out)]
+               "--curve", "1,3", "--n", "100", "--time-batch", "10", "--out", str(out)]
     r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -39,13 +39,22 @@ def test_gradient_checkpointing_recomputes_the_same_gradients(tmp_path, tiny_pip
 BF16 = ["train.trainable_dtype=bf16", "method_args.lr=1e-3", "method_args.fake_lr=1e-3"]
 
 
-def test_bf16_trainables_use_stochastic_rounding(tmp_path, tiny_pipelines):
+def test_bf16_trainables_get_a_stochastic_rounding_optimiser(tmp_path, tiny_pipelines):
     from torchao.optim import _AdamW
 
+    bf16 = Trainer(_cfg(tiny_pipelines, tmp_path / "sr", "train.max_steps=2", "train.ema_decay=0.9", *BF16))
+    for name in ("student", "fake"):
+        st = bf16.states[name]
+        assert all(p.dtype == torch.bfloat16 for p in st.params), name
+        assert isinstance(st.optimizer.optimizer, _AdamW) and st.optimizer.optimizer.bf16_stochastic_round, name
+    ema = bf16.states["student"].ema  # kept in fp32: a bf16 average would not move at decay 0.9999
+    assert ema is not None and all(v.dtype == torch.float32 for v in ema.state_dict()["shadow_params"])
+    bf16.close()
+
+
+@pytest.mark.slow  # torchao compiles its stochastic-rounding step on first use (about a minute on 2 CPU cores)
+def test_bf16_trainables_use_stochastic_rounding(tmp_path, tiny_pipelines):
     bf16 = Trainer(_cfg(tiny_pipelines, tmp_path / "sr", "train.max_steps=2", *BF16))
-    st = bf16.states["student"]
-    assert all(p.dtype == torch.bfloat16 for p in st.params)
-    assert isinstance(st.optimizer.optimizer, _AdamW) and st.optimizer.optimizer.bf16_stochastic_round
     before = _weights(bf16)
     bf16.fit()
     assert any(not torch.equal(before[k], v) for k, v in _weights(bf16).items())  # 1e-3 updates are not rounded away
