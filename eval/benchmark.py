@@ -142,7 +142,7 @@ MNIST_RUNS = [("progressive", 1), ("progressive", 2), ("progressive", 4), ("guid
               ("boot", 1), ("vsd", 1), ("dmd", 1), ("dmd2", 1), ("dmd2", 2), ("dmd2", 4), ("phased_dmd", 2),
               ("phased_dmd", 4), ("sid", 1), ("sid", 2), ("sid", 4)]
 MNIST_TEACHER = "stepdistill:mnist-sd"
-JUDGES = 2  # the version of DigitBench.judge_all: rows measured by another version are measured again
+JUDGES = 3  # the version of DigitBench.judge_all: rows measured by another version are judged again (not retrained)
 
 
 def mnist_config(method: str) -> Path:
@@ -272,19 +272,25 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         if curve and (cfg.student.lora_rank or (method == "phased_dmd" and cfg.method_args.get("experts", True))):
             raise SystemExit(f"--curve: {name}'s checkpoints hold no one-network student (a LoRA student or per-phase "
                              f"experts); measure it without --curve")
-        # a finished run of an earlier invocation is kept when it was measured under the same settings
-        key = {"n": n, "overrides": overrides, "config": hashlib.sha256(cfg_path.read_bytes()).hexdigest()[:16],
-               "judges": JUDGES}
-        measured = done.is_file() and json.loads(done.read_text()).get("key") == key
-        if done.is_file() and not measured:
-            shutil.rmtree(run_dir)  # measured under another budget, n or config: trained again from scratch
-        if not measured:
+        # a finished run of an earlier invocation is kept when it was trained under the same settings, and
+        # its measurement when that was made with the same n and judges
+        trained_key = {"overrides": overrides, "config": hashlib.sha256(cfg_path.read_bytes()).hexdigest()[:16]}
+        key = {"n": n, **trained_key, "judges": JUDGES}
+        old = json.loads(done.read_text()) if done.is_file() else None
+        old_key = old.get("key", {}) if old else {}
+        trained = old is not None and {k: old_key.get(k) for k in trained_key} == trained_key
+        measured = trained and old_key == key
+        if old is not None and not trained:
+            shutil.rmtree(run_dir)  # trained under another budget or config: trained again from scratch
+        if trained:
+            train_s = old["train_s"]
+        else:
             t0 = time.time()
             Trainer(cfg).fit()
             train_s = time.time() - t0
         student = Student.load(run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student"))
-        if measured:  # FD, accuracy and training time kept; the sampling time measured again, in this run
-            row = {k: v for k, v in json.loads(done.read_text()).items() if k != "key"}
+        if measured:  # every verdict and the training time kept; the sampling time measured again, in this run
+            row = {k: v for k, v in old.items() if k != "key"}
             row["sample_ms"] = bench.ms_per_image(_student_sampler(student))
         else:
             row, _ = bench.row(name, _student_sampler(student), steps, train_s)
@@ -329,11 +335,11 @@ def _curve_rows(bench: DigitBench, run_dir: Path, name: str, curve: list[int]) -
     for it in curve:
         ckpt = run_dir / "checkpoints" / f"checkpoint-{it}"
         cached = run_dir / "curve" / f"checkpoint-{it}.json"  # beside, not inside: a checkpoint holds only its files
-        if cached.is_file():
-            row = json.loads(cached.read_text())
-        else:
+        row = json.loads(cached.read_text()) if cached.is_file() else {}
+        if row.get("judges") != JUDGES or row.get("n") != bench.n:
             student = Student.load(ckpt / "student")
-            row = {"method": name, "iterations": it, **bench.judge_all(bench.images(_student_sampler(student)))}
+            row = {"method": name, "iterations": it, **bench.judge_all(bench.images(_student_sampler(student))),
+                   "judges": JUDGES, "n": bench.n}
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_json(cached, row)
         rows.append(row)

@@ -102,3 +102,13 @@ def test_ill_conditioned_epsilon_start_is_warned(teacher):
     assert msg is not None and "157-fold" in msg and "student.timesteps" in msg
     assert ill_conditioned_start(proc, "epsilon", 600) is None  # the digits8 DMD2 config's t_init
     assert ill_conditioned_start(proc, "v_prediction", 999) is None
+
+
+def test_kid_spread_floors_a_feature_the_real_digits_never_use():
+    from stepdistill.evaluation.digits import kid_spread
+
+    real = torch.randn(500, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([1, 2, 3, 4, 5, 6, 7, 1e-4])
+    spread = kid_spread(real)
+    assert torch.allclose(spread[:7], real.std(0)[:7])  # the used features keep their spread
+    median = float(real.std(0).median())
+    assert float(spread[7]) == pytest.approx(0.1 * median)  # a sample active there is scaled by ~10, not ~10^4
