@@ -320,7 +320,10 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         rows.append(row)
         print(json.dumps(row), flush=True)
     write_json(cache, {"key": key, "rows": kept})
-    pictures["teacher DDIM 50, CFG"] = (teacher, w)
+    if guidance == 1.0:  # the students learnt the unguided teacher: that is the row to compare with
+        pictures["teacher DDIM 50"] = (teacher, 1.0)
+    else:
+        pictures[f"teacher DDIM 50, CFG {w:g}"] = (teacher, w)
     _digit_grid(pictures, teacher, out / "comparison.png")
     return rows
 
