@@ -301,8 +301,6 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         print(json.dumps(row), flush=True)
         if curve:
             rows += _curve_rows(bench, run_dir, name, curve)
-    if curve:
-        _plot_curve([r for r in rows if "iterations" in r], out / "curve.png")
     w = float(yaml.safe_load(mnist_config("dmd2").read_text())["method_args"]["guidance_scale"])
     # the teacher's FD and accuracy depend only on the draw: kept from an earlier invocation at the same n
     cache = out / "teacher_rows.json"
@@ -320,6 +318,9 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         rows.append(row)
         print(json.dumps(row), flush=True)
     write_json(cache, {"key": key, "rows": kept})
+    if curve:  # against the 50-step teacher the students learnt
+        target = kept["teacher DDIM 50" if guidance == 1.0 else f"teacher DDIM 50, CFG {w:g}"]
+        _plot_curve([r for r in rows if "iterations" in r], out / "curve.png", target)
     if guidance == 1.0:  # the students learnt the unguided teacher: that is the row to compare with
         pictures["teacher DDIM 50"] = (teacher, 1.0)
     else:
@@ -350,7 +351,7 @@ def _curve_rows(bench: DigitBench, run_dir: Path, name: str, curve: list[int]) -
     return rows
 
 
-def _plot_curve(rows: list[dict], path: Path):
+def _plot_curve(rows: list[dict], path: Path, target: dict):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -364,6 +365,8 @@ def _plot_curve(rows: list[dict], path: Path):
             ax.set_xscale("log")
             ax.set_xlabel("iterations (batch 32)")
             ax.set_ylabel(label)
+    for ax, key in ((axes[0], "fd"), (axes[1], "fd_judge2")):
+        ax.axhline(target[key], color="0.4", linestyle="--", label=f"{target['method']} (the target)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
