@@ -32,7 +32,8 @@ def test_mnist_suite_writes_results_table_and_grid(tmp_path):
     good, bad = rows["teacher DDIM 50, CFG 2"], rows["teacher DDIM 1, CFG 2"]
     # every judge ranks the 50-step teacher above its 1-step samples
     assert good["fd_judge2"] < 0.5 * bad["fd_judge2"] and good["kid"] < bad["kid"] and good["precision"] > bad["precision"]
-    assert good["kid"] > -0.01 and good["kid_judge2"] > -0.01  # an unbiased estimate near 0, not a blown-up kernel
+    # unbiased, so about +-0.05 around 0 at n = 100; a kernel blown up by an unused feature gave -2.3
+    assert good["kid"] > -0.2 and good["kid_judge2"] > -0.2
     assert 0 <= good["recall"] <= 1 and abs(good["ink_mean"] - good["real_ink_mean"]) < 0.05
     assert rows["dmd2_1step"]["nfe"] == 1 and rows["teacher DDIM 50, CFG 2"]["nfe"] == 100
     assert rows["dmd2_1step"]["steps"] == 3 and rows["dmd2_1step"]["train_s"] > 0
