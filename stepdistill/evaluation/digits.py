@@ -139,18 +139,6 @@ class ClassifierFeatures(nn.Module):
         return self.classifier.features(x.float())
 
 
-class StandardisedFeatures(ClassifierFeatures):
-    """The classifier's features with each dimension standardised by fixed statistics."""
-
-    def __init__(self, classifier: DigitClassifier, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__(classifier)
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (super().forward(x) - self.mean) / self.std
-
-
 def kid_spread(real: torch.Tensor) -> torch.Tensor:
     """The per-dimension spread KID standardises by: the real features' std, floored at a tenth of
     its median (see :meth:`DigitsEvaluator.kid`)."""
@@ -216,12 +204,11 @@ class DigitsEvaluator:
 
         size = min(subset_size, len(samples), len(self.reference))
         real = self.real_features()
-        feature = StandardisedFeatures(self.classifier, real.mean(0), kid_spread(real))
-        metric = KernelInceptionDistance(feature=feature, subsets=subsets, subset_size=size)
-        for chunk in self.reference.split(512):
-            metric.update(chunk.clamp(-1, 1), real=True)
-        for chunk in samples.split(512):
-            metric.update(chunk.clamp(-1, 1), real=False)
+        mean, spread = real.mean(0), kid_spread(real)
+        # the features go in already computed and standardised (the reference's once per evaluator)
+        metric = KernelInceptionDistance(feature=torch.nn.Identity(), subsets=subsets, subset_size=size)
+        metric.update((real - mean) / spread, real=True)
+        metric.update((self.features(samples) - mean) / spread, real=False)
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # torchmetrics draws its subsets from the global generator
             mean, _ = metric.compute()
