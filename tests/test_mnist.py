@@ -89,9 +89,9 @@ def test_evaluator_sanity(evaluator, teacher):
 def test_teacher_with_cfg_is_good(evaluator, teacher):
     shipped = json.loads((MNIST_SD / "metrics.json").read_text())
     w = shipped["guidance_scale"]
-    labels, cond, uncond, z = _draw(teacher, 200, seed=9)
+    labels, cond, uncond, z = _draw(teacher, 400, seed=9)
     x50 = teacher.decode(ode_sample(teacher.denoiser, z, 50, cond, guidance_scale=w, uncond=uncond))
-    fd_real = evaluator.fd(load_mnist("heldout")[0][:200])  # the same sample size (FD's bias, see above)
+    fd_real = evaluator.fd(load_mnist("heldout")[0][:400])  # the same sample size (FD's bias, see above)
     assert evaluator.fd(x50) < 2 * fd_real
     assert evaluator.accuracy(x50, labels) > 0.95
     assert shipped["classifier_heldout_accuracy"] >= 0.97
