@@ -409,5 +409,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> R
     return from_dict(RunConfig, raw)
 
 
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_config(cfg: RunConfig, method_args: dict | None = None) -> str:
+    """The config as YAML; ``method_args`` (the method's resolved options) replaces the section as given."""
+    data = cfg.to_dict()
+    if method_args is not None:
+        data["method_args"] = method_args
+    return yaml.safe_dump(data, sort_keys=False)

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..config import RunConfig, from_dict, to_dict
+from ..config import RunConfig, dump_config, from_dict, to_dict
 from ..denoiser import unwrap
 from ..distillers.base import Context
 from ..errors import ConfigError, Interrupted, NonFiniteError
@@ -159,8 +158,7 @@ class Trainer:
         start = self.resume()  # before anything is written: a refused resume leaves the run folder as it was
         if acc.is_main_process:
             # the config as run: method_args with the method's defaults filled in and every value typed
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump({**self.cfg.to_dict(), "method_args": to_dict(self.options)},
-                                                                     sort_keys=False))
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg, method_args=to_dict(self.options)))
             write_run_record(self.run_dir, self.resolved_config())
         if acc.trackers == [] and tcfg.report_to != "none":
             acc.init_trackers("stepdistill", config={"method": self.cfg.method, "steps": tcfg.max_steps})
