@@ -324,6 +324,10 @@ class TrainConfig:
     num_validation: int = 16
     report_to: typing.Literal["tensorboard", "wandb", "none"] = "tensorboard"
     progress: bool = True
+    # several processes (stepdistill/parallel.py): ddp (whole weights, gradients all-reduced per block in the
+    # backward pass) or fsdp (weights, gradients and optimiser state sharded; the teacher too); auto: fsdp
+    # under an accelerate FSDP config (configs/accelerate/fsdp.yaml), else ddp
+    parallel: typing.Literal["auto", "ddp", "fsdp"] = "auto"
     verify_rank_sync: bool = False  # after every step, check that all ranks hold identical trainable weights
     max_nonfinite_steps: int = 10  # this many steps in a row with a NaN/inf loss or gradient stop the run
     export: bool = False  # at the end, also write the student (its EMA when kept) as a diffusers pipeline: <output_dir>/pipeline

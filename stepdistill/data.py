@@ -6,9 +6,11 @@ Real images come paired with their own conditioning: a caption in ``<name>.txt``
 ``x0`` and ``x0_cond`` are rows of the same items, so no code path pairs a real image with another
 item's caption.
 
-Every batch is a pure function of (seed, step, rank, micro-batch): noise, times and prompt choice come
-from a generator seeded by those numbers, so a resumed run sees exactly the batches an uninterrupted
-run would (no data-loader state to save), and each rank sees different data.
+Every batch is a pure function of (seed, step, micro-batch): noise, times and prompt choice come from
+a generator seeded by those numbers, so a resumed run sees exactly the batches an uninterrupted run
+would (no data-loader state to save). With several processes every rank draws the global micro-batch
+and keeps its own rows (``Batch.per_sample``), so a run's batches do not depend on how many processes
+share them: 2 processes see exactly the 1-process run's global batch, split in two.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ def stream_seed(*parts: int) -> int:
 
 @dataclass
 class Batch:
-    size: int
-    generator: torch.Generator  # CPU generator for this (step, rank, micro-batch)
+    size: int  # this rank's rows
+    generator: torch.Generator  # CPU generator for this (step, micro-batch), the same on every rank
     device: torch.device
     cond: Cond | None = None
     uncond: Cond | None = None
@@ -46,17 +48,37 @@ class Batch:
     prompts: list | None = None
     x0: torch.Tensor | None = None  # real data (denoiser space) when the source has it
     x0_cond: Cond | None = None  # the conditioning of those real items (their own captions or labels)
+    offset: int = 0  # this rank's first row in the global micro-batch
+    total: int | None = None  # the global micro-batch's rows (all ranks); None: this batch's size
+
+    def per_sample(self, draw) -> torch.Tensor:
+        """``draw(n)`` (a per-sample draw from ``self.generator``, n rows) made for the global micro-batch,
+        this rank's rows of it: every rank advances the generator alike, and the rows do not depend on
+        the number of processes."""
+        total = self.total or self.size
+        out = draw(total)
+        return out if total == self.size else out[self.offset:self.offset + self.size]
+
+    def _draw(self, fn, shape) -> torch.Tensor:
+        if shape and shape[0] == self.size:  # one row per sample: the global draw, sliced
+            return self.per_sample(lambda n: fn((n, *shape[1:]), generator=self.generator)).to(self.device)
+        return fn(shape, generator=self.generator).to(self.device)  # a draw for the whole batch: every rank alike
 
     def randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator).to(self.device)
+        return self._draw(torch.randn, shape)
 
     def rand(self, *shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator).to(self.device)
+        return self._draw(torch.rand, shape)
+
+    def randint(self, low: int, high: int) -> torch.Tensor:
+        """One integer in [low, high) per sample (on the CPU)."""
+        return self.per_sample(lambda n: torch.randint(low, high, (n,), generator=self.generator))
 
     def fork(self, tag: int) -> "Batch":
         """The same batch with an independent random stream (for a second phase of the step)."""
         g = torch.Generator().manual_seed(stream_seed(self.generator.initial_seed(), tag))
-        return Batch(self.size, g, self.device, self.cond, self.uncond, self.labels, self.prompts, self.x0, self.x0_cond)
+        return Batch(self.size, g, self.device, self.cond, self.uncond, self.labels, self.prompts, self.x0, self.x0_cond,
+                     self.offset, self.total)
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -249,22 +271,23 @@ class BatchSource:
         tables = [t for t in (self.prompt_table, self.caption_table) if t is not None]
         return bool(tables) and all(t.cached is not None for t in tables)
 
-    def generator(self, step: int, rank: int, micro: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed(stream_seed(self.seed, step, rank, micro))
+    def generator(self, step: int, micro: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(stream_seed(self.seed, step, 0, micro))  # (0: the former rank slot)
 
-    def conditioning(self, n: int, g: torch.Generator):
-        """(cond, uncond, labels, prompts) for n random draws from the prompt list or the classes."""
+    def conditioning(self, rows: Batch):
+        """(cond, uncond, labels, prompts) of random draws from the prompt list or the classes, one per row."""
         if not self.conditional:
             return None, None, None, None
-        t = self.teacher
+        t, g = self.teacher, rows.generator
         if t.null_label is not None:
             if self.oracle is not None:
-                labels = torch.multinomial(self.oracle.weights.float(), n, replacement=True, generator=g)
+                weights = self.oracle.weights.float()
+                labels = rows.per_sample(lambda n: torch.multinomial(weights, n, replacement=True, generator=g))
             else:
-                labels = torch.randint(0, t.null_label, (n,), generator=g)
+                labels = rows.randint(0, t.null_label)
             cond, uncond = t.encode(labels.to(self.device))
             return cond, uncond, labels, None
-        idx = torch.randint(0, len(self.prompt_table), (n,), generator=g)
+        idx = rows.randint(0, len(self.prompt_table))
         cond, uncond, prompts = self.prompt_table.encode(idx, self.device)
         return cond, uncond, None, prompts
 
@@ -284,23 +307,27 @@ class BatchSource:
         ``index`` moves along a stream that is drawn in several pieces."""
         return self.batch(STREAMS[stream] - index, 0, size)
 
-    def batch(self, step: int, rank: int, size: int, micro: int = 0) -> Batch:
-        g = self.generator(step, rank, micro)
+    def batch(self, step: int, rank: int, size: int, micro: int = 0, num_ranks: int = 1) -> Batch:
+        """Rank ``rank``'s ``size`` rows of micro-batch ``micro`` of ``step``, whose global size is
+        ``size * num_ranks``."""
+        g = self.generator(step, micro)
+        rows = Batch(size, g, self.device, offset=rank * size, total=size * num_ranks)
         x0 = x0_cond = None
         if self.x0_data is not None and self.oracle is None and self.conditional and self.prompt_table is None \
                 and self.teacher.null_label is None:
             # no prompt list: the real items' own captions are the batch's prompts
-            idx = torch.randint(0, len(self.x0_data), (size,), generator=g)
+            idx = rows.randint(0, len(self.x0_data))
             cond, uncond, labels, prompts = self.item_conditioning(idx)
             x0, x0_cond = self.x0_data[idx], cond
         else:
-            cond, uncond, labels, prompts = self.conditioning(size, g)
+            cond, uncond, labels, prompts = self.conditioning(rows)
             if self.oracle is not None:
-                x0, _ = self.oracle.sample(size, g, labels)
+                # the exact samples of the global batch's labels (drawn with them), this rank's rows
+                x0 = self.oracle.sample_rows(rows, labels)
                 x0_cond = cond  # each exact sample is drawn from the class it is conditioned on
             elif self.x0_data is not None:
-                idx = torch.randint(0, len(self.x0_data), (size,), generator=g)
+                idx = rows.randint(0, len(self.x0_data))
                 x0 = self.x0_data[idx]
                 x0_cond = self.item_conditioning(idx)[0]
         return Batch(size, g, self.device, cond, uncond, labels, prompts,
-                     None if x0 is None else x0.to(self.device), x0_cond)
+                     None if x0 is None else x0.to(self.device), x0_cond, rows.offset, rows.total)

@@ -83,6 +83,16 @@ class GaussianMixture:
         x = self.means[labels] + self.stds[labels, None] * noise
         return x.float(), labels
 
+    def sample_rows(self, rows, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`sample` for a batch's rows (``stepdistill.data.Batch.per_sample``): drawn for the
+        global batch from its generator, this rank's rows kept (``labels``: those rows' components)."""
+        g = rows.generator
+        if labels is None:
+            labels = rows.per_sample(lambda n: torch.multinomial(self.weights, n, replacement=True, generator=g))
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        noise = rows.per_sample(lambda n: torch.randn(n, self.dim, generator=g, dtype=torch.float64))
+        return (self.means[labels] + self.stds[labels, None] * noise).float()
+
     def _component_logp(self, x: torch.Tensor, scale_mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """log N(x; a mu_k, var_k I) for every component: (B, K). scale_mean, var: (B, 1), (B, K)."""
         x = x.double().reshape(x.shape[0], -1)

@@ -80,7 +80,7 @@ class Boot(Distiller):
             y_T = self.x0(eps * per_sample(proc.sigma(t_max), eps), t_max, batch)
         loss_bc = mse(signal_prediction(student, eps, t_max, batch.cond), y_T)
         # bootstrapping between neighbouring grid times
-        i = torch.randint(0, len(self.grid) - 1, (b,), generator=batch.generator)
+        i = batch.randint(0, len(self.grid) - 1)
         t, s = self.grid[i], self.grid[i + 1]
         with torch.no_grad():
             y_t = signal_prediction(student, eps, t, batch.cond)

@@ -3,7 +3,6 @@ its timesteps, and the pool of teacher samples of the trajectory methods."""
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -12,6 +11,7 @@ from ..config import torch_dtype
 from ..data import Batch, BatchSource
 from ..denoiser import Cond, Denoiser, unwrap
 from ..generator import Student, StudentSpec, copy_for_training
+from ..parallel import plain_copy
 from ..sampling import ode_sample
 from .base import Context, Trainable
 
@@ -70,8 +70,9 @@ def student_trainable(student: Student, lr: float) -> Trainable:
 
 
 def frozen_copy(den: Denoiser) -> Denoiser:
-    """A frozen snapshot of a denoiser's current weights (e.g. the teacher of a progressive round)."""
-    model = copy.deepcopy(unwrap(den.model)).eval().requires_grad_(False)
+    """A frozen snapshot of a denoiser's current weights (e.g. the teacher of a progressive round); of a
+    sharded network, an unsharded copy on every rank (``stepdistill.parallel``)."""
+    model = plain_copy(den.model).eval().requires_grad_(False)
     return Denoiser(model, den.process, den.prediction_type)
 
 
@@ -104,7 +105,7 @@ class SamplePool:
         self.uncond = None if unconds[0] is None else Cond.cat_all(unconds)
 
     def draw(self, batch: Batch) -> tuple[torch.Tensor, Cond | None, Cond | None]:
-        idx = torch.randint(0, len(self.x0), (batch.size,), generator=batch.generator).to(self.x0.device)
+        idx = batch.randint(0, len(self.x0)).to(self.x0.device)
         pick = (lambda c: None if c is None else c[idx])
         return self.x0[idx], pick(self.cond), pick(self.uncond)
 

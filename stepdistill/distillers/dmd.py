@@ -155,7 +155,7 @@ class DMD(DMDBase):
         x, _ = self.sample(batch, grad=True)
         loss_dm = self.distribution_matching(x, batch)
         # regression on the cached pairs (eq. 9)
-        idx = torch.randint(0, len(self.pairs["noise"]), (batch.size,), generator=batch.generator)
+        idx = batch.randint(0, len(self.pairs["noise"]))
         cond = None if self.pairs["cond"] is None else Cond(self.pairs["cond"])[idx].to(batch.device)
         t0 = self.student.times()[0]
         noise = self.pairs["noise"][idx].to(batch.device)

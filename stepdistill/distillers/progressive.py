@@ -116,7 +116,7 @@ class RoundSchedule:
         """(t, t', t'') for each row: a random student interval and the teacher's midpoint."""
         n = self.student_steps(rnd)
         fine = self.process.sampling_times(2 * n)
-        i = torch.randint(0, n, (batch.size,), generator=batch.generator)
+        i = batch.randint(0, n)
         return fine[2 * i], fine[2 * i + 1], fine[2 * i + 2]
 
 

@@ -59,8 +59,8 @@ def score_time_range(process, lo: float, hi: float) -> tuple[float, float]:
 
 def score_times(process, batch: Batch, lo: float, hi: float) -> torch.Tensor:
     """Times for the score losses: uniform over :func:`score_time_range`."""
-    return process.sample_uniform(batch.size, *score_time_range(process, lo, hi),
-                                  generator=batch.generator).to(batch.device)
+    lo, hi = score_time_range(process, lo, hi)
+    return batch.per_sample(lambda n: process.sample_uniform(n, lo, hi, generator=batch.generator)).to(batch.device)
 
 
 def generator_rollout(student: Student, batch: Batch, shape, grad: bool, cond: Cond | None = None):

@@ -19,6 +19,7 @@ from ..distillers.base import Context, Distiller
 from ..distillers.registry import get_method
 from ..errors import ConfigError, ExportError
 from ..generator import networks
+from ..parallel import Parallel
 from ..state_io import cache_key_problem, temporary_name
 from ..teachers import Teacher, load_teacher, resolve_teacher_path
 from .distributed import broadcast_from_main
@@ -52,6 +53,9 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
     if cfg.train.batch_size % (num_processes * cfg.train.gradient_accumulation_steps):
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not divide by num_processes ({num_processes}) "
                           f"x gradient_accumulation_steps ({cfg.train.gradient_accumulation_steps})")
+    if num_processes > 1 and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision: fp16 loss scaling is not supported with several processes "
+                          "(sharded gradients); use bf16")
     if cfg.data.prompts is not None:
         read_prompts(cfg.data.prompts, cfg.data.skip_bad_items)
     if cfg.data.images is not None:
@@ -186,7 +190,7 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def make_optimizer(kind: str, params, **kwargs) -> torch.optim.Optimizer:
+def make_optimizer(kind: str, params, fused: bool = True, **kwargs) -> torch.optim.Optimizer:
     """``train.optimizer``: torch's AdamW, or torchao's AdamW with 8-bit moments (``adamw8bit``); for
     bf16 weights, torchao's AdamW that rounds the bf16 update stochastically (an update smaller than
     bf16's resolution is kept on average instead of lost)."""
@@ -199,6 +203,8 @@ def make_optimizer(kind: str, params, **kwargs) -> torch.optim.Optimizer:
         from torchao.optim import _AdamW
 
         opt = _AdamW(params, bf16_stochastic_round=True, **kwargs)
+    elif not fused:  # sharded parameters (DTensors)
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
     else:
         return adamw(params, **kwargs)
     opt.register_load_state_dict_post_hook(_tensor_lr)
@@ -227,10 +233,11 @@ def _with_factor(sched, opt, distiller: Distiller, name: str, num_processes: int
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: base(s) * distiller.lr_factor(name, s // num_processes))
 
 
-def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig) -> dict[str, TrainableState]:
-    """Per trainable: its optimiser (AdamW; ``optim.<name>`` overrides the method's settings), its
-    learning-rate schedule, the accelerate-prepared module (identical on every rank) and, for student
-    trainables with ``train.ema_decay``, an EMA."""
+def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig, parallel: Parallel,
+                     teacher: Teacher) -> dict[str, TrainableState]:
+    """Per trainable: the module (identical on every rank; sharded under a parallel strategy, the
+    frozen teacher too under fsdp), its optimiser (AdamW; ``optim.<name>`` overrides the method's
+    settings), its learning-rate schedule and, for student trainables with ``train.ema_decay``, an EMA."""
     from diffusers.optimization import get_scheduler
 
     acc = accelerator
@@ -243,14 +250,24 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig) -> dict[
     for name, tr in trainables.items():
         oc = cfg.optim.get(name)
         lr = oc.lr if oc and oc.lr else tr.lr
-        params = [p for p in tr.module.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in tr.module.parameters()):
             raise ConfigError(f"trainable '{name}' has no parameters that require grad")
-        betas = tuple(oc.betas) if oc and oc.betas else (tr.betas or (0.9, 0.999))
-        decay = oc.weight_decay if oc and oc.weight_decay is not None else cfg.train.weight_decay
-        opt = make_optimizer(cfg.train.optimizer, params, lr=lr, betas=betas, weight_decay=decay)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(tr.module if not isinstance(tr.module, torch.nn.ModuleDict) else tr.module["net"])
+        if parallel.active:
+            # sharded in place (the distiller keeps its reference); accelerate only places it
+            module = tr.module.to(acc.device)
+            broadcast_from_main(acc, module)  # every rank starts from rank 0's weights
+            parallel.shard(module, f"trainable '{name}'")
+        else:
+            module = acc.prepare_model(tr.module, device_placement=True, evaluation_mode=True)
+        module.train()
+        # what this trainable's updates train (LoRA: the adapters only), fixed before any requires_grad toggling
+        params = [p for p in unwrap(module).parameters() if p.requires_grad]
+        betas = tuple(oc.betas) if oc and oc.betas else (tr.betas or (0.9, 0.999))
+        decay = oc.weight_decay if oc and oc.weight_decay is not None else cfg.train.weight_decay
+        opt = make_optimizer(cfg.train.optimizer, params, lr=lr, betas=betas, weight_decay=decay,
+                             fused=not parallel.active)
         # the schedule runs on the loop's iteration, for every trainable alike, whether or not the trainable
         # is updated in that iteration (as DMD2's own loop does): a fake score updated N times per student
         # update anneals with the student, not N times faster. accelerate steps a prepared scheduler once
@@ -258,16 +275,17 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig) -> dict[
         sched = get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps * acc.num_processes,
                               num_training_steps=cfg.train.max_steps * acc.num_processes)
         sched = _with_factor(sched, opt, distiller, name, acc.num_processes)  # the method's own factor on top
-        # no DDP wrapper: distillers call their networks in many ways per update (frozen inside other
-        # updates, several forwards per backward), so gradients are averaged explicitly instead
-        module = acc.prepare_model(tr.module, device_placement=True, evaluation_mode=True).train()
-        opt, sched = acc.prepare(opt, sched)
+        if parallel.active:
+            sched = acc.prepare_scheduler(sched)  # the optimiser's state goes into the sharded checkpoint
+        else:
+            # no DDP wrapper in one process: distillers call their networks in many ways per update
+            opt, sched = acc.prepare(opt, sched)
         if tr.on_prepared is not None:
             tr.on_prepared(module)
-        # what this trainable's updates train (LoRA: the adapters only), fixed before any requires_grad toggling
-        trained = [p for p in unwrap(module).parameters() if p.requires_grad]
-        broadcast_from_main(acc, unwrap(module))
-        states[name] = TrainableState(name, tr, module, opt, sched, trained, lr)
+        states[name] = TrainableState(name, tr, module, opt, sched, params, lr)
+    teacher_net = getattr(teacher.denoiser, "model", None)
+    if parallel.strategy == "fsdp" and isinstance(teacher_net, torch.nn.Module) and any(True for _ in teacher_net.parameters()):
+        parallel.shard(teacher_net.to(acc.device), "the teacher")
     # an EMA of each student trainable (several for a student made of per-phase experts), stepped after
     # that trainable's own updates
     if cfg.train.ema_decay:

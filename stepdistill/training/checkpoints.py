@@ -5,7 +5,10 @@ schedulers), a diffusers folder per trainable, ``training_state.{json,safetensor
 method state, EMA; no pickle) and ``manifest.json`` (the step, the resolved config, the process
 count, every file's size and sha256). A checkpoint is written to ``checkpoint-N.tmp`` and renamed into
 place only when complete; older ones beyond the limit are deleted only after that (renamed to
-``.del`` first, so a half-deleted one is never taken for a checkpoint). Resume takes the newest
+``.del`` first, so a half-deleted one is never taken for a checkpoint). A run of several processes
+writes its trainables' weights, optimiser states and EMA with torch distributed checkpoint instead,
+each rank its own shards, into ``sharded/`` (listed in the same manifest); accelerate's part then holds
+the schedules and random states only. Resume takes the newest
 checkpoint whose files match its manifest and refuses config differences that would change the run.
 """
 
@@ -113,6 +116,53 @@ def load_trainable(module, params: list, folder: Path) -> None:
                           f"{list(result.unexpected_keys)[:3]}); use a new train.output_dir")
 
 
+SHARDED = "sharded"  # torch distributed checkpoint folder of a parallel run's trainables
+
+
+def sharded_state(states: dict) -> dict:
+    """What a parallel run's checkpoint holds per trainable, as torch distributed checkpoint state
+    (sharded tensors stay sharded): the trained weights (LoRA: the adapters) and persistent buffers,
+    the optimiser state keyed by parameter name, and the EMA's shadow weights."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    out = {}
+    for name, st in states.items():
+        module = st.module
+        trained = {id(p) for p in st.params}
+        keep = {n for n, p in module.named_parameters() if id(p) in trained}
+        persistent = set(module.state_dict())
+        keep |= {n for n, _ in module.named_buffers() if n in persistent}
+        model, optim = get_state_dict(module, st.optimizer)
+        out[name] = {"model": {k: v for k, v in model.items() if k in keep}, "optim": optim}
+        if st.ema is not None:
+            out[name]["ema"] = {str(i): t for i, t in enumerate(st.ema.shadow_params)}
+    return out
+
+
+def save_sharded(folder: Path, states: dict) -> None:
+    """Every rank writes its shards of :func:`sharded_state` into ``folder`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(sharded_state(states), checkpoint_id=str(folder))
+
+
+def load_sharded(folder: Path, states: dict) -> None:
+    """Load :func:`save_sharded`'s files into this run's trainables, resharded to this run's processes
+    (collective); the EMA's shadow weights are loaded in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = sharded_state(states)
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as exc:  # noqa: BLE001  (DCP raises its own error types for missing or mismatched keys)
+        raise ConfigError(f"resume: {folder} does not match this run's trainables ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); use a new train.output_dir") from None
+    for name, st in states.items():
+        set_state_dict(st.module, st.optimizer, model_state_dict=state[name]["model"],
+                       optim_state_dict=state[name]["optim"], options=StateDictOptions(strict=False))
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """Why a checkpoint folder cannot be resumed from, or None: an unreadable or malformed manifest, a
     file missing, truncated or altered, or a file the manifest does not list (nothing is loaded
@@ -188,14 +238,25 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
 
 
 def check_resumable(ckpt: Path, config: dict, num_processes: int) -> list[str]:
-    """The safe config differences of resuming ``ckpt`` with ``config``; unsafe ones, or another process
-    count, raise ConfigError naming each."""
+    """The safe config differences of resuming ``ckpt`` with ``config``; unsafe ones raise ConfigError
+    naming each. Another process count is allowed between sharded checkpoints (the state reshards;
+    logged, since the per-rank data streams then differ from an uninterrupted run's) and refused
+    otherwise."""
     manifest = json.loads((ckpt / MANIFEST).read_text())
     unsafe, safe = config_changes(manifest["config"], config)
     if unsafe:
         raise ConfigError(f"resume: {ckpt} was written with a different config: {'; '.join(unsafe)}. Restore "
                           f"those values or use a new train.output_dir")
-    if manifest["num_processes"] != num_processes:
+    written = manifest["num_processes"]
+    sharded = (ckpt / SHARDED).is_dir()
+    if written != num_processes and sharded and num_processes > 1:
+        safe.append(f"processes: {written} -> {num_processes} (the sharded state reshards; each rank's data "
+                    f"stream is its own, so the batches differ from an uninterrupted {written}-process run)")
+    elif written != num_processes and sharded:
+        raise ConfigError(f"resume: {ckpt} was written sharded by {written} processes; it resumes with any number "
+                          f"of processes from 2 (accelerate launch --multi_gpu --num_processes N), not with one. "
+                          f"Launch with --num_processes {written} or use a new train.output_dir")
+    elif written != num_processes:
         raise ConfigError(f"resume: {ckpt} was written by {manifest['num_processes']} processes, this run has "
                           f"{num_processes}; per-rank data streams would differ, so the result would not equal an "
                           f"uninterrupted run. Launch with --num_processes {manifest['num_processes']} or use a new "
@@ -219,8 +280,9 @@ def recover_leftovers(run_dir: Path) -> None:
 
 
 def write_checkpoint(accelerator, run_dir: Path, step: int, training_state: dict, config: dict,
-                     limit: int | None, broken: set[Path] = frozenset()) -> Path:
-    """Write ``checkpoint-<step>`` (collective: every rank calls it): accelerate's state into
+                     limit: int | None, broken: set[Path] = frozenset(), sharded: dict | None = None) -> Path:
+    """Write ``checkpoint-<step>`` (collective: every rank calls it): accelerate's state (and with
+    ``sharded``, a parallel run's trainable states, :func:`save_sharded`) into
     ``checkpoint-<step>.tmp``, then, on the main process, the training state and the manifest (fsynced),
     the rename into place, and the deletion of the oldest checkpoints beyond ``limit``. Checkpoints known
     to be ``broken`` (they failed verification) neither count toward the limit nor are deleted, so the
@@ -234,6 +296,8 @@ def write_checkpoint(accelerator, run_dir: Path, step: int, training_state: dict
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    if sharded is not None:  # a parallel run's trainables: every rank its shards
+        save_sharded(tmp / SHARDED, sharded)
     acc.wait_for_everyone()
     on_main(acc, lambda: _complete(acc, run_dir, root, tmp, final, step, training_state, config, limit, broken),
             f"writing checkpoint-{step}")

@@ -1,5 +1,5 @@
-"""What the ranks of a multi-process run agree on: flags, starting weights, averaged gradients, and a
-check that their weights stay identical. Every function is a no-op with one process."""
+"""What the ranks of a multi-process run agree on: flags, starting weights, and a check that their
+weights stay identical (``ddp``; gradients are reduced by FSDP2, ``stepdistill/parallel.py``). Every function is a no-op with one process."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..parallel import local
 
 
 def any_rank(accelerator, flag: bool) -> bool:
@@ -21,6 +23,17 @@ def any_rank(accelerator, flag: bool) -> bool:
 def all_ranks(accelerator, flag: bool) -> bool:
     """True on every rank when it is true on all."""
     return not any_rank(accelerator, not flag)
+
+
+def mean_over_ranks(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """The mean of each logged value over the ranks (each rank's is of its own rows of the batch), so that
+    a run logs the same losses whatever the number of processes; every rank logs the same keys."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
 
 
 def on_main(accelerator, fn, what: str):
@@ -61,30 +74,13 @@ def broadcast_from_main(accelerator, module: nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def average_gradients(accelerator, params: list[nn.Parameter]) -> None:
-    """Data parallelism: the mean of every rank's gradient, in one flat all-reduce (the networks are not
-    DDP-wrapped: distillers call them in many ways per update, frozen inside other updates)."""
-    if accelerator.num_processes == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.flatten() for p in params])
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
-
-
 def verify_rank_sync(accelerator, params_by_name: dict[str, list[nn.Parameter]], step: int, log: Path) -> None:
     """All-gather a checksum of each trainable, fail if the ranks disagree, and append the checksums to
     ``log`` (JSON list, main process)."""
     acc = accelerator
     sums = []
     for name in sorted(params_by_name):
-        flat = torch.cat([p.detach().double().flatten() for p in params_by_name[name]])
+        flat = torch.cat([local(p.detach()).double().flatten() for p in params_by_name[name]])
         probe = torch.sin(torch.arange(flat.numel(), dtype=torch.float64, device=flat.device))
         sums += [flat.sum(), (flat * probe).sum()]
     sums = torch.stack(sums).to(acc.device)

@@ -58,11 +58,12 @@ def log_image(accelerator, path: Path, step: int) -> None:
             tracker.log({"samples": wandb.Image(arr)}, step=step)
 
 
-def save_student(student: Student, folder: Path) -> None:
-    """The student as a plain diffusers model folder (LoRA fused) with its schedule, plus its LoRA
-    adapters for ``load_lora_weights`` when it has them."""
-    student.save(folder, fused_copy(student.model))
-    save_lora_adapters(student.model, folder)
+def save_student(student: Student, folder: Path, model=None) -> None:
+    """The student (or ``model``, an unsharded copy of its network) as a plain diffusers model folder
+    (LoRA fused) with its schedule, plus its LoRA adapters for ``load_lora_weights`` when it has them."""
+    model = student.model if model is None else model
+    student.save(folder, fused_copy(model))
+    save_lora_adapters(model, folder)
 
 
 def save_history(history: list[dict], run_dir: Path) -> None:

@@ -28,9 +28,11 @@ from ..errors import ConfigError, Interrupted, NonFiniteError
 from ..state_io import load_state
 from . import outputs
 from .build import build_distiller, build_source, build_teacher, build_trainables, check_exportable, validate_inputs
-from .checkpoints import (TRAINING_STATE, check_resumable, has_trainable, latest_good_checkpoint, list_checkpoints,
-                          load_trainable, recover_leftovers, save_trainable, write_checkpoint)
-from .distributed import any_rank, on_main, verify_rank_sync
+from .checkpoints import (SHARDED, TRAINING_STATE, check_resumable, has_trainable, latest_good_checkpoint,
+                          list_checkpoints, load_sharded, load_trainable, recover_leftovers, save_trainable,
+                          write_checkpoint)
+from ..parallel import Parallel, is_sharded, plain_copy, resolve_strategy
+from .distributed import any_rank, mean_over_ranks, on_main, verify_rank_sync
 from .run_folder import RunLock, check_run_record, data_fingerprint, write_run_record
 from .update import apply_update, ema_weights, select
 
@@ -101,6 +103,7 @@ class Trainer:
             # random initialisations (LoRA adapters, GAN heads) are the same on every rank and every run;
             # per-iteration randomness comes from stepdistill.data's per-(step, rank) streams instead
             set_seed(tcfg.seed)
+            self.parallel = Parallel(acc, resolve_strategy(acc, tcfg.parallel))
             self.teacher, init, self.oracle = build_teacher(cfg, acc.device, self.run_dir, acc.is_main_process,
                                                             acc.wait_for_everyone)
             self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, acc.process_index)
@@ -108,7 +111,7 @@ class Trainer:
             self.distiller = build_distiller(method, ctx, self.options)
             if tcfg.export:
                 check_exportable(self.distiller, self.teacher)
-            self.states = build_trainables(acc, self.distiller, cfg)
+            self.states = build_trainables(acc, self.distiller, cfg, self.parallel, self.teacher)
             teacher_net = unwrap(self.teacher.denoiser.model)
             if tcfg.gradient_checkpointing and getattr(teacher_net, "_supports_gradient_checkpointing", False):
                 teacher_net.enable_gradient_checkpointing()  # SiD back-propagates through the teacher too
@@ -185,7 +188,7 @@ class Trainer:
                             f"(train.max_nonfinite_steps={tcfg.max_nonfinite_steps}); stopped without saving. "
                             f"Last good checkpoint: {latest_good_checkpoint(self.run_dir) or 'none yet'}")
                 if done % tcfg.log_every == 0 or done == tcfg.max_steps:
-                    logs = {k: sum(v) / len(v) for k, v in window.items()}
+                    logs = mean_over_ranks(acc, {k: sum(v) / len(v) for k, v in window.items()})
                     logs["it_per_s"] = tcfg.log_every / max(time.time() - t_last, 1e-9)
                     logs["nonfinite_skipped"] = self.loop.nonfinite_skipped
                     t_last, window = time.time(), {}
@@ -195,7 +198,7 @@ class Trainer:
                 bar.update(1)
                 if done % tcfg.validate_every == 0 or done == tcfg.max_steps:
                     self.validate(done)
-                if tcfg.verify_rank_sync:
+                if tcfg.verify_rank_sync and self.parallel.strategy != "fsdp":  # fsdp: each rank holds other shards
                     verify_rank_sync(acc, {n: st.params for n, st in self.states.items()}, done,
                                      self.run_dir / "rank_sync.json")
                 interrupt = (stop_after is not None and done >= stop_after) or any_rank(acc, stop_requested())
@@ -232,22 +235,25 @@ class Trainer:
         select(self.states, name)
 
         def micro_loss(k: int) -> dict:
-            batch = self.source.batch(iteration, acc.process_index, micro, micro=k).fork(zlib.crc32(name.encode()))
+            batch = self.source.batch(iteration, acc.process_index, micro, micro=k, num_ranks=acc.num_processes)
+            batch = batch.fork(zlib.crc32(name.encode()))
             with acc.autocast():
                 return self.distiller.loss(batch, iteration, name)
 
         return apply_update(acc, self.states[name], micro_loss, self.cfg.train.gradient_accumulation_steps,
-                            self.cfg.train.grad_clip)
+                            self.cfg.train.grad_clip, self.parallel)
 
     def validate(self, step: int) -> None:
         """A grid of the student's samples (with its EMA weights when kept), logged with its metrics."""
         acc = self.accelerator
-        if not acc.is_main_process:
+        if not acc.is_main_process and self.parallel.strategy != "fsdp":  # sharded networks: every rank runs them
             return
         student = self.distiller.student
         with ema_weights(self.states), acc.autocast():
             x, batch = outputs.validation_samples(student, self.teacher, self.source, self.cfg.train.num_validation,
                                                   self.cfg.train.seed)
+        if not acc.is_main_process:
+            return
         path = self.run_dir / "samples" / f"step_{step:07d}.png"
         metrics = outputs.save_samples(x, batch, self.teacher, self.oracle, path)
         outputs.log_image(acc, path, step)
@@ -292,12 +298,15 @@ class Trainer:
         self.loop.step = step
         state = {"loop": self.loop.state_dict(), "distiller": self.distiller.state_dict()}
         emas = {name: st.ema.state_dict() for name, st in self.states.items() if st.ema is not None}
+        if self.parallel.active:  # the shadow weights are sharded: they go with the sharded state
+            emas = {name: {k: v for k, v in e.items() if k != "shadow_params"} for name, e in emas.items()}
         if emas:
             state["ema"] = emas
         path = self.run_dir / "checkpoints" / f"checkpoint-{step}"
         self.broken.discard(path)  # a broken checkpoint of this step is replaced by a good one
         return write_checkpoint(self.accelerator, self.run_dir, step, state, self.resolved_config(),
-                                self.cfg.train.checkpoints_total_limit, self.broken)
+                                self.cfg.train.checkpoints_total_limit, self.broken,
+                                sharded=self.states if self.parallel.active else None)
 
     def resume(self) -> int:
         """Load the newest verified checkpoint, if any, and return its step (0 without one)."""
@@ -326,8 +335,12 @@ class Trainer:
             if name not in saved:
                 raise ConfigError(f"resume: the checkpoint holds no EMA of trainable '{name}' (train.ema_decay was off "
                                   f"or the method's trainables differ); use a new train.output_dir")
+            if "shadow_params" not in saved[name]:  # a parallel run's: loaded with the sharded state below
+                saved[name]["shadow_params"] = st.ema.shadow_params
             st.ema.load_state_dict(saved[name])
             st.ema.to(acc.device, dtype=torch.float32)
+        if (latest / SHARDED).is_dir():
+            load_sharded(latest / SHARDED, self.states)
         if safe:
             logger.warning("resuming from %s with changed settings: %s", latest, "; ".join(safe))
             self._apply_learning_rates()
@@ -352,12 +365,21 @@ class Trainer:
         """The final student (and its EMA) as diffusers folders with the schedule, the loss history and
         plot, and with ``train.export`` the pipeline."""
         out = self.run_dir / "student"
+        student = self.distiller.student
+        has_ema = any(st.ema is not None for st in self.states.values())
+        # whole copies of a sharded student are gathered first (every rank takes part), then written
+        sharded = is_sharded(student.model)
+        model = plain_copy(student.model, everywhere=False) if sharded else None
+        ema_model = None
+        if has_ema and sharded:
+            with ema_weights(self.states):
+                ema_model = plain_copy(student.model, everywhere=False)
 
         def write():
-            student = self.distiller.student
-            outputs.save_student(student, out)
-            has_ema = any(st.ema is not None for st in self.states.values())
-            if has_ema:
+            outputs.save_student(student, out, model)
+            if has_ema and sharded:
+                outputs.save_student(student, self.run_dir / "student_ema", ema_model)
+            elif has_ema:
                 with ema_weights(self.states):
                     outputs.save_student(student, self.run_dir / "student_ema")
             if history:

@@ -1,5 +1,5 @@
-"""One optimiser update of one trainable: accumulate the micro-batches' gradients, average them over
-the ranks, clip, skip the update when anything is non-finite, step the optimiser and the EMA.
+"""One optimiser update of one trainable: accumulate the micro-batches' gradients (with several
+processes FSDP2 averages them over the ranks in the last micro-batch's backward), clip, skip the update when anything is non-finite, step the optimiser and the EMA.
 
 Each trainable the distiller names is one :class:`TrainableState`: its module (as accelerate prepared
 it), optimiser, learning-rate schedule, the parameters it trains and its EMA.
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..distillers.base import Trainable
-from .distributed import all_ranks, average_gradients
+from ..parallel import Parallel, full
+from .distributed import all_ranks
 
 
 @dataclass
@@ -40,7 +41,7 @@ def select(states: dict[str, TrainableState], name: str) -> None:
 
 
 def apply_update(accelerator, st: TrainableState, micro_loss: Callable[[int], dict], accumulation: int,
-                 grad_clip: float | None) -> tuple[dict, bool]:
+                 grad_clip: float | None, parallel: Parallel) -> tuple[dict, bool]:
     """One optimiser step of ``st`` over ``accumulation`` micro-batches (``micro_loss(k)`` returns the
     distiller's losses of micro-batch k). Returns the logged values (``<name>/<key>``, averaged over the
     micro-batches) and whether loss and gradients were finite on every rank; if not, nothing was updated
@@ -49,6 +50,8 @@ def apply_update(accelerator, st: TrainableState, micro_loss: Callable[[int], di
     totals: dict[str, float] = {}
     finite = True
     for k in range(accumulation):
+        if parallel.active:
+            parallel.gradient_sync(st.module, k == accumulation - 1)  # reduce once, in the last backward
         out = micro_loss(k)
         loss = out["loss"] / accumulation
         finite = finite and bool(torch.isfinite(loss.detach()).all())
@@ -56,7 +59,6 @@ def apply_update(accelerator, st: TrainableState, micro_loss: Callable[[int], di
         for key, val in out.items():
             v = float(val.detach().mean()) if torch.is_tensor(val) else float(val)
             totals[f"{st.name}/{key}"] = totals.get(f"{st.name}/{key}", 0.0) + v / accumulation
-    average_gradients(acc, st.params)
     norm = None
     if acc.scaler is not None:
         # fp16 loss scaling: the scaler skips steps whose gradients overflow; a non-finite loss is
@@ -69,10 +71,10 @@ def apply_update(accelerator, st: TrainableState, micro_loss: Callable[[int], di
     else:
         # the total gradient norm, computed once: clipping returns it (NaN/inf when any gradient is)
         if grad_clip is not None:
-            norm = acc.clip_grad_norm_(st.params, grad_clip)
+            norm = full(torch.nn.utils.clip_grad_norm_(st.params, grad_clip))  # of sharded gradients too
         else:
             grads = [p.grad for p in st.params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            norm = full(torch.nn.utils.get_total_norm(grads)) if grads else None
         if not all_ranks(acc, finite and (norm is None or bool(torch.isfinite(norm)))):
             opt.zero_grad(set_to_none=True)
             return totals, False

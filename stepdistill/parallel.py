@@ -1,0 +1,182 @@
+"""Data parallelism over several processes with torch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Every network is sharded per block (UNet down/mid/up blocks, transformer blocks, or the classes an
+accelerate FSDP config names in ``fsdp_transformer_layer_cls_to_wrap``) and then as a whole, so its
+gradients are reduced block by block during the backward pass, overlapping the backward of the blocks
+before it. Two strategies (``train.parallel``):
+
+- ``ddp``: FSDP2 on a 2-D mesh (replicas x shards of size 1), i.e. hybrid sharding with one shard: every
+  rank keeps whole weights and the gradients are all-reduced per block in the backward pass. This is
+  how the score methods, which call a network several times per update and use the other trainables
+  frozen inside an update, get DDP's overlapped reduction: FSDP2 reduces what each backward through a
+  block produced, however many forwards there were, and a parameter whose ``requires_grad`` is off is
+  not reduced. (torch's ``DistributedDataParallel`` refuses a second forward before the backward.)
+- ``fsdp``: FSDP2 on a 1-D mesh: weights, gradients and optimiser state sharded across the ranks; the
+  frozen teacher is sharded too. Under ``mixed_precision: bf16`` the blocks compute in bf16 from
+  gathered bf16 copies and reduce gradients in fp32 (the sharded weights keep ``train.trainable_dtype``).
+
+accelerate's own FSDP2 path prepares exactly one model per ``prepare`` call ("Only one model is
+supported when using FSDP2", accelerate 1.16), and a distillation run has up to three networks with
+separate optimisers, so the networks are sharded here directly; accelerate still launches the
+processes, places the devices, runs autocast, and saves the schedulers and random states. Checkpoints
+of a parallel run are written with torch distributed checkpoint (``training/checkpoints.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import weakref
+
+import torch
+from torch import nn
+
+from .denoiser import unwrap
+from .errors import ConfigError
+
+logger = logging.getLogger("stepdistill")
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+# the ModuleList attributes (and single blocks) of diffusers networks that are sharded one by one
+BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
+BLOCK_SINGLES = ("mid_block",)
+
+_PLAIN: "weakref.WeakKeyDictionary[nn.Module, tuple[Parallel, nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def resolve_strategy(accelerator, requested: str) -> str:
+    """``none`` with one process; ``auto`` is ``fsdp`` under an accelerate FSDP config, else ``ddp``."""
+    if accelerator.num_processes == 1:
+        return "none"
+    if requested == "auto":
+        from accelerate.utils import DistributedType
+
+        return "fsdp" if accelerator.distributed_type == DistributedType.FSDP else "ddp"
+    return requested
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in unwrap(module).modules())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local part (the whole tensor under ``ddp``); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered into a plain tensor (collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class Parallel:
+    """The strategy of a run, its device mesh and the sharding of its networks (``none``: nothing)."""
+
+    def __init__(self, accelerator, strategy: str):
+        self.strategy = strategy
+        self.accelerator = accelerator
+        self.mesh = None
+        if strategy == "none":
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        world, dev = accelerator.num_processes, accelerator.device.type
+        if strategy == "ddp":
+            self.mesh = init_device_mesh(dev, (world, 1), mesh_dim_names=("replicate", "shard"))
+        else:
+            self.mesh = init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        reshard = getattr(plugin, "reshard_after_forward", True)
+        self.reshard_after_forward = reshard if isinstance(reshard, bool) else True
+        self.block_classes = set(getattr(plugin, "transformer_cls_names_to_wrap", None) or [])
+        bf16 = accelerator.mixed_precision == "bf16"
+        self.policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                           reduce_dtype=torch.float32 if bf16 else None)
+
+    @property
+    def active(self) -> bool:
+        return self.strategy != "none"
+
+    # -- sharding ---------------------------------------------------------------------------------
+    def _blocks(self, net: nn.Module) -> list[nn.Module]:
+        if self.block_classes:
+            return [m for m in net.modules() if type(m).__name__ in self.block_classes and m is not net]
+        out = []
+        for name in BLOCK_LISTS:
+            blocks = getattr(net, name, None)
+            if isinstance(blocks, nn.ModuleList):
+                out += list(blocks)
+        out += [getattr(net, name) for name in BLOCK_SINGLES if isinstance(getattr(net, name, None), nn.Module)]
+        return out
+
+    @staticmethod
+    def _roots(module: nn.Module) -> list[nn.Module]:
+        """The modules that are called: a bundle's parts (a network and its head), a per-phase student's
+        experts, or the module itself."""
+        if isinstance(module, nn.ModuleDict):
+            return list(module.values())
+        if isinstance(getattr(module, "experts", None), nn.ModuleList):
+            return list(module.experts)
+        return [module]
+
+    def shard(self, module: nn.Module, what: str) -> nn.Module:
+        """Shard ``module`` in place (per block, then each root) and remember how to make a plain copy
+        of it; every parameter must end up sharded (a parameter outside every root would not be reduced)."""
+        if not self.active:
+            return module
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
+
+        module = unwrap(module)
+        _PLAIN[module] = (self, _skeleton(module))
+        kw = dict(mesh=self.mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=self.policy)
+        for root in self._roots(module):
+            for block in self._blocks(root):
+                fully_shard(block, **kw)
+            fully_shard(root, **kw)
+        loose = [n for n, p in module.named_parameters() if not isinstance(p, DTensor)]
+        if loose:
+            raise ConfigError(f"train.parallel={self.strategy}: {what} has parameters outside the modules it calls "
+                              f"({loose[:3]}), which would not be reduced")
+        return module
+
+    def gradient_sync(self, module: nn.Module, sync: bool) -> None:
+        """Reduce gradients in this backward (``sync``) or keep accumulating them locally."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in unwrap(module).modules():
+            if isinstance(m, FSDPModule):
+                m.set_requires_gradient_sync(sync, recurse=False)
+
+
+def _skeleton(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure with its parameters on the meta device (no memory) and its
+    buffers copied (some are not in the state dict): what :func:`plain_copy` fills."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def plain_copy(module: nn.Module, everywhere: bool = True) -> nn.Module | None:
+    """An unsharded copy of a network with its current weights (collective under a parallel strategy;
+    without one, a deep copy). With ``everywhere=False`` only the main process gets it (the weights are
+    gathered there on the CPU) and the others get None."""
+    module = unwrap(module)
+    if module not in _PLAIN:
+        return copy.deepcopy(module)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    parallel, skeleton = _PLAIN[module]
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    if not everywhere and not parallel.accelerator.is_main_process:
+        return None
+    out = copy.deepcopy(skeleton)
+    out.load_state_dict(state, strict=True, assign=True)
+    return out.to(parallel.accelerator.device if everywhere else "cpu")
