@@ -3,6 +3,7 @@
 options, with a breakdown.
 
     python eval/memory.py [--model sd15|sdxl] [--latent 32] [--cases NAME,...] [--out runs/memory]
+                          [--processes N]             # N FSDP processes (configs/accelerate/fsdp.yaml)
     python eval/memory.py --list                         # the cases
 
 The UNet is built from the public ``unet/config.json`` values of SD1.5 (320/640/1280/1280, cross-
@@ -24,8 +25,9 @@ share of the memory that matters). Each case runs in a fresh process: the distil
 On the CPU the latents default to 32x32 (SD1.5's native is 64x64, SDXL's 128x128): weights, gradients
 and optimiser state do not depend on the latent size, activations grow about linearly with the number
 of latent pixels times the batch, so the table also gives the projection to the native size (x4 for
-SD1.5 at 64x64 from 32x32). The model-state columns divided by N are what each of N processes would hold
-when that state is sharded (FSDP), a projection: this script does not run FSDP.
+SD1.5 at 64x64 from 32x32). With ``--processes N`` each case runs under FSDP on N processes (student,
+fake score and teacher sharded, ``stepdistill/parallel.py``) and every column is per process: the
+largest over the ranks, each counting its own shards.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ CASES = {
     "dmd2-full-lora-bf16-ckpt-8bit": ("dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
                                                      "train.gradient_checkpointing=true", "train.optimizer=adamw8bit"]),
     "dmd2-full-full-bf16-ckpt": ("dmd2_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
+    "dmd2-full-full-bf16-ckpt-8bit": ("dmd2_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true",
+                                                     "train.optimizer=adamw8bit"]),
     "dmd2-lora-lora-bf16-ckpt": ("dmd2_1step", ["student.lora_rank=64", "method_args.fake_lora_rank=64",
                                                 "train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
     "sid-full-lora-bf16-ckpt": ("sid_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
@@ -119,10 +123,14 @@ def _rss_kib(field: str) -> int:
 
 
 def _tensor_bytes(tensors) -> int:
+    """Distinct storage behind the tensors (a sharded parameter: this rank's shard)."""
+    from stepdistill.parallel import local
+
     seen, total = set(), 0
     for t in tensors:
         if t is None or not hasattr(t, "untyped_storage"):
             continue
+        t = local(t)
         key = (t.untyped_storage().data_ptr(), t.device)
         if key in seen:
             continue
@@ -137,6 +145,7 @@ def measure_one(spec: dict) -> dict:
 
     from stepdistill.config import load_config
     from stepdistill.denoiser import unwrap
+    from stepdistill.parallel import local
     from stepdistill.training import Trainer
 
     cuda = torch.cuda.is_available()
@@ -168,7 +177,7 @@ def measure_one(spec: dict) -> dict:
     nets = [m for m in trainer.teacher.pipeline.components.values() if isinstance(m, torch.nn.Module)]
     nets += [unwrap(st.module) for st in trainer.states.values()]
     weights = _tensor_bytes(t for m in nets for t in list(m.parameters()) + list(m.buffers()))
-    grads = max(sum(p.numel() * p.element_size() for p in st.params) for st in trainer.states.values())
+    grads = max(sum(local(p).numel() * p.element_size() for p in st.params) for st in trainer.states.values())
     optim = _tensor_bytes(v for st in trainer.states.values() for s in st.optimizer.state.values()
                           for v in s.values() if torch.is_tensor(v))
     if cuda:
@@ -177,10 +186,16 @@ def measure_one(spec: dict) -> dict:
     else:
         peak = _rss_kib("VmHWM") * 1024
         activations = peak - built_kib * 1024 - optim - grads
+    acc = trainer.accelerator
+    if acc.num_processes > 1:  # per process: the largest over the ranks
+        both = torch.tensor([peak, weights, grads, optim, activations, times[-1]], dtype=torch.float64, device=acc.device)
+        peak, weights, grads, optim, activations, last = acc.gather(both[None]).reshape(-1, 6).max(0).values.tolist()
+        times[-1] = last
     trainer.close()
-    shutil.rmtree(out, ignore_errors=True)
+    if acc.is_main_process:
+        shutil.rmtree(out, ignore_errors=True)
     params = {n: sum(p.numel() for p in unwrap(st.module).parameters()) for n, st in trainer.states.items()}
-    return {"model": spec["model"], "case": spec["case"], "batch": spec["batch"], "latent": side,
+    return {"processes": acc.num_processes, "model": spec["model"], "case": spec["case"], "batch": spec["batch"], "latent": side,
             "device": "cuda" if cuda else "cpu", "peak_gb": peak / 2**30, "weights_gb": weights / 2**30,
             "grads_gb": grads / 2**30, "optimizer_gb": optim / 2**30, "activations_gb": activations / 2**30,
             "runtime_gb": base_kib / 2**20, "iteration_s": times[-1], "unet_params": params,
@@ -188,16 +203,17 @@ def measure_one(spec: dict) -> dict:
 
 
 def markdown(rows: list[dict], native: int) -> str:
-    lines = ["| model | case | batch | latent | peak (GB) | weights | gradients | optimiser | activations + rest | "
-             f"projected peak at {native}x{native} | model state / 8 (FSDP) | iteration (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | case | processes | batch | latent | peak (GB) | weights | gradients | optimiser | activations + rest | "
+             f"projected peak at {native}x{native} | model state on 8 FSDP processes | iteration (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         scale = (native / r["latent"]) ** 2
         projected = r["peak_gb"] + r["activations_gb"] * (scale - 1)
         state = r["weights_gb"] + r["grads_gb"] + r["optimizer_gb"]
-        lines.append(f"| {r['model']} | {r['case']} | {r['batch']} | {r['latent']} | {r['peak_gb']:.1f} | "
+        n = r.get("processes", 1)
+        lines.append(f"| {r['model']} | {r['case']} | {n} | {r['batch']} | {r['latent']} | {r['peak_gb']:.1f} | "
                      f"{r['weights_gb']:.1f} | {r['grads_gb']:.1f} | {r['optimizer_gb']:.1f} | {r['activations_gb']:.1f} | "
-                     f"{projected:.1f} | {state / 8:.1f} | {r['iteration_s']:.1f} |")
+                     f"{projected:.1f} | {state * n / 8:.1f} | {r['iteration_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -208,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default="1,4", help="batch sizes, e.g. 1,4")
     p.add_argument("--latent", type=int, default=None, help="latent side (default: native on a GPU, 32 on the CPU)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "memory")
+    p.add_argument("--processes", type=int, default=1, help="N > 1: FSDP on N processes (per-process figures)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -216,7 +233,9 @@ def main(argv=None) -> int:
         print("\n".join(f"{k}: {v[0]} {' '.join(v[1])}" for k, v in CASES.items()))
         return 0
     if args.one:
-        print("RESULT " + json.dumps(measure_one(json.loads(args.one))), flush=True)
+        result = measure_one(json.loads(args.one))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
     import torch
 
@@ -230,12 +249,19 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pipeline = build_pipeline(args.model, args.out / f"pipeline-{args.model}-{latent}", latent)
     rows = []
-    results = args.out / f"results-{args.model}.json"
+    suffix = "" if args.processes == 1 else f"-fsdp{args.processes}"
+    results = args.out / f"results-{args.model}{suffix}.json"
+    if args.processes > 1:
+        head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", str(args.processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__]
+    else:
+        head = [sys.executable, __file__]
     for case in cases:
         for batch in batches:
             spec = {"model": args.model, "case": case, "batch": batch, "latent": latent, "out": str(args.out),
                     "pipeline": str(pipeline)}
-            r = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+            r = subprocess.run(head + ["--one", json.dumps(spec)], capture_output=True, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
             line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -246,7 +272,7 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1]), flush=True)
             results.write_text(json.dumps(rows, indent=1))
     table = markdown(rows, native)
-    (args.out / f"results-{args.model}.md").write_text(table + "\n")
+    (args.out / f"results-{args.model}{suffix}.md").write_text(table + "\n")
     print(table)
     return 0
 

@@ -177,6 +177,20 @@ def plain_copy(module: nn.Module, everywhere: bool = True) -> nn.Module | None:
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
     if not everywhere and not parallel.accelerator.is_main_process:
         return None
+    # a copy, never a view: the whole tensor of a replicated parameter (ddp) is the parameter's own storage
+    state = {k: v.detach().clone() for k, v in state.items()}
     out = copy.deepcopy(skeleton)
     out.load_state_dict(state, strict=True, assign=True)
     return out.to(parallel.accelerator.device if everywhere else "cpu")
+
+
+def load_full_state(module: nn.Module, state: dict) -> None:
+    """Load a whole (unsharded) state dict into a network, sharded or not (collective when sharded: each
+    rank keeps its shards of it)."""
+    module = unwrap(module)
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))

@@ -88,3 +88,36 @@ def test_real_images_come_with_their_own_captions_or_are_refused(tmp_path, tiny_
     assert b.prompts == ["a cat"] * 8  # generation prompts from the list, real items with their own captions
     want = teacher.encode([captions[int(v)] for v in b.x0[:, 0, 0, 0]])[0].kwargs["encoder_hidden_states"]
     torch.testing.assert_close(b.x0_cond.kwargs["encoder_hidden_states"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_global_batch_does_not_depend_on_the_process_count(tiny_pipelines):
+    """Rank r of N keeps rows [r n, (r+1) n) of the one global draw: the two halves of a 2-rank micro-batch
+    are the 1-rank batch (prompts, real items with their captions, per-sample noise and indices), and a
+    draw for the whole batch is the same on every rank. Also for the exact oracle's samples and labels."""
+    from stepdistill.oracle import GaussianMixture
+    from stepdistill.teachers import Teacher
+    from stepdistill.training.build import oracle_process
+    from stepdistill.config import OracleConfig
+
+    teacher = load_teacher(tiny_pipelines["sd"])
+    x0 = torch.arange(5.0)[:, None, None, None].expand(5, 4, 4, 4).contiguous()
+    text = BatchSource(teacher, seed=3, device="cpu", prompts=["a", "b", "c", "d"], x0_data=x0,
+                       x0_captions=["p0", "p1", "p2", "p3", "p4"])
+    spec = OracleConfig(components=4)
+    gmm = getattr(GaussianMixture, spec.layout)(spec.components, spec.dim, spec.radius, spec.std)
+    oracle = BatchSource(Teacher.from_oracle(gmm, oracle_process(spec)), seed=3, device="cpu", oracle=gmm)
+    for source in (text, oracle):
+        whole = source.batch(7, 0, 8, micro=1)
+        halves = [source.batch(7, r, 4, micro=1, num_ranks=2) for r in (0, 1)]
+        assert torch.equal(torch.cat([h.x0 for h in halves]), whole.x0)
+        if source is text:
+            assert halves[0].prompts + halves[1].prompts == whole.prompts and len(set(whole.prompts)) > 1
+            got = torch.cat([h.x0_cond.kwargs["encoder_hidden_states"] for h in halves])
+            assert torch.equal(got, whole.x0_cond.kwargs["encoder_hidden_states"])
+        else:
+            assert torch.equal(torch.cat([h.labels for h in halves]), whole.labels)
+        for draw in (lambda b: b.randn(b.size, 3), lambda b: b.rand(b.size), lambda b: b.randint(0, 1000)):
+            assert torch.equal(torch.cat([draw(h.fork(5)) for h in halves]), draw(whole.fork(5)))
+        once = [h.randn(2, 3) for h in halves] + [whole.randn(2, 3)]  # not one row per sample: the same everywhere
+        assert torch.equal(once[0], once[1]) and torch.equal(once[0], once[2])
+        assert not torch.equal(halves[0].x0, halves[1].x0)  # the ranks do get different rows

@@ -275,19 +275,26 @@ def _final_state(run: Path) -> dict:
     return out
 
 
-KILL_CASES = [pytest.param("progressive_2step", 1, marks=pytest.mark.slow), pytest.param("dmd2_4step", 1, marks=pytest.mark.slow),
-              pytest.param("progressive_2step", 2, marks=pytest.mark.slow)]
+KILL_CASES = [pytest.param("progressive_2step", 1, None, marks=pytest.mark.slow),
+              pytest.param("dmd2_4step", 1, None, marks=pytest.mark.slow),
+              pytest.param("progressive_2step", 2, None, marks=pytest.mark.slow),
+              pytest.param("dmd2_4step", 2, "fsdp", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("config,processes", KILL_CASES, ids=["progressive", "dmd2", "progressive-2proc"])
-def test_kill9_at_random_points_equals_uninterrupted(tmp_path, tiny_pipelines, config, processes):
+@pytest.mark.parametrize("config,processes,accelerate_config", KILL_CASES,
+                         ids=["progressive", "dmd2", "progressive-ddp", "dmd2-fsdp"])
+def test_kill9_at_random_points_equals_uninterrupted(tmp_path, tiny_pipelines, config, processes, accelerate_config):
     """SIGKILL (the whole process group) once in the middle of writing a checkpoint and twice at random
     times, re-run the same command each time; the end state equals an uninterrupted run's exactly."""
     rng = random.Random(f"{config}-{processes}")
     common = ["--config", str(ROOT / "configs" / "tiny-sd" / f"{config}.yaml"), f"teacher.path={tiny_pipelines['sd']}",
               "train.report_to=none", "train.progress=false", "train.max_steps=6", "train.checkpoint_every=2",
               "train.validate_every=100", "train.ema_decay=0.9", "train.lr_schedule=cosine", "method_args.lr=1e-3"]
-    head = LAUNCH + (["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"])
+    if accelerate_config:
+        head = LAUNCH + ["--config_file", str(ROOT / "configs" / "accelerate" / f"{accelerate_config}.yaml"),
+                         "--num_processes", str(processes)]
+    else:
+        head = LAUNCH + (["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"])
     full, cut = tmp_path / "full", tmp_path / "cut"
     r = subprocess.run(head + [str(ROOT / "train/distill.py"), *common, f"train.output_dir={full}"], cwd=ROOT,
                        env=_env(), capture_output=True, text=True, timeout=600)
@@ -302,7 +309,8 @@ def test_kill9_at_random_points_equals_uninterrupted(tmp_path, tiny_pipelines, c
 
     # 1: while checkpoint-2 is being written
     proc = start()
-    _wait_for(lambda: (root / "checkpoint-2.tmp" / "student" / "diffusion_pytorch_model.safetensors").is_file(), proc)
+    written = ("sharded", ".metadata") if processes > 1 else ("student", "diffusion_pytorch_model.safetensors")
+    _wait_for(lambda: (root / "checkpoint-2.tmp").joinpath(*written).is_file(), proc)
     _kill_group(proc)
     assert list_checkpoints(cut) == []  # the half-written checkpoint is not visible
     # 2 and 3: at random times after a checkpoint became complete
@@ -316,7 +324,8 @@ def test_kill9_at_random_points_equals_uninterrupted(tmp_path, tiny_pipelines, c
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _final_state(full), _final_state(cut)
     assert a.keys() == b.keys() and len(a) > 10
-    assert any(k.startswith("fake/") for k in a) == config.startswith("dmd2")  # the fake score is compared too
-    assert any(k.startswith("student_ema:") for k in a) and any(k.startswith("optimizer.bin") for k in a)
+    assert any(k.startswith(("fake/", "sharded.fake.")) for k in a) == config.startswith("dmd2")  # the fake score is compared too
+    assert any(k.startswith("student_ema:") for k in a)
+    assert any(k.startswith("optimizer.bin") or ".optim.state." in k for k in a)  # the optimiser state is compared
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -47,6 +47,7 @@ import torch
 from ..config import check_range
 from ..data import Batch
 from ..denoiser import unwrap
+from ..parallel import load_full_state
 from ..process import per_sample
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_timesteps, student_trainable
@@ -140,7 +141,7 @@ class PhasedDMD(Distiller):
         if not self.opt.reset_fake:
             return []
         with torch.no_grad():
-            unwrap(self.fake.model).load_state_dict(self._fake_init)
+            load_full_state(self.fake.model, self._fake_init)  # sharded or not
         return ["fake"]
 
     # -- the phase's generator and the subinterval process -----------------------------------------

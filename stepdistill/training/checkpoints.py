@@ -34,7 +34,8 @@ TRAINING_STATE = "training_state"  # loop counters, distiller state, EMA (JSON +
 RESUME_SAFE = ("train.output_dir", "train.max_steps", "train.checkpoint_every", "train.checkpoints_total_limit",
                "train.log_every", "train.validate_every", "train.num_validation", "train.report_to", "train.progress",
                "train.verify_rank_sync", "train.max_nonfinite_steps", "train.export",
-               "train.gradient_checkpointing")  # memory only: the same gradients
+               "train.gradient_checkpointing",  # memory only: the same gradients
+               "train.parallel")  # the same gradients, sharded otherwise (the sharded state reshards)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -239,27 +240,30 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
 
 def check_resumable(ckpt: Path, config: dict, num_processes: int) -> list[str]:
     """The safe config differences of resuming ``ckpt`` with ``config``; unsafe ones raise ConfigError
-    naming each. Another process count is allowed between sharded checkpoints (the state reshards;
-    logged, since the per-rank data streams then differ from an uninterrupted run's) and refused
-    otherwise."""
+    naming each. Another process count is allowed between sharded checkpoints (the state reshards and
+    the global batches do not depend on the process count; logged) and refused otherwise (a
+    one-process checkpoint holds whole weights in another layout)."""
     manifest = json.loads((ckpt / MANIFEST).read_text())
     unsafe, safe = config_changes(manifest["config"], config)
     if unsafe:
         raise ConfigError(f"resume: {ckpt} was written with a different config: {'; '.join(unsafe)}. Restore "
                           f"those values or use a new train.output_dir")
     written = manifest["num_processes"]
-    sharded = (ckpt / SHARDED).is_dir()
-    if written != num_processes and sharded and num_processes > 1:
-        safe.append(f"processes: {written} -> {num_processes} (the sharded state reshards; each rank's data "
-                    f"stream is its own, so the batches differ from an uninterrupted {written}-process run)")
-    elif written != num_processes and sharded:
+    sharded, now_sharded = (ckpt / SHARDED).is_dir(), num_processes > 1
+    if sharded and now_sharded and written != num_processes:
+        safe.append(f"processes: {written} -> {num_processes} (the sharded state reshards; the global batches are "
+                    f"the same, only the order of the gradient sums changes)")
+    elif sharded and not now_sharded:
         raise ConfigError(f"resume: {ckpt} was written sharded by {written} processes; it resumes with any number "
                           f"of processes from 2 (accelerate launch --multi_gpu --num_processes N), not with one. "
                           f"Launch with --num_processes {written} or use a new train.output_dir")
-    elif written != num_processes:
-        raise ConfigError(f"resume: {ckpt} was written by {manifest['num_processes']} processes, this run has "
-                          f"{num_processes}; per-rank data streams would differ, so the result would not equal an "
-                          f"uninterrupted run. Launch with --num_processes {manifest['num_processes']} or use a new "
+    elif not sharded and written > 1:
+        raise ConfigError(f"resume: {ckpt} was written by {written} processes by an earlier version (whole weights, "
+                          f"per-rank data streams); this version cannot continue it with {num_processes}. Use a new "
+                          f"train.output_dir")
+    elif not sharded and now_sharded:
+        raise ConfigError(f"resume: {ckpt} was written by 1 process (whole weights), this run has {num_processes}, "
+                          f"which load sharded state. Resume it with one process (--num_processes 1) or use a new "
                           f"train.output_dir")
     return safe
 

@@ -206,12 +206,18 @@ class Trainer:
                     checkpoint = self.save_checkpoint(done)
                 if interrupt and done < tcfg.max_steps:
                     bar.close()
-                    acc.end_training()
+                    self._end()
                     raise Interrupted(done, checkpoint)
         bar.close()
         out = self.finish(history)
-        acc.end_training()
+        self._end()
         return out
+
+    def _end(self) -> None:
+        """Trackers closed; with several processes, every rank waits for the others before the process
+        group goes (a rank leaving while another still uses it can abort in gloo's teardown)."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     def _iteration(self, iteration: int, micro: int, window: dict) -> str | None:
         """The distiller's updates of this iteration, then one step of every learning-rate schedule.
@@ -342,9 +348,11 @@ class Trainer:
         if (latest / SHARDED).is_dir():
             load_sharded(latest / SHARDED, self.states)
         if safe:
-            logger.warning("resuming from %s with changed settings: %s", latest, "; ".join(safe))
+            if acc.is_main_process:
+                logger.warning("resuming from %s with changed settings: %s", latest, "; ".join(safe))
             self._apply_learning_rates()
-        logger.info("resumed from %s (step %d)", latest, self.loop.step)
+        if acc.is_main_process:
+            logger.info("resumed from %s (step %d)", latest, self.loop.step)
         return self.loop.step
 
     def _apply_learning_rates(self):

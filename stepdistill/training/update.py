@@ -89,13 +89,20 @@ def apply_update(accelerator, st: TrainableState, micro_loss: Callable[[int], di
 
 @contextlib.contextmanager
 def ema_weights(states: dict[str, TrainableState]):
-    """Inside the block the student trainables hold their EMA weights (no-op without EMA)."""
+    """Inside the block the student trainables hold their EMA weights (no-op without EMA). The copies
+    go through each parameter itself (``p.copy_``), not ``p.data`` as diffusers' ``EMAModel.copy_to``
+    does: the ``.data`` of a sharded parameter (FSDP2's DTensor) is not its storage."""
     with_ema = [st for st in states.values() if st.ema is not None]
-    for st in with_ema:
-        st.ema.store(st.params)
-        st.ema.copy_to(st.params)
+    saved = []
+    with torch.no_grad():
+        for st in with_ema:
+            saved.append([p.detach().clone() for p in st.params])
+            for p, avg in zip(st.params, st.ema.shadow_params):
+                p.copy_(avg.to(p.dtype))
     try:
         yield
     finally:
-        for st in with_ema:
-            st.ema.restore(st.params)
+        with torch.no_grad():
+            for st, kept in zip(with_ema, saved):
+                for p, old in zip(st.params, kept):
+                    p.copy_(old)

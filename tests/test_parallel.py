@@ -1,0 +1,118 @@
+"""Several processes (gloo, on the CPU) through FSDP2 (stepdistill/parallel.py): DDP and FSDP runs equal
+the one-process run with the same global batch, DDP ranks stay identical, FSDP's gathered weights equal
+DDP's, and a sharded checkpoint reshards onto another process count (and is refused by one process)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepdistill.training import list_checkpoints
+from test_train_e2e import ROOT, _env, launch  # tests/ is on sys.path (pytest's rootdir-based import)
+
+FSDP = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
+
+
+def _weights(run, folder="student"):
+    return load_file(run / folder / "diffusion_pytorch_model.safetensors")
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def _distance(a, b):
+    """The L2 distance of two weight sets, over all their tensors."""
+    assert a.keys() == b.keys()
+    return float(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a).sqrt())
+
+
+def _history(run):
+    return json.loads((run / "history.json").read_text())
+
+
+def _fsdp(config, overrides, processes=2):
+    return launch(config, overrides, processes=processes, accelerate_args=FSDP)
+
+
+CASES = [("dmd2_4step", [], 1e-5),
+         pytest.param("sid_1step", ["method_args.fake_lora_rank=4"], 2e-4, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("config,extra,tol", CASES, ids=["dmd2", "sid-lora-fake"])
+def test_ddp_and_fsdp_equal_the_one_process_run(tmp_path, tiny_pipelines, config, extra, tol):
+    """The same global batch on 1 process, 2 DDP processes and 2 FSDP processes: the logged losses (means
+    over the ranks) agree step by step within float tolerance, the DDP ranks hold identical weights after
+    every step, and the FSDP student's gathered weights equal the DDP student's."""
+    cfg = f"configs/tiny-sd/{config}.yaml"
+    common = [f"teacher.path={tiny_pipelines['sd']}", "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1",
+              "train.validate_every=3", "train.ema_decay=0.9", "train.lr_schedule=linear", "method_args.lr=1e-3", *extra]
+    one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
+    r = launch(cfg, common + [f"train.output_dir={one}"], python=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(cfg, common + [f"train.output_dir={ddp}", "train.verify_rank_sync=true"], processes=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _fsdp(cfg, common + [f"train.output_dir={fsdp}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    h1, h2, h3 = _history(one), _history(ddp), _history(fsdp)
+    keys = [k for k in h1[0] if k.endswith("/loss")]
+    assert {"student/loss", "fake/loss"} <= set(keys)
+    for a, b, c in zip(h1, h2, h3):
+        for k in keys:
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=tol), (a["step"], k)
+                assert c[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+    # DDP: every step's checksums were gathered from both ranks and equal (the run fails otherwise), and they move
+    log = json.loads((ddp / "rank_sync.json").read_text())
+    assert [e["step"] for e in log] == [1, 2, 3] and all(e["ranks"] == 2 for e in log)
+    assert len({tuple(e["checksums"]) for e in log}) == 3
+    # the weights: 2 processes against 1 within float tolerance (the gradient sums are ordered otherwise, and
+    # Adam's first steps magnify that on parameters whose gradient is near zero: measured relative to how far
+    # training moved them), FSDP against DDP to rounding, for the student and its EMA
+    teacher = load_file(tiny_pipelines["sd"] / "unet" / "diffusion_pytorch_model.safetensors")
+    for folder in ("student", "student_ema"):
+        moved = _distance(teacher, _weights(one, folder))
+        assert moved > 0.05
+        assert _distance(_weights(one, folder), _weights(ddp, folder)) < 0.02 * moved
+        assert _max_diff(_weights(ddp, folder), _weights(fsdp, folder)) < 1e-6
+    # every schedule ends where it should after max_steps loop steps with 2 processes (accelerate steps a
+    # prepared scheduler once per process): a linear one at zero, not at zero halfway
+    ckpt = list_checkpoints(fsdp)[-1]
+    scheds = sorted(ckpt.glob("scheduler*.bin"))
+    assert len(scheds) == 2
+    for f in scheds:
+        state = torch.load(f, weights_only=True)
+        assert state["last_epoch"] == 6 and state["_last_lr"][0] == pytest.approx(0.0, abs=1e-12), (f.name, state)
+    # the checkpoint is sharded: one file per rank, no whole-weights copy
+    assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not list(ckpt.rglob("*.safetensors")) or all("training_state" in p.name for p in ckpt.rglob("*.safetensors"))
+
+
+def test_a_sharded_checkpoint_resumes_on_three_processes_and_one_process_is_refused(tmp_path, tiny_pipelines):
+    """Stopped after step 2 of 4 on 2 FSDP processes: one process refuses it with one line and leaves it as
+    it was; 3 processes reshard it and end where the uninterrupted 2-process run ends."""
+    cfg = "configs/tiny-sd/dmd2_4step.yaml"
+    common = [f"teacher.path={tiny_pipelines['sd']}", "train.max_steps=4", "train.checkpoint_every=100",
+              "train.validate_every=100", "train.ema_decay=0.9", "train.batch_size=6", "train.lr_schedule=cosine"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    r = _fsdp(cfg, common + [f"train.output_dir={full}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _fsdp(cfg, ["--stop-after", "2", *common, f"train.output_dir={split}"])
+    # every rank exits with status 3; torch's launcher reports a worker's non-zero status as 1
+    assert r.returncode != 0 and "stopped at step 2 with a checkpoint" in r.stderr, r.stderr[-3000:]
+    ckpt = split / "checkpoints" / "checkpoint-2"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.rglob("*"))
+    r = launch(cfg, common + [f"train.output_dir={split}"], python=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: resume: {ckpt} was written sharded by 2 processes; it resumes with any number of processes from 2 "
+        f"(accelerate launch --multi_gpu --num_processes N), not with one. Launch with --num_processes 2 or use a "
+        f"new train.output_dir")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.rglob("*")) == before
+    r = _fsdp(cfg, common + [f"train.output_dir={split}"], processes=3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "processes: 2 -> 3 (the sharded state reshards" in r.stderr
+    for folder in ("student", "student_ema"):
+        assert _max_diff(_weights(full, folder), _weights(split, folder)) < 1e-6
