@@ -90,12 +90,14 @@ def test_ddp_and_fsdp_equal_the_one_process_run(tmp_path, tiny_pipelines, config
     assert not list(ckpt.rglob("*.safetensors")) or all("training_state" in p.name for p in ckpt.rglob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_a_sharded_checkpoint_resumes_on_three_processes_and_one_process_is_refused(tmp_path, tiny_pipelines):
     """Stopped after step 2 of 4 on 2 FSDP processes: one process refuses it with one line and leaves it as
     it was; 3 processes reshard it and end where the uninterrupted 2-process run ends."""
     cfg = "configs/tiny-sd/dmd2_4step.yaml"
     common = [f"teacher.path={tiny_pipelines['sd']}", "train.max_steps=4", "train.checkpoint_every=100",
-              "train.validate_every=100", "train.ema_decay=0.9", "train.batch_size=6", "train.lr_schedule=cosine"]
+              "train.validate_every=100", "train.ema_decay=0.9", "train.batch_size=6", "train.lr_schedule=cosine",
+              "method_args.lr=1e-3"]
     full, split = tmp_path / "full", tmp_path / "split"
     r = _fsdp(cfg, common + [f"train.output_dir={full}"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -114,5 +116,7 @@ def test_a_sharded_checkpoint_resumes_on_three_processes_and_one_process_is_refu
     r = _fsdp(cfg, common + [f"train.output_dir={split}"], processes=3)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "processes: 2 -> 3 (the sharded state reshards" in r.stderr
-    for folder in ("student", "student_ema"):
-        assert _max_diff(_weights(full, folder), _weights(split, folder)) < 1e-6
+    teacher = load_file(tiny_pipelines["sd"] / "unet" / "diffusion_pytorch_model.safetensors")
+    for folder in ("student", "student_ema"):  # to float tolerance (3 ranks sum the gradients in another order)
+        moved = _distance(teacher, _weights(full, folder))
+        assert moved > 0.05 and _distance(_weights(full, folder), _weights(split, folder)) < 0.02 * moved

@@ -11,6 +11,7 @@ exits the process: ``stepdistill.cli`` maps these to exit statuses.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -28,7 +29,7 @@ from ..errors import ConfigError, Interrupted, NonFiniteError
 from ..state_io import load_state
 from . import outputs
 from .build import build_distiller, build_source, build_teacher, build_trainables, check_exportable, validate_inputs
-from .checkpoints import (SHARDED, TRAINING_STATE, check_resumable, has_trainable, latest_good_checkpoint,
+from .checkpoints import (MANIFEST, SHARDED, TRAINING_STATE, check_resumable, has_trainable, latest_good_checkpoint,
                           list_checkpoints, load_sharded, load_trainable, recover_leftovers, save_trainable,
                           write_checkpoint)
 from ..parallel import Parallel, is_sharded, plain_copy, resolve_strategy
@@ -347,6 +348,12 @@ class Trainer:
             st.ema.to(acc.device, dtype=torch.float32)
         if (latest / SHARDED).is_dir():
             load_sharded(latest / SHARDED, self.states)
+        written = json.loads((latest / MANIFEST).read_text())["num_processes"]
+        if written != acc.num_processes:
+            # accelerate steps a schedule once per process: its position moves to this run's process count
+            for st in self.states.values():
+                getattr(st.scheduler, "scheduler", st.scheduler).last_epoch = self.loop.step * acc.num_processes
+            self._apply_learning_rates()
         if safe:
             if acc.is_main_process:
                 logger.warning("resuming from %s with changed settings: %s", latest, "; ".join(safe))
