@@ -27,7 +27,7 @@ and optimiser state do not depend on the latent size, activations grow about lin
 of latent pixels times the batch, so the table also gives the projection to the native size (x4 for
 SD1.5 at 64x64 from 32x32). With ``--processes N`` each case runs under FSDP on N processes (student,
 fake score and teacher sharded, ``stepdistill/parallel.py``) and every column is per process: the
-largest over the ranks, each counting its own shards.
+largest over the ranks, each counting its own shards; ``--batch`` is then the batch of each process.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def measure_one(spec: dict) -> dict:
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(cfg_path, [f"teacher.path={spec['pipeline']}", f"train.output_dir={out}", "train.report_to=none",
-                                 "train.progress=false", f"train.batch_size={spec['batch']}", "train.max_steps=2",
+                                 "train.progress=false", f"train.batch_size={spec['batch'] * spec.get('processes', 1)}", "train.max_steps=2",
                                  "train.ema_decay=null", "data.prompts=[a photo of a cat, a red car]", *overrides])
     trainer = Trainer(cfg)
     side = trainer.teacher.sample_shape[-1]
@@ -166,7 +166,7 @@ def measure_one(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     built_kib = _rss_kib("VmRSS")
     built_cuda = torch.cuda.memory_allocated() if cuda else 0
-    micro = cfg.train.batch_size
+    micro = spec["batch"]  # per process
     times = []
     for it in range(2):
         t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
         head = [sys.executable, __file__]
     for case in cases:
         for batch in batches:
-            spec = {"model": args.model, "case": case, "batch": batch, "latent": latent, "out": str(args.out),
+            spec = {"model": args.model, "case": case, "batch": batch, "processes": args.processes, "latent": latent, "out": str(args.out),
                     "pipeline": str(pipeline)}
             r = subprocess.run(head + ["--one", json.dumps(spec)], capture_output=True, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})

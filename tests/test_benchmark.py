@@ -14,6 +14,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # about 2 minutes: the benchmark command end to end
 def test_mnist_suite_writes_results_table_and_grid(tmp_path):
     out = tmp_path / "bench"
     # --curve trains to its largest count, keeps a checkpoint at each and measures every one

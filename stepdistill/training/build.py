@@ -278,8 +278,7 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig, parallel
         if parallel.active:
             sched = acc.prepare_scheduler(sched)  # the optimiser's state goes into the sharded checkpoint
         else:
-            # no DDP wrapper in one process: distillers call their networks in many ways per update
-            opt, sched = acc.prepare(opt, sched)
+            opt, sched = acc.prepare(opt, sched)  # one process: nothing to reduce, no wrapper
         if tr.on_prepared is not None:
             tr.on_prepared(module)
         states[name] = TrainableState(name, tr, module, opt, sched, params, lr)
