@@ -25,7 +25,6 @@ of a parallel run are written with torch distributed checkpoint (``training/chec
 from __future__ import annotations
 
 import copy
-import logging
 import weakref
 
 import torch
@@ -34,9 +33,6 @@ from torch import nn
 from .denoiser import unwrap
 from .errors import ConfigError
 
-logger = logging.getLogger("stepdistill")
-
-STRATEGIES = ("auto", "ddp", "fsdp")
 # the ModuleList attributes (and single blocks) of diffusers networks that are sharded one by one
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
 BLOCK_SINGLES = ("mid_block",)
@@ -170,7 +166,13 @@ def plain_copy(module: nn.Module, everywhere: bool = True) -> nn.Module | None:
     gathered there on the CPU) and the others get None."""
     module = unwrap(module)
     if module not in _PLAIN:
-        return copy.deepcopy(module)
+        # a container of sharded networks (a per-phase student's experts): its copy holds their plain copies
+        inner = [m for m in module.modules() if m in _PLAIN]
+        inner = [m for m in inner if not any(m is not o and m in set(o.modules()) for o in inner)]
+        memo = {id(m): plain_copy(m, everywhere) for m in inner}
+        if inner and not everywhere and not _PLAIN[inner[0]][0].accelerator.is_main_process:
+            return None
+        return copy.deepcopy(module, memo)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     parallel, skeleton = _PLAIN[module]

@@ -26,13 +26,13 @@ from ..config import RunConfig, dump_config, from_dict, to_dict
 from ..denoiser import unwrap
 from ..distillers.base import Context
 from ..errors import ConfigError, Interrupted, NonFiniteError
+from ..parallel import Parallel, is_sharded, plain_copy, resolve_strategy
 from ..state_io import load_state
 from . import outputs
 from .build import build_distiller, build_source, build_teacher, build_trainables, check_exportable, validate_inputs
 from .checkpoints import (MANIFEST, SHARDED, TRAINING_STATE, check_resumable, has_trainable, latest_good_checkpoint,
                           list_checkpoints, load_sharded, load_trainable, recover_leftovers, save_trainable,
                           write_checkpoint)
-from ..parallel import Parallel, is_sharded, plain_copy, resolve_strategy
 from .distributed import any_rank, mean_over_ranks, on_main, verify_rank_sync
 from .run_folder import RunLock, check_run_record, data_fingerprint, write_run_record
 from .update import apply_update, ema_weights, select
