@@ -70,6 +70,10 @@ class Batch:
     def rand(self, *shape: int) -> torch.Tensor:
         return self._draw(torch.rand, shape)
 
+    def times(self, process, lo: float, hi: float) -> torch.Tensor:
+        """One time per sample, uniform in [lo, hi] (``process.sample_uniform``), on the batch's device."""
+        return self.per_sample(lambda n: process.sample_uniform(n, lo, hi, generator=self.generator)).to(self.device)
+
     def randint(self, low: int, high: int) -> torch.Tensor:
         """One integer in [low, high) per sample (on the CPU)."""
         return self.per_sample(lambda n: torch.randint(low, high, (n,), generator=self.generator))

@@ -96,7 +96,7 @@ class Guided(Distiller):
         x0, cond, uncond = x0_source(self.opt.x_source, batch, self.pool)
         lo, hi = score_time_range(proc, 0.0, 1.0)  # the whole range (flow: from 1e-3, off the clean end)
         lo = lo if proc.kind == "vp" else 1e-3
-        t = batch.per_sample(lambda n: proc.sample_uniform(n, lo, hi, generator=batch.generator)).to(batch.device)
+        t = batch.times(proc, lo, hi)
         z = proc.add_noise(x0, batch.randn(*x0.shape), t)
         w = self.opt.w_min + (self.opt.w_max - self.opt.w_min) * batch.rand(batch.size)
         with torch.no_grad():

@@ -166,7 +166,7 @@ class PhasedDMD(Distiller):
         lo, hi = score_time_range(proc, self.opt.t_min, self.opt.t_max)
         if float(s) > proc.t_clean:  # an inner boundary: from just above s
             lo = float(s) + (hi - float(s)) * 0.02
-        return batch.per_sample(lambda n: proc.sample_uniform(n, lo, hi, generator=batch.generator)).to(batch.device)
+        return batch.times(proc, lo, hi)
 
     def _kernel(self, t: torch.Tensor, s: torch.Tensor, like: torch.Tensor):
         """(a_{t|s}, s_{t|s}, s_t) of eq. 2, shaped to broadcast against ``like``."""

@@ -60,7 +60,7 @@ def score_time_range(process, lo: float, hi: float) -> tuple[float, float]:
 def score_times(process, batch: Batch, lo: float, hi: float) -> torch.Tensor:
     """Times for the score losses: uniform over :func:`score_time_range`."""
     lo, hi = score_time_range(process, lo, hi)
-    return batch.per_sample(lambda n: process.sample_uniform(n, lo, hi, generator=batch.generator)).to(batch.device)
+    return batch.times(process, lo, hi)
 
 
 def generator_rollout(student: Student, batch: Batch, shape, grad: bool, cond: Cond | None = None):

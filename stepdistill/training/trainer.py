@@ -324,9 +324,10 @@ class Trainer:
             broken: list[Path] = []
             latest = latest_good_checkpoint(self.run_dir, broken)
             safe = [] if latest is None else check_resumable(latest, self.resolved_config(), acc.num_processes)
-            return latest, broken, safe
+            written = None if latest is None else json.loads((latest / MANIFEST).read_text())["num_processes"]
+            return latest, broken, safe, written
 
-        latest, broken, safe = on_main(acc, choose, "resume")
+        latest, broken, safe, written = on_main(acc, choose, "resume")
         self.broken = set(broken)
         if latest is None:
             return 0
@@ -348,7 +349,6 @@ class Trainer:
             st.ema.to(acc.device, dtype=torch.float32)
         if (latest / SHARDED).is_dir():
             load_sharded(latest / SHARDED, self.states)
-        written = json.loads((latest / MANIFEST).read_text())["num_processes"]
         if written != acc.num_processes:
             # accelerate steps a schedule once per process: its position moves to this run's process count
             for st in self.states.values():
