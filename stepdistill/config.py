@@ -276,13 +276,28 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str | list[str] | None = None  # a .txt file (one per line), a .json list, or an inline list
-    images: str | None = None  # a folder of real images (data x-source, GAN real branch)
+    # captions: an inline list, .txt (one per line), .json (a list or a COCO captions_*.json), .jsonl / .csv /
+    # .parquet (caption_column), a save_to_disk folder or hf:<hub id> (stepdistill/sources.py)
+    prompts: str | list[str] | None = None
+    # real images with their own captions or labels: an image folder, webdataset shards (a .tar or brace
+    # pattern), a COCO captions_*.json (image_root), a save_to_disk folder or hf:<hub id>
+    images: str | None = None
+    image_root: str | None = None  # COCO: the image folder (default: ../train2017 beside captions_train2017.json)
+    caption_column: str | None = None  # default: the first of caption, text, prompt, txt
+    image_column: str | None = None  # default: the first of image, jpg, png, jpeg, webp
+    label_column: str | None = None  # default: label (class-conditional teachers)
+    split: str = "train"  # of a datasets dataset
+    crop: str = "center"  # center | random (per item, seeded), as the diffusers training scripts
+    num_workers: int = 2  # DataLoader workers decoding images ahead (sets over loading.IN_MEMORY_ITEMS)
+    cache: str | None = None  # a data cache folder written by python -m stepdistill.cache
     skip_bad_items: bool = False  # skip and count unreadable images / empty captions instead of failing
 
     def __post_init__(self):
         if isinstance(self.prompts, list) and not self.prompts:
             _fail("data.prompts", "is an empty list")
+        if self.crop not in ("center", "random"):
+            _fail("data.crop", f"must be center or random, got {self.crop!r}")
+        check_range("data.num_workers", self.num_workers, ge=0)
 
 
 @dataclass

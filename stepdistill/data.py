@@ -209,18 +209,20 @@ PROMPT_CACHE_LIMIT = 512  # prompt lists up to this many distinct prompts are en
 
 
 class PromptTable:
-    """Text conditioning of a list of prompts, by index. A short list (<= PROMPT_CACHE_LIMIT distinct
-    prompts) is run through the text encoder once and rows are looked up; longer lists are encoded
-    batch by batch."""
+    """Text conditioning of a caption list, by index. A short list (<= PROMPT_CACHE_LIMIT distinct
+    prompts) is run through the text encoder once and rows are looked up; rows of a data cache
+    (``stepdistill.cache``) are read from disk; other lists are encoded batch by batch."""
 
-    def __init__(self, teacher, prompts: list[str]):
+    def __init__(self, teacher, prompts, cache_rows=None):
         self.teacher, self.prompts = teacher, prompts
         self.cached = None  # (index of each prompt, cond of the distinct prompts, uncond row), on the CPU
-        if len(set(prompts)) <= PROMPT_CACHE_LIMIT:
-            distinct = list(dict.fromkeys(prompts))
+        self.cache_rows = cache_rows  # (rows(idx) -> Cond, uncond Cond) from a data cache
+        small = prompts if isinstance(prompts, list) else prompts.small_list(8 * PROMPT_CACHE_LIMIT)
+        if cache_rows is None and small is not None and len(set(small)) <= PROMPT_CACHE_LIMIT:
+            distinct = list(dict.fromkeys(small))
             parts = [teacher.encode(distinct[i:i + 64]) for i in range(0, len(distinct), 64)]
             where = {p: i for i, p in enumerate(distinct)}
-            self.cached = (torch.tensor([where[p] for p in prompts]), Cond.cat_all([c for c, _ in parts]).to("cpu"),
+            self.cached = (torch.tensor([where[p] for p in small]), Cond.cat_all([c for c, _ in parts]).to("cpu"),
                            parts[0][1][:1].to("cpu"))
 
     def __len__(self) -> int:
@@ -229,6 +231,9 @@ class PromptTable:
     def encode(self, idx: torch.Tensor, device) -> tuple[Cond, Cond, list[str]]:
         """(cond, uncond, prompts) of the prompts at ``idx``."""
         prompts = [self.prompts[i] for i in idx.tolist()]
+        if self.cache_rows is not None:
+            rows, empty = self.cache_rows
+            return rows(idx).to(device), empty.to(device).expand_to(len(prompts)), prompts
         if self.cached is None:
             cond, uncond = self.teacher.encode(prompts)
             return cond, uncond, prompts
@@ -240,21 +245,28 @@ class BatchSource:
     """Makes the batch for (step, rank, micro) from a teacher and the data config: conditioning drawn
     from the prompt list (or class labels), and real items (images in the denoiser's space with their
     own captions or labels, or exact oracle samples) when the source has them. Without a prompt list,
-    a text teacher's generation prompts are the drawn real items' captions."""
+    a text teacher's generation prompts are the drawn real items' captions.
 
-    def __init__(self, teacher, *, seed: int, device, prompts: list[str] | None = None,
-                 x0_data: torch.Tensor | None = None, x0_captions: list[str] | None = None,
-                 x0_labels: list[int] | None = None, oracle=None, conditional: bool | None = None, rank: int = 0):
+    Real items come as ``x0_data`` (a small set, encoded once and held on the device) or ``real``
+    (``loading.RealData``: a large set decoded and encoded per batch, or read from a data cache), whose
+    item indices come from a stream of their own (``image_generator``) so that they can be planned
+    ahead. ``cache`` (``cache.DataCache``) supplies the captions' and items' text states."""
+
+    def __init__(self, teacher, *, seed: int, device, prompts=None,
+                 x0_data: torch.Tensor | None = None, x0_captions=None,
+                 x0_labels=None, oracle=None, conditional: bool | None = None, rank: int = 0,
+                 real=None, cache=None):
         self.teacher = teacher
         self.rank = rank  # this process's index (data streams differ per rank)
         self.seed = seed
         self.device = torch.device(device)
         self.prompts = prompts
         self.x0_data = x0_data
+        self.real = real
         self.oracle = oracle  # a GaussianMixture: exact data samples
         self.conditional = teacher.conditional if conditional is None else conditional
         text = self.conditional and teacher.null_label is None
-        if x0_data is not None and self.conditional and oracle is None:
+        if (x0_data is not None or real is not None) and self.conditional and oracle is None:
             if text and x0_captions is None:
                 raise DataError(f"data.images: teacher {teacher.name} is text-conditioned, so its real images need "
                                 f"their own captions: put <name>.txt beside each image")
@@ -264,19 +276,43 @@ class BatchSource:
         if text and not prompts and x0_captions is None:
             raise DataError(f"data.prompts: teacher {teacher.name} is text-conditioned; give prompts (a .txt/.json file "
                             f"or a list) or captioned images (data.images)")
-        self.prompt_table = PromptTable(teacher, prompts) if text and prompts else None
-        self.caption_table = PromptTable(teacher, x0_captions) if text and x0_captions is not None else None
-        self.x0_labels = None if x0_labels is None else torch.tensor(x0_labels)
+        self.prompt_table = PromptTable(teacher, prompts, cache and cache.prompt_rows()) if text and prompts else None
+        self.caption_table = (PromptTable(teacher, x0_captions, cache and cache.item_rows())
+                              if text and x0_captions is not None else None)
+        self.x0_labels = None if x0_labels is None else torch.as_tensor(x0_labels)
+
+    @property
+    def has_real(self) -> bool:
+        """Whether batches carry real data items (images or exact oracle samples)."""
+        return self.x0_data is not None or self.real is not None or self.oracle is not None
 
     @property
     def fully_cached(self) -> bool:
-        """Whether every prompt and caption this source draws was encoded at start (no text encoder
-        runs per batch)."""
+        """Whether every prompt and caption this source draws was encoded at start or is read from a
+        data cache (no text encoder runs per batch)."""
         tables = [t for t in (self.prompt_table, self.caption_table) if t is not None]
-        return bool(tables) and all(t.cached is not None for t in tables)
+        return bool(tables) and all(t.cached is not None or t.cache_rows is not None for t in tables)
 
     def generator(self, step: int, micro: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(stream_seed(self.seed, step, 0, micro))  # (0: the former rank slot)
+
+    def image_generator(self, step: int, micro: int = 0) -> torch.Generator:
+        """The stream of the large-set path's item indices and VAE noise (``real``)."""
+        return torch.Generator().manual_seed(stream_seed(self.seed, step, 1, micro))
+
+    def item_rows(self, step: int, micro: int, size: int, offset: int, total: int) -> torch.Tensor:
+        """The item indices of this rank's rows of (step, micro) on the large-set path."""
+        rows = Batch(size, self.image_generator(step, micro), self.device, offset=offset, total=total)
+        return rows.randint(0, len(self.real))
+
+    def prefetch(self, start: int, micro_batches: int, rank: int, size: int, num_ranks: int) -> None:
+        """Plan the loop's batches from ``start`` on, so that loader workers decode their images ahead."""
+        if self.real is None:
+            return
+        import itertools
+
+        keys = ((s, k) for s in itertools.count(start) for k in range(micro_batches))
+        self.real.prefetch(keys, lambda key: self.item_rows(key[0], key[1], size, rank * size, size * num_ranks))
 
     def conditioning(self, rows: Batch):
         """(cond, uncond, labels, prompts) of random draws from the prompt list or the classes, one per row."""
@@ -317,7 +353,19 @@ class BatchSource:
         g = self.generator(step, micro)
         rows = Batch(size, g, self.device, offset=rank * size, total=size * num_ranks)
         x0 = x0_cond = None
-        if self.x0_data is not None and self.oracle is None and self.conditional and self.prompt_table is None \
+        if self.real is not None:
+            # a large set: item indices and VAE noise from the items' own stream
+            irows = Batch(size, self.image_generator(step, micro), self.device, offset=rows.offset, total=rows.total)
+            idx = irows.randint(0, len(self.real))
+            noise = irows.randn(size, *self.teacher.sample_shape) if self.teacher.vae is not None else None
+            x0 = self.real.latents((step, micro), idx, noise)
+            icond, iuncond, ilabels, iprompts = self.item_conditioning(idx)
+            x0_cond = icond
+            if self.conditional and self.prompt_table is None and self.teacher.null_label is None:
+                cond, uncond, labels, prompts = icond, iuncond, ilabels, iprompts
+            else:
+                cond, uncond, labels, prompts = self.conditioning(rows)
+        elif self.x0_data is not None and self.oracle is None and self.conditional and self.prompt_table is None \
                 and self.teacher.null_label is None:
             # no prompt list: the real items' own captions are the batch's prompts
             idx = rows.randint(0, len(self.x0_data))

@@ -155,12 +155,15 @@ class Teacher:
         return getattr(self.pipeline, "vae", None) if self.pipeline is not None else None
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1] -> the denoiser's input space (scaled latents, or the images)."""
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> the denoiser's input space (scaled latents, or the images). The VAE's
+        latent sample draws from ``generator``, or is ``mean + std * noise`` when ``noise`` is given."""
         vae = self.vae
         if vae is None:
             return images
-        z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * vae.config.scaling_factor).float()
 

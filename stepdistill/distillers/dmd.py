@@ -122,7 +122,9 @@ class DMD(DMDBase):
         under others is generated again."""
         path = Path(self.ctx.config.train.output_dir) / "dmd_regression_pairs.pt"
         cfg = self.ctx.config
-        prompts = self.ctx.source.prompt_table.prompts if self.ctx.source.prompt_table is not None else None
+        table = self.ctx.source.prompt_table
+        prompts = None if table is None else getattr(table.prompts, "values", table.prompts)
+        prompts = prompts if prompts is None or isinstance(prompts, list) else table.prompts.fingerprint  # Arrow-backed
         key = {"pairs": self.opt.regression_pairs, "steps": self.opt.regression_steps,
                "guidance_scale": self.opt.guidance_scale, "teacher": to_dict(cfg.teacher), "seed": cfg.train.seed,
                "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
@@ -228,8 +230,8 @@ class DMD2(DMDBase):
         self.fake_guidance_scale = options.fake_guidance_scale
         self.head = None
         if options.gan:
-            if ctx.source.x0_data is None and ctx.source.oracle is None:
-                raise ValueError("method_args.gan=true needs real images: set data.images to a folder")
+            if not ctx.source.has_real:
+                raise ValueError("method_args.gan=true needs real images: set data.images (stepdistill/sources.py)")
             self.features = _Features(feature_module(unwrap(self.fake.model)))
             with torch.no_grad():
                 probe = torch.zeros(1, *ctx.teacher.sample_shape, device=ctx.device)

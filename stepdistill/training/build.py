@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, from_dict, to_dict, torch_dtype
-from ..data import BatchSource, folder_labels, image_captions, list_images, load_images, read_prompts
+from ..data import BatchSource, folder_labels, load_images
+from ..loading import IN_MEMORY_ITEMS, RealData
+from ..sources import FileItems, check_images, read_captions, read_items
 from ..denoiser import Denoiser, unwrap
 from ..distillers.base import Context, Distiller
 from ..distillers.registry import get_method
@@ -57,9 +59,9 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
         raise ConfigError("train.mixed_precision: fp16 loss scaling is not supported with several processes "
                           "(sharded gradients); use bf16")
     if cfg.data.prompts is not None:
-        read_prompts(cfg.data.prompts, cfg.data.skip_bad_items)
+        read_captions(cfg.data.prompts, cfg.data, cfg.data.skip_bad_items)
     if cfg.data.images is not None:
-        image_captions(list_images(cfg.data.images), cfg.data.skip_bad_items)  # every image captioned, or none
+        check_images(cfg.data)
     if cfg.train.export and tc.path is None:
         raise ConfigError("train.export: the Gaussian-mixture oracle (teacher.oracle) has no diffusers pipeline to "
                           "export into")
@@ -121,29 +123,49 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) ->
     return teacher, Denoiser(net, process, pred), gmm
 
 
+def image_geometry(cfg: RunConfig, teacher: Teacher) -> tuple[int, int]:
+    """(pixel size, channels) real images are cropped to: the teacher's sample size in pixels."""
+    scale = getattr(teacher.pipeline, "vae_scale_factor", 1) if teacher.vae is not None else 1
+    channels = teacher.vae.config.in_channels if teacher.vae is not None else teacher.sample_shape[0]
+    return teacher.sample_shape[-1] * scale, channels
+
+
 def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, rank: int = 0) -> BatchSource:
-    """The batch source: prompts, real images (encoded into the denoiser's space once) with their own
-    captions or class labels, the oracle."""
-    prompts = read_prompts(cfg.data.prompts, cfg.data.skip_bad_items) if cfg.data.prompts is not None else None
-    x0 = captions = labels = None
-    if cfg.data.images is not None:
-        found = list_images(cfg.data.images)
-        files, captions = image_captions(found, cfg.data.skip_bad_items)
-        scale = getattr(teacher.pipeline, "vae_scale_factor", 1) if teacher.vae is not None else 1
-        channels = teacher.vae.config.in_channels if teacher.vae is not None else teacher.sample_shape[0]
-        images, kept = load_images(files, teacher.sample_shape[-1] * scale, channels, cfg.data.skip_bad_items)
-        if len(kept) < len(found):
-            logger.warning("data.images: skipped %d unreadable or uncaptioned of %d images (data.skip_bad_items=true)",
-                           len(found) - len(kept), len(found))
+    """The batch source: captions, real images with their own captions or class labels (a small set
+    encoded into the denoiser's space once; a large one per batch, ``loading.RealData``), a data
+    cache (``data.cache``), the oracle."""
+    text = teacher.conditional and teacher.null_label is None
+    classes = teacher.null_label if teacher.conditional and teacher.null_label is not None else None
+    d = cfg.data
+    prompts = read_captions(d.prompts, d, d.skip_bad_items) if d.prompts is not None else None
+    items = read_items(d, text, classes) if d.images is not None else None
+    size, channels = image_geometry(cfg, teacher)
+    cache = None
+    if d.cache is not None:
+        from ..cache import DataCache, cache_key
+
+        cache = DataCache(d.cache, cache_key(cfg, teacher, prompts if text else None, items, size))
+    x0 = real = captions = labels = None
+    if items is not None and cache is None and isinstance(items, FileItems) and len(items) <= IN_MEMORY_ITEMS:
+        files = [Path(f) for f in items.files]
+        captions = None if items.captions is None else items.captions.values
+        images, kept = load_images(files, size, channels, d.skip_bad_items)
+        if len(kept) < len(files):
+            logger.warning("data.images: skipped %d unreadable of %d images (data.skip_bad_items=true)",
+                           len(files) - len(kept), len(files))
         if captions is not None:
             keep = set(kept)
             captions = [c for f, c in zip(files, captions) if f in keep]
-        if teacher.conditional and teacher.null_label is not None:
-            labels = folder_labels(kept, teacher.null_label)
+        if classes is not None:
+            labels = folder_labels(kept, classes)
         x0 = torch.cat([teacher.encode_images(images[i:i + 64].to(device), torch.Generator().manual_seed(seed + i))
                         for i in range(0, len(images), 64)]).to(device)
+    elif items is not None:
+        real = RealData(items, teacher, size=size, channels=channels, crop=d.crop, seed=seed, skip_bad=d.skip_bad_items,
+                        num_workers=d.num_workers, device=device, cache=cache)
+        captions, labels = items.captions, items.labels
     source = BatchSource(teacher, seed=seed, device=device, prompts=prompts, x0_data=x0, x0_captions=captions,
-                         x0_labels=labels, oracle=oracle, rank=rank)
+                         x0_labels=labels, oracle=oracle, rank=rank, real=real, cache=cache)
     if source.fully_cached and torch.device(device).type != "cpu":
         teacher.offload_text_encoders()  # every prompt's states are cached: the encoders leave the accelerator
     return source

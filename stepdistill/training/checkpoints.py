@@ -30,12 +30,13 @@ CKPT_PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
 TRAINING_STATE = "training_state"  # loop counters, distiller state, EMA (JSON + safetensors)
 
-# train.* keys that may change between a run and its resume (logged); every other difference is refused
+# keys that may change between a run and its resume (logged); every other difference is refused
 RESUME_SAFE = ("train.output_dir", "train.max_steps", "train.checkpoint_every", "train.checkpoints_total_limit",
                "train.log_every", "train.validate_every", "train.num_validation", "train.report_to", "train.progress",
                "train.verify_rank_sync", "train.max_nonfinite_steps", "train.export",
                "train.gradient_checkpointing",  # memory only: the same gradients
-               "train.parallel")  # the same gradients, sharded otherwise (the sharded state reshards)
+               "train.parallel",  # the same gradients, sharded otherwise (the sharded state reshards)
+               "data.num_workers")  # how many workers decode images ahead: the same batches
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -171,6 +171,7 @@ class Trainer:
                    desc=self.cfg.method, dynamic_ncols=True)
         history, window, t_last = [], {}, time.time()  # window: every update's values since the last log line
         in_a_row = 0  # consecutive iterations skipped for non-finite values
+        self.source.prefetch(start, tcfg.gradient_accumulation_steps, acc.process_index, micro, acc.num_processes)
         with preemption_signals() as stop_requested:
             for iteration in range(start, tcfg.max_steps):
                 skipped = self._iteration(iteration, micro, window)

@@ -1,0 +1,149 @@
+"""Real images of large sets, loaded per batch: decoded and cropped in ``DataLoader`` workers ahead of
+the step that uses them, then VAE-encoded on the accelerator (or read from a data cache).
+
+Sets up to ``IN_MEMORY_ITEMS`` items keep the old path: every image encoded once at start and held
+on the device (``data.BatchSource.x0_data``). Larger sets never sit in memory: a batch draws item
+indices from its own counter-based stream (seed, step, micro), so the loader knows the indices of
+every future batch and its workers decode them ahead, and a resumed run draws the same items.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+
+import torch
+
+from .errors import DataError
+
+logger = logging.getLogger("stepdistill")
+IN_MEMORY_ITEMS = 4096  # sets up to this many images are encoded once at start and held on the device
+PREFETCH_STEPS = 4  # (step, micro) batches planned ahead of the one in use
+
+
+def transform(image, size: int, channels: int, crop: str, generator=None):
+    """An image resized (shorter side) and cropped to ``size`` x ``size``, in [-1, 1], with the
+    original (height, width) and the crop's (top, left) corner (SDXL's micro-conditioning), as the
+    diffusers training scripts do: centre crop, or a random crop drawn from ``generator``."""
+    import torchvision.transforms.functional as TF
+
+    im = image.convert("L" if channels == 1 else "RGB")
+    original = (im.height, im.width)
+    im = TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    if crop == "random":
+        top = int(torch.randint(0, im.height - size + 1, (1,), generator=generator))
+        left = int(torch.randint(0, im.width - size + 1, (1,), generator=generator))
+    else:
+        top, left = max(0, round((im.height - size) / 2)), max(0, round((im.width - size) / 2))
+    im = TF.crop(im, top, left, size, size)
+    return TF.to_tensor(im) * 2 - 1, original, (top, left)
+
+
+class Decoded(torch.utils.data.Dataset):
+    """What the loader workers run: item index -> (pixels, original size, crop corner, index). An
+    unreadable image is an error naming it, or (``skip_bad``) replaced by the next readable item."""
+
+    def __init__(self, items, size: int, channels: int, crop: str, seed: int, skip_bad: bool):
+        self.items, self.size, self.channels, self.crop, self.seed, self.skip_bad = items, size, channels, crop, seed, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from PIL import Image, UnidentifiedImageError
+
+        from .data import stream_seed
+
+        for k in range(min(len(self.items), 64)):
+            j = (int(i) + k) % len(self.items)
+            try:
+                g = torch.Generator().manual_seed(stream_seed(self.seed, j, 17))  # the item's own random crop
+                pixels, original, corner = transform(self.items.image(j), self.size, self.channels, self.crop, g)
+                return pixels, torch.tensor(original), torch.tensor(corner), j
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                if not self.skip_bad:
+                    raise DataError(f"image '{self.items.name(j)}' cannot be read ({type(exc).__name__}); remove it or "
+                                    f"set data.skip_bad_items=true") from exc
+                logger.warning("image '%s' cannot be read (%s): using the next item (data.skip_bad_items=true)",
+                               self.items.name(j), type(exc).__name__)
+        raise DataError(f"{self.items.where}: 64 consecutive items cannot be read")
+
+
+def collate(rows):
+    pixels, original, corner, idx = zip(*rows)
+    return torch.stack(pixels), torch.stack(original), torch.stack(corner), torch.tensor(idx)
+
+
+class _Planned(torch.utils.data.Sampler):
+    """The index lists of the planned batches, in order (the loader's batch sampler)."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def __iter__(self):
+        return iter(self.plan)
+
+
+class RealData:
+    """Real items drawn by index and turned into the denoiser's space per batch. ``prefetch(keys, fn)``
+    plans the (step, micro) batches to come (``fn(key)``: that batch's item indices) and starts
+    ``DataLoader`` workers decoding them; a request for a planned batch takes the workers' result, any
+    other request decodes on the spot. Which items a batch holds never depends on the prefetching."""
+
+    def __init__(self, items, teacher, *, size: int, channels: int, crop: str, seed: int, skip_bad: bool,
+                 num_workers: int, device, cache=None):
+        self.items, self.teacher, self.cache, self.device = items, teacher, cache, torch.device(device)
+        self.decoded = Decoded(items, size, channels, crop, seed, skip_bad)
+        self.num_workers = max(0, min(int(num_workers), os.cpu_count() or 1))
+        self._keys: deque = deque()
+        self._iter = None
+        self._recent: dict = {}  # key -> latents of the last batches (every update of a step asks again)
+        self.calls = 0  # VAE encodes run
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def prefetch(self, keys, fn) -> None:
+        """Plan the batches ``keys`` (an iterator of (step, micro)), ``fn(key)`` giving each one's indices."""
+        if self.cache is not None:
+            return  # latents are read from the cache: nothing to decode
+        keys = iter(keys)
+        planned = self._keys
+
+        def plan():
+            for key in keys:
+                planned.append(key)
+                yield fn(key).tolist()
+
+        loader = torch.utils.data.DataLoader(self.decoded, batch_sampler=_Planned(plan()), num_workers=self.num_workers,
+                                             collate_fn=collate, prefetch_factor=PREFETCH_STEPS if self.num_workers else None,
+                                             persistent_workers=False)
+        self._iter = iter(loader)
+
+    def _pixels(self, key, idx: torch.Tensor):
+        while self._iter is not None and self._keys and self._keys[0] < key:
+            self._keys.popleft()  # a planned batch nobody asked for (cannot happen in the loop; kept safe)
+            next(self._iter)
+        if self._iter is not None and self._keys and self._keys[0] == key:
+            self._keys.popleft()
+            return next(self._iter)  # (skip_bad may have replaced an unreadable item by the next one)
+        return collate([self.decoded[int(i)] for i in idx])
+
+    def latents(self, key, idx: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The items ``idx`` in the denoiser's space: from the cache, or decoded and VAE-encoded with the
+        latent sample ``mean + std * noise``."""
+        if self.cache is not None:
+            return self.cache.latents(idx).to(self.device)
+        if key in self._recent and torch.equal(self._recent[key][0], idx):
+            return self._recent[key][1].clone()
+        pixels = self._pixels(key, idx)[0]
+        self.calls += 1
+        z = self.teacher.encode_images(pixels.to(self.device), noise=noise).to(self.device)
+        if len(self._recent) >= 8:
+            self._recent.pop(next(iter(self._recent)))
+        self._recent[key] = (idx.clone(), z)
+        return z.clone()
+
+    def close(self) -> None:
+        self._iter, self._keys = None, deque()
