@@ -7,7 +7,7 @@ encoded with the teacher's VAE, once, to sharded safetensors files on disk.
 A run whose ``data.cache`` names the folder reads its text states and latents from it and never runs
 the text encoders or the VAE. The folder holds ``manifest.json`` (what the cache was made from: a
 hash of the teacher's text encoders, tokenizers and VAE, the precision, the resolution and crop, the
-data's fingerprints) and ``prompts/NNNNN.safetensors`` / ``items/NNNNN.safetensors``, ``SHARD_ROWS``
+data's fingerprints) and ``prompts/NNNNN.safetensors`` / ``items/NNNNN.safetensors``, ``--shard-rows``
 rows each, written to a temporary name and renamed, so a shard on disk is complete. Re-running the
 command after an interruption (even kill -9) encodes only the missing shards; a folder made from
 another teacher, resolution or data is refused. Item shards also record each image's original size
@@ -167,7 +167,7 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
-def build_cache(cfg, out: Path | None = None) -> Path:
+def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> Path:
     """Encode ``cfg``'s captions and real images into ``out`` (default ``data.cache``); finished shards
     are kept, shards are shared among the processes of an accelerate launch."""
     from accelerate import PartialState
@@ -209,17 +209,18 @@ def build_cache(cfg, out: Path | None = None) -> Path:
             raise DataError(f"data.cache: '{out}' exists and is not a data cache; give an empty or new folder")
         else:
             out.mkdir(parents=True, exist_ok=True)
-            manifest.write_text(json.dumps({"key": key, "shard_rows": SHARD_ROWS, "complete": False,
+            manifest.write_text(json.dumps({"key": key, "shard_rows": shard_rows, "complete": False,
                                             "item_captions": bool(items is not None and items.captions is not None)},
                                            indent=1))
         if text and not (out / "uncond.safetensors").is_file():
             _write_shard(out / "uncond.safetensors", flatten(teacher.encode([""])[1][:1].kwargs))
     state.wait_for_everyone()
+    shard_rows = json.loads(manifest.read_text())["shard_rows"]  # an unfinished cache keeps its own
     work = []
     if captions is not None:
-        work += [("prompts", s) for s in range(-(-len(captions) // SHARD_ROWS))]
+        work += [("prompts", s) for s in range(-(-len(captions) // shard_rows))]
     if items is not None:
-        work += [("items", s) for s in range(-(-len(items) // SHARD_ROWS))]
+        work += [("items", s) for s in range(-(-len(items) // shard_rows))]
     mine = [w for k, w in enumerate(work) if k % state.num_processes == state.process_index]
     done = 0
     decoded = None if items is None else Decoded(items, size, channels, cfg.data.crop, cfg.train.seed, cfg.data.skip_bad_items)
@@ -227,8 +228,8 @@ def build_cache(cfg, out: Path | None = None) -> Path:
         path = out / part / f"{shard:05d}.safetensors"
         if path.is_file():
             continue  # finished by an earlier (possibly killed) run
-        lo = shard * SHARD_ROWS
-        hi = min(lo + SHARD_ROWS, len(captions) if part == "prompts" else len(items))
+        lo = shard * shard_rows
+        hi = min(lo + shard_rows, len(captions) if part == "prompts" else len(items))
         tensors: dict[str, list] = {}
         for a in range(lo, hi, 64):
             b = min(a + 64, hi)
@@ -267,13 +268,14 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="the run's YAML config")
     parser.add_argument("--out", type=Path, default=None, help="cache folder (default: data.cache)")
+    parser.add_argument("--shard-rows", type=int, default=SHARD_ROWS, help="rows per shard file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for the distill command")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .config import load_config
 
     try:
-        out = build_cache(load_config(args.config, args.overrides), args.out)
+        out = build_cache(load_config(args.config, args.overrides), args.out, args.shard_rows)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

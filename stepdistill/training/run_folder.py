@@ -122,26 +122,50 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def _file_print(path: Path) -> str:
+    """A file's content hash, or its size and modification time when it is over 64 MB."""
+    st = path.stat()
+    if st.st_size > 64 << 20:
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    return _sha256_bytes(path.read_bytes())
+
+
+def _listing_print(files) -> str:
+    return _sha256_bytes(json.dumps(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)).encode())
+
+
 def data_fingerprint(data_cfg) -> dict:
-    """Fingerprints of the run's data: the prompt file's content, the image folder's listing (relative
-    path, size and modification time of every file, captions included). A change between a run and
-    its resume is an unsafe config difference."""
+    """Fingerprints of the run's data: a caption or annotation file's content (size and modification
+    time over 64 MB), an image folder's listing (relative path, size and modification time of every
+    file, captions included), the shards' or a saved dataset's files, a hub dataset's id and split. A
+    change between a run and its resume is an unsafe config difference."""
     from ..data import list_images
+    from ..sources import expand_shards, kind_of
 
     out = {}
-    prompts = data_cfg.prompts
-    if isinstance(prompts, (list, tuple)):
-        out["prompts"] = _sha256_bytes(json.dumps(list(prompts)).encode())
-    elif prompts is not None and Path(prompts).is_file():
-        out["prompts"] = _sha256_bytes(Path(prompts).read_bytes())
-    if data_cfg.images is not None:
-        files = list_images(data_cfg.images)
-        root = files[0].parent
-        while not all(root in f.parents for f in files):
-            root = root.parent
-        listing = []
-        for f in files + [f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()]:
-            st = f.stat()
-            listing.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns))
-        out["images"] = _sha256_bytes(json.dumps(sorted(listing)).encode())
+    for key in ("prompts", "images"):
+        spec = getattr(data_cfg, key)
+        if spec is None:
+            continue
+        kind = kind_of(spec, f"data.{key}")
+        if kind == "list":
+            out[key] = _sha256_bytes(json.dumps(list(spec)).encode())
+        elif kind == "hub":
+            out[key] = _sha256_bytes(f"{spec}:{data_cfg.split}".encode())
+        elif kind == "shards":
+            out[key] = _listing_print([Path(f) for f in expand_shards(spec, f"data.{key}")])
+        elif kind == "saved":
+            out[key] = _listing_print(sorted(p for p in Path(spec).rglob("*") if p.is_file()))
+        elif kind == "folder" and key == "images":
+            files = list_images(spec)
+            root = files[0].parent
+            while not all(root in f.parents for f in files):
+                root = root.parent
+            listing = []
+            for f in files + [f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()]:
+                st = f.stat()
+                listing.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns))
+            out[key] = _sha256_bytes(json.dumps(sorted(listing)).encode())
+        elif Path(spec).is_file():
+            out[key] = _file_print(Path(spec))
     return out
