@@ -288,6 +288,8 @@ class DataConfig:
     label_column: str | None = None  # default: label (class-conditional teachers)
     split: str = "train"  # of a datasets dataset
     crop: str = "center"  # center | random (per item, seeded), as the diffusers training scripts
+    streaming: bool = False  # read data.images as a stream (webdataset shards, parquet, a hub dataset): stepdistill/streaming.py
+    shuffle_buffer: int = 1000  # streaming: items shuffled together (a window read, permuted, served)
     num_workers: int = 2  # DataLoader workers decoding images ahead (sets over loading.IN_MEMORY_ITEMS)
     cache: str | None = None  # a data cache folder written by python -m stepdistill.cache
     skip_bad_items: bool = False  # skip and count unreadable images / empty captions instead of failing
@@ -298,6 +300,9 @@ class DataConfig:
         if self.crop not in ("center", "random"):
             _fail("data.crop", f"must be center or random, got {self.crop!r}")
         check_range("data.num_workers", self.num_workers, ge=0)
+        check_range("data.shuffle_buffer", self.shuffle_buffer, gt=0)
+        if self.streaming and self.images is None:
+            _fail("data.streaming", "streams data.images; set data.images (webdataset shards, parquet or a dataset)")
 
 
 @dataclass

@@ -255,7 +255,7 @@ class BatchSource:
     def __init__(self, teacher, *, seed: int, device, prompts=None,
                  x0_data: torch.Tensor | None = None, x0_captions=None,
                  x0_labels=None, oracle=None, conditional: bool | None = None, rank: int = 0,
-                 real=None, cache=None):
+                 real=None, cache=None, stream=None):
         self.teacher = teacher
         self.rank = rank  # this process's index (data streams differ per rank)
         self.seed = seed
@@ -263,6 +263,7 @@ class BatchSource:
         self.prompts = prompts
         self.x0_data = x0_data
         self.real = real
+        self.stream = stream  # streaming.StreamData: real items read in stream order
         self.oracle = oracle  # a GaussianMixture: exact data samples
         self.conditional = teacher.conditional if conditional is None else conditional
         text = self.conditional and teacher.null_label is None
@@ -273,7 +274,7 @@ class BatchSource:
             if not text and x0_labels is None:
                 raise DataError(f"data.images: teacher {teacher.name} is class-conditional, so its real images need "
                                 f"their labels: put them in folders named by class")
-        if text and not prompts and x0_captions is None:
+        if text and not prompts and x0_captions is None and stream is None:
             raise DataError(f"data.prompts: teacher {teacher.name} is text-conditioned; give prompts (a .txt/.json file "
                             f"or a list) or captioned images (data.images)")
         self.prompt_table = PromptTable(teacher, prompts, cache and cache.prompt_rows()) if text and prompts else None
@@ -284,7 +285,7 @@ class BatchSource:
     @property
     def has_real(self) -> bool:
         """Whether batches carry real data items (images or exact oracle samples)."""
-        return self.x0_data is not None or self.real is not None or self.oracle is not None
+        return self.x0_data is not None or self.real is not None or self.oracle is not None or self.stream is not None
 
     @property
     def fully_cached(self) -> bool:
@@ -353,7 +354,14 @@ class BatchSource:
         g = self.generator(step, micro)
         rows = Batch(size, g, self.device, offset=rank * size, total=size * num_ranks)
         x0 = x0_cond = None
-        if self.real is not None:
+        if self.stream is not None:  # items in stream order with their own conditioning
+            x0, icond, iuncond, ilabels, iprompts = self.stream.fetch((step, micro), size, self.image_generator(step, micro))
+            x0_cond = icond
+            if self.conditional and self.prompt_table is None and self.teacher.null_label is None:
+                cond, uncond, labels, prompts = icond, iuncond, ilabels, iprompts
+            else:
+                cond, uncond, labels, prompts = self.conditioning(rows)
+        elif self.real is not None:
             # a large set: item indices and VAE noise from the items' own stream
             irows = Batch(size, self.image_generator(step, micro), self.device, offset=rows.offset, total=rows.total)
             idx = irows.randint(0, len(self.real))

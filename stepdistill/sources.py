@@ -426,6 +426,9 @@ def check_images(cfg) -> None:
     from .data import image_captions, list_images
 
     kind = kind_of(cfg.images, "data.images")
+    if cfg.streaming and kind in ("folder", "json", "text", "list"):
+        raise DataError(f"data.streaming: '{cfg.images}' is read by index, not streamed; streaming reads webdataset "
+                        f"shards, parquet / jsonl / csv files, a saved dataset or hf:<hub id>")
     if kind == "folder":
         image_captions(list_images(cfg.images), cfg.skip_bad_items)  # every image captioned, or none
     elif kind == "json":

@@ -180,7 +180,9 @@ def test_dmd2_gan_real_rows_are_conditioned_on_their_own_captions(tmp_path, tiny
 def _weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    out = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert out, f"no weights in {folder}"
+    return out
 
 
 def test_a_large_set_resumed_sees_the_batches_of_an_uninterrupted_run_with_or_without_workers(tmp_path, tiny_pipelines,
@@ -195,7 +197,7 @@ def test_a_large_set_resumed_sees_the_batches_of_an_uninterrupted_run_with_or_wi
         b.fit(stop_after=2)
     b = _trainer(tiny_pipelines, tmp_path / "b", *wds, "data.num_workers=1")  # a resume-safe change
     b.fit()
-    wa, wb = _weights(tmp_path / "a" / "student" / "unet"), _weights(tmp_path / "b" / "student" / "unet")
+    wa, wb = _weights(tmp_path / "a" / "student"), _weights(tmp_path / "b" / "student")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -271,3 +273,25 @@ def test_caching_killed_midway_resumes_without_re_encoding_finished_shards(tmp_p
     assert len(after) == 125 and all(after[name] == t for name, t in finished.items())  # kept, not re-encoded
     assert json.loads((cache / "manifest.json").read_text())["complete"]
     assert not list(cache.rglob("*.tmp*"))
+
+
+def test_a_streamed_source_resumed_sees_the_batches_of_an_uninterrupted_run(tmp_path, tiny_pipelines, data):
+    """data.streaming over webdataset shards, a 64-item shuffle window: 6 steps straight equal 3 steps,
+    stopped (mid-window), then resumed; the stream position is in the checkpoint."""
+    wds = [f"data.images={data['webdataset']}", "data.streaming=true", "data.shuffle_buffer=64", "data.prompts=null",
+           "train.max_steps=6", "train.checkpoint_every=3", "train.batch_size=6"]
+    a = _trainer(tiny_pipelines, tmp_path / "a", *wds)
+    seen = []
+    fetch = a.source.stream.fetch
+    a.source.stream.fetch = lambda key, n, g: (seen.append(key), fetch(key, n, g))[1]
+    a.fit()
+    b = _trainer(tiny_pipelines, tmp_path / "b", *wds)
+    with pytest.raises(Interrupted):
+        b.fit(stop_after=3)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
+    assert state["streams"][0]["pos"] == 18 % 64 and state["streams"][0]["world"] == 1
+    b = _trainer(tiny_pipelines, tmp_path / "b", *wds)
+    b.fit()
+    wa, wb = _weights(tmp_path / "a" / "student"), _weights(tmp_path / "b" / "student")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert len({k for k in seen if k[0] >= 0}) == 6  # one stream read per step, whatever the updates

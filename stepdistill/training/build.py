@@ -138,8 +138,15 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
     classes = teacher.null_label if teacher.conditional and teacher.null_label is not None else None
     d = cfg.data
     prompts = read_captions(d.prompts, d, d.skip_bad_items) if d.prompts is not None else None
-    items = read_items(d, text, classes) if d.images is not None else None
+    items = read_items(d, text, classes) if d.images is not None and not d.streaming else None
     size, channels = image_geometry(cfg, teacher)
+    stream = None
+    if d.streaming:
+        from ..streaming import Stream, StreamData
+
+        num = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        stream = StreamData(Stream(d, text, classes, seed, rank, num), teacher, size=size, channels=channels,
+                            crop=d.crop, seed=seed, device=device)
     cache = None
     if d.cache is not None:
         from ..cache import DataCache, cache_key
@@ -165,7 +172,7 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
                         num_workers=d.num_workers, device=device, cache=cache)
         captions, labels = items.captions, items.labels
     source = BatchSource(teacher, seed=seed, device=device, prompts=prompts, x0_data=x0, x0_captions=captions,
-                         x0_labels=labels, oracle=oracle, rank=rank, real=real, cache=cache)
+                         x0_labels=labels, oracle=oracle, rank=rank, real=real, cache=cache, stream=stream)
     if source.fully_cached and torch.device(device).type != "cpu":
         teacher.offload_text_encoders()  # every prompt's states are cached: the encoders leave the accelerator
     return source

@@ -310,6 +310,10 @@ class Trainer:
             emas = {name: {k: v for k, v in e.items() if k != "shadow_params"} for name, e in emas.items()}
         if emas:
             state["ema"] = emas
+        if self.source.stream is not None:  # every rank's stream position
+            from accelerate.utils import gather_object
+
+            state["streams"] = gather_object([self.source.stream.stream.state_dict()])
         path = self.run_dir / "checkpoints" / f"checkpoint-{step}"
         self.broken.discard(path)  # a broken checkpoint of this step is replaced by a good one
         return write_checkpoint(self.accelerator, self.run_dir, step, state, self.resolved_config(),
@@ -337,6 +341,13 @@ class Trainer:
         self.loop.load_state_dict(state["loop"])
         if state.get("distiller"):
             self.distiller.load_state_dict(state["distiller"])
+        if self.source.stream is not None:
+            streams = state.get("streams") or []
+            if len(streams) != acc.num_processes:
+                raise ConfigError(f"resume: the checkpoint holds {len(streams)} stream positions and this run has "
+                                  f"{acc.num_processes} processes; a streaming source (data.streaming) resumes only on "
+                                  f"the process count that wrote it")
+            self.source.stream.stream.load_state_dict(streams[acc.process_index])
         saved = state.get("ema") or {}
         for name, st in self.states.items():
             if st.ema is None:
