@@ -39,15 +39,20 @@ def _fsdp(config, overrides, processes=2):
 
 # DMD2 with 2 micro-batches per update: gradients stay local in the first backward, reduced in the second
 CASES = [("dmd2_4step", ["train.gradient_accumulation_steps=2"], 1e-5),
+         pytest.param("dmd2_4step", ["method_args.gan=true", "data.images=GAN_IMAGES"], 1e-5, marks=pytest.mark.slow),
          pytest.param("sid_1step", ["method_args.fake_lora_rank=4"], 2e-4, marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("config,extra,tol", CASES, ids=["dmd2", "sid-lora-fake"])
+@pytest.mark.parametrize("config,extra,tol", CASES, ids=["dmd2", "dmd2-gan", "sid-lora-fake"])
 def test_ddp_and_fsdp_equal_the_one_process_run(tmp_path, tiny_pipelines, config, extra, tol):
     """The same global batch on 1 process, 2 DDP processes and 2 FSDP processes: the logged losses (means
     over the ranks) agree step by step within float tolerance, the DDP ranks hold identical weights after
     every step, and the FSDP student's gathered weights equal the DDP student's."""
     cfg = f"configs/tiny-sd/{config}.yaml"
+    if "data.images=GAN_IMAGES" in extra:  # DMD2's GAN head on captioned real images (its features under FSDP2)
+        from stepdistill.testing.data_fixtures import write_image_folder
+
+        extra = [e for e in extra if e != "data.images=GAN_IMAGES"] + [f"data.images={write_image_folder(tmp_path / 'im', 12)}"]
     common = [f"teacher.path={tiny_pipelines['sd']}", "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1",
               "train.validate_every=3", "train.ema_decay=0.9", "train.lr_schedule=linear", "method_args.lr=1e-3", *extra]
     one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"

@@ -295,3 +295,26 @@ def test_a_streamed_source_resumed_sees_the_batches_of_an_uninterrupted_run(tmp_
     wa, wb = _weights(tmp_path / "a" / "student"), _weights(tmp_path / "b" / "student")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert len({k for k in seen if k[0] >= 0}) == 6  # one stream read per step, whatever the updates
+
+
+@pytest.mark.slow  # about 85 s: three 2-process launches
+def test_two_processes_streaming_resume_exactly(tmp_path, tiny_pipelines, data):
+    """2 processes (gloo), each streaming its own shard: 4 steps straight equal 2 steps, stopped, and
+    resumed; the checkpoint holds both ranks' positions. (Another process count is refused before any
+    work: a 2-process checkpoint on 1 process by the sharded-state check, the stream positions by count.)"""
+    from test_train_e2e import launch
+
+    common = [f"teacher.path={tiny_pipelines['sd']}", f"data.images={data['webdataset']}", "data.streaming=true",
+              "data.shuffle_buffer=32", "data.prompts=null", "method_args.gan=true", "train.max_steps=4",
+              "train.checkpoint_every=2", "train.validate_every=1000", "train.batch_size=4"]
+    cfg = "configs/tiny-sd/dmd2_4step.yaml"
+    r = launch(cfg, common + [f"train.output_dir={tmp_path / 'a'}"], processes=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(cfg, common + [f"train.output_dir={tmp_path / 'b'}", "--stop-after", "2"], processes=2)
+    assert r.returncode != 0 and (tmp_path / "b" / "checkpoints" / "checkpoint-2").is_dir(), r.stderr[-3000:]
+    state = json.loads((tmp_path / "b" / "checkpoints" / "checkpoint-2" / "training_state.json").read_text())
+    assert [s["rank"] for s in state["streams"]] == [0, 1] and all(s["pos"] == 4 for s in state["streams"])
+    r = launch(cfg, common + [f"train.output_dir={tmp_path / 'b'}"], processes=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wa, wb = _weights(tmp_path / "a" / "student"), _weights(tmp_path / "b" / "student")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

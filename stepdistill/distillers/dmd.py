@@ -250,10 +250,19 @@ class DMD2(DMDBase):
     def _fake_features(self, x_t, t, cond) -> torch.Tensor:
         self.features.active = True
         try:
-            self.fake(x_t, t, cond)
+            out = self.fake(x_t, t, cond)
         finally:
             self.features.active = False
-        return self.features.value
+        feats = self.features.value
+        from ..parallel import is_sharded
+
+        if is_sharded(self.fake.model):  # (sharded after the head's probe at construction)
+            # FSDP2 gathers a sharded module's weights for the backward in a hook on that module's outputs;
+            # the network's root output is not in the GAN loss, so the root's hook would never run and the
+            # backward through its layers (conv_in, time embedding) would meet freed weights. A zero-weight
+            # term puts the output in the graph; it changes no value or gradient.
+            feats = feats + 0.0 * out.flatten(1).mean(1).reshape(-1, *[1] * (feats.ndim - 1)).to(feats.dtype)
+        return feats
 
     def _logits(self, x: torch.Tensor, cond, batch: Batch) -> torch.Tensor:
         """The head's logit for clean samples ``x`` under their own conditioning ``cond``, noised at a
