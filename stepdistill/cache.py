@@ -178,7 +178,7 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
     from .teachers import load_teacher
     from .training.build import image_geometry
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # without CUDA, cpu=True makes a launch use gloo
     if cfg.teacher.path is None:
         raise InputError("teacher.path: a data cache needs a diffusers teacher (the oracle has no encoders)")
     out = Path(out or cfg.data.cache or "")
