@@ -173,10 +173,9 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
     from accelerate import PartialState
 
     from .data import stream_seed
-    from .loading import Decoded, collate
+    from .loading import Decoded, collate, image_geometry
     from .sources import read_captions, read_items
     from .teachers import load_teacher
-    from .training.build import image_geometry
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without CUDA, cpu=True makes a launch use gloo
     if cfg.teacher.path is None:
@@ -195,7 +194,7 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
         items = read_items(cfg.data, text, teacher.null_label if teacher.conditional else None)
     if captions is None and items is None:
         raise InputError("data: nothing to cache (give data.prompts or data.images)")
-    size, channels = image_geometry(cfg, teacher)
+    size, channels = image_geometry(teacher)
     key = cache_key(cfg, teacher, captions, items, size)
     manifest = out / MANIFEST
     if state.is_main_process:

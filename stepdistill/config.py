@@ -301,6 +301,8 @@ class DataConfig:
             _fail("data.crop", f"must be center or random, got {self.crop!r}")
         check_range("data.num_workers", self.num_workers, ge=0)
         check_range("data.shuffle_buffer", self.shuffle_buffer, gt=0)
+        if self.streaming and self.cache is not None:
+            _fail("data.cache", "a data cache is read by index; data.streaming reads the source itself (use one)")
         if self.streaming and self.images is None:
             _fail("data.streaming", "streams data.images; set data.images (webdataset shards, parquet or a dataset)")
 

@@ -23,6 +23,13 @@ IN_MEMORY_ITEMS = 4096  # sets up to this many images are encoded once at start 
 PREFETCH_STEPS = 4  # (step, micro) batches planned ahead of the one in use
 
 
+def image_geometry(teacher) -> tuple[int, int]:
+    """(pixel size, channels) real images are cropped to: the teacher's sample size in pixels."""
+    scale = getattr(teacher.pipeline, "vae_scale_factor", 1) if teacher.vae is not None else 1
+    channels = teacher.vae.config.in_channels if teacher.vae is not None else teacher.sample_shape[0]
+    return teacher.sample_shape[-1] * scale, channels
+
+
 def transform(image, size: int, channels: int, crop: str, generator=None):
     """An image resized (shorter side) and cropped to ``size`` x ``size``, in [-1, 1], with the
     original (height, width) and the crop's (top, left) corner (SDXL's micro-conditioning), as the

@@ -177,6 +177,20 @@ def usable_rows(column, where: str, skip_bad: bool, what: str = "prompt") -> np.
     return rows
 
 
+def folder_fingerprint(files: Sequence[Path]) -> str:
+    """An image folder's listing: relative path, size and modification time of every image and caption."""
+    import hashlib
+
+    root = files[0].parent
+    while not all(root in f.parents for f in files):
+        root = root.parent
+    listing = []
+    for f in list(files) + [f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()]:
+        st = f.stat()
+        listing.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()[:16]
+
+
 def table_fingerprint(table) -> str:
     """The fingerprint ``datasets`` gives a table (a hash of its files and transforms)."""
     return str(getattr(table, "_fingerprint", None) or "")[:16]
@@ -370,9 +384,7 @@ def read_items(cfg, teacher_text: bool, num_classes: int | None, check: bool = T
         files = list_images(spec)
         files, captions = image_captions(files, skip)
         labels = folder_labels(files, num_classes) if num_classes is not None else None
-        from .training.run_folder import data_fingerprint
-
-        return FileItems(files, f"data.images '{spec}'", data_fingerprint(cfg).get("images", ""), captions, labels)
+        return FileItems(files, f"data.images '{spec}'", folder_fingerprint(list_images(spec)), captions, labels)
     if kind == "json":  # a COCO caption file (anything else is refused naming what it lacks)
         pairs = read_coco(Path(spec), cfg.image_root, skip)
         if num_classes is not None:
@@ -426,6 +438,9 @@ def check_images(cfg) -> None:
     from .data import image_captions, list_images
 
     kind = kind_of(cfg.images, "data.images")
+    if cfg.image_root is not None and kind != "json":
+        raise DataError(f"data.image_root: names the image folder of a COCO caption file; data.images "
+                        f"'{cfg.images}' is not one")
     if cfg.streaming and kind in ("folder", "json", "text", "list"):
         raise DataError(f"data.streaming: '{cfg.images}' is read by index, not streamed; streaming reads webdataset "
                         f"shards, parquet / jsonl / csv files, a saved dataset or hf:<hub id>")

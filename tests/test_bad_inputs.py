@@ -133,7 +133,28 @@ CASES = [
     ("override-bad-key", lambda t: ["train..seed=1"], ConfigError, r"override 'train..seed=1': 'train..seed' is not a dotted key"),
     ("override-bad-yaml", lambda t: ["train.seed=[1"], ConfigError, r"train.seed: '\[1' is not valid YAML"),
     ("override-empty-text", lambda t: ["train.output_dir="], ConfigError, r"train.output_dir: expected a string, got None"),
+    # data sources (stepdistill/sources.py)
+    ("webdataset-shard-missing", lambda t: [f"data.images={t}/shards-{{000..002}}.tar"], DataError,
+     r"data.images: webdataset shard '.*shards-000.tar' does not exist \(3 of 3 missing\)"),
+    ("caption-column-missing", lambda t: [f"data.prompts={_parquet(t)}", "data.caption_column=title"], DataError,
+     r"no column 'title' \(data.caption_column\); the source has \['caption', 'id'\]"),
+    ("coco-not-coco", lambda t: [f"data.images={_write(t, 'c.json', json.dumps({'images': []}))}"], DataError,
+     r"a COCO caption file holds an 'annotations' list"),
+    ("image-root-without-coco", lambda t: [f"data.images={_captioned(t)}", f"data.image_root={t}"], DataError,
+     r"data.image_root: names the image folder of a COCO caption file"),
+    ("streaming-an-image-folder", lambda t: [f"data.images={_captioned(t)}", "data.streaming=true"], DataError,
+     r"data.streaming: '.*captioned' is read by index, not streamed"),
+    ("streaming-with-a-cache", lambda t: [f"data.images={t}/a.tar", "data.streaming=true", f"data.cache={t}"],
+     ConfigError, r"data.cache: a data cache is read by index"),
+    ("caption-file-as-images", lambda t: [f"data.images={_write(t, 'c.txt', 'a cat')}"], DataError,
+     r"data.images: '.*c.txt' is a caption file, not images"),
 ]
+
+
+def _parquet(tmp_path: Path) -> Path:
+    from stepdistill.testing.data_fixtures import write_parquet_captions
+
+    return write_parquet_captions(tmp_path / "caps.parquet", 5)
 
 
 def _captioned(tmp_path: Path, missing: int | None = None) -> Path:

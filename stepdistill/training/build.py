@@ -14,7 +14,7 @@ import torch
 
 from ..config import RunConfig, from_dict, to_dict, torch_dtype
 from ..data import BatchSource, folder_labels, load_images
-from ..loading import IN_MEMORY_ITEMS, RealData
+from ..loading import IN_MEMORY_ITEMS, RealData, image_geometry
 from ..sources import FileItems, check_images, read_captions, read_items
 from ..denoiser import Denoiser, unwrap
 from ..distillers.base import Context, Distiller
@@ -123,13 +123,6 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) ->
     return teacher, Denoiser(net, process, pred), gmm
 
 
-def image_geometry(cfg: RunConfig, teacher: Teacher) -> tuple[int, int]:
-    """(pixel size, channels) real images are cropped to: the teacher's sample size in pixels."""
-    scale = getattr(teacher.pipeline, "vae_scale_factor", 1) if teacher.vae is not None else 1
-    channels = teacher.vae.config.in_channels if teacher.vae is not None else teacher.sample_shape[0]
-    return teacher.sample_shape[-1] * scale, channels
-
-
 def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, rank: int = 0) -> BatchSource:
     """The batch source: captions, real images with their own captions or class labels (a small set
     encoded into the denoiser's space once; a large one per batch, ``loading.RealData``), a data
@@ -139,7 +132,7 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
     d = cfg.data
     prompts = read_captions(d.prompts, d, d.skip_bad_items) if d.prompts is not None else None
     items = read_items(d, text, classes) if d.images is not None and not d.streaming else None
-    size, channels = image_geometry(cfg, teacher)
+    size, channels = image_geometry(teacher)
     stream = None
     if d.streaming:
         from ..streaming import Stream, StreamData

@@ -140,7 +140,7 @@ def data_fingerprint(data_cfg) -> dict:
     file, captions included), the shards' or a saved dataset's files, a hub dataset's id and split. A
     change between a run and its resume is an unsafe config difference."""
     from ..data import list_images
-    from ..sources import expand_shards, kind_of
+    from ..sources import expand_shards, folder_fingerprint, kind_of
 
     out = {}
     for key in ("prompts", "images"):
@@ -157,15 +157,7 @@ def data_fingerprint(data_cfg) -> dict:
         elif kind == "saved":
             out[key] = _listing_print(sorted(p for p in Path(spec).rglob("*") if p.is_file()))
         elif kind == "folder" and key == "images":
-            files = list_images(spec)
-            root = files[0].parent
-            while not all(root in f.parents for f in files):
-                root = root.parent
-            listing = []
-            for f in files + [f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()]:
-                st = f.stat()
-                listing.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns))
-            out[key] = _sha256_bytes(json.dumps(sorted(listing)).encode())
+            out[key] = folder_fingerprint(list_images(spec))
         elif Path(spec).is_file():
             out[key] = _file_print(Path(spec))
     return out
