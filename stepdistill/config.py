@@ -285,7 +285,10 @@ class DataConfig:
     image_root: str | None = None  # COCO: the image folder (default: ../train2017 beside captions_train2017.json)
     caption_column: str | None = None  # default: the first of caption, text, prompt, txt
     image_column: str | None = None  # default: the first of image, jpg, png, jpeg, webp
-    label_column: str | None = None  # default: label (class-conditional teachers)
+    label_column: str | None = None  # default: label (class-conditional teachers, or label_prompt)
+    # text teachers on class-labelled images (class folders, a label column): each image's caption, from its
+    # label's name (a dataset's ClassLabel names or the folder name) or number, e.g. "a photo of the digit {label}"
+    label_prompt: str | None = None
     split: str = "train"  # of a datasets dataset
     crop: str = "center"  # center | random (per item, seeded), as the diffusers training scripts
     streaming: bool = False  # read data.images as a stream (webdataset shards, parquet, a hub dataset): stepdistill/streaming.py
@@ -297,6 +300,8 @@ class DataConfig:
     def __post_init__(self):
         if isinstance(self.prompts, list) and not self.prompts:
             _fail("data.prompts", "is an empty list")
+        if self.label_prompt is not None and "{label}" not in self.label_prompt:
+            _fail("data.label_prompt", f"must contain {{label}}, got {self.label_prompt!r}")
         if self.crop not in ("center", "random"):
             _fail("data.crop", f"must be center or random, got {self.crop!r}")
         check_range("data.num_workers", self.num_workers, ge=0)

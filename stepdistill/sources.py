@@ -334,6 +334,21 @@ class TableItems(Items):
         return f"{self.where} item {int(i)}"
 
 
+class LabelPrompts:
+    """Each item's caption from its class label: ``template`` with ``{label}`` replaced by the label's
+    name (``names``) or number; computed per access, never held as a list."""
+
+    def __init__(self, template: str, labels: np.ndarray, names: Sequence[str] | None = None):
+        self.template, self.labels, self.names = template, labels, names
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> str:
+        label = int(self.labels[int(i)])
+        return self.template.format(label=self.names[label] if self.names else label)
+
+
 class CocoPairs:
     def __init__(self, files, captions, fingerprint):
         self.files, self.captions, self.fingerprint = files, captions, fingerprint
@@ -374,7 +389,7 @@ def read_coco(path: Path, image_root: str | None, skip_bad: bool, need_images: b
     return CocoPairs(files, captions, fp)
 
 
-def read_items(cfg, teacher_text: bool, num_classes: int | None, check: bool = True) -> Items:
+def read_items(cfg, teacher_text: bool, num_classes: int | None) -> Items:
     """The real items of ``data.images``, with their own captions (text teachers) or labels."""
     from .data import folder_labels, image_captions, list_images
 
@@ -382,7 +397,10 @@ def read_items(cfg, teacher_text: bool, num_classes: int | None, check: bool = T
     kind = kind_of(spec, "data.images")
     if kind == "folder":
         files = list_images(spec)
-        files, captions = image_captions(files, skip)
+        if teacher_text and cfg.label_prompt:  # class folders: the folder name is the label
+            captions = [cfg.label_prompt.format(label=f.parent.name) for f in files]
+        else:
+            files, captions = image_captions(files, skip)
         labels = folder_labels(files, num_classes) if num_classes is not None else None
         return FileItems(files, f"data.images '{spec}'", folder_fingerprint(list_images(spec)), captions, labels)
     if kind == "json":  # a COCO caption file (anything else is refused naming what it lacks)
@@ -400,12 +418,20 @@ def read_items(cfg, teacher_text: bool, num_classes: int | None, check: bool = T
     cap_col = label_col = None
     if teacher_text:
         cap_col = pick_column(cols, cfg.caption_column, CAPTION_COLUMNS, where, "caption", required=False)
+        if cap_col is None and cfg.label_prompt:
+            label_col = pick_column(cols, cfg.label_column, LABEL_COLUMNS, where, "label")
+            items = TableItems(table, where, image_col, None, label_col, skip)
+            names = getattr(table.features[label_col], "names", None)
+            items.captions = Captions(LabelPrompts(cfg.label_prompt, items.labels, names), where, items.fingerprint)
+            items.labels = None  # a text teacher: the label's prompt is the conditioning
+            return items
         if cap_col is None and "json" in cols:
             table = _captions_from_json(table, cfg.caption_column, where)
             cap_col = "caption"
         if cap_col is None:
             raise DataError(f"{where}: teacher is text-conditioned, so its real images need their own captions: no "
-                            f"caption column among {cols} (name it with data.caption_column)")
+                            f"caption column among {cols} (name it with data.caption_column, or give class-labelled "
+                            f"items a data.label_prompt)")
     elif num_classes is not None:
         label_col = pick_column(cols, cfg.label_column, LABEL_COLUMNS, where, "label")
     items = TableItems(table, where, image_col, cap_col, label_col, skip)

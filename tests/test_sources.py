@@ -115,6 +115,18 @@ def test_class_labels_come_from_the_label_column_and_are_range_checked(data):
         read_items(DataConfig(images=data["saved-labels"]), False, 5)
 
 
+def test_class_labelled_images_get_their_labels_prompt_for_a_text_teacher(tmp_path, data):
+    items = read_items(DataConfig(images=data["saved-labels"], label_prompt="a photo of the digit {label}"), True, None)
+    assert [items.captions[i] for i in range(12)] == [f"a photo of the digit {i % 10}" for i in range(12)]
+    for label in ("cat", "dog"):
+        (tmp_path / "classes" / label).mkdir(parents=True)
+        fx.image_of(0).save(tmp_path / "classes" / label / "0.png")
+    items = read_items(DataConfig(images=str(tmp_path / "classes"), label_prompt="a {label}"), True, None)
+    assert items.captions.take(range(2)) == ["a cat", "a dog"]
+    with pytest.raises(DataError, match=r"no caption column among .* or give class-labelled items a data.label_prompt"):
+        read_items(DataConfig(images=data["saved-labels"]), True, None)
+
+
 def test_random_crops_are_fixed_per_item_and_record_their_corner():
     im = fx.image_of(3, 24).resize((40, 24))
     a = transform(im, 16, 3, "random", torch.Generator().manual_seed(5))
@@ -171,6 +183,8 @@ def test_dmd2_gan_real_rows_are_conditioned_on_their_own_captions(tmp_path, tiny
     else:
         assert batch.prompts[0] in set(read_captions(data[prompts], DataConfig()).take(range(100)))
         assert not torch.allclose(cond_fake.kwargs["encoder_hidden_states"], own)
+    if source != "webdataset":
+        return  # one source trains (below); the others are checked for the pairing only
     before = {k: v.clone() for k, v in trainer.distiller.student.denoiser.model.state_dict().items()}
     trainer.fit()
     moved = sum((v - before[k]).abs().sum().item() for k, v in trainer.distiller.student.denoiser.model.state_dict().items())
