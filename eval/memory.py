@@ -124,13 +124,21 @@ def _rss_kib(field: str) -> int:
 
 def _tensor_bytes(tensors) -> int:
     """Distinct storage behind the tensors (a sharded parameter: this rank's shard)."""
+    import torch
+
     from stepdistill.parallel import local
 
+    def leaves(t):  # a tensor subclass (torchao's 8-bit optimiser state): the plain tensors it holds
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:
+                yield from leaves(getattr(t, name))
+        else:
+            yield t
+
     seen, total = set(), 0
-    for t in tensors:
-        if t is None or not hasattr(t, "untyped_storage"):
+    for t in (leaf for x in tensors if x is not None for leaf in leaves(local(x))):
+        if not hasattr(t, "untyped_storage"):
             continue
-        t = local(t)
         key = (t.untyped_storage().data_ptr(), t.device)
         if key in seen:
             continue

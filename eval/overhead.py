@@ -2,6 +2,8 @@
 """Loop overhead of every distiller: one training iteration versus the sum of its network passes.
 
     python eval/overhead.py [--family sd] [--iters 5] [--methods dmd2 sid ...]
+    python eval/overhead.py --pipeline runs/memory/pipeline-sd15-32 --methods dmd2 --iters 2 \
+        --set train.batch_size=1 method_args.fake_lora_rank=64     # the SD1.5 UNet (eval/memory.py builds it)
 
 For each method on a tiny pipeline (built offline into a temporary folder), the script times whole
 training iterations through the real Trainer, records every network call the iteration makes
@@ -108,15 +110,16 @@ def _networks(tr) -> list:
     return [m for k, m in nets.items() if k not in inner]
 
 
-def measure(method: str, teacher_path: Path, out_dir: Path, iters: int) -> dict:
+def measure(method: str, teacher_path: Path, out_dir: Path, iters: int, family: str | None = None,
+            extra: list[str] = ()) -> dict:
     from stepdistill.config import load_config
     from stepdistill.denoiser import unwrap
     from stepdistill.training import Trainer
 
-    family = teacher_path.name
+    family = family or teacher_path.name
     cfg = load_config(ROOT / "configs" / f"tiny-{family}" / f"{CONFIGS[method]}.yaml",
                       [f"teacher.path={teacher_path}", f"train.output_dir={out_dir}", "train.report_to=none",
-                       "train.progress=false", f"train.max_steps={iters + 10}"])
+                       "train.progress=false", f"train.max_steps={iters + 10}", *extra])
     tr = Trainer(cfg)
     micro = cfg.train.batch_size
 
@@ -162,17 +165,20 @@ def main(argv=None) -> int:
     parser.add_argument("--family", default="sd", choices=["sd", "dit", "sd3"])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--methods", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--pipeline", type=Path, default=None,
+                        help="a pipeline folder to use instead of the tiny one (with --family's tiny configs)")
+    parser.add_argument("--set", nargs="*", default=[], help="key=value overrides for every method's config")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from stepdistill.testing.tiny_pipelines import TINY_FAMILIES
 
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = TINY_FAMILIES[args.family](Path(tmp) / args.family)
+        teacher = args.pipeline or TINY_FAMILIES[args.family](Path(tmp) / args.family)
         rows = []
         for m in args.methods:
             if m == "guided" and args.family != "sd":
                 continue
-            rows.append(measure(m, teacher, Path(tmp) / f"run-{m}", args.iters))
+            rows.append(measure(m, teacher, Path(tmp) / f"run-{m}", args.iters, args.family, args.set))
             r = rows[-1]
             print(f"{r['method']:>12}  iteration {r['iteration_ms']:8.1f} ms  passes {r['passes_ms']:8.1f} ms "
                   f"({r['passes']:2d} calls)  ratio {r['ratio']:.3f}  in place {r['in_place_ms']:8.1f} ms "
