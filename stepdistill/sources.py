@@ -15,16 +15,15 @@ x-source, DMD2's GAN real branch) each name one source:
 
 Tabular sources are read through ``datasets`` (Arrow files, memory-mapped), so a million captions cost
 a few megabytes of index, not a million Python strings. Map-style sources are drawn by index with the
-counter-based generator (``data.BatchSource``); streaming sources are read in order (``data.Stream``).
+counter-based generator (``data.BatchSource``); streaming sources are read in order (``streaming.Stream``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -143,7 +142,7 @@ class Captions:
     def __getitem__(self, i: int) -> str:
         j = int(i) if self.rows is None else int(self.rows[int(i)])
         v = self.values[j]
-        return v if isinstance(v, str) else v.as_py()
+        return (v if isinstance(v, str) else v.as_py()).strip()  # as read_prompts keeps them
 
     def take(self, idx: Sequence[int]) -> list[str]:
         return [self[i] for i in idx]
@@ -259,8 +258,8 @@ def _check_utf8(path: Path, chunk: int = 1 << 24) -> None:
 
 
 class Items:
-    """Map-style real items: ``image(i)`` (a PIL image), ``caption(i)``, ``label(i)``. ``captions``
-    (a Captions or None) and ``labels`` (an int array or None) are the items' own conditioning."""
+    """Map-style real items: ``image(i)`` (a PIL image) and ``name(i)`` (for error lines); ``captions[i]``
+    (a Captions or None) and ``labels[i]`` (an int array or None) are item i's own conditioning."""
 
     def __init__(self, where: str, n: int, fingerprint: str, captions: Captions | None = None,
                  labels: np.ndarray | None = None):

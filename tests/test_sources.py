@@ -37,11 +37,6 @@ def data(tmp_path_factory):
     }
 
 
-def _captions(path, n, write):
-    write(path, n)
-    return path
-
-
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv", "parquet", "coco", "saved"])
 def test_every_caption_format_reads_the_same_captions_in_order(tmp_path, data, fmt):
     n = 50
