@@ -174,7 +174,8 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
 
     from .data import stream_seed
     from .loading import Decoded, collate, image_geometry
-    from .sources import read_captions, read_items
+    from .items import read_items
+    from .sources import read_captions
     from .teachers import load_teacher
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without CUDA, cpu=True makes a launch use gloo

@@ -150,6 +150,19 @@ class StreamData:
         self.seed, self.device = seed, torch.device(device)
         self._recent: dict = {}
 
+    def gathered_state(self) -> list[dict]:
+        """Every rank's stream position, by rank (for the checkpoint; call on every rank)."""
+        from accelerate.utils import gather_object
+
+        return gather_object([self.stream.state_dict()])
+
+    def restore(self, states: list[dict], num_processes: int, rank: int) -> None:
+        if len(states) != num_processes:
+            raise DataError(f"resume: the checkpoint holds {len(states)} stream positions and this run has "
+                            f"{num_processes} processes; a streaming source (data.streaming) resumes only on the "
+                            f"process count that wrote it")
+        self.stream.load_state_dict(states[rank])
+
     def fetch(self, key, n: int, generator: torch.Generator):
         from .data import stream_seed
         from .loading import transform

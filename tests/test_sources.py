@@ -16,7 +16,8 @@ import torch
 from stepdistill.config import DataConfig, load_config
 from stepdistill.errors import DataError, Interrupted
 from stepdistill.loading import Decoded, transform
-from stepdistill.sources import read_captions, read_items
+from stepdistill.items import read_items
+from stepdistill.sources import read_captions
 from stepdistill.testing import data_fixtures as fx
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ import torch
 from ..config import RunConfig, from_dict, to_dict, torch_dtype
 from ..data import BatchSource, folder_labels, load_images
 from ..loading import IN_MEMORY_ITEMS, RealData, image_geometry
-from ..sources import FileItems, check_images, read_captions, read_items
+from ..items import FileItems, read_items
+from ..sources import check_images, read_captions
 from ..denoiser import Denoiser, unwrap
 from ..distillers.base import Context, Distiller
 from ..distillers.registry import get_method

@@ -311,9 +311,7 @@ class Trainer:
         if emas:
             state["ema"] = emas
         if self.source.stream is not None:  # every rank's stream position
-            from accelerate.utils import gather_object
-
-            state["streams"] = gather_object([self.source.stream.stream.state_dict()])
+            state["streams"] = self.source.stream.gathered_state()
         path = self.run_dir / "checkpoints" / f"checkpoint-{step}"
         self.broken.discard(path)  # a broken checkpoint of this step is replaced by a good one
         return write_checkpoint(self.accelerator, self.run_dir, step, state, self.resolved_config(),
@@ -342,12 +340,7 @@ class Trainer:
         if state.get("distiller"):
             self.distiller.load_state_dict(state["distiller"])
         if self.source.stream is not None:
-            streams = state.get("streams") or []
-            if len(streams) != acc.num_processes:
-                raise ConfigError(f"resume: the checkpoint holds {len(streams)} stream positions and this run has "
-                                  f"{acc.num_processes} processes; a streaming source (data.streaming) resumes only on "
-                                  f"the process count that wrote it")
-            self.source.stream.stream.load_state_dict(streams[acc.process_index])
+            self.source.stream.restore(state.get("streams") or [], acc.num_processes, acc.process_index)
         saved = state.get("ema") or {}
         for name, st in self.states.items():
             if st.ema is None:
