@@ -231,15 +231,16 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
         lo = shard * shard_rows
         hi = min(lo + shard_rows, len(captions) if part == "prompts" else len(items))
         tensors: dict[str, list] = {}
+        loader = None if part == "prompts" else iter(torch.utils.data.DataLoader(
+            decoded, batch_size=64, sampler=range(lo, hi), collate_fn=collate,
+            num_workers=min(cfg.data.num_workers, os.cpu_count() or 1)))  # the shard's images, 64 at a time
         for a in range(lo, hi, 64):
             b = min(a + 64, hi)
             rows = {}
             if part == "prompts":
                 rows.update(flatten(teacher.encode(captions.take(range(a, b)))[0].kwargs, "cond."))
             else:
-                loader = torch.utils.data.DataLoader(decoded, batch_size=b - a, sampler=range(a, b), collate_fn=collate,
-                                                     num_workers=min(cfg.data.num_workers, os.cpu_count() or 1))
-                pixels, original, corner, _ = next(iter(loader))
+                pixels, original, corner, _ = next(loader)
                 noise = torch.stack([torch.randn(teacher.sample_shape, generator=torch.Generator().manual_seed(
                     stream_seed(cfg.train.seed, i, 23))) for i in range(a, b)])
                 rows["latents"] = teacher.encode_images(pixels.to(state.device), noise=noise)
