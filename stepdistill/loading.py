@@ -1,9 +1,9 @@
 """Real images of large sets, loaded per batch: decoded and cropped in ``DataLoader`` workers ahead of
 the step that uses them, then VAE-encoded on the accelerator (or read from a data cache).
 
-Image folders and COCO files of up to ``IN_MEMORY_ITEMS`` items keep the small-set path: every image
-encoded once at start and held on the device (``data.BatchSource.x0_data``). Larger sets, webdataset
-shards and datasets never sit in memory: a batch draws item
+Image folders and COCO files of up to ``IN_MEMORY_ITEMS`` items, centre-cropped, keep the small-set
+path: every image encoded once at start and held on the device (``data.BatchSource.x0_data``). Larger
+sets, random crops, webdataset shards and datasets never sit in memory: a batch draws item
 indices from its own counter-based stream (seed, step, micro), so the loader knows the indices of
 every future batch and its workers decode them ahead, and a resumed run draws the same items.
 """

@@ -147,7 +147,8 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
 
         cache = DataCache(d.cache, cache_key(cfg, teacher, prompts if text else None, items, size))
     x0 = real = captions = labels = None
-    if items is not None and cache is None and isinstance(items, FileItems) and len(items) <= IN_MEMORY_ITEMS:
+    small = isinstance(items, FileItems) and len(items) <= IN_MEMORY_ITEMS and d.crop == "center"
+    if items is not None and cache is None and small:  # encoded once, held (random crops go per batch)
         files = [Path(f) for f in items.files]
         captions = None if items.captions is None else items.captions.values
         images, kept = load_images(files, size, channels, d.skip_bad_items)
