@@ -107,7 +107,6 @@ class RealData:
         self._keys: deque = deque()
         self._iter = None
         self._recent: dict = {}  # key -> latents of the last batches (every update of a step asks again)
-        self.calls = 0  # VAE encodes run
 
     def __len__(self) -> int:
         return len(self.items)
@@ -146,12 +145,8 @@ class RealData:
         if key in self._recent and torch.equal(self._recent[key][0], idx):
             return self._recent[key][1].clone()
         pixels = self._pixels(key, idx)[0]
-        self.calls += 1
         z = self.teacher.encode_images(pixels.to(self.device), noise=noise).to(self.device)
         if len(self._recent) >= 8:
             self._recent.pop(next(iter(self._recent)))
         self._recent[key] = (idx.clone(), z)
         return z.clone()
-
-    def close(self) -> None:
-        self._iter, self._keys = None, deque()

@@ -33,3 +33,28 @@ def eval_script():
         return mod
 
     return load
+
+
+@pytest.fixture
+def record_gan_logits():
+    """``with record_gan_logits() as calls:`` records every call of DMD2's classifier head as
+    (clean samples, their conditioning), in call order."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def record():
+        from stepdistill.distillers.dmd import DMD2
+
+        calls, logits = [], DMD2._logits
+
+        def spy(self, x, cond, batch):
+            calls.append((x.detach().clone(), cond))
+            return logits(self, x, cond, batch)
+
+        DMD2._logits = spy
+        try:
+            yield calls
+        finally:
+            DMD2._logits = logits
+
+    return record

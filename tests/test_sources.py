@@ -142,30 +142,20 @@ def _trainer(tiny, out, *extra):
 
 
 @pytest.mark.parametrize("source,prompts", [("webdataset", "parquet"), ("saved", None), ("coco", None)])
-def test_dmd2_gan_real_rows_are_conditioned_on_their_own_captions(tmp_path, tiny_pipelines, data, source, prompts):
+def test_dmd2_gan_real_rows_are_conditioned_on_their_own_captions(tmp_path, tiny_pipelines, data, source, prompts,
+                                                                   record_gan_logits):
     """DMD2's classifier sees each real image with its own caption, whatever the source; generation
     prompts come from the prompt file (or, without one, from the drawn items' captions)."""
-    from stepdistill.distillers.dmd import DMD2
-
     extra = [f"data.images={data[source]}", f"data.prompts={data[prompts] if prompts else 'null'}", "data.num_workers=0"]
     trainer = _trainer(tiny_pipelines, tmp_path / "run", *extra)
     src = trainer.source
-    drawn, calls = [], []
+    drawn = []
     if src.real is not None:
         latents = src.real.latents
         src.real.latents = lambda key, idx, noise: (drawn.append(idx.clone()), latents(key, idx, noise))[1]
-    logits = DMD2._logits
-
-    def spy(self, x, cond, batch):
-        calls.append((x.detach().clone(), cond))
-        return logits(self, x, cond, batch)
-
-    DMD2._logits = spy
-    try:
+    with record_gan_logits() as calls:
         batch = src.batch(0, 0, 4)
         trainer.distiller.loss(batch, 0, "fake")
-    finally:
-        DMD2._logits = logits
     (_, cond_fake), (x_real, cond_real) = calls
     items = read_items(trainer.cfg.data, True, None)
     if src.real is not None:

@@ -192,12 +192,11 @@ def test_dmd2_gan_head_has_the_official_layout_at_the_native_bottlenecks():
     assert GANHead((1280, 8, 8))(torch.randn(2, 1280, 8, 8)).shape == (2,)  # one logit per sample
 
 
-def test_dmd2_gan_real_branch_sees_each_real_image_with_its_own_caption(tmp_path, tiny_pipelines):
+def test_dmd2_gan_real_branch_sees_each_real_image_with_its_own_caption(tmp_path, tiny_pipelines, record_gan_logits):
     """The classifier's real rows are conditioned on their own captions (not on the batch's other
     prompts), and the classifier times are drawn over the whole range."""
     from PIL import Image
 
-    from stepdistill.distillers.dmd import DMD2
     from stepdistill.training import Trainer
 
     images = tmp_path / "images"
@@ -210,20 +209,9 @@ def test_dmd2_gan_real_branch_sees_each_real_image_with_its_own_caption(tmp_path
         f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={tmp_path}/run", "train.report_to=none",
         "train.progress=false", "method_args.gan=true", f"data.images={images}", "data.prompts=[a yellow sun]"])
     trainer = Trainer(cfg)
-    dmd2 = trainer.distiller
-    calls = []
-    logits = DMD2._logits
-
-    def spy(self, x, cond, batch):
-        calls.append((x.detach().clone(), cond))
-        return logits(self, x, cond, batch)
-
-    DMD2._logits = spy
-    try:
+    with record_gan_logits() as calls:
         batch = trainer.source.batch(0, 0, 4)
-        dmd2.loss(batch, 0, "fake")
-    finally:
-        DMD2._logits = logits
+        trainer.distiller.loss(batch, 0, "fake")
     (x_fake, cond_fake), (x_real, cond_real) = calls
     table = trainer.source.x0_data
     for row in range(4):
