@@ -11,17 +11,22 @@ stock diffusers scheduler configured so that the trained timesteps are used exac
 - few-step re-noising (DMD2 / LCM): ``LCMScheduler`` whose ``original_inference_steps`` reproduces the
   list, with boundary scalings c_skip = 0, c_out = 1 (VP), or ``FlowMatchLCMScheduler`` (flow);
 - deterministic few-step (progressive, guided): ``DDIMScheduler`` with "trailing" spacing (VP), or
-  ``FlowMatchEulerDiscreteScheduler`` with the list as ``sigmas`` (flow).
+  ``FlowMatchEulerDiscreteScheduler`` with the list as ``sigmas`` (flow);
+- BOOT's one-step signal student: its network reads the noise at the clean end's time and its output
+  is read as an x0 prediction at t_max (``generator.signal_prediction``). It is exported as a network
+  whose timestep input is folded away at that time (``nets.time_frozen_copy``) behind the one-step
+  scheduler at t_max, which reads the output exactly so.
 
 Every pipeline starts from unit Gaussian latents, as the toolkit's own sampler does. The call
 arguments that reproduce the trained sampler (steps, guidance scale, sigmas) are written to
-``stepdistill_sampling.json`` and into the model card. BOOT's signal students read the initial noise
-at every step, which no stock scheduler does: they are refused with a message.
+``stepdistill_sampling.json`` and into the model card. A few-step BOOT student would read the initial
+noise at every step, which no stock scheduler does: it is refused with that reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -78,10 +83,14 @@ def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str):
 
     base = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
     n = len(spec.timesteps)
-    if spec.sampler == "signal":
-        raise ExportError("BOOT students (sampler 'signal') read the initial noise at every step; no stock diffusers "
-                          "scheduler does that. Sample them with stepdistill.generator.Student")
     kind = spec.process.get("kind")
+    if spec.sampler == "signal":
+        if n != 1:
+            raise ExportError(f"a {n}-step BOOT student (sampler 'signal') reads the initial noise at every step; no "
+                              f"stock diffusers scheduler does that. Sample it with stepdistill.generator.Student")
+        # one step at t_max, where the (time-frozen) network's output is read as the x0 prediction
+        t_max = 1.0 if kind == "flow" else float(int(base.get("num_train_timesteps", 1000)) - 1)
+        spec = dataclasses.replace(spec, sampler="deterministic", timesteps=[t_max])
     if kind == "flow":
         shift = float(spec.process.get("shift", base.get("shift", 1.0)))
         # the pipeline shifts the sigmas it is given, so it gets the unshifted ones
@@ -286,6 +295,9 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     if not isinstance(network, str):
         raise ExportError(f"'{folder / 'config.json'}' names no network class (_class_name)")
     check_student_network(network)
+    if lora and spec.sampler == "signal":
+        raise ExportError("--lora: a BOOT student is exported with its timestep input folded away, which a LoRA on the "
+                          "teacher cannot express; export it without --lora")
     tcfg = (run_cfg or {}).get("teacher") or {}
     if not isinstance(tcfg, dict):
         raise ExportError(f"'{source}': the run config's teacher section is not a mapping")
@@ -301,7 +313,16 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
         pipe = DiffusionPipeline.from_pretrained(resolve_teacher_path(teacher), dtype=dtype)
     component, _ = find_denoiser(pipe)
     student = Student.load(folder)
-    model = student.model.to(dtype) if dtype is not None else student.model
+    model = student.model
+    if spec.sampler == "signal":  # BOOT: the network reads its input at one fixed time
+        from .nets import time_frozen_copy
+
+        t = student.process.model_time(torch.tensor([spec.timesteps[0]]))
+        try:
+            model = time_frozen_copy(model, float(t[0]))
+        except ValueError as exc:
+            raise ExportError(f"BOOT student: {exc}") from None
+    model = model.to(dtype) if dtype is not None else model
     pred = spec.prediction_type or student.process.prediction_type
     sched, kwargs = scheduler_for(spec, pipe.scheduler.config, pred)
     call = _call_kwargs(pipe, spec, kwargs)

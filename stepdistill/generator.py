@@ -6,6 +6,9 @@ was trained for. Sampler kinds:
 
 - ``deterministic``: DDIM / Euler between the listed times (progressive, guided students);
 - ``renoise``: x0 at each listed time, re-noised with fresh noise to the next one (DMD2 / LCM style);
+  a consistency student (``consistency`` in its config) outputs c_skip(t) x + c_out(t) x0 at each time,
+  LCM's boundary parameterisation (:func:`boundary_scalings`), and samples at any step count
+  (:meth:`Student.at_steps`);
 - ``signal``: BOOT's student, which reads the initial noise eps at every time and outputs the
   trajectory's signal y_t; the sample is y at the (single) listed time.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +38,9 @@ class StudentSpec:
     guidance_scale: float | None = None  # the w fed to a w-conditioned student (diffusers convention)
     process: dict = field(default_factory=dict)  # kind, scheduler config (rebuilds the process)
     prediction_type: str | None = None  # what the network outputs (may differ from the scheduler's)
+    # a consistency student's sampling: {"solver_steps": N, "timestep_scaling": s or None} (LCM's skipping-step
+    # grid and boundary scalings; ``None`` scaling: c_skip = 0, c_out = 1, the flow case)
+    consistency: dict | None = None
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -120,6 +126,34 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
     return student
 
 
+SIGMA_DATA = 0.5  # LCM's sigma_data (fixed in diffusers' LCMScheduler)
+
+
+def boundary_scalings(t: torch.Tensor, timestep_scaling: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's (c_skip, c_out) at discrete time t (Luo et al. 2023, eq. 9, as diffusers' LCMScheduler computes
+    them): c_skip = s_d^2 / ((k t)^2 + s_d^2), c_out = k t / sqrt((k t)^2 + s_d^2) with k the timestep
+    scaling; at t = 0 the output is the input. ``None``: (0, 1), for processes whose x0 prediction already
+    equals the input at the clean end (flow)."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    if timestep_scaling is None:
+        return torch.zeros_like(t), torch.ones_like(t)
+    scaled = timestep_scaling * t
+    return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+
+
+def lcm_timesteps(num_train_timesteps: int, num_steps: int, solver_steps: int) -> list[float]:
+    """The timesteps diffusers' LCMScheduler samples with for ``num_steps`` steps when
+    ``original_inference_steps`` is the distillation's ``solver_steps`` (e.g. 999, 759, 499, 259 for 4 of 50)."""
+    from diffusers import LCMScheduler
+
+    if not 1 <= num_steps <= solver_steps:
+        raise ValueError(f"a consistency student of a {solver_steps}-step solver grid samples in 1 to {solver_steps} "
+                         f"steps, not {num_steps}")
+    sched = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=solver_steps)
+    sched.set_timesteps(num_steps)
+    return [float(t) for t in sched.timesteps.tolist()]
+
+
 def signal_prediction(den: Denoiser, eps: torch.Tensor, t: torch.Tensor, cond: Cond | None = None,
                       guidance=None) -> torch.Tensor:
     """BOOT's y(eps, t): the network reads the initial noise with time t, and its raw output is read
@@ -203,9 +237,13 @@ class Student:
         proc, times, g = self.process, self.times(), self._guidance(guidance)
         if self.spec.sampler == "signal":
             return signal_prediction(den, noise, times[0].expand(noise.shape[0]).to(noise.device), cond, g)
+        scaling = (self.spec.consistency or {}).get("timestep_scaling")
         x = noise  # unit noise at t_init, as diffusers pipelines start (init_noise_sigma = 1)
         for i, t in enumerate(times):
             x0 = den(x, t.expand(noise.shape[0]), cond, guidance=g)
+            if self.spec.consistency is not None:
+                c_skip, c_out = boundary_scalings(t, scaling)
+                x0 = c_skip.to(x0.device) * x.float() + c_out.to(x0.device) * x0
             if i + 1 == len(times):
                 return x0
             s = times[i + 1]
@@ -215,6 +253,19 @@ class Student:
                 eps = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
                 x = proc.add_noise(x0, eps, s.expand(noise.shape[0]))
         return x
+
+    def at_steps(self, num_steps: int) -> "Student":
+        """A consistency student on the schedule for ``num_steps`` steps (VP: LCMScheduler's for its solver
+        grid; flow: the process's grid), sharing this one's network."""
+        if self.spec.consistency is None:
+            raise ValueError(f"a {self.spec.method} student samples with its trained {len(self.spec.timesteps)}-step "
+                             f"schedule only; consistency students sample at any step count")
+        proc = self.process
+        if proc.kind == "vp":
+            times = lcm_timesteps(proc.num_train_timesteps, num_steps, int(self.spec.consistency["solver_steps"]))
+        else:
+            times = proc.grid(num_steps).tolist()
+        return Student(self.denoiser, replace(self.spec, timesteps=times))
 
     def save(self, folder: str | Path, model: nn.Module | None = None) -> None:
         """Write the network as a diffusers model folder (safetensors) plus ``student_config.json``."""

@@ -5,6 +5,7 @@ LoRA (peft, via diffusers' ``add_adapter``) work on them exactly as on a UNet.""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -177,3 +178,41 @@ def network_class(name: str) -> type:
     if cls is None:
         raise ValueError(f"unknown network class {name} (neither stepdistill.nets nor diffusers has it)")
     return cls
+
+
+# the (projection, embedding) child pairs that carry a network's timestep: a UNet's time_proj /
+# time_embedding, the diffusers embedding modules' time_proj / timestep_embedder (DiT blocks, PixArt's
+# adaln_single, SD3's time_text_embed); not the size / time-id embedders beside them (SDXL, PixArt)
+_TIME_PAIRS = (("time_proj", "time_embedding"), ("time_proj", "timestep_embedder"))
+
+
+def time_frozen_copy(model: nn.Module, model_time: float) -> nn.Module:
+    """A copy of a diffusers network whose output no longer depends on the timestep it is given: each
+    timestep embedding's first linear layer is folded at ``model_time`` (its weight zeroed, its bias set
+    to its output at the projection of ``model_time``). The copy is the same diffusers class, so a stock
+    pipeline runs it; it is how a BOOT student, which reads its input at one fixed time, is exported."""
+    from diffusers.models.embeddings import GaussianFourierProjection, Timesteps
+
+    net = copy.deepcopy(model)
+    folded = 0
+    for parent in net.modules():
+        kids = dict(parent.named_children())
+        for proj_name, emb_name in _TIME_PAIRS:
+            proj, emb = kids.get(proj_name), kids.get(emb_name)
+            if not (isinstance(proj, (Timesteps, GaussianFourierProjection)) and isinstance(emb, TimestepEmbedding)):
+                continue
+            if emb.cond_proj is not None:
+                raise ValueError(f"{type(model).__name__} has a guidance input in its time embedding; its timestep "
+                                 f"cannot be folded away")
+            lin = emb.linear_1
+            if lin.bias is None:
+                raise ValueError(f"{type(model).__name__}: its time embedding has no bias to fold the timestep into")
+            with torch.no_grad():
+                t = torch.tensor([float(model_time)], dtype=torch.float32, device=lin.weight.device)
+                value = lin(proj(t).to(lin.weight.dtype))[0]
+                lin.weight.zero_()
+                lin.bias.copy_(value)
+            folded += 1
+    if not folded:
+        raise ValueError(f"{type(model).__name__} has no timestep embedding (time_proj + TimestepEmbedding) to fold")
+    return net
