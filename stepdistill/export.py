@@ -8,8 +8,11 @@ stock diffusers scheduler configured so that the trained timesteps are used exac
 - one step at t_init (any sampler): ``DDIMScheduler`` with "trailing" spacing (VP; for t_init below
   the last training step, the schedule's betas are cut after t_init so that its one step is at
   t_init), or ``FlowMatchEulerDiscreteScheduler`` with ``sigmas=[t_init]`` (flow);
-- few-step re-noising (DMD2 / LCM): ``LCMScheduler`` whose ``original_inference_steps`` reproduces the
+- few-step re-noising (DMD2): ``LCMScheduler`` whose ``original_inference_steps`` reproduces the
   list, with boundary scalings c_skip = 0, c_out = 1 (VP), or ``FlowMatchLCMScheduler`` (flow);
+- consistency students (LCM, any step count): ``LCMScheduler`` with the distillation's solver grid as
+  ``original_inference_steps`` and its boundary scalings (VP), so ``num_inference_steps`` 1 to 8 all
+  sample as the toolkit's ``Student.at_steps`` does; ``FlowMatchLCMScheduler`` with the sigmas (flow);
 - deterministic few-step (progressive, guided): ``DDIMScheduler`` with "trailing" spacing (VP), or
   ``FlowMatchEulerDiscreteScheduler`` with the list as ``sigmas`` (flow);
 - BOOT's one-step signal student: its network reads the noise at the clean end's time and its output
@@ -103,7 +106,13 @@ def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str):
         raise ExportError(f"student process kind {kind!r} has no diffusers scheduler mapping")
     times = _int_times(spec)
     total = int(base.get("num_train_timesteps", 1000))
-    if n == 1:  # one step: x0 at t_init, whatever the sampler
+    if spec.consistency is not None:  # LCM: the stock LCMScheduler of its solver grid and boundary scalings
+        from diffusers import LCMScheduler
+
+        sched = LCMScheduler.from_config({**_vp_common(base, pred_type), "steps_offset": 0,
+                                          "original_inference_steps": int(spec.consistency["solver_steps"]),
+                                          "timestep_scaling": float(spec.consistency["timestep_scaling"])})
+    elif n == 1:  # one step: x0 at t_init, whatever the sampler
         cfg = {**_vp_common(base, pred_type), "timestep_spacing": "trailing"}
         if times[0] != total - 1:
             # trailing spacing starts at num_train_timesteps - 1, so the schedule is cut after t_init: the same

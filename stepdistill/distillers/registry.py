@@ -20,6 +20,7 @@ BUILTIN = {
     "dmd2": "stepdistill.distillers.dmd:DMD2",
     "phased_dmd": "stepdistill.distillers.phased_dmd:PhasedDMD",
     "sid": "stepdistill.distillers.sid:SiD",
+    "lcm": "stepdistill.distillers.consistency:Consistency",
 }
 
 
