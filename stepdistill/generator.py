@@ -111,6 +111,10 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
     if lora_rank:
         from peft import LoraConfig
 
+        if not hasattr(student, "add_adapter"):
+            raise ValueError(f"a LoRA (rank {lora_rank}) on {type(src).__name__}: diffusers has no LoRA support for this "
+                             f"class (it is not a PeftAdapterMixin); train this network in full (LoRA rank 0: "
+                             f"student.lora_rank, or method_args.fake_lora_rank for a fake score)")
         student.requires_grad_(False)
         targets = [t for t in lora_targets if any(n.endswith(t) for n, _ in student.named_modules())]
         if not targets:

@@ -109,3 +109,12 @@ def test_denoiser_on_mlp_and_oracle_agree_in_shape():
     cond = Cond({"class_labels": torch.arange(5) % 4})
     out = den(x, torch.full((5,), 0.5), cond, guidance_scale=2.0, uncond=Cond({"class_labels": torch.full((1,), 4)}))
     assert out.shape == (5, 2) and torch.isfinite(out).all()
+
+
+def test_lora_on_a_class_without_diffusers_lora_support_names_it(tiny_pipelines):
+    from stepdistill.generator import copy_for_training
+
+    dit = load_teacher(tiny_pipelines["dit"]).denoiser.model
+    with pytest.raises(ValueError, match="a LoRA \\(rank 4\\) on DiTTransformer2DModel: diffusers has no LoRA support"):
+        copy_for_training(dit, lora_rank=4)
+    assert copy_for_training(dit).training  # a full copy is fine

@@ -237,3 +237,67 @@ def test_model_card_carries_the_hub_metadata(tmp_path, tiny_pipelines):
     meta = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert meta["base_model"] == str(teacher_dir) and meta["license"] == "creativeml-openrail-m"
     assert meta["pipeline_tag"] == "text-to-image" and meta["library_name"] == "diffusers" and "test" in meta["tags"]
+
+
+def test_lcm_lora_loads_into_the_teacher_and_samples_at_one_to_eight_steps(tmp_path, tiny_pipelines):
+    """An LCM-LoRA run's adapters, loaded into the teacher's own pipeline with ``load_lora_weights`` and
+    run by the exported stock ``LCMScheduler``, sample at 1, 2, 4 and 8 steps exactly as the toolkit's
+    sampler at that step count (``Student.at_steps``) for the same seed."""
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    from stepdistill.config import load_config
+    from stepdistill.training import Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(ROOT / "configs" / "tiny-sd" / "lcm_lora_4step.yaml",
+                      [f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={run}", "train.max_steps=2",
+                       "train.report_to=none", "train.progress=false", "method_args.lr=1e-2"])
+    Trainer(cfg).fit()
+    out = export(run, tmp_path / "pipe", lora=True)
+    teacher = load_teacher(tiny_pipelines["sd"])
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipelines["sd"])  # the teacher itself
+    plain = dict(pipe.unet.state_dict())
+    pipe.load_lora_weights(out / "lora")
+    pipe.scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    student = Student.load(run / "student")
+    prompts = ["a red cube", "two cats"]
+    cond = teacher.encode(prompts)[0]
+    size = teacher.sample_shape[-1] * pipe.vae_scale_factor
+    for n in (1, 2, 4, 8):
+        got = pipe(prompt=prompts, num_inference_steps=n, guidance_scale=1.0, output_type="latent", height=size,
+                   width=size, generator=torch.Generator().manual_seed(7)).images
+        g = torch.Generator().manual_seed(7)
+        noise = torch.randn(2, *teacher.sample_shape, generator=g)
+        ref = student.at_steps(n).sample(noise, cond, generator=g)
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5)
+        assert pipe.scheduler.timesteps.tolist() == student.at_steps(n).spec.timesteps
+    # the adapters change the network (the comparison can fail)
+    trained = Student.load(run / "student").model.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in plain.items() if k in trained)
+
+
+def test_w_conditioned_lcm_student_exports_for_any_step_count(tmp_path, tiny_pipelines):
+    """A full LCM student (guidance-scale input) in the teacher's stock pipeline: the exported
+    LCMScheduler with the student's boundary scalings, at 1 and 4 steps and the trained w."""
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.generator import lcm_timesteps
+
+    teacher = load_teacher(tiny_pipelines["sd"])
+    student = make_student_folder(tmp_path / "student", teacher, "renoise", lcm_timesteps(1000, 4, 50), guidance=3.0)
+    student.spec.consistency = {"solver_steps": 50, "timestep_scaling": 10.0}
+    student.spec.save(tmp_path / "student")
+    out = export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines["sd"])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.scheduler.config.timestep_scaling == 10.0
+    prompts = ["a red cube", "two cats"]
+    cond = teacher.encode(prompts)[0]
+    size = teacher.sample_shape[-1] * pipe.vae_scale_factor
+    loaded = Student.load(tmp_path / "student")
+    for n in (1, 4):
+        got = pipe(prompt=prompts, num_inference_steps=n, guidance_scale=3.0, output_type="latent", height=size,
+                   width=size, generator=torch.Generator().manual_seed(7)).images
+        g = torch.Generator().manual_seed(7)
+        noise = torch.randn(2, *teacher.sample_shape, generator=g)
+        torch.testing.assert_close(got.float(), loaded.at_steps(n).sample(noise, cond, generator=g).float(),
+                                   rtol=1e-5, atol=1e-5)
