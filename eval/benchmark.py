@@ -140,13 +140,13 @@ MNIST_CONFIGS = ROOT / "configs" / "mnist-sd"
 # 1000 steps each; --runs picks a subset (finished runs are reused, so a suite can be grown run by run)
 MNIST_RUNS = [("progressive", 1), ("progressive", 2), ("progressive", 4), ("guided", 1), ("guided", 2), ("guided", 4),
               ("boot", 1), ("vsd", 1), ("dmd", 1), ("dmd2", 1), ("dmd2", 2), ("dmd2", 4), ("phased_dmd", 2),
-              ("phased_dmd", 4), ("sid", 1), ("sid", 2), ("sid", 4)]
+              ("phased_dmd", 4), ("sid", 1), ("sid", 2), ("sid", 4), ("lcm", 4), ("lcm_lora", 4)]
 MNIST_TEACHER = "stepdistill:mnist-sd"
 JUDGES = 3  # the version of DigitBench.judge_all: rows measured by another version are judged again (not retrained)
 
 
 def mnist_config(method: str) -> Path:
-    matches = sorted(MNIST_CONFIGS.glob(f"{method}_*step.yaml"))
+    matches = sorted(p for p in MNIST_CONFIGS.glob(f"{method}_*step.yaml") if p.stem[len(method) + 1:-4].isdigit())
     if not matches:
         raise FileNotFoundError(f"no config for {method} under {MNIST_CONFIGS}")
     return matches[0]
@@ -157,7 +157,9 @@ UNGUIDED = {"progressive": ["method_args.guidance_scale=1.0"], "guided": ["metho
             "boot": ["method_args.guidance_scale=1.0"],
             "vsd": ["method_args.guidance_scale=1.0", "method_args.fake_guidance_scale=1.0"],
             "dmd": ["method_args.guidance_scale=1.0"], "dmd2": ["method_args.guidance_scale=1.0"],
-            "phased_dmd": ["method_args.guidance_scale=1.0"], "sid": ["method_args.guidance_mode=none"]}
+            "phased_dmd": ["method_args.guidance_scale=1.0"], "sid": ["method_args.guidance_mode=none"],
+            "lcm": ["method_args.w_min=1.0", "method_args.w_max=1.0", "method_args.sample_guidance=1.0"],
+            "lcm_lora": ["method_args.w_min=1.0", "method_args.w_max=1.0"]}
 
 
 class DigitBench:
