@@ -258,6 +258,12 @@ class StudentConfig:
     lora_rank: int = 0  # 0: full fine-tune of a teacher copy; > 0: LoRA (peft) on the copy
     lora_alpha: float | None = None  # default: lora_rank
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # a smaller student of the teacher's class: changes to its config (e.g. {block_out_channels: [16, 32, 32]},
+    # {num_layers: 14}); weights start from the teacher's, cut to the new shapes (generator.smaller_copy)
+    architecture: dict[str, Any] | None = None
+    # with architecture: per layer list (a ModuleList's name, e.g. transformer_blocks), the teacher layer each
+    # student layer starts from (default: the first ones)
+    layer_map: dict[str, list[int]] | None = None
 
     def __post_init__(self):
         if self.num_steps < 1:
@@ -272,6 +278,11 @@ class StudentConfig:
         if self.lora_rank < 0:
             _fail("student.lora_rank", f"must be >= 0, got {self.lora_rank}")
         check_range("student.lora_alpha", self.lora_alpha, gt=0)
+        if self.architecture is not None and self.lora_rank:
+            _fail("student.architecture", "a smaller student is trained in full (its weights are cut from the "
+                                          "teacher's, not the teacher's own); set student.lora_rank=0")
+        if self.layer_map is not None and self.architecture is None:
+            _fail("student.layer_map", "maps the layers of a smaller student: set student.architecture too")
 
 
 @dataclass

@@ -85,16 +85,71 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module.to(dtype)
 
 
+def smaller_copy(model: nn.Module, architecture: dict, layer_map: dict[str, list[int]] | None = None,
+                 cls: type | None = None, config_updates: dict | None = None) -> tuple[nn.Module, list[str]]:
+    """A network of ``model``'s class (or ``cls``) with ``architecture`` changing its config (fewer
+    blocks, fewer channels), initialised from ``model``'s weights: each tensor of the same name is cut to
+    the new shape (its leading rows / channels, i.e. the first heads and channels), and layer i of a
+    list named in ``layer_map`` starts from the teacher's layer ``layer_map[name][i]`` (default: layer
+    i, the first layers). Returns (network, names of the tensors the teacher had no source for)."""
+    src = unwrap(model)
+    cls = cls or type(src)
+    config = {k: v for k, v in dict(src.config).items() if not k.startswith("_")}
+    unknown = sorted(set(architecture) - set(config))
+    if unknown:
+        raise ValueError(f"student.architecture: {unknown} are not config keys of {type(src).__name__} "
+                         f"(its keys: {sorted(config)})")
+    new = cls.from_config({**config, **(config_updates or {}), **architecture})
+    teacher_state = src.state_dict()
+    layer_map = layer_map or {}
+
+    def source_name(name: str) -> str:
+        for lst, picks in layer_map.items():
+            marker = f"{lst}."
+            if name.startswith(marker) or f".{marker}" in name:
+                head, _, rest = name.partition(marker) if name.startswith(marker) else name.partition(f".{marker}")
+                index, _, tail = rest.partition(".")
+                if index.isdigit():
+                    if int(index) >= len(picks):
+                        raise ValueError(f"student.layer_map.{lst} names {len(picks)} teacher layers; the student "
+                                         f"has layer {index}")
+                    joiner = marker if name.startswith(marker) else f".{marker}"
+                    return f"{head}{joiner}{picks[int(index)]}.{tail}"
+        return name
+
+    fresh = []
+    with torch.no_grad():
+        for name, p in new.state_dict().items():
+            t = teacher_state.get(source_name(name))
+            if t is None or t.dim() != p.dim() or any(a > b for a, b in zip(p.shape, t.shape)):
+                fresh.append(name)
+                continue
+            p.copy_(t[tuple(slice(0, n) for n in p.shape)])
+    return new, fresh
+
+
 def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float | None = None,
                       lora_targets=("to_q", "to_k", "to_v", "to_out.0"), w_conditioned: bool = False,
-                      dtype: torch.dtype = torch.float32) -> nn.Module:
+                      dtype: torch.dtype = torch.float32, architecture: dict | None = None,
+                      layer_map: dict[str, list[int]] | None = None) -> nn.Module:
     """A trainable copy of a (frozen) network in ``dtype`` (float32 by default, or bfloat16 with
     ``train.trainable_dtype``): all weights, or LoRA adapters only (peft, through diffusers'
     ``add_adapter``). ``w_conditioned`` rebuilds the network with a guidance-scale input
     (:func:`w_conditioned_class`); weights it did not have are zero-initialised, so the copy starts as
-    the teacher."""
+    the teacher. ``architecture`` makes a smaller network of the same class (:func:`smaller_copy`)."""
     src = unwrap(model)
-    if w_conditioned:
+    if architecture is not None:  # a smaller network of the same class (w-conditioned: with its new input)
+        cls, updates = w_conditioned_class(src) if w_conditioned else (type(src), {})
+        new, fresh = smaller_copy(src, architecture, layer_map, cls, updates)
+        missing = [n for n in fresh if n not in src.state_dict()]
+        if w_conditioned:
+            params = dict(new.named_parameters())
+            with torch.no_grad():
+                for name in fresh:  # the guidance input starts at zero, as below
+                    if name in params and name not in src.state_dict():
+                        params[name].zero_()
+        student = _cast(new, dtype)
+    elif w_conditioned:
         cls, config_updates = w_conditioned_class(src)
         new = cls.from_config({**src.config, **config_updates})
         missing, unexpected = new.load_state_dict(src.state_dict(), strict=False)

@@ -23,13 +23,15 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
     """A trainable copy of ``ctx.init`` (full or LoRA, per ``student.*``) with its schedule; with
     ``w_conditioned``, rebuilt with a guidance-scale input; with ``experts``, one copy per timestep
     (:class:`~stepdistill.nets.PhasedExperts`, each step served by its own network); with
-    ``prediction_type``, its output read in that parameterisation instead of the teacher's."""
+    ``prediction_type``, its output read in that parameterisation instead of the teacher's; with
+    ``student.architecture``, a smaller network of the teacher's class cut from its weights."""
     sc = ctx.config.student
 
     def trainable_copy():
         return copy_for_training(ctx.init.model, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
                                  lora_targets=sc.lora_targets, w_conditioned=w_conditioned,
-                                 dtype=torch_dtype(ctx.config.train.trainable_dtype)).to(ctx.device)
+                                 dtype=torch_dtype(ctx.config.train.trainable_dtype), architecture=sc.architecture,
+                                 layer_map=sc.layer_map).to(ctx.device)
 
     if experts:
         from ..nets import PhasedExperts

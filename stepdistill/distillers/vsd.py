@@ -14,6 +14,13 @@ The fake score follows SwiftBrush's code: its denoising loss at t ~ U[0, T) weig
 alpha_t^2 (the code scales both the LoRA's epsilon and the target by sqrt(alphas_cumprod)); its LoRA
 has rank 64 and alpha 108 (scale 1.69) on ``to_q`` and ``to_v`` only; and 10% of the fake score's
 updates see the empty prompt for the whole batch (one coin per batch, as the code draws it).
+
+``guidance_range`` is SNOOPI's PG-SB (Nguyen et al. 2024, "proper guidance"): instead of one fixed
+scale, each sample's VSD gradient uses a guidance scale drawn uniformly from the range, for the teacher
+and for the fake score alike (the paper varies the scale of both; here one draw per sample serves both,
+and without ``fake_guidance_scale`` the fake score stays unguided). The paper reports that this
+stabilises one-step VSD across backbones. The range is the config's: the paper's per-backbone values
+are not reproduced here.
 """
 
 from __future__ import annotations
@@ -42,9 +49,13 @@ class VSDOptions(FakeScoreOptions):
     lr: float = 1e-6
     prompt_dropout: float = 0.1  # probability that a fake-score update sees the empty prompt (whole batch)
     fake_weighting: Literal["alpha2", "none"] = "alpha2"  # SwiftBrush's alpha_t^2 weight of the fake loss
+    guidance_range: list[float] | None = None  # SNOOPI PG-SB: [lo, hi], a scale per sample in place of the fixed ones
 
     def __post_init__(self):
         super().__post_init__()
+        if self.guidance_range is not None:
+            if len(self.guidance_range) != 2 or not 0 <= self.guidance_range[0] <= self.guidance_range[1]:
+                raise ValueError(f"method_args.guidance_range must be [lo, hi] with 0 <= lo <= hi, got {self.guidance_range}")
         check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
         check_range("method_args.fake_guidance_scale", self.fake_guidance_scale, ge=0)
         check_range("method_args.lr", self.lr, gt=0)
@@ -73,12 +84,24 @@ class VSD(ScoreDistiller):
             return {"loss": denoising_loss(self.fake, x, cond, t, batch, weight=weight)}
         x, _ = self.sample(batch, grad=True)
         t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
+        real_scale, fake_scale = self.opt.guidance_scale, self.opt.fake_guidance_scale
+        if self.opt.guidance_range is not None and batch.uncond is not None:  # PG-SB: a random scale per sample
+            lo, hi = self.opt.guidance_range
+            real_scale = lo + (hi - lo) * batch.rand(batch.size)
+            fake_scale = None if fake_scale is None else real_scale
         with torch.no_grad():
             eps = batch.randn(*x.shape)
             x_t = proc.add_noise(x, eps, t)
-            x0_real = guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
-            x0_fake = guided_x0(self.fake, x_t, t, batch.cond, batch.uncond, self.opt.fake_guidance_scale)
+            x0_real = self._guided(self.ctx.teacher.denoiser, x_t, t, batch, real_scale)
+            x0_fake = self._guided(self.fake, x_t, t, batch, fake_scale)
             e_real = proc.to_x0_eps(x0_real, x_t, t, "sample")[1]
             e_fake = proc.to_x0_eps(x0_fake, x_t, t, "sample")[1]
             grad = per_sample(proc.sigma(t) ** 2, x) * (e_real - e_fake)
         return {"loss": gradient_matching_loss(x, grad)}
+
+    @staticmethod
+    def _guided(den, x_t, t, batch: Batch, scale):
+        """x0 with CFG at ``scale``: a number (``guided_x0``) or one scale per sample."""
+        if torch.is_tensor(scale):
+            return den(x_t, t, batch.cond, guidance_scale=scale, uncond=batch.uncond)
+        return guided_x0(den, x_t, t, batch.cond, batch.uncond, scale)

@@ -304,3 +304,99 @@ def test_progressive_student_head_round_trips_through_export(tmp_path, tiny_pipe
     as_eps = copy.copy(student.denoiser)
     as_eps.prediction_type = "epsilon"  # the same network read as the teacher's head samples differently
     assert not torch.allclose(Student(as_eps, student.spec).sample(noise, teacher.encode(prompts)[0]), ref, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# LCM (huggingface/diffusers examples/consistency_distillation/train_lcm_distill_sd_wds.py, by the LCM
+# team and Hugging Face: DDIMSolver, scalings_for_boundary_conditions, the loop's steps 2-10)
+# ------------------------------------------------------------------------------------------------
+def _lcm(*overrides):
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.consistency import Consistency
+
+    ctx, proc = _context("lcm", "student.timesteps=null", "student.num_steps=4", "method_args.x_source=data",
+                         "method_args.w_min=3.0", "method_args.w_max=5.0", *overrides)
+    lcm = Consistency(ctx, from_dict(Consistency.Options, ctx.config.method_args, "method_args"))
+    _perturb(lcm.student.model, 1)
+    return lcm, ctx, proc
+
+
+def _official_lcm_loss(lcm, ctx, proc, batch, g, student_net, target_net, huber_c=None):
+    acp = proc.alpha(torch.arange(1000).float()) ** 2  # alphas_cumprod[t]
+    k = 1000 // 50
+    n = torch.randint(0, 50, (6,), generator=g)  # our grid runs from 999 down: start = 999 - k n
+    start = 999 - k * n
+    prev = torch.where(start - k < 0, torch.zeros_like(start), start - k)
+    eps = torch.randn(6, 3, generator=g)
+    w_diffusers = 3.0 + 2.0 * torch.rand(6, generator=g)
+    w = (w_diffusers - 1)[:, None]  # the script's w: x = c + w (c - u)
+
+    def scalings(tt):
+        scaled = 10.0 * tt.float()
+        return (0.25 / (scaled**2 + 0.25))[:, None], (scaled / (scaled**2 + 0.25) ** 0.5)[:, None]
+
+    def x0_of(e, x, tt):
+        return (x - (1 - acp[tt]).sqrt()[:, None] * e) / acp[tt].sqrt()[:, None]
+
+    x0 = batch.x0
+    labels, null = batch.x0_cond.kwargs["class_labels"], torch.full_like(batch.labels, 4)
+    x_t = acp[start].sqrt()[:, None] * x0 + (1 - acp[start]).sqrt()[:, None] * eps
+    cs, co = scalings(start)
+    model_pred = cs * x_t + co * x0_of(student_net(x_t, start.float(), class_labels=labels, guidance=w_diffusers), x_t, start)
+    with torch.no_grad():
+        e_c = ctx.teacher.denoiser.model(x_t, start.float(), class_labels=labels)
+        e_u = ctx.teacher.denoiser.model(x_t, start.float(), class_labels=null)
+        pred_x0 = x0_of(e_c, x_t, start) + w * (x0_of(e_c, x_t, start) - x0_of(e_u, x_t, start))
+        pred_eps = e_c + w * (e_c - e_u)
+        x_prev = acp[prev].sqrt()[:, None] * pred_x0 + (1 - acp[prev]).sqrt()[:, None] * pred_eps
+        cp, op = scalings(prev)
+        target = cp * x_prev + op * x0_of(target_net(x_prev, prev.float(), class_labels=labels, guidance=w_diffusers),
+                                          x_prev, prev)
+    if huber_c is None:
+        return torch.nn.functional.mse_loss(model_pred, target)
+    return torch.mean(torch.sqrt((model_pred - target) ** 2 + huber_c**2) - huber_c)
+
+
+@pytest.mark.parametrize("loss", ["l2", "huber"])
+def test_lcm_loss_is_the_official_consistency_distillation_loss(loss):
+    lcm, ctx, proc = _lcm(f"method_args.loss={loss}")
+    batch = _batch(ctx.source, seed=6)
+    g = _replay(batch)
+    ours = lcm.loss(batch, 0, "student")["loss"]
+    net = lcm.student.model
+    official = _official_lcm_loss(lcm, ctx, proc, batch, g, net, net, None if loss == "l2" else 0.001)
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-7)
+
+
+def test_lcm_target_is_the_ema_of_the_student_after_each_iteration():
+    lcm, ctx, proc = _lcm()
+    assert lcm.decay == 0.95 and lcm.w_conditioned
+    before = copy.deepcopy(lcm.student.model)
+    lcm.loss(_batch(ctx.source, seed=1), 0, "student")  # iteration 0: the target is the student
+    _perturb(lcm.student.model, 7)  # the optimiser's step
+    batch = _batch(ctx.source, seed=2)
+    g = _replay(batch)
+    ours = lcm.loss(batch, 1, "student")["loss"]
+    ema = copy.deepcopy(before)
+    with torch.no_grad():
+        for p_ema, p_now in zip(ema.parameters(), lcm.student.model.parameters()):
+            p_ema.mul_(0.95).add_(0.05 * p_now)
+    official = _official_lcm_loss(lcm, ctx, proc, batch, g, lcm.student.model, ema)
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-7)
+    # a second micro-batch of the same iteration does not move the target again
+    kept = [t.clone() for t in lcm.target.shadow]
+    lcm.loss(batch, 1, "student")
+    assert all(torch.equal(a, b) for a, b in zip(kept, lcm.target.shadow))
+
+
+def test_lcm_lora_student_is_its_own_target_without_a_guidance_input():
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.consistency import Consistency, ConsistencyOptions
+
+    ctx, _ = _context("lcm", "student.timesteps=null", "student.num_steps=4", "method_args.x_source=data")
+    ctx.config.student.lora_rank = 4
+    ctx.config.student.lora_targets = ["fc1", "fc2"]
+    lcm = Consistency(ctx, from_dict(ConsistencyOptions, ctx.config.method_args, "method_args"))
+    assert lcm.decay == 0.0 and not lcm.w_conditioned and lcm.student.spec.guidance_scale is None
+    lcm.loss(_batch(ctx.source), 0, "student")
+    assert lcm.target.shadow is None
