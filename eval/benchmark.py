@@ -140,7 +140,7 @@ MNIST_CONFIGS = ROOT / "configs" / "mnist-sd"
 # 1000 steps each; --runs picks a subset (finished runs are reused, so a suite can be grown run by run)
 MNIST_RUNS = [("progressive", 1), ("progressive", 2), ("progressive", 4), ("guided", 1), ("guided", 2), ("guided", 4),
               ("boot", 1), ("vsd", 1), ("dmd", 1), ("dmd2", 1), ("dmd2", 2), ("dmd2", 4), ("phased_dmd", 2),
-              ("phased_dmd", 4), ("sid", 1), ("sid", 2), ("sid", 4), ("lcm", 4), ("lcm_lora", 4)]
+              ("phased_dmd", 4), ("sid", 1), ("sid", 2), ("sid", 4), ("lcm", 4), ("lcm_lora", 4), ("disback", 1)]
 MNIST_TEACHER = "stepdistill:mnist-sd"
 JUDGES = 3  # the version of DigitBench.judge_all: rows measured by another version are judged again (not retrained)
 
@@ -159,7 +159,8 @@ UNGUIDED = {"progressive": ["method_args.guidance_scale=1.0"], "guided": ["metho
             "dmd": ["method_args.guidance_scale=1.0"], "dmd2": ["method_args.guidance_scale=1.0"],
             "phased_dmd": ["method_args.guidance_scale=1.0"], "sid": ["method_args.guidance_mode=none"],
             "lcm": ["method_args.w_min=1.0", "method_args.w_max=1.0", "method_args.sample_guidance=1.0"],
-            "lcm_lora": ["method_args.w_min=1.0", "method_args.w_max=1.0"]}
+            "lcm_lora": ["method_args.w_min=1.0", "method_args.w_max=1.0"],
+            "disback": ["method_args.guidance_scale=1.0"]}
 
 
 class DigitBench:

@@ -21,6 +21,7 @@ BUILTIN = {
     "phased_dmd": "stepdistill.distillers.phased_dmd:PhasedDMD",
     "sid": "stepdistill.distillers.sid:SiD",
     "lcm": "stepdistill.distillers.consistency:Consistency",
+    "disback": "stepdistill.distillers.disback:DisBack",
 }
 
 

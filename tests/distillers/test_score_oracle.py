@@ -74,3 +74,15 @@ def test_conditional_mixture_with_teacher_cfg(tmp_path, oracle_cache, config, ex
     print(config, d, d["energy"] / d["floor"], d["energy"] / d["cfg_ode_to_fixed_point"])
     assert d["energy"] < bound * d["floor"], d
     assert d["energy"] < share * d["cfg_ode_to_fixed_point"], d
+
+
+def test_half_width_dmd2_student_learns_the_mixture(tmp_path, oracle_cache):
+    """A smaller student (student.architecture: half the teacher network's width, its weights cut from
+    the teacher's) distilled by DMD2 against the full-width teacher and fake score."""
+    student, teacher, gmm, trainer = run_oracle("dmd2_1step.yaml", tmp_path / "run", ["student.architecture={hidden: 64}"],
+                                                oracle_cache)
+    assert student.model.config.hidden == 64 and trainer.distiller.fake.model.config.hidden == 128
+    ev = _eval(student, gmm)
+    print("half width", ev["energy"] / ev["floor"], ev["min_mode_mass"])
+    assert ev["energy"] < 2.0 * ev["floor"], ev
+    assert ev["min_mode_mass"] > 0.04, ev

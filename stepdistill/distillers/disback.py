@@ -1,0 +1,125 @@
+"""DisBack: distribution backtracking (Zhang et al. 2024, "Distribution Backtracking Builds a Faster
+Convergence Trajectory for Diffusion Distillation").
+
+Score distillation pulls the student from its initial distribution straight to the teacher's, whose
+score is far from the student's samples at the start. DisBack walks a path between the two instead:
+
+1. Degradation recording (``degradation_steps`` iterations, the student frozen): a copy of the teacher
+   is fine-tuned toward the initial student's distribution with the teacher's denoising loss on the
+   student's samples, and ``path_nodes`` snapshots of it are recorded along the way. The copy is the
+   fake score itself (the same loss, the same initialisation), so at the end the fake score already
+   models the initial student, as its role in stage 2 asks.
+2. Distribution backtracking: the student is distilled with the distribution-matching update of DMD
+   (``dmd.dm_loss``: the real score minus the fake score at noised student samples), the "real" score
+   being the recorded nodes in reverse order, last snapshot first and the teacher itself last, each for
+   an equal share of the remaining iterations; the fake score keeps following the student.
+
+Deviations: the paper backtracks on its own base update; here it is DMD's distribution-matching
+gradient (with the two-time-scale rule of ``fake_updates``). Nodes switch on a fixed schedule (equal
+shares) rather than on a convergence test. The nodes are kept on the CPU (one at a time on the device).
+No public code was available to compare with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import check_range
+from ..data import Batch
+from ..denoiser import Denoiser, unwrap
+from .base import Context
+from .common import frozen_copy
+from .dmd import dm_loss
+from .losses import denoising_loss, guided_x0
+from .score import FakeScoreOptions, ScoreDistiller, score_times, score_updates
+
+
+@dataclass
+class DisBackOptions(FakeScoreOptions):
+    guidance_scale: float = 1.75  # CFG of the path's scores (the nodes and the teacher), diffusers convention
+    lr: float = 1e-5
+    degradation_steps: int = 500  # stage 1: iterations of the fake score alone on the initial student's samples
+    path_nodes: int = 4  # snapshots recorded along the degradation path (the teacher is the last target)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
+        check_range("method_args.lr", self.lr, gt=0)
+        check_range("method_args.degradation_steps", self.degradation_steps, ge=1)
+        check_range("method_args.path_nodes", self.path_nodes, ge=1)
+
+
+class DisBack(ScoreDistiller):
+    name = "disback"
+    Options = DisBackOptions
+
+    def __init__(self, ctx: Context, options: DisBackOptions):
+        if options.path_nodes > options.degradation_steps:
+            raise ValueError(f"method_args.path_nodes ({options.path_nodes}) exceeds method_args.degradation_steps "
+                             f"({options.degradation_steps}): one snapshot per stage-1 iteration at most")
+        if options.degradation_steps >= ctx.config.train.max_steps:
+            raise ValueError(f"method_args.degradation_steps ({options.degradation_steps}) leaves no iterations of "
+                             f"train.max_steps ({ctx.config.train.max_steps}) for backtracking")
+        super().__init__(ctx, options)
+        self.nodes: list[dict] = []  # CPU state dicts of the fake score along the degradation path
+        self._active: tuple[int, Denoiser] | None = None  # (node index, its network on the device)
+
+    def _node_due(self, k: int) -> int:
+        """The number of stage-1 updates after which snapshot k (0-based) is taken."""
+        return (k + 1) * self.opt.degradation_steps // self.opt.path_nodes
+
+    def updates(self, iteration: int) -> list[str]:
+        if iteration < self.opt.degradation_steps:
+            return ["fake"]
+        return score_updates(iteration - self.opt.degradation_steps, self.opt.fake_updates)
+
+    def _record(self, iteration: int) -> None:
+        """Snapshots whose stage-1 update count has been reached (the fake score's weights after them)."""
+        while len(self.nodes) < self.opt.path_nodes and min(iteration, self.opt.degradation_steps) >= self._node_due(len(self.nodes)):
+            copy = frozen_copy(self.fake)
+            self.nodes.append({k: v.detach().cpu().clone() for k, v in unwrap(copy.model).state_dict().items()})
+
+    def target_index(self, iteration: int) -> int:
+        """Which score the student follows at a backtracking iteration: K - 1 ... 0 index the nodes
+        (last snapshot first), -1 is the teacher."""
+        total = self.ctx.config.train.max_steps - self.opt.degradation_steps
+        share = (iteration - self.opt.degradation_steps) * (self.opt.path_nodes + 1) // max(total, 1)
+        return self.opt.path_nodes - 1 - min(share, self.opt.path_nodes)
+
+    def _real(self, iteration: int) -> Denoiser:
+        k = self.target_index(iteration)
+        if k < 0:
+            return self.ctx.teacher.denoiser
+        if self._active is None or self._active[0] != k:
+            net = self._active[1] if self._active is not None else frozen_copy(self.fake)
+            unwrap(net.model).load_state_dict(self.nodes[k])
+            self._active = (k, net)
+        return self._active[1]
+
+    def loss(self, batch: Batch, iteration: int, update: str) -> dict:
+        self._record(iteration)
+        if update == "fake":
+            with torch.no_grad():
+                x, _ = self.sample(batch, grad=False)
+            t = score_times(self.student.process, batch, 0.0, 1.0)
+            stage = torch.tensor(1.0 if iteration < self.opt.degradation_steps else 2.0)
+            return {"loss": denoising_loss(self.fake, x, batch.cond, t, batch), "stage": stage}
+        x, _ = self.sample(batch, grad=True)
+        proc = self.student.process
+        t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
+        real = self._real(iteration)
+        with torch.no_grad():
+            x_t = proc.add_noise(x, batch.randn(*x.shape), t)
+            x0_real = guided_x0(real, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
+            x0_fake = guided_x0(self.fake, x_t, t, batch.cond, batch.uncond, None)
+        return {"loss": dm_loss(x, x0_real, x0_fake), "target_node": torch.tensor(float(self.target_index(iteration)))}
+
+    def state_dict(self) -> dict:
+        return {"nodes": {str(i): node for i, node in enumerate(self.nodes)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        nodes = state.get("nodes") or {}
+        self.nodes = [nodes[str(i)] for i in range(len(nodes))]
+        self._active = None
