@@ -145,7 +145,17 @@ MNIST_TEACHER = "stepdistill:mnist-sd"
 JUDGES = 3  # the version of DigitBench.judge_all: rows measured by another version are judged again (not retrained)
 
 
+def msd_parts(method: str) -> tuple[int, str] | None:
+    """(students, base method) of an MSD run name such as ``msd2_dmd``, or None."""
+    head, _, base = method.partition("_")
+    if head.startswith("msd") and head[3:].isdigit() and base:
+        return int(head[3:]), base
+    return None
+
+
 def mnist_config(method: str) -> Path:
+    if msd_parts(method):  # msd<K>_<method>: K students of that method's config (stepdistill.msd)
+        method = msd_parts(method)[1]
     matches = sorted(p for p in MNIST_CONFIGS.glob(f"{method}_*step.yaml") if p.stem[len(method) + 1:-4].isdigit())
     if not matches:
         raise FileNotFoundError(f"no config for {method} under {MNIST_CONFIGS}")
@@ -285,13 +295,24 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         measured = trained and old_key == key
         if old is not None and not trained:
             shutil.rmtree(run_dir)  # trained under another budget or config: trained again from scratch
+        msd = msd_parts(method)
         if trained:
             train_s = old["train_s"]
         else:
             t0 = time.time()
-            Trainer(cfg).fit()
+            if msd:
+                from stepdistill.msd import train_students
+
+                train_students(cfg_path, msd[0], run_dir, [o for o in overrides if not o.startswith("train.output_dir=")])
+            else:
+                Trainer(cfg).fit()
             train_s = time.time() - t0
-        student = Student.load(run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student"))
+        if msd:
+            from stepdistill.msd import RoutedStudent
+
+            student = RoutedStudent.load(run_dir)
+        else:
+            student = Student.load(run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student"))
         if measured:  # every verdict and the training time kept; the sampling time measured again, in this run
             row = {k: v for k, v in old.items() if k != "key"}
             row["sample_ms"] = bench.ms_per_image(_student_sampler(student))
