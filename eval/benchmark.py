@@ -51,7 +51,9 @@ ORACLE_LAYOUTS = {"ring": [],
                   "scattered": ["teacher.oracle.layout=scattered", "teacher.oracle.components=12", "teacher.oracle.dim=8",
                                 "teacher.oracle.radius=3.0", "teacher.oracle.std=0.3"]}
 ORACLE_CONFIGS = ["progressive_1step", "guided_1step", "boot_1step", "vsd_1step", "dmd_1step", "dmd2_1step",
-                  "sid_1step", "phased_dmd_4step"]
+                  "sid_1step", "phased_dmd_4step", "lcm_4step", "disback_1step", "dmd2_1step_halfwidth"]
+# rows that are a shipped config with overrides: name -> (config, overrides)
+ORACLE_VARIANTS = {"dmd2_1step_halfwidth": ("dmd2_1step", ["student.architecture={hidden: 64}"])}
 
 
 def _row(name, x, gmm, nfe, train_s, sample_s, traj=None):
@@ -69,11 +71,12 @@ def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = ())
     cache = out / "oracle_networks"
     teacher = gmm = None
     for cfg in ORACLE_CONFIGS:
-        overrides = [f"teacher.oracle.process={process}", *layout]
+        config, extra = ORACLE_VARIANTS.get(cfg, (cfg, []))
+        overrides = [f"teacher.oracle.process={process}", *layout, *extra]
         if cfg.startswith("guided"):
             overrides.append("teacher.oracle.conditional=true")
         t0 = time.time()
-        student, teacher_c, gmm, _ = run_oracle(f"{cfg}.yaml", out / cfg, overrides, cache)
+        student, teacher_c, gmm, _ = run_oracle(f"{config}.yaml", out / cfg, overrides, cache)
         train_s = time.time() - t0
         z = torch.randn(n, *teacher_c.sample_shape, generator=torch.Generator().manual_seed(123))
         steps = len(student.spec.timesteps)
@@ -94,6 +97,13 @@ def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = ())
         rows.append(_row(cfg, x, gmm, steps, train_s, sample_s, traj))
         samples[cfg] = x
         print(json.dumps(rows[-1]), flush=True)
+        if student.spec.consistency is not None and steps != 1:  # the same consistency student in one step
+            with torch.no_grad():
+                t1 = time.time()
+                x1 = student.at_steps(1).sample(z)
+                ref = ode_sample(teacher_c.denoiser, z, 64)
+            rows.append(_row(f"{cfg} at 1 step", x1, gmm, 1, train_s, time.time() - t1, float((x1 - ref).pow(2).sum(1).mean())))
+            print(json.dumps(rows[-1]), flush=True)
     for steps in (1, 2, 4, 64):
         with torch.no_grad():
             t1 = time.time()
