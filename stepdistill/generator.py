@@ -104,18 +104,18 @@ def smaller_copy(model: nn.Module, architecture: dict, layer_map: dict[str, list
     layer_map = layer_map or {}
 
     def source_name(name: str) -> str:
-        for lst, picks in layer_map.items():
-            marker = f"{lst}."
-            if name.startswith(marker) or f".{marker}" in name:
-                head, _, rest = name.partition(marker) if name.startswith(marker) else name.partition(f".{marker}")
-                index, _, tail = rest.partition(".")
-                if index.isdigit():
-                    if int(index) >= len(picks):
-                        raise ValueError(f"student.layer_map.{lst} names {len(picks)} teacher layers; the student "
-                                         f"has layer {index}")
-                    joiner = marker if name.startswith(marker) else f".{marker}"
-                    return f"{head}{joiner}{picks[int(index)]}.{tail}"
-        return name
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part in layer_map and parts[i + 1].isdigit():
+                picks, j = layer_map[part], int(parts[i + 1])
+                if j >= len(picks):
+                    raise ValueError(f"student.layer_map.{part} names {len(picks)} teacher layers; the student has "
+                                     f"layer {j}")
+                parts[i + 1] = str(picks[j])
+        mapped = ".".join(parts)
+        if mapped != name and mapped not in teacher_state:
+            raise ValueError(f"student.layer_map: the teacher has no {mapped} (for the student's {name})")
+        return mapped
 
     fresh = []
     with torch.no_grad():

@@ -118,3 +118,22 @@ def test_lora_on_a_class_without_diffusers_lora_support_names_it(tiny_pipelines)
     with pytest.raises(ValueError, match="a LoRA \\(rank 4\\) on DiTTransformer2DModel: diffusers has no LoRA support"):
         copy_for_training(dit, lora_rank=4)
     assert copy_for_training(dit).training  # a full copy is fine
+
+
+def test_smaller_student_is_cut_from_the_teachers_layers():
+    from stepdistill.generator import copy_for_training
+    from stepdistill.nets import MLPDenoiser
+
+    teacher = MLPDenoiser(dim=2, hidden=32, depth=3, num_classes=4)
+    narrow = copy_for_training(teacher, architecture={"hidden": 16})
+    assert narrow.config.hidden == 16 and narrow.config.depth == 3
+    torch.testing.assert_close(narrow.inp.weight, teacher.inp.weight[:16])  # the leading rows / channels
+    torch.testing.assert_close(narrow.blocks[2].fc1.weight, teacher.blocks[2].fc1.weight[:16, :16])
+    shallow = copy_for_training(teacher, architecture={"depth": 2}, layer_map={"blocks": [0, 2]})
+    assert len(shallow.blocks) == 2
+    torch.testing.assert_close(shallow.blocks[1].fc2.weight, teacher.blocks[2].fc2.weight)  # layer 1 <- layer 2
+    torch.testing.assert_close(shallow.out.weight, teacher.out.weight)
+    with pytest.raises(ValueError, match="not config keys of MLPDenoiser"):
+        copy_for_training(teacher, architecture={"widht": 16})
+    with pytest.raises(ValueError, match="layer_map: the teacher has no blocks.5"):
+        copy_for_training(teacher, architecture={"depth": 2}, layer_map={"blocks": [0, 5]})
