@@ -141,13 +141,12 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
     if architecture is not None:  # a smaller network of the same class (w-conditioned: with its new input)
         cls, updates = w_conditioned_class(src) if w_conditioned else (type(src), {})
         new, fresh = smaller_copy(src, architecture, layer_map, cls, updates)
-        missing = [n for n in fresh if n not in src.state_dict()]
-        if w_conditioned:
-            params = dict(new.named_parameters())
-            with torch.no_grad():
-                for name in fresh:  # the guidance input starts at zero, as below
-                    if name in params and name not in src.state_dict():
-                        params[name].zero_()
+        missing = [n for n in fresh if n not in src.state_dict()]  # the guidance input, if any
+        params = dict(new.named_parameters())
+        with torch.no_grad():
+            for name in missing:  # starts at zero, as below
+                if w_conditioned and name in params:
+                    params[name].zero_()
         student = _cast(new, dtype)
     elif w_conditioned:
         cls, config_updates = w_conditioned_class(src)

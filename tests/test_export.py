@@ -301,3 +301,26 @@ def test_w_conditioned_lcm_student_exports_for_any_step_count(tmp_path, tiny_pip
         noise = torch.randn(2, *teacher.sample_shape, generator=g)
         torch.testing.assert_close(got.float(), loaded.at_steps(n).sample(noise, cond, generator=g).float(),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_smaller_student_exports_as_its_own_config(tmp_path, tiny_pipelines):
+    """A half-width student (student.architecture) is a smaller UNet of the teacher's class: the stock
+    pipeline runs it and samples as the toolkit does."""
+    from diffusers import DiffusionPipeline
+
+    teacher = load_teacher(tiny_pipelines["sd"])
+    net = copy_for_training(teacher.denoiser.model, architecture={"block_out_channels": [8, 16]}).eval()
+    proc = teacher.denoiser.process
+    spec = StudentSpec("test", "renoise", [999.0], None, proc.describe(), teacher.denoiser.prediction_type)
+    Student(Denoiser(net, proc, teacher.denoiser.prediction_type), spec).save(tmp_path / "student")
+    out = export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines["sd"])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert list(pipe.unet.config.block_out_channels) == [8, 16]
+    assert sum(p.numel() for p in pipe.unet.parameters()) < 0.4 * sum(p.numel() for p in teacher.denoiser.model.parameters())
+    prompts = ["a red cube", "two cats"]
+    size = teacher.sample_shape[-1] * pipe.vae_scale_factor
+    got = pipe(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, output_type="latent", height=size, width=size,
+               generator=torch.Generator().manual_seed(7)).images
+    noise = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(7))
+    ref = Student.load(tmp_path / "student").sample(noise, teacher.encode(prompts)[0])
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5)
