@@ -25,7 +25,7 @@ def test_every_shipped_config_loads_and_validates(path, tiny_pipelines, monkeypa
     cfg = load_config(path, overrides)
     method = validate_inputs(cfg)
     opts = method.Options  # the method's own options parse
-    assert cfg.method in str(method).lower() or ":" in cfg.method, (cfg.method, method)
+    assert method.name == cfg.method or ":" in cfg.method, (cfg.method, method)
     assert opts is not None
     name = path.stem  # <method>_<N>step
     if name != "default":

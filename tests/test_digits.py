@@ -59,6 +59,7 @@ def test_evaluator_sanity(evaluator, teacher, tmp_path):
     assert int(again.metric.real_features_num_samples) == 1500
 
 
+@pytest.mark.slow
 def test_shipped_teacher_is_a_diffusers_pipeline_and_is_good(evaluator, teacher):
     from diffusers import DiffusionPipeline
 

@@ -118,7 +118,7 @@ def _flatten(obj, prefix):
 # progressive's exact resume is also checked by test_robustness's kill -9 test in the default run
 RESUME_CASES = [pytest.param("progressive_2step", [], marks=pytest.mark.slow), ("dmd2_4step", []),
                 pytest.param("sid_1step", ["method_args.fake_lora_rank=4"], marks=pytest.mark.slow),
-                ("lcm_4step", ["method_args.target_decay=0.5"]),  # the EMA target goes with the checkpoint
+                pytest.param("lcm_4step", ["method_args.target_decay=0.5"], marks=pytest.mark.slow),  # the EMA target goes with the checkpoint
                 pytest.param("disback_1step", [], marks=pytest.mark.slow)]  # and the degradation path's snapshots
 
 

@@ -275,7 +275,7 @@ def test_progressive_learning_rate_anneals_linearly_within_each_round(tmp_path):
     assert seen == pytest.approx([1e-3 * f for f in (1, 0.75, 0.5, 0.25, 1, 0.75, 0.5, 0.25)])
 
 
-@pytest.mark.parametrize("head", ["v_prediction", "sample"])
+@pytest.mark.parametrize("head", [pytest.param("v_prediction", marks=pytest.mark.slow), "sample"])
 def test_progressive_student_head_round_trips_through_export(tmp_path, tiny_pipelines, head):
     from diffusers import DiffusionPipeline
 
