@@ -41,6 +41,7 @@ def _env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_two_processes_then_resume_without_regenerating(fixture, tiny_pipelines, tmp_path, eval_script):
     out = tmp_path / "out"
     cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", str(SCRIPT)] + _args(fixture, tiny_pipelines["sd"], out)

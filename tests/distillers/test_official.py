@@ -255,6 +255,7 @@ def test_fake_score_learning_rate_defaults_to_the_students():
     assert {n: t.lr for n, t in dmd2.trainables().items()} == {"student": 3e-6, "fake": 3e-6}
 
 
+@pytest.mark.slow
 def test_progressive_learning_rate_anneals_linearly_within_each_round(tmp_path):
     from stepdistill.training import Trainer
 

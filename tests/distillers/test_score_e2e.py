@@ -11,10 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_train_e2e import launch  # noqa: E402
 
 CASES = [
-    ("sd", "dmd2_4step", []), ("sd", "sid_1step", ["method_args.fake_lora_rank=4"]), ("sd", "vsd_1step", []),
+    ("sd", "dmd2_4step", []), ("sd", "sid_1step", ["method_args.fake_lora_rank=4"]),
     ("sd", "phased_dmd_2step", ["method_args.fake_lora_rank=4"]),
 ]
-SLOW = [("dit", "dmd2_4step", ["method_args.fake_lora_rank=0"]), ("sd3", "sid_1step", ["method_args.fake_lora_rank=4"]),
+SLOW = [("sd", "vsd_1step", []), ("dit", "dmd2_4step", ["method_args.fake_lora_rank=0"]), ("sd3", "sid_1step", ["method_args.fake_lora_rank=4"]),
         ("sd", "dmd_1step", ["method_args.fake_lora_rank=4"]), ("dit", "sid_1step", []), ("sd3", "dmd2_4step", [])] + [
     (f, m, []) for f in ("dit", "sd3") for m in ("vsd_1step", "dmd_1step", "phased_dmd_2step")]
 
