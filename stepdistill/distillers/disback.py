@@ -31,9 +31,8 @@ from ..data import Batch
 from ..denoiser import Denoiser, unwrap
 from .base import Context
 from .common import frozen_copy
-from .dmd import dm_loss
-from .losses import denoising_loss, guided_x0
-from .score import FakeScoreOptions, ScoreDistiller, score_times, score_updates
+from .dmd import DMDBase
+from .score import FakeScoreOptions, score_updates
 
 
 @dataclass
@@ -51,7 +50,7 @@ class DisBackOptions(FakeScoreOptions):
         check_range("method_args.path_nodes", self.path_nodes, ge=1)
 
 
-class DisBack(ScoreDistiller):
+class DisBack(DMDBase):
     name = "disback"
     Options = DisBackOptions
 
@@ -101,20 +100,11 @@ class DisBack(ScoreDistiller):
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         self._record(iteration)
         if update == "fake":
-            with torch.no_grad():
-                x, _ = self.sample(batch, grad=False)
-            t = score_times(self.student.process, batch, 0.0, 1.0)
             stage = torch.tensor(1.0 if iteration < self.opt.degradation_steps else 2.0)
-            return {"loss": denoising_loss(self.fake, x, batch.cond, t, batch), "stage": stage}
+            return {"loss": self.fake_loss(batch), "stage": stage}
         x, _ = self.sample(batch, grad=True)
-        proc = self.student.process
-        t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
-        real = self._real(iteration)
-        with torch.no_grad():
-            x_t = proc.add_noise(x, batch.randn(*x.shape), t)
-            x0_real = guided_x0(real, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
-            x0_fake = guided_x0(self.fake, x_t, t, batch.cond, batch.uncond, None)
-        return {"loss": dm_loss(x, x0_real, x0_fake), "target_node": torch.tensor(float(self.target_index(iteration)))}
+        return {"loss": self.distribution_matching(x, batch, self._real(iteration)),
+                "target_node": torch.tensor(float(self.target_index(iteration)))}
 
     def state_dict(self) -> dict:
         return {"nodes": {str(i): node for i, node in enumerate(self.nodes)}}

@@ -86,12 +86,13 @@ class DMDBase(ScoreDistiller):
 
     fake_guidance_scale: float | None = None  # CFG of the fake score in the DM loss (DMD2 has an option)
 
-    def distribution_matching(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def distribution_matching(self, x: torch.Tensor, batch: Batch, real=None) -> torch.Tensor:
+        """DMD's update at noised samples of ``x``; ``real`` replaces the teacher as the real score (DisBack)."""
         proc = self.student.process
         t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
         with torch.no_grad():
             x_t = proc.add_noise(x, batch.randn(*x.shape), t)
-            x0_real = guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
+            x0_real = guided_x0(real or self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
             x0_fake = guided_x0(self.fake, x_t, t, batch.cond, batch.uncond, self.fake_guidance_scale)
         return dm_loss(x, x0_real, x0_fake)
 
