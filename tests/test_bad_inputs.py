@@ -234,27 +234,36 @@ def test_no_pickle_in_our_checkpoint_files(tmp_path):
         torch.load(ckpt / name, weights_only=True)
 
 
-@pytest.mark.parametrize("edit,problem", [
+EDITS = [
     (lambda m: [m], "is malformed"),  # a list instead of a mapping
     (lambda m: {k: v for k, v in m.items() if k != "config"}, "is malformed"),  # a key removed
     (lambda m: None, "is malformed"),  # null
     (lambda m: {**m, "files": {k: {"size": "big"} for k in m["files"]}}, "is malformed"),
     (lambda m: {**m, "files": {k: v for k, v in list(m["files"].items())[1:]}}, "is not in the manifest"),  # unlisted file
-])
-def test_a_hand_edited_manifest_makes_its_checkpoint_unverified_not_a_crash(tmp_path, caplog, edit, problem):
+]
+
+
+def test_a_hand_edited_manifest_makes_its_checkpoint_unverified_not_a_crash(tmp_path, caplog):
     """A manifest that is not what this project writes (a list, missing keys, null, bad entries, a file it
-    does not list) is skipped with a warning naming why; the previous checkpoint is resumed."""
-    out = tmp_path / "run"
-    Trainer(load_config(None, ORACLE + [f"train.output_dir={out}", "train.max_steps=4", "train.checkpoint_every=2",
+    does not list) is skipped with a warning naming why; the previous checkpoint is resumed. One run,
+    each edit on a copy of its folder."""
+    import shutil
+
+    trained = tmp_path / "trained"
+    Trainer(load_config(None, ORACLE + [f"train.output_dir={trained}", "train.max_steps=4", "train.checkpoint_every=2",
                                         "train.checkpoints_total_limit=null"])).fit()
-    ckpt = out / "checkpoints" / "checkpoint-4"
-    manifest = json.loads((ckpt / MANIFEST).read_text())
-    (ckpt / MANIFEST).write_text(json.dumps(edit(manifest)))
-    trainer = Trainer(load_config(None, ORACLE + [f"train.output_dir={out}", "train.max_steps=6"]))
-    with caplog.at_level("WARNING", logger="stepdistill"):
-        assert trainer.resume() == 2
-    trainer.close()
-    assert f"skipping checkpoint {ckpt}" in caplog.text and problem in caplog.text
+    for i, (edit, problem) in enumerate(EDITS):
+        out = tmp_path / f"run{i}"
+        shutil.copytree(trained, out)
+        ckpt = out / "checkpoints" / "checkpoint-4"
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        (ckpt / MANIFEST).write_text(json.dumps(edit(manifest)))
+        caplog.clear()
+        trainer = Trainer(load_config(None, ORACLE + [f"train.output_dir={out}", "train.max_steps=6"]))
+        with caplog.at_level("WARNING", logger="stepdistill"):
+            assert trainer.resume() == 2, problem
+        trainer.close()
+        assert f"skipping checkpoint {ckpt}" in caplog.text and problem in caplog.text, (i, caplog.text)
 
 
 def test_command_line_values_take_the_fields_type(tmp_path):

@@ -71,6 +71,7 @@ def test_shipped_teacher_is_a_stock_stable_diffusion_pipeline(teacher):
     assert images.shape == (1, 1, 32, 32)
 
 
+@pytest.mark.slow  # about 20 s
 def test_evaluator_sanity(evaluator, teacher):
     """FD is compared at equal sample sizes: with 64-d features its small-sample bias is large (held-out
     real digits measure 42 at n = 1000, 137 at n = 400)."""

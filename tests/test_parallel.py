@@ -38,7 +38,7 @@ def _fsdp(config, overrides, processes=2):
 
 
 # DMD2 with 2 micro-batches per update: gradients stay local in the first backward, reduced in the second
-CASES = [("dmd2_4step", ["train.gradient_accumulation_steps=2"], 1e-5),
+CASES = [pytest.param("dmd2_4step", ["train.gradient_accumulation_steps=2"], 1e-5, marks=pytest.mark.slow),  # about 110 s
          pytest.param("dmd2_4step", ["method_args.gan=true", "data.images=GAN_IMAGES"], 1e-5, marks=pytest.mark.slow),
          pytest.param("sid_1step", ["method_args.fake_lora_rank=4"], 2e-4, marks=pytest.mark.slow),
          # LCM's EMA target: averaged shards under FSDP, averaged whole weights under DDP

@@ -233,6 +233,7 @@ def _wait_for(pred, proc, timeout=300):
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # about 30-40 s
 def test_sigterm_saves_a_checkpoint_and_exits_3_then_continues(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train/distill.py"), "--config", str(ROOT / "configs/oracle/progressive_1step.yaml"), *ORACLE,

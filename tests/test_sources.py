@@ -204,6 +204,7 @@ def _cache_cmd(cfg_args, out, *more):
             "--out", str(out), *more, *cfg_args]
 
 
+@pytest.mark.slow  # about 24 s
 def test_the_data_cache_replaces_the_encoders_and_is_refused_for_another_teacher(tmp_path, tiny_pipelines, data):
     from stepdistill.cache import DataCache
 
@@ -253,6 +254,7 @@ def test_the_data_cache_replaces_the_encoders_and_is_refused_for_another_teacher
         _trainer({"sd": other}, tmp_path / "run2", *args[1:], f"data.cache={cache}")
 
 
+@pytest.mark.slow  # about 31 s
 def test_caching_killed_midway_resumes_without_re_encoding_finished_shards(tmp_path, tiny_pipelines, data):
     args = [f"teacher.path={tiny_pipelines['sd']}", f"data.images={data['webdataset']}", "data.num_workers=0"]
     cache = tmp_path / "cache"

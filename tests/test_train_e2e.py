@@ -116,7 +116,7 @@ def _flatten(obj, prefix):
 
 
 # progressive's exact resume is also checked by test_robustness's kill -9 test in the default run
-RESUME_CASES = [pytest.param("progressive_2step", [], marks=pytest.mark.slow), ("dmd2_4step", []),
+RESUME_CASES = [pytest.param("progressive_2step", [], marks=pytest.mark.slow), pytest.param("dmd2_4step", [], marks=pytest.mark.slow),
                 pytest.param("sid_1step", ["method_args.fake_lora_rank=4"], marks=pytest.mark.slow),
                 pytest.param("lcm_4step", ["method_args.target_decay=0.5"], marks=pytest.mark.slow),  # the EMA target goes with the checkpoint
                 pytest.param("disback_1step", [], marks=pytest.mark.slow)]  # and the degradation path's snapshots
@@ -154,6 +154,7 @@ def test_resume_after_interruption_is_exact(tmp_path, tiny_pipelines, config, ex
     assert any(not torch.equal(teacher[k], a[k]) for k in teacher)
 
 
+@pytest.mark.slow  # about 19 s; tests/test_export.py checks the fused LoRA export by default
 def test_lora_student_is_saved_fused(tmp_path, tiny_pipelines):
     out = tmp_path / "lora"
     r = launch("configs/tiny-sd/dmd2_4step.yaml", [f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={out}",

@@ -8,7 +8,7 @@ import pytest
 from stepdistill.testing.oracle_runs import cfg_distance, run_oracle, trajectory_error
 
 
-@pytest.mark.parametrize("process,steps", [("vp", 1), pytest.param("flow", 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("process,steps", [pytest.param("vp", 1, marks=pytest.mark.slow), pytest.param("flow", 2, marks=pytest.mark.slow)])
 def test_progressive_reproduces_teacher_map(tmp_path, oracle_cache, process, steps):
     student, teacher, gmm, _ = run_oracle("progressive_1step.yaml", tmp_path / "run", [
         f"teacher.oracle.process={process}", f"student.num_steps={steps}"], oracle_cache)
@@ -19,7 +19,7 @@ def test_progressive_reproduces_teacher_map(tmp_path, oracle_cache, process, ste
     assert ev["min_mode_mass"] > 0.08, ev
 
 
-@pytest.mark.parametrize("process,steps", [pytest.param("vp", 1, marks=pytest.mark.slow), ("flow", 2)])
+@pytest.mark.parametrize("process,steps", [pytest.param("vp", 1, marks=pytest.mark.slow), pytest.param("flow", 2, marks=pytest.mark.slow)])
 def test_guided_matches_cfg_distribution_at_two_w(tmp_path, oracle_cache, process, steps):
     student, teacher, gmm, _ = run_oracle("guided_1step.yaml", tmp_path / "run", [
         f"teacher.oracle.process={process}", f"student.num_steps={steps}"], oracle_cache)
@@ -29,7 +29,7 @@ def test_guided_matches_cfg_distribution_at_two_w(tmp_path, oracle_cache, proces
         assert d["energy"] < 3 * d["floor"], (w, d)  # measured 1.8-2.4x (README)
 
 
-@pytest.mark.parametrize("process", ["vp", pytest.param("flow", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("process", [pytest.param("vp", marks=pytest.mark.slow), pytest.param("flow", marks=pytest.mark.slow)])
 def test_boot_one_step_within_floor(tmp_path, oracle_cache, process):
     import torch
 
@@ -42,7 +42,7 @@ def test_boot_one_step_within_floor(tmp_path, oracle_cache, process):
     assert ev["min_mode_mass"] > 0.08, ev
 
 
-@pytest.mark.parametrize("process", ["vp", pytest.param("flow", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("process", [pytest.param("vp", marks=pytest.mark.slow), pytest.param("flow", marks=pytest.mark.slow)])
 def test_consistency_student_at_one_and_four_steps(tmp_path, oracle_cache, process):
     """One LCM run, sampled at 1 and 4 steps (``Student.at_steps``). Its 1-step map approaches the
     teacher's ODE map, and at both step counts it is within 2x the floor and well below the untrained
