@@ -92,7 +92,8 @@ class DMDBase(ScoreDistiller):
         t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
         with torch.no_grad():
             x_t = proc.add_noise(x, batch.randn(*x.shape), t)
-            x0_real = guided_x0(real or self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
+            real = self.ctx.teacher.denoiser if real is None else real
+            x0_real = guided_x0(real, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
             x0_fake = guided_x0(self.fake, x_t, t, batch.cond, batch.uncond, self.fake_guidance_scale)
         return dm_loss(x, x0_real, x0_fake)
 
