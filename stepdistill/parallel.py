@@ -40,14 +40,32 @@ BLOCK_SINGLES = ("mid_block",)
 _PLAIN: "weakref.WeakKeyDictionary[nn.Module, tuple[Parallel, nn.Module]]" = weakref.WeakKeyDictionary()
 
 
+def launched_with_fsdp(accelerator) -> bool:
+    """Whether the run was launched with an accelerate FSDP config. On a machine without CUDA the
+    Accelerator is built with ``cpu=True`` (what selects gloo) and then reports ``MULTI_CPU`` and no FSDP
+    plugin whatever the config said, so the launcher's own flag (``ACCELERATE_USE_FSDP``) is read too."""
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    return accelerator.distributed_type == DistributedType.FSDP or parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def fsdp_plugin(accelerator):
+    """The FSDP settings of the launch: the Accelerator's plugin, or one read from the launcher's
+    ``FSDP_*`` variables where the Accelerator has none (on the CPU, see :func:`launched_with_fsdp`)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None and launched_with_fsdp(accelerator):
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()
+    return plugin
+
+
 def resolve_strategy(accelerator, requested: str) -> str:
     """``none`` with one process; ``auto`` is ``fsdp`` under an accelerate FSDP config, else ``ddp``."""
     if accelerator.num_processes == 1:
         return "none"
     if requested == "auto":
-        from accelerate.utils import DistributedType
-
-        return "fsdp" if accelerator.distributed_type == DistributedType.FSDP else "ddp"
+        return "fsdp" if launched_with_fsdp(accelerator) else "ddp"
     return requested
 
 
@@ -88,7 +106,7 @@ class Parallel:
             self.mesh = init_device_mesh(dev, (world, 1), mesh_dim_names=("replicate", "shard"))
         else:
             self.mesh = init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
-        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        plugin = fsdp_plugin(accelerator)
         reshard = getattr(plugin, "reshard_after_forward", True)
         self.reshard_after_forward = reshard if isinstance(reshard, bool) else True
         self.block_classes = set(getattr(plugin, "transformer_cls_names_to_wrap", None) or [])

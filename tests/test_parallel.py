@@ -49,7 +49,8 @@ CASES = [pytest.param("dmd2_4step", ["train.gradient_accumulation_steps=2"], 1e-
 def test_ddp_and_fsdp_equal_the_one_process_run(tmp_path, tiny_pipelines, config, extra, tol):
     """The same global batch on 1 process, 2 DDP processes and 2 FSDP processes: the logged losses (means
     over the ranks) agree step by step within float tolerance, the DDP ranks hold identical weights after
-    every step, and the FSDP student's gathered weights equal the DDP student's."""
+    every step, the FSDP student's gathered weights are as close to the 1-process run's as DDP's are, and
+    the FSDP checkpoint holds each weight as one shard per rank."""
     cfg = f"configs/tiny-sd/{config}.yaml"
     if "data.images=GAN_IMAGES" in extra:  # DMD2's GAN head on captioned real images (its features under FSDP2)
         from stepdistill.testing.data_fixtures import write_image_folder
@@ -71,30 +72,43 @@ def test_ddp_and_fsdp_equal_the_one_process_run(tmp_path, tiny_pipelines, config
         for k in keys:
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=tol), (a["step"], k)
-                assert c[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+                # FSDP reduces and clips shard by shard, a summation order of its own: against the 1-process run
+                # within the same margin as DDP (SiD's student loss, a difference of near-equal terms, moves by
+                # 2e-5 between any two orders already at step 1)
+                assert c[k] == pytest.approx(a[k], rel=1e-4, abs=tol), (a["step"], k)
     # DDP: every step's checksums were gathered from both ranks and equal (the run fails otherwise), and they move
     log = json.loads((ddp / "rank_sync.json").read_text())
     assert [e["step"] for e in log] == [1, 2, 3] and all(e["ranks"] == 2 for e in log)
     assert len({tuple(e["checksums"]) for e in log}) == 3
     # the weights: 2 processes against 1 within float tolerance (the gradient sums are ordered otherwise, and
     # Adam's first steps magnify that on parameters whose gradient is near zero: measured relative to how far
-    # training moved them), FSDP against DDP to rounding, for the student and its EMA
+    # training moved them), DDP and FSDP alike, for the student and its EMA
     teacher = load_file(tiny_pipelines["sd"] / "unet" / "diffusion_pytorch_model.safetensors")
     for folder in ("student", "student_ema"):
-        moved = _distance(teacher, _weights(one, folder))
+        # (over the teacher's weights: a w-conditioned LCM student has a guidance input the teacher lacks)
+        moved = _distance(teacher, {k: v for k, v in _weights(one, folder).items() if k in teacher})
         assert moved > 0.05
-        assert _distance(_weights(one, folder), _weights(ddp, folder)) < 0.02 * moved
-        assert _max_diff(_weights(ddp, folder), _weights(fsdp, folder)) < 1e-6
+        for run in (ddp, fsdp):
+            off = _distance(_weights(one, folder), _weights(run, folder))
+            assert off < 0.02 * moved, (folder, run.name, off, moved)
     # every schedule ends where it should after max_steps loop steps with 2 processes (accelerate steps a
     # prepared scheduler once per process): a linear one at zero, not at zero halfway
     ckpt = list_checkpoints(fsdp)[-1]
     scheds = sorted(ckpt.glob("scheduler*.bin"))
-    assert len(scheds) == 2
+    assert len(scheds) == (1 if config.startswith("lcm") else 2)  # one per trainable (LCM: the student only)
     for f in scheds:
         state = torch.load(f, weights_only=True)
         assert state["last_epoch"] == 6 and state["_last_lr"][0] == pytest.approx(0.0, abs=1e-12), (f.name, state)
     # the checkpoint is sharded: one file per rank, no whole-weights copy
     assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # and really sharded, not replicated: each weight of the student is stored as one chunk per rank (a DDP
+    # run's replicated weights are one chunk each)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(ckpt / "sharded").read_metadata().state_dict_metadata
+    weights = {k: v for k, v in meta.items() if k.startswith("student.model.") and k.endswith(".weight")}
+    assert weights and all(len(v.chunks) == 2 for v in weights.values() if v.size[0] >= 2), \
+        sorted((k, len(v.chunks)) for k, v in weights.items())[:5]
     assert not list(ckpt.rglob("*.safetensors")) or all("training_state" in p.name for p in ckpt.rglob("*.safetensors"))
 
 
@@ -128,3 +142,27 @@ def test_a_sharded_checkpoint_resumes_on_three_processes_and_one_process_is_refu
     for folder in ("student", "student_ema"):  # to float tolerance (3 ranks sum the gradients in another order)
         moved = _distance(teacher, _weights(full, folder))
         assert moved > 0.05 and _distance(_weights(full, folder), _weights(split, folder)) < 0.02 * moved
+
+
+def test_an_fsdp_launch_without_cuda_shards(monkeypatch):
+    """On the CPU the Accelerator is built with cpu=True and reports MULTI_CPU without an FSDP plugin even
+    under an FSDP config; ``train.parallel=auto`` still shards, with the launch's FSDP settings."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from stepdistill.parallel import fsdp_plugin, resolve_strategy
+
+    acc = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU, state=SimpleNamespace())
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert resolve_strategy(acc, "auto") == "ddp" and fsdp_plugin(acc) is None
+    # what `accelerate launch --config_file configs/accelerate/fsdp.yaml` exports to every process
+    for k, v in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
+                 "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                 "FSDP_TRANSFORMER_CLS_TO_WRAP": "BasicTransformerBlock"}.items():
+        monkeypatch.setenv(k, v)
+    assert resolve_strategy(acc, "auto") == "fsdp"
+    assert resolve_strategy(acc, "ddp") == "ddp"  # an explicit strategy wins
+    plugin = fsdp_plugin(acc)
+    assert plugin.reshard_after_forward is False and list(plugin.transformer_cls_names_to_wrap) == ["BasicTransformerBlock"]
+    assert resolve_strategy(SimpleNamespace(num_processes=1), "auto") == "none"
