@@ -276,8 +276,8 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
         cfg_path = configs[method]
         overrides = [f"train.output_dir={run_dir}", f"student.num_steps={steps}", "train.report_to=none",
                      f"teacher.path={MNIST_TEACHER}"]
-        if guidance == 1.0:
-            overrides += UNGUIDED[method]
+        if guidance == 1.0:  # an MSD run's students are distilled with their base method's overrides
+            overrides += UNGUIDED[msd_parts(method)[1] if msd_parts(method) else method]
         overrides += list(extra)
         if curve:
             max_steps = max(curve)
