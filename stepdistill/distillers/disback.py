@@ -6,18 +6,25 @@ score is far from the student's samples at the start. DisBack walks a path betwe
 
 1. Degradation recording (``degradation_steps`` iterations, the student frozen): a copy of the teacher
    is fine-tuned toward the initial student's distribution with the teacher's denoising loss on the
-   student's samples, and ``path_nodes`` snapshots of it are recorded along the way. The copy is the
-   fake score itself (the same loss, the same initialisation), so at the end the fake score already
-   models the initial student, as its role in stage 2 asks.
+   student's samples, and ``path_nodes`` snapshots of it are recorded at equal intervals along the way,
+   the last one an interval before the end. The copy is the fake score itself (the same loss, the same
+   initialisation), so at the end the fake score models the initial student, as its role in stage 2
+   asks: it is the most degraded point of the path.
 2. Distribution backtracking: the student is distilled with the distribution-matching update of DMD
    (``dmd.dm_loss``: the real score minus the fake score at noised student samples), the "real" score
-   being the recorded nodes in reverse order, last snapshot first and the teacher itself last, each for
-   an equal share of the remaining iterations; the fake score keeps following the student.
+   being the recorded nodes in reverse order, last snapshot first and the teacher itself last; the fake
+   score keeps following the student. As in the authors' description (its algorithm: the fake score
+   starts at the most degraded model and the first target is the node before it), no target equals the
+   fake score's starting weights. The paper moves on to the next node once the student has converged to
+   the current one and stays on the teacher to the end; here the nodes share ``1 - teacher_share`` of
+   the stage-2 iterations equally and the teacher holds the rest.
 
 Deviations: the paper backtracks on its own base update; here it is DMD's distribution-matching
-gradient (with the two-time-scale rule of ``fake_updates``). Nodes switch on a fixed schedule (equal
-shares) rather than on a convergence test. The nodes are kept on the CPU (one at a time on the device).
-No public code was available to compare with.
+gradient (with the two-time-scale rule of ``fake_updates``). Nodes switch on a fixed schedule rather than
+on a convergence test. The nodes are kept on the CPU (one at a time on the device). The authors' public
+code (built on DMD2's) starts both stages from DMD2's trained SDXL generator and fake score and switches
+target on a step test that, as written, moves past at most one node and never returns to the teacher;
+this module follows the paper's and that README's description instead (docs/METHODS.md, DisBack).
 """
 
 from __future__ import annotations
@@ -40,7 +47,11 @@ class DisBackOptions(FakeScoreOptions):
     guidance_scale: float = 1.75  # CFG of the path's scores (the nodes and the teacher), diffusers convention
     lr: float = 1e-5
     degradation_steps: int = 500  # stage 1: iterations of the fake score alone on the initial student's samples
-    path_nodes: int = 4  # snapshots recorded along the degradation path (the teacher is the last target)
+    # snapshots recorded along the degradation path, at equal intervals before its end (the stage-2 targets
+    # before the teacher; the end of the path is the fake score's own start)
+    path_nodes: int = 4
+    # share of the stage-2 iterations that follow the teacher (the nodes split the rest equally)
+    teacher_share: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,6 +59,7 @@ class DisBackOptions(FakeScoreOptions):
         check_range("method_args.lr", self.lr, gt=0)
         check_range("method_args.degradation_steps", self.degradation_steps, ge=1)
         check_range("method_args.path_nodes", self.path_nodes, ge=1)
+        check_range("method_args.teacher_share", self.teacher_share, gt=0, lt=1)
 
 
 class DisBack(DMDBase):
@@ -55,9 +67,9 @@ class DisBack(DMDBase):
     Options = DisBackOptions
 
     def __init__(self, ctx: Context, options: DisBackOptions):
-        if options.path_nodes > options.degradation_steps:
-            raise ValueError(f"method_args.path_nodes ({options.path_nodes}) exceeds method_args.degradation_steps "
-                             f"({options.degradation_steps}): one snapshot per stage-1 iteration at most")
+        if options.path_nodes >= options.degradation_steps:
+            raise ValueError(f"method_args.path_nodes ({options.path_nodes}) must be below method_args.degradation_steps "
+                             f"({options.degradation_steps}): one snapshot per stage-1 iteration at most, before the last")
         if options.degradation_steps >= ctx.config.train.max_steps:
             raise ValueError(f"method_args.degradation_steps ({options.degradation_steps}) leaves no iterations of "
                              f"train.max_steps ({ctx.config.train.max_steps}) for backtracking")
@@ -66,8 +78,9 @@ class DisBack(DMDBase):
         self._active: tuple[int, Denoiser] | None = None  # (node index, its network on the device)
 
     def _node_due(self, k: int) -> int:
-        """The number of stage-1 updates after which snapshot k (0-based) is taken."""
-        return (k + 1) * self.opt.degradation_steps // self.opt.path_nodes
+        """The number of stage-1 updates after which snapshot k (0-based) is taken: K snapshots at equal
+        intervals, the last one an interval before the end of the path."""
+        return (k + 1) * self.opt.degradation_steps // (self.opt.path_nodes + 1)
 
     def updates(self, iteration: int) -> list[str]:
         if iteration < self.opt.degradation_steps:
@@ -84,8 +97,11 @@ class DisBack(DMDBase):
         """Which score the student follows at a backtracking iteration: K - 1 ... 0 index the nodes
         (last snapshot first), -1 is the teacher."""
         total = self.ctx.config.train.max_steps - self.opt.degradation_steps
-        share = (iteration - self.opt.degradation_steps) * (self.opt.path_nodes + 1) // max(total, 1)
-        return self.opt.path_nodes - 1 - min(share, self.opt.path_nodes)
+        k, done = self.opt.path_nodes, iteration - self.opt.degradation_steps
+        on_nodes = round(total * (1 - self.opt.teacher_share))  # iterations spent on the nodes, then the teacher
+        if done >= on_nodes:
+            return -1
+        return k - 1 - done * k // max(on_nodes, 1)
 
     def _real(self, iteration: int) -> Denoiser:
         k = self.target_index(iteration)

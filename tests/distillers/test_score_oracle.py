@@ -97,6 +97,7 @@ def test_disback_student_learns_the_mixture(tmp_path, oracle_cache):
     assert len(trainer.distiller.nodes) == 3
     ev = _eval(student, gmm)
     print("disback", ev["energy"] / ev["floor"], ev["min_mode_mass"])
-    # measured 10.4x (every mode at >= 0.087): far short of the 2x target at this config
-    assert ev["energy"] < 15.0 * ev["floor"], ev
+    # measured 2.5x here (1.24x on the benchmark's seed, 1.53x over four seeds; every mode at >= 0.10);
+    # 10.4x before the path's end stopped being a target and the teacher got 60% of stage 2
+    assert ev["energy"] < 4.0 * ev["floor"], ev
     assert ev["min_mode_mass"] > 0.04, ev
