@@ -53,7 +53,9 @@ ORACLE_LAYOUTS = {"ring": [],
 ORACLE_CONFIGS = ["progressive_1step", "guided_1step", "boot_1step", "vsd_1step", "dmd_1step", "dmd2_1step",
                   "sid_1step", "phased_dmd_4step", "lcm_4step", "disback_1step", "dmd2_1step_halfwidth"]
 # rows that are a shipped config with overrides: name -> (config, overrides)
-ORACLE_VARIANTS = {"dmd2_1step_halfwidth": ("dmd2_1step", ["student.architecture={hidden: 64}"])}
+# name -> (config, overrides, a run it starts from): the half-width student on MSD's path, teacher score
+# matching first, then DMD2 from that network ({out} is the suite's folder)
+ORACLE_VARIANTS = {"dmd2_1step_halfwidth": ("dmd2_1step", ["student.init={out}/tsm_16step/student"], "tsm_16step")}
 
 
 def _row(name, x, gmm, nfe, train_s, sample_s, traj=None):
@@ -71,11 +73,13 @@ def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = ())
     cache = out / "oracle_networks"
     teacher = gmm = None
     for cfg in ORACLE_CONFIGS:
-        config, extra = ORACLE_VARIANTS.get(cfg, (cfg, []))
-        overrides = [f"teacher.oracle.process={process}", *layout, *extra]
+        config, extra, before = ORACLE_VARIANTS.get(cfg, (cfg, [], None))
+        overrides = [f"teacher.oracle.process={process}", *layout, *(e.format(out=out) for e in extra)]
         if cfg.startswith("guided"):
             overrides.append("teacher.oracle.conditional=true")
-        t0 = time.time()
+        t0 = time.time()  # train_s includes the run a variant starts from
+        if before is not None:
+            run_oracle(f"{before}.yaml", out / before, [f"teacher.oracle.process={process}", *layout], cache)
         student, teacher_c, gmm, _ = run_oracle(f"{config}.yaml", out / cfg, overrides, cache)
         train_s = time.time() - t0
         z = torch.randn(n, *teacher_c.sample_shape, generator=torch.Generator().manual_seed(123))

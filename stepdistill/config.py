@@ -264,6 +264,9 @@ class StudentConfig:
     # with architecture: per layer list (a ModuleList's name, e.g. transformer_blocks), the teacher layer each
     # student layer starts from (default: the first ones)
     layer_map: dict[str, list[int]] | None = None
+    # a model folder (a run's student/, e.g. of method tsm) of the teacher's network class whose weights and
+    # config start the student instead of the teacher's (a smaller student trained by teacher score matching)
+    init: str | None = None
 
     def __post_init__(self):
         if self.num_steps < 1:
@@ -283,6 +286,12 @@ class StudentConfig:
                                           "teacher's, not the teacher's own); set student.lora_rank=0")
         if self.layer_map is not None and self.architecture is None:
             _fail("student.layer_map", "maps the layers of a smaller student: set student.architecture too")
+        if self.init is not None:
+            for key, value in (("architecture", self.architecture), ("layer_map", self.layer_map),
+                               ("lora_rank", self.lora_rank or None)):
+                if value is not None:
+                    _fail(f"student.{key}", f"the student starts from student.init ('{self.init}'), whose folder "
+                                            f"gives its network; drop student.{key}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ pipeline class (how it encodes, what its unconditional branch is).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -206,6 +207,20 @@ def resolve_teacher_path(path: str | os.PathLike) -> str:
     if _HUB_ID.match(text) and not text.startswith((".", "~")):
         return text  # a hub id; from_pretrained resolves it (from the local cache when offline)
     raise TeacherLoadError(f"teacher path '{path}' does not exist")
+
+
+def denoiser_class_name(path: str) -> str | None:
+    """The class of a local pipeline folder's denoising network, read from its ``model_index.json``
+    (None for a hub id, known only once loaded)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return None
+    entries = json.loads(index.read_text())
+    for name in DENOISER_COMPONENTS:
+        entry = entries.get(name)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1]:
+            return entry[1]
+    return None
 
 
 def find_denoiser(pipeline) -> tuple[str, nn.Module]:

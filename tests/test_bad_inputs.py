@@ -148,7 +148,28 @@ CASES = [
      ConfigError, r"data.cache: a data cache is read by index"),
     ("caption-file-as-images", lambda t: [f"data.images={_write(t, 'c.txt', 'a cat')}"], DataError,
      r"data.images: '.*c.txt' is a caption file, not images"),
+    # a student started from a saved network (student.init), and teacher score matching (method tsm)
+    ("student-init-missing", lambda t: [f"student.init={t / 'nowhere'}"], ConfigError,
+     r"student.init: '.*nowhere' is not a model folder \(it has no config.json\)"),
+    ("student-init-other-class", lambda t: [f"student.init={_model_folder(t, 'UNet2DModel')}"], ConfigError,
+     r"student.init: '.*unet' holds a UNet2DModel; the teacher's network is a MLPDenoiser"),
+    ("student-init-and-architecture", lambda t: [f"student.init={t}", "student.architecture={hidden: 8}"], ConfigError,
+     r"student.architecture: the student starts from student.init \('.*'\), whose folder gives its network; "
+     r"drop student.architecture"),
+    ("tsm-of-the-teacher-itself", lambda t: ["method=tsm"], ConfigError,
+     r"method tsm trains a student that differs from the teacher: set student.architecture"),
+    ("disback-nodes-at-the-path-end", lambda t: ["method=disback", "method_args.degradation_steps=3", "method_args.path_nodes=3"],
+     ConfigError, r"method_args.path_nodes \(3\) must be below method_args.degradation_steps \(3\)"),
+    ("disback-no-backtracking-left", lambda t: ["method=disback", "method_args.degradation_steps=20", "train.max_steps=20"],
+     ConfigError, r"method_args.degradation_steps \(20\) leaves no iterations of train.max_steps \(20\)"),
 ]
+
+
+def _model_folder(tmp_path: Path, class_name: str) -> Path:
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": class_name}))
+    return folder
 
 
 def _parquet(tmp_path: Path) -> Path:

@@ -69,6 +69,11 @@ class Distiller:
         ``optim.<name>`` keys are checked before the teacher is loaded. Default: ``["student"]``."""
         return ["student"]
 
+    @classmethod
+    def check_config(cls, config, options) -> None:
+        """Checks of the method's options against the rest of the config, made before the teacher is
+        loaded or anything is written; raise ``ValueError`` naming the key. Default: none."""
+
     def trainables(self) -> dict[str, Trainable]:
         """The modules the method trains, by name, with their learning rates."""
         raise NotImplementedError

@@ -3,13 +3,16 @@ its timesteps, and the pool of teacher samples of the trajectory methods."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 
 from ..config import torch_dtype
 from ..data import Batch, BatchSource
 from ..denoiser import Cond, Denoiser, unwrap
+from ..errors import ConfigError
 from ..generator import Student, StudentSpec, copy_for_training
 from ..parallel import plain_copy
 from ..sampling import ode_sample
@@ -24,11 +27,13 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
     ``w_conditioned``, rebuilt with a guidance-scale input; with ``experts``, one copy per timestep
     (:class:`~stepdistill.nets.PhasedExperts`, each step served by its own network); with
     ``prediction_type``, its output read in that parameterisation instead of the teacher's; with
-    ``student.architecture``, a smaller network of the teacher's class cut from its weights."""
+    ``student.architecture``, a smaller network of the teacher's class cut from its weights; with
+    ``student.init``, a copy of the network in that folder instead of the teacher's."""
     sc = ctx.config.student
+    source = ctx.init.model if sc.init is None else load_init_network(sc.init, ctx.init.model)
 
     def trainable_copy():
-        return copy_for_training(ctx.init.model, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
+        return copy_for_training(source, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
                                  lora_targets=sc.lora_targets, w_conditioned=w_conditioned,
                                  dtype=torch_dtype(ctx.config.train.trainable_dtype), architecture=sc.architecture,
                                  layer_map=sc.layer_map).to(ctx.device)
@@ -45,6 +50,29 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
     if warning:
         logger.warning(warning)
     return Student(Denoiser(model, ctx.init.process, pred), spec)
+
+
+def init_network_class(folder: str) -> str:
+    """The network class saved in ``student.init``'s folder (a diffusers model folder)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"student.init: '{folder}' is not a model folder (it has no config.json)")
+    return json.loads(config.read_text()).get("_class_name")
+
+
+def check_init_class(folder: str, teacher_class: str) -> None:
+    """``student.init`` must hold a network of the teacher network's class."""
+    name = init_network_class(folder)
+    if name != teacher_class:
+        raise ConfigError(f"student.init: '{folder}' holds a {name}; the teacher's network is a {teacher_class}")
+
+
+def load_init_network(folder: str, teacher_model) -> torch.nn.Module:
+    """``student.init``: the network saved in ``folder`` (e.g. a run's ``student/``)."""
+    from ..nets import network_class
+
+    check_init_class(folder, type(unwrap(teacher_model)).__name__)
+    return network_class(init_network_class(folder)).from_pretrained(folder).eval().requires_grad_(False)
 
 
 EPS_AMPLIFICATION_LIMIT = 50.0

@@ -66,13 +66,16 @@ class DisBack(DMDBase):
     name = "disback"
     Options = DisBackOptions
 
-    def __init__(self, ctx: Context, options: DisBackOptions):
+    @classmethod
+    def check_config(cls, config, options: DisBackOptions) -> None:
         if options.path_nodes >= options.degradation_steps:
             raise ValueError(f"method_args.path_nodes ({options.path_nodes}) must be below method_args.degradation_steps "
                              f"({options.degradation_steps}): one snapshot per stage-1 iteration at most, before the last")
-        if options.degradation_steps >= ctx.config.train.max_steps:
+        if options.degradation_steps >= config.train.max_steps:
             raise ValueError(f"method_args.degradation_steps ({options.degradation_steps}) leaves no iterations of "
-                             f"train.max_steps ({ctx.config.train.max_steps}) for backtracking")
+                             f"train.max_steps ({config.train.max_steps}) for backtracking")
+
+    def __init__(self, ctx: Context, options: DisBackOptions):
         super().__init__(ctx, options)
         self.nodes: list[dict] = []  # CPU state dicts of the fake score along the degradation path
         self._active: tuple[int, Denoiser] | None = None  # (node index, its network on the device)

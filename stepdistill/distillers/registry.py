@@ -22,6 +22,7 @@ BUILTIN = {
     "sid": "stepdistill.distillers.sid:SiD",
     "lcm": "stepdistill.distillers.consistency:Consistency",
     "disback": "stepdistill.distillers.disback:DisBack",
+    "tsm": "stepdistill.distillers.tsm:TeacherScoreMatching",
 }
 
 

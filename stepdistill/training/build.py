@@ -19,12 +19,13 @@ from ..items import FileItems, read_items
 from ..sources import check_images, read_captions
 from ..denoiser import Denoiser, unwrap
 from ..distillers.base import Context, Distiller
+from ..distillers.common import check_init_class, init_network_class
 from ..distillers.registry import get_method
 from ..errors import ConfigError, ExportError
 from ..generator import networks
 from ..parallel import Parallel
 from ..state_io import cache_key_problem, temporary_name
-from ..teachers import Teacher, load_teacher, resolve_teacher_path
+from ..teachers import Teacher, denoiser_class_name, load_teacher, resolve_teacher_path
 from .distributed import broadcast_from_main
 from .update import TrainableState
 
@@ -59,6 +60,18 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
     if num_processes > 1 and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision: fp16 loss scaling is not supported with several processes "
                           "(sharded gradients); use bf16")
+    try:
+        method.check_config(cfg, options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if cfg.student.init is not None:
+        from ..nets import MLPDenoiser
+
+        teacher_class = MLPDenoiser.__name__ if tc.oracle is not None else denoiser_class_name(resolve_teacher_path(tc.path))
+        if teacher_class is None:  # a hub id: checked once the teacher is loaded
+            init_network_class(cfg.student.init)
+        else:
+            check_init_class(cfg.student.init, teacher_class)
     if cfg.data.prompts is not None:
         read_captions(cfg.data.prompts, cfg.data, cfg.data.skip_bad_items)
     if cfg.data.images is not None:

@@ -111,3 +111,28 @@ def test_dmd2_gan_without_images_fails_early(tmp_path, tiny_pipelines):
                                                  "method_args.gan=true"], python=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "error: method_args.gan=true needs real images: set data.images (stepdistill/sources.py)"
+
+
+@pytest.mark.parametrize("family", ["sd", pytest.param("sd3", marks=pytest.mark.slow), pytest.param("dit", marks=pytest.mark.slow)])
+def test_tsm_then_dmd2_from_its_student(tmp_path, tiny_pipelines, family):
+    """MSD's path for a smaller student: teacher score matching (method tsm) trains it as a multi-step
+    denoiser, then a DMD2 run starts from its student/ (student.init) and keeps its smaller network."""
+    import torch
+    from safetensors.torch import load_file
+
+    from stepdistill.generator import Student
+
+    tsm = tmp_path / "tsm"
+    r = launch(f"configs/tiny-{family}/tsm_4step.yaml", [f"teacher.path={tiny_pipelines[family]}", f"train.output_dir={tsm}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    small = Student.load(tsm / "student")
+    assert small.spec.method == "tsm" and len(small.spec.timesteps) == 4 and small.spec.sampler == "deterministic"
+    out = tmp_path / "dmd2"
+    r = launch(f"configs/tiny-{family}/dmd2_4step.yaml", [f"teacher.path={tiny_pipelines[family]}", f"train.output_dir={out}",
+                                                        f"student.init={tsm / 'student'}", "method_args.fake_lora_rank=0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    student = _check_run(out)
+    public = (lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")})  # noqa: E731
+    assert public(student.model.config) == public(small.model.config)  # the smaller network, not the teacher's
+    start, end = load_file(tsm / "student" / "diffusion_pytorch_model.safetensors"), student.model.state_dict()
+    assert start.keys() == end.keys() and any(not torch.equal(start[k], end[k]) for k in start)

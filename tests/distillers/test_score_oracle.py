@@ -77,16 +77,21 @@ def test_conditional_mixture_with_teacher_cfg(tmp_path, oracle_cache, config, ex
 
 
 @pytest.mark.slow
-def test_half_width_dmd2_student_learns_the_mixture(tmp_path, oracle_cache):
-    """A smaller student (student.architecture: half the teacher network's width, its weights cut from
-    the teacher's) distilled by DMD2 against the full-width teacher and fake score."""
-    student, teacher, gmm, trainer = run_oracle("dmd2_1step.yaml", tmp_path / "run", ["student.architecture={hidden: 64}"],
-                                                oracle_cache)
+@pytest.mark.parametrize("process,bound", [("vp", 4.0), ("flow", 4.0)])
+def test_half_width_dmd2_student_learns_the_mixture(tmp_path, oracle_cache, process, bound):
+    """A smaller student (half the teacher network's width, its weights cut from the teacher's) on MSD's
+    path: teacher score matching first (configs/oracle/tsm_16step.yaml), then DMD2 from that network
+    (student.init) against the full-width teacher and fake score."""
+    over = [f"teacher.oracle.process={process}"]
+    run_oracle("tsm_16step.yaml", tmp_path / "tsm", over, oracle_cache)
+    student, teacher, gmm, trainer = run_oracle("dmd2_1step.yaml", tmp_path / "run",
+                                                [*over, f"student.init={tmp_path / 'tsm' / 'student'}"], oracle_cache)
     assert student.model.config.hidden == 64 and trainer.distiller.fake.model.config.hidden == 128
     ev = _eval(student, gmm)
-    print("half width", ev["energy"] / ev["floor"], ev["min_mode_mass"])
-    # measured 4.1x (every mode at >= 0.10) against the full-width student's 1.8x: short of the 2x target
-    assert ev["energy"] < 6.0 * ev["floor"], ev
+    print("half width", process, ev["energy"] / ev["floor"], ev["min_mode_mass"])
+    # measured on this seed: VP 2.1x (0.92x on the benchmark's, 1.21x over four seeds), flow 2.0x (1.2x, 1.3x),
+    # every mode at >= 0.09; cut from the teacher and distilled directly, VP measured 4.1x (2.9x over four seeds)
+    assert ev["energy"] < bound * ev["floor"], ev
     assert ev["min_mode_mass"] > 0.04, ev
 
 
