@@ -12,7 +12,8 @@ Diffusion pipeline whose text encoders and VAE are small stand-ins of the right 
 share of the memory that matters). Each case runs in a fresh process: the distill config of
 ``configs/sd15/<method>.yaml`` with the case's options, two iterations of the real loop, and it reports
 
-- peak memory: CUDA ``max_memory_allocated`` on a GPU, the peak resident set (VmHWM) on the CPU;
+- peak memory over the two iterations: CUDA ``max_memory_allocated`` on a GPU, the peak resident set
+  (VmHWM, reset after the build) on the CPU; and the peak while building (networks whole, before sharding);
 - weights: every distinct parameter and buffer of every network (teacher, student, fake score,
   encoders), at their dtypes;
 - gradients: the largest trainable's trained parameters at the trainable dtype (one trainable's
@@ -28,6 +29,15 @@ of latent pixels times the batch, so the table also gives the projection to the 
 SD1.5 at 64x64 from 32x32). With ``--processes N`` each case runs under FSDP on N processes (student,
 fake score and teacher sharded, ``stepdistill/parallel.py``) and every column is per process: the
 largest over the ranks, each counting its own shards; ``--batch`` is then the batch of each process.
+
+``--simulate N`` measures one rank of an N-process FSDP run in a single process: rank 0 of a world of N
+over torch's fake process group, whose collectives move no data (this machine cannot hold N processes
+of SDXL). Every tensor the rank holds has its real size (its 1/N shards, the gathered blocks, its
+gradients and optimiser state), so the memory figures are those of one rank; the values are not (an
+all-gather fills the other ranks' parts with copies of this rank's shard, a reduce-scatter keeps this
+rank's part of its own gradients), and the iteration time has no communication in it. The peak is
+reported twice: over the whole process (the build holds each network whole before sharding it, as
+every rank of a real run does) and over the training iterations alone (``peak_gb``).
 """
 
 from __future__ import annotations
@@ -147,6 +157,41 @@ def _tensor_bytes(tensors) -> int:
     return total
 
 
+def simulate_world(size: int) -> None:
+    """This process as rank 0 of ``size`` (``--simulate``): torch's fake process group, entered before the
+    Accelerator is built (it then takes the group's world size), with FSDP's two collectives filling their
+    outputs with this rank's data, so that the networks compute finite numbers on the gathered blocks."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
+                      ACCELERATE_USE_FSDP="true", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # accelerate would give 1 / size of the cores
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+    gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
+
+    def all_gather_single(output, input, *args, **kwargs):
+        output.view(size, -1).copy_(input.reshape(1, -1).expand(size, -1))  # every rank's part: this rank's shard
+        return gather(output, input, *args, **kwargs)
+
+    def reduce_scatter_single(output, input, *args, **kwargs):
+        output.view(-1).copy_(input.view(size, -1)[0])  # this rank's part of its own gradients
+        return scatter(output, input, *args, **kwargs)
+
+    dist.all_gather_single, dist.reduce_scatter_single = all_gather_single, reduce_scatter_single
+
+
+def _reset_peak() -> bool:
+    """Reset the process's peak resident set (VmHWM) to its current size (Linux ``clear_refs`` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def measure_one(spec: dict) -> dict:
     """One case, in this (fresh) process."""
     import torch
@@ -157,6 +202,9 @@ def measure_one(spec: dict) -> dict:
     from stepdistill.training import Trainer
 
     cuda = torch.cuda.is_available()
+    simulated = spec.get("simulate", 1)
+    if simulated > 1:
+        simulate_world(simulated)
     base_kib = _rss_kib("VmRSS")
     config, overrides = CASES[spec["case"]]
     cfg_path = ROOT / "configs" / "sd15" / f"{config}.yaml"  # the method's recipe; the teacher is the case's
@@ -164,14 +212,18 @@ def measure_one(spec: dict) -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
+    world = max(spec.get("processes", 1), simulated)
     cfg = load_config(cfg_path, [f"teacher.path={spec['pipeline']}", f"train.output_dir={out}", "train.report_to=none",
-                                 "train.progress=false", f"train.batch_size={spec['batch'] * spec.get('processes', 1)}", "train.max_steps=2",
+                                 "train.progress=false", f"train.batch_size={spec['batch'] * world}", "train.max_steps=2",
                                  "train.ema_decay=null", "data.prompts=[a photo of a cat, a red car]", *overrides])
     trainer = Trainer(cfg)
     side = trainer.teacher.sample_shape[-1]
+    build_peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    elif not _reset_peak():
+        build_peak = None  # VmHWM cannot be reset: the peak below is the whole process's
     built_kib = _rss_kib("VmRSS")
     built_cuda = torch.cuda.memory_allocated() if cuda else 0
     micro = spec["batch"]  # per process
@@ -195,7 +247,7 @@ def measure_one(spec: dict) -> dict:
         peak = _rss_kib("VmHWM") * 1024
         activations = peak - built_kib * 1024 - optim - grads
     acc = trainer.accelerator
-    if acc.num_processes > 1:  # per process: the largest over the ranks
+    if acc.num_processes > 1 and simulated == 1:  # per process: the largest over the ranks
         both = torch.tensor([peak, weights, grads, optim, activations, times[-1]], dtype=torch.float64, device=acc.device)
         peak, weights, grads, optim, activations, last = acc.gather(both[None]).reshape(-1, 6).max(0).values.tolist()
         times[-1] = last
@@ -203,23 +255,29 @@ def measure_one(spec: dict) -> dict:
     if acc.is_main_process:
         shutil.rmtree(out, ignore_errors=True)
     params = {n: sum(p.numel() for p in unwrap(st.module).parameters()) for n, st in trainer.states.items()}
-    return {"processes": acc.num_processes, "model": spec["model"], "case": spec["case"], "batch": spec["batch"], "latent": side,
-            "device": "cuda" if cuda else "cpu", "peak_gb": peak / 2**30, "weights_gb": weights / 2**30,
+    skipped = [n for n, st in trainer.states.items() if not st.optimizer.state]
+    if skipped:  # an update skipped (non-finite) would leave its optimiser state out of the figures
+        raise RuntimeError(f"no optimiser step was taken for {skipped}: the figures would miss their state")
+    return {"processes": acc.num_processes, "simulated": simulated > 1, "model": spec["model"], "case": spec["case"],
+            "batch": spec["batch"], "latent": side, "device": "cuda" if cuda else "cpu", "peak_gb": peak / 2**30,
+            "build_peak_gb": None if build_peak is None else build_peak / 2**30, "weights_gb": weights / 2**30,
             "grads_gb": grads / 2**30, "optimizer_gb": optim / 2**30, "activations_gb": activations / 2**30,
             "runtime_gb": base_kib / 2**20, "iteration_s": times[-1], "unet_params": params,
             "trained_params": {n: sum(p.numel() for p in st.params) for n, st in trainer.states.items()}}
 
 
 def markdown(rows: list[dict], native: int) -> str:
-    lines = ["| model | case | processes | batch | latent | peak (GB) | weights | gradients | optimiser | activations + rest | "
-             f"projected peak at {native}x{native} | model state on 8 FSDP processes | iteration (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | case | processes | batch | latent | peak (GB) | build peak | weights | gradients | optimiser | "
+             f"activations + rest | projected peak at {native}x{native} | model state on 8 FSDP processes | iteration (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         scale = (native / r["latent"]) ** 2
         projected = r["peak_gb"] + r["activations_gb"] * (scale - 1)
         state = r["weights_gb"] + r["grads_gb"] + r["optimizer_gb"]
         n = r.get("processes", 1)
-        lines.append(f"| {r['model']} | {r['case']} | {n} | {r['batch']} | {r['latent']} | {r['peak_gb']:.1f} | "
+        procs = f"{n} (simulated)" if r.get("simulated") else str(n)
+        build = "" if r.get("build_peak_gb") is None else f"{r['build_peak_gb']:.1f}"
+        lines.append(f"| {r['model']} | {r['case']} | {procs} | {r['batch']} | {r['latent']} | {r['peak_gb']:.1f} | {build} | "
                      f"{r['weights_gb']:.1f} | {r['grads_gb']:.1f} | {r['optimizer_gb']:.1f} | {r['activations_gb']:.1f} | "
                      f"{projected:.1f} | {state * n / 8:.1f} | {r['iteration_s']:.1f} |")
     return "\n".join(lines)
@@ -233,6 +291,8 @@ def main(argv=None) -> int:
     p.add_argument("--latent", type=int, default=None, help="latent side (default: native on a GPU, 32 on the CPU)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "memory")
     p.add_argument("--processes", type=int, default=1, help="N > 1: FSDP on N processes (per-process figures)")
+    p.add_argument("--simulate", type=int, default=1,
+                   help="N > 1: one rank of N-process FSDP, in one process over a fake process group")
     p.add_argument("--list", action="store_true")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -257,7 +317,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pipeline = build_pipeline(args.model, args.out / f"pipeline-{args.model}-{latent}", latent)
     rows = []
-    suffix = "" if args.processes == 1 else f"-fsdp{args.processes}"
+    if args.simulate > 1 and args.processes > 1:
+        p.error("--simulate and --processes: give one")
+    suffix = "" if max(args.processes, args.simulate) == 1 else f"-fsdp{max(args.processes, args.simulate)}"
+    suffix += "-simulated" if args.simulate > 1 else ""
     results = args.out / f"results-{args.model}{suffix}.json"
     if args.processes > 1:
         head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -268,7 +331,7 @@ def main(argv=None) -> int:
     for case in cases:
         for batch in batches:
             spec = {"model": args.model, "case": case, "batch": batch, "processes": args.processes, "latent": latent, "out": str(args.out),
-                    "pipeline": str(pipeline)}
+                    "pipeline": str(pipeline), "simulate": args.simulate}
             r = subprocess.run(head + ["--one", json.dumps(spec)], capture_output=True, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
             line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
