@@ -9,8 +9,9 @@ options, with a breakdown.
 The UNet is built from the public ``unet/config.json`` values of SD1.5 (320/640/1280/1280, cross-
 attention 768: 859.5M parameters) or SDXL (2.57B) with random weights, offline, inside a Stable
 Diffusion pipeline whose text encoders and VAE are small stand-ins of the right widths (they hold no
-share of the memory that matters). Each case runs in a fresh process: the distill config of
-``configs/sd15/<method>.yaml`` with the case's options, two iterations of the real loop, and it reports
+share of the memory that matters). Each case runs in a fresh process: the distill config of its recipe
+(``configs/sd15/<method>.yaml``, SDXL's ``configs/sdxl/dmd2_4step.yaml``) with the case's options, two
+iterations of the real loop, and it reports
 
 - peak memory over the two iterations: CUDA ``max_memory_allocated`` on a GPU, the peak resident set
   (VmHWM, reset after the build) on the CPU; and the peak while building (networks whole, before sharding);
@@ -67,23 +68,25 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_bloc
 
 # name: (method config, overrides); every case also runs at --batch
 CASES = {
-    "dmd2-full-full-fp32": ("dmd2_1step", ["train.trainable_dtype=fp32", "train.gradient_checkpointing=false"]),
-    "dmd2-full-lora-fp32-ckpt": ("dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=fp32",
+    "dmd2-full-full-fp32": ("sd15/dmd2_1step", ["train.trainable_dtype=fp32", "train.gradient_checkpointing=false"]),
+    "dmd2-full-lora-fp32-ckpt": ("sd15/dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=fp32",
                                                 "train.gradient_checkpointing=true"]),
-    "dmd2-full-lora-bf16-ckpt": ("dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
+    "dmd2-full-lora-bf16-ckpt": ("sd15/dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
                                                 "train.gradient_checkpointing=true"]),
-    "dmd2-full-lora-bf16-ckpt-8bit": ("dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
+    "dmd2-full-lora-bf16-ckpt-8bit": ("sd15/dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
                                                      "train.gradient_checkpointing=true", "train.optimizer=adamw8bit"]),
-    "dmd2-full-full-bf16-ckpt": ("dmd2_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
-    "dmd2-full-full-bf16-ckpt-8bit": ("dmd2_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true",
+    "dmd2-full-full-bf16-ckpt": ("sd15/dmd2_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
+    "dmd2-full-full-bf16-ckpt-8bit": ("sd15/dmd2_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true",
                                                      "train.optimizer=adamw8bit"]),
-    "dmd2-lora-lora-bf16-ckpt": ("dmd2_1step", ["student.lora_rank=64", "method_args.fake_lora_rank=64",
+    "dmd2-lora-lora-bf16-ckpt": ("sd15/dmd2_1step", ["student.lora_rank=64", "method_args.fake_lora_rank=64",
                                                 "train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
-    "sid-full-lora-bf16-ckpt": ("sid_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
+    "sid-full-lora-bf16-ckpt": ("sd15/sid_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
                                               "train.gradient_checkpointing=true"]),
-    "vsd-full-lora-bf16-ckpt": ("vsd_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
-    "progressive-full-bf16-ckpt": ("progressive_4step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true",
+    "vsd-full-lora-bf16-ckpt": ("sd15/vsd_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
+    "progressive-full-bf16-ckpt": ("sd15/progressive_4step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true",
                                                          "method_args.pool_size=2", "method_args.pool_steps=2"]),
+    # SDXL's recipe (4 steps, backward simulation, CFG 8; without the GAN head, which needs real images)
+    "dmd2-4step-full-full-bf16-ckpt": ("sdxl/dmd2_4step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
 }
 
 
@@ -207,7 +210,7 @@ def measure_one(spec: dict) -> dict:
         simulate_world(simulated)
     base_kib = _rss_kib("VmRSS")
     config, overrides = CASES[spec["case"]]
-    cfg_path = ROOT / "configs" / "sd15" / f"{config}.yaml"  # the method's recipe; the teacher is the case's
+    cfg_path = ROOT / "configs" / f"{config}.yaml"  # the method's recipe; the teacher is the case's
     out = Path(spec["out"]) / "runs" / f"{spec['model']}-{spec['case']}-b{spec['batch']}"
     import shutil
 
