@@ -60,19 +60,20 @@ def init_network_class(folder: str) -> str:
     return json.loads(config.read_text()).get("_class_name")
 
 
-def check_init_class(folder: str, teacher_class: str) -> None:
-    """``student.init`` must hold a network of the teacher network's class."""
+def check_init_class(folder: str, teacher_class: str) -> str:
+    """``student.init`` must hold a network of the teacher network's class; returns that class's name."""
     name = init_network_class(folder)
     if name != teacher_class:
         raise ConfigError(f"student.init: '{folder}' holds a {name}; the teacher's network is a {teacher_class}")
+    return name
 
 
 def load_init_network(folder: str, teacher_model) -> torch.nn.Module:
     """``student.init``: the network saved in ``folder`` (e.g. a run's ``student/``)."""
     from ..nets import network_class
 
-    check_init_class(folder, type(unwrap(teacher_model)).__name__)
-    return network_class(init_network_class(folder)).from_pretrained(folder).eval().requires_grad_(False)
+    name = check_init_class(folder, type(unwrap(teacher_model)).__name__)
+    return network_class(name).from_pretrained(folder).eval().requires_grad_(False)
 
 
 EPS_AMPLIFICATION_LIMIT = 50.0
