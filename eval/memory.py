@@ -37,8 +37,8 @@ of SDXL). Every tensor the rank holds has its real size (its 1/N shards, the gat
 gradients and optimiser state), so the memory figures are those of one rank; the values are not (an
 all-gather fills the other ranks' parts with copies of this rank's shard, a reduce-scatter keeps this
 rank's part of its own gradients), and the iteration time has no communication in it. The peak is
-reported twice: over the whole process (the build holds each network whole before sharding it, as
-every rank of a real run does) and over the training iterations alone (``peak_gb``).
+reported twice: while building (``build_peak_gb``: each network whole before it is sharded, as every
+rank of a real run holds it) and over the training iterations alone (``peak_gb``).
 """
 
 from __future__ import annotations
