@@ -26,7 +26,7 @@ from .base import Context, Distiller, Trainable
 from .common import SamplePool, frozen_copy, make_student, student_trainable, x0_source
 from .losses import mse
 from .progressive import ProgressiveCore, ProgressiveOptions, RoundSchedule
-from .score import score_time_range
+from .score import regression_times
 
 
 @dataclass
@@ -94,9 +94,7 @@ class Guided(Distiller):
             return out
         proc = self.student.process
         x0, cond, uncond = x0_source(self.opt.x_source, batch, self.pool)
-        lo, hi = score_time_range(proc, 0.0, 1.0)  # the whole range (flow: from 1e-3, off the clean end)
-        lo = lo if proc.kind == "vp" else 1e-3
-        t = batch.times(proc, lo, hi)
+        t = regression_times(proc, batch)
         z = proc.add_noise(x0, batch.randn(*x0.shape), t)
         w = self.opt.w_min + (self.opt.w_max - self.opt.w_min) * batch.rand(batch.size)
         with torch.no_grad():

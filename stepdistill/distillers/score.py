@@ -57,6 +57,13 @@ def score_time_range(process, lo: float, hi: float) -> tuple[float, float]:
     return a + lo * (b - a), a + hi * (b - a)
 
 
+def regression_times(process, batch: Batch) -> torch.Tensor:
+    """Times uniform over the whole range, for regressions onto the teacher at noised data (guided
+    stage 1, teacher score matching); flow from t = 1e-3, off the clean end."""
+    lo, hi = score_time_range(process, 0.0, 1.0)
+    return batch.times(process, lo if process.kind == "vp" else 1e-3, hi)
+
+
 def score_times(process, batch: Batch, lo: float, hi: float) -> torch.Tensor:
     """Times for the score losses: uniform over :func:`score_time_range`."""
     lo, hi = score_time_range(process, lo, hi)

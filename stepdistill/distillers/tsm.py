@@ -32,7 +32,7 @@ from ..data import Batch
 from .base import Context, Distiller, Trainable
 from .common import SamplePool, make_student, student_trainable, x0_source
 from .losses import mse, prompt_dropout
-from .score import score_time_range
+from .score import regression_times
 
 
 @dataclass
@@ -76,9 +76,7 @@ class TeacherScoreMatching(Distiller):
         student = self.student.denoiser
         proc = student.process
         x0, cond, _ = x0_source(self.opt.x_source, batch, self.pool)
-        lo, hi = score_time_range(proc, 0.0, 1.0)  # the whole range (flow: from 1e-3, off the clean end)
-        lo = lo if proc.kind == "vp" else 1e-3
-        t = batch.times(proc, lo, hi)
+        t = regression_times(proc, batch)
         x_t = proc.add_noise(x0, batch.randn(*x0.shape), t)
         if cond is not None:
             cond = prompt_dropout(batch, cond, self.opt.uncond_prob)

@@ -40,8 +40,9 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
     options = from_dict(method.Options, cfg.method_args, "method_args")
     tc = cfg.teacher
     process = oracle_process(tc.oracle) if tc.oracle is not None else None
-    if tc.path is not None:
-        scheduler = Path(resolve_teacher_path(tc.path)) / "scheduler" / "scheduler_config.json"
+    pipeline = resolve_teacher_path(tc.path) if tc.path is not None else None
+    if pipeline is not None:
+        scheduler = Path(pipeline) / "scheduler" / "scheduler_config.json"
         if scheduler.is_file():  # a local pipeline: its time range is known before anything is loaded
             from ..process import process_from_scheduler_config
 
@@ -67,7 +68,7 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
     if cfg.student.init is not None:
         from ..nets import MLPDenoiser
 
-        teacher_class = MLPDenoiser.__name__ if tc.oracle is not None else denoiser_class_name(resolve_teacher_path(tc.path))
+        teacher_class = MLPDenoiser.__name__ if pipeline is None else denoiser_class_name(pipeline)
         if teacher_class is None:  # a hub id: checked once the teacher is loaded
             init_network_class(cfg.student.init)
         else:

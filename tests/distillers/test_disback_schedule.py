@@ -36,6 +36,6 @@ def test_no_node_is_the_end_of_the_path(degradation, nodes):
     snapshot) is taken an interval before it (the authors' algorithm); snapshots are evenly spaced."""
     fake = SimpleNamespace(opt=DisBackOptions(degradation_steps=degradation, path_nodes=nodes))
     due = [DisBack._node_due(fake, k) for k in range(nodes)]
-    assert 1 <= due[0] and due == sorted(set(due)) and due[-1] < degradation
+    assert due[0] >= 1 and due == sorted(set(due)) and due[-1] < degradation
     gaps = [b - a for a, b in zip([0, *due], [*due, degradation])]
     assert max(gaps) - min(gaps) <= 1
