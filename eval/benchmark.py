@@ -7,9 +7,9 @@
 
 The mnist suite distils the shipped MNIST mini-SD teacher (``stepdistill:mnist-sd``) with every
 method at 1, 2 and 4 steps where the method has them, each from its config under configs/mnist-sd/
-(the budget is in those files: 1000 iterations, 4500 for guided, whose w input needs a long stage
-1), and measures each student on the same 2000 prompts (digits and prompt templates in turn) and the
-same initial noise: FD against the train digits in the project's classifier's feature space (FD, not
+(the budget is in those files; guided's is the longest, as its w input needs a long stage 1), and
+measures each student on the same 2000 prompts (digits and prompt templates in turn) and the same
+initial noise: FD against the train digits in the project's classifier's feature space (FD, not
 FID), the classifier's accuracy on the digit the prompt names, NFE, sampling time per image (batch
 of 100, decoding included) and training time. The teacher's DDIM rows (1, 2, 4, 50 steps with CFG,
 50 without) are measured the same way, and the 1-step students' sampling speed is compared with the
