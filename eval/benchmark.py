@@ -369,20 +369,20 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
 
 
 def _curve_rows(bench: DigitBench, run_dir: Path, name: str, curve: list[int]) -> list[dict]:
-    """The student at each iteration count of ``curve`` (its checkpoints), measured by every judge
-    (cached beside the checkpoint)."""
-    from stepdistill.generator import Student
+    """The student at each iteration count of ``curve`` (its checkpoints; the EMA weights where the run
+    keeps an EMA, as its final row), measured by every judge (cached beside the checkpoint)."""
     from stepdistill.state_io import write_json
+    from stepdistill.training.checkpoints import checkpoint_student
 
     rows = []
     for it in curve:
         ckpt = run_dir / "checkpoints" / f"checkpoint-{it}"
         cached = run_dir / "curve" / f"checkpoint-{it}.json"  # beside, not inside: a checkpoint holds only its files
         row = json.loads(cached.read_text()) if cached.is_file() else {}
-        if row.get("judges") != JUDGES or row.get("n") != bench.n:
-            student = Student.load(ckpt / "student")
+        if row.get("judges") != JUDGES or row.get("n") != bench.n or "ema" not in row:
+            student = checkpoint_student(ckpt)  # the EMA where the run keeps one, as its final row
             row = {"method": name, "iterations": it, **bench.judge_all(bench.images(_student_sampler(student))),
-                   "judges": JUDGES, "n": bench.n}
+                   "judges": JUDGES, "n": bench.n, "ema": (run_dir / "student_ema").is_dir()}
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_json(cached, row)
         rows.append(row)

@@ -86,6 +86,31 @@ def test_checkpoint_manifest_corruption_and_fallback(tmp_path, caplog):
     assert "skipping checkpoint" in caplog.text and "checkpoint-6" in caplog.text and "checkpoint-4" in caplog.text
 
 
+def test_checkpoint_student_gives_the_ema_weights_the_run_saves(tmp_path):
+    """A checkpoint's student with ema=True is the run's student_ema/ (what the benchmark's curve
+    measures for an EMA run), with ema=False its trained weights; an EMA that does not fit is refused."""
+    from stepdistill.generator import Student
+    from stepdistill.state_io import load_state, save_state
+    from stepdistill.training.checkpoints import TRAINING_STATE, checkpoint_student
+
+    out = tmp_path / "run"
+    Trainer(_oracle_cfg(out, "train.max_steps=3", "train.checkpoint_every=3", "train.ema_decay=0.5",
+                        "method_args.lr=1e-2")).fit()
+    ckpt = list_checkpoints(out)[-1]
+    ema, raw = checkpoint_student(ckpt), checkpoint_student(ckpt, ema=False)
+    saved_ema, saved_raw = Student.load(out / "student_ema"), Student.load(out / "student")
+    for a, b, c, d in zip(ema.model.parameters(), saved_ema.model.parameters(), raw.model.parameters(),
+                          saved_raw.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(c, d, rtol=0, atol=0)
+    assert any(not torch.equal(a, c) for a, c in zip(ema.model.parameters(), raw.model.parameters()))
+    state = load_state(ckpt, TRAINING_STATE)
+    state["ema"]["student"]["shadow_params"] = state["ema"]["student"]["shadow_params"][:-1]
+    save_state(state, ckpt, TRAINING_STATE)
+    with pytest.raises(ConfigError, match="its EMA .* does not match the student's"):
+        checkpoint_student(ckpt)
+
+
 def test_resume_uses_previous_good_checkpoint(tmp_path, caplog):
     out = tmp_path / "run"
     Trainer(_oracle_cfg(out, "train.max_steps=4", "train.checkpoint_every=2")).fit()

@@ -165,6 +165,33 @@ def load_sharded(folder: Path, states: dict) -> None:
                        optim_state_dict=state[name]["optim"], options=StateDictOptions(strict=False))
 
 
+def checkpoint_student(folder: Path, ema: bool = True):
+    """The student a checkpoint holds, as a :class:`~stepdistill.generator.Student`: with ``ema`` and
+    an EMA in the checkpoint (``train.ema_decay``), its averaged weights, the ones the finished run
+    saves as ``student_ema/``; otherwise the trained weights. One process's checkpoints only (a
+    parallel run keeps its EMA in the sharded state)."""
+    import torch
+
+    from ..generator import Student
+    from ..state_io import load_state
+
+    student = Student.load(folder / "student")
+    saved = (load_state(folder, TRAINING_STATE).get("ema") or {}).get("student") if ema else None
+    if not saved:
+        return student
+    params, shadow = list(student.model.parameters()), saved.get("shadow_params")
+    if shadow is None:
+        raise ConfigError(f"{folder}: its EMA is in the sharded state of a parallel run; use the finished run's "
+                          "student_ema/ or ema=False")
+    if len(shadow) != len(params) or any(p.shape != s.shape for p, s in zip(params, shadow)):
+        raise ConfigError(f"{folder}: its EMA ({len(shadow)} tensors) does not match the student's {len(params)} "
+                          "weights (a LoRA or multi-part student)")
+    with torch.no_grad():
+        for p, avg in zip(params, shadow):
+            p.copy_(avg.to(p.dtype))
+    return student
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """Why a checkpoint folder cannot be resumed from, or None: an unreadable or malformed manifest, a
     file missing, truncated or altered, or a file the manifest does not list (nothing is loaded
