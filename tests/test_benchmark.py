@@ -57,3 +57,21 @@ def test_mnist_suite_writes_results_table_and_grid(tmp_path):
     assert again["dmd2_1step"]["train_s"] == rows["dmd2_1step"]["train_s"]  # not trained again
     assert again["dmd2_1step"]["fd"] == pytest.approx(rows["dmd2_1step"]["fd"], rel=1e-4)  # judged again: the same verdict
     assert json.loads(done.read_text())["key"]["judges"] != 0
+
+
+def test_digit_grid_refuses_bad_runs_before_loading_anything(tmp_path):
+    """eval/digit_grid.py: a malformed LABEL=RUN_DIR, a folder without student/ and an existing --out
+    each fail with one line naming the argument, and nothing is written."""
+    script = str(ROOT / "eval" / "digit_grid.py")
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"mine")
+    cases = [(["no-label-here"], tmp_path / "a.png", "'no-label-here': expected LABEL=RUN_DIR"),
+             ([f"x={tmp_path / 'missing'}"], tmp_path / "b.png", "has no student/ folder"),
+             ([f"x={run}"], taken, f"--out {taken} exists")]
+    for runs, out, message in cases:
+        r = subprocess.run([sys.executable, script, *runs, "--out", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-500:]
+    assert taken.read_bytes() == b"mine" and not (tmp_path / "a.png").exists() and not (tmp_path / "b.png").exists()
