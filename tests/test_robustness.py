@@ -90,7 +90,6 @@ def test_checkpoint_student_gives_the_ema_weights_the_run_saves(tmp_path):
     """A checkpoint's student with ema=True is the run's student_ema/ (what the benchmark's curve
     measures for an EMA run), with ema=False its trained weights; an EMA that does not fit is refused."""
     from stepdistill.generator import Student
-    from stepdistill.state_io import load_state, save_state
     from stepdistill.training.checkpoints import TRAINING_STATE, checkpoint_student
 
     out = tmp_path / "run"
