@@ -327,7 +327,7 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
 
             student = RoutedStudent.load(run_dir)
         else:
-            student = Student.load(run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student"))
+            student = Student.load_run(run_dir)
         if measured:  # every verdict and the training time kept; the sampling time measured again, in this run
             row = {k: v for k, v in old.items() if k != "key"}
             row["sample_ms"] = bench.ms_per_image(_student_sampler(student))

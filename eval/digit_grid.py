@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from stepdistill.teachers import load_teacher
 
     teacher = load_teacher(benchmark.MNIST_TEACHER)
-    pictures = {label: Student.load(run / ("student_ema" if (run / "student_ema").is_dir() else "student"))
-                for label, run in runs.items()}
+    pictures = {label: Student.load_run(run) for label, run in runs.items()}
     cfg = f", CFG {args.guidance:g}" if args.guidance != 1.0 else ""
     pictures[f"teacher DDIM 50{cfg}"] = (teacher, args.guidance)
     benchmark._digit_grid(pictures, teacher, args.out)

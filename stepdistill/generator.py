@@ -343,3 +343,10 @@ class Student:
         model = model_cls.from_pretrained(folder).to(device).eval().requires_grad_(False)
         process = process_from_scheduler_config(spec.process["scheduler"])
         return cls(Denoiser(model, process, spec.prediction_type), spec)
+
+    @classmethod
+    def load_run(cls, run_dir: str | Path, device=None) -> "Student":
+        """A finished run's student: its ``student_ema/`` where the run kept an EMA
+        (``train.ema_decay``), else its ``student/``."""
+        run_dir = Path(run_dir)
+        return cls.load(run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student"), device)

@@ -114,9 +114,7 @@ class RoutedStudent:
         router = json.loads(path.read_text())
         students = []
         for name in router["students"]:
-            run = folder / name
-            sub = run / ("student_ema" if (run / "student_ema").is_dir() else "student")
-            students.append(Student.load(sub, device))
+            students.append(Student.load_run(folder / name, device))
         return cls(students, torch.tensor(router["centroids"], dtype=torch.float32))
 
     def route(self, cond: Cond) -> torch.Tensor:

@@ -43,7 +43,7 @@ def run_oracle(config: str | Path, run_dir: Path, overrides=(), cache_root: Path
             shutil.copytree(src, run_dir / "oracle_network")
     trainer = Trainer(cfg)
     trainer.fit()
-    student = Student.load(run_dir / ("student_ema" if (run_dir / "student_ema").is_dir() else "student"))
+    student = Student.load_run(run_dir)
     return student, trainer.teacher, trainer.oracle, trainer
 
 
