@@ -44,13 +44,9 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.oracle import ORACLE_LAYOUTS
+
 ROOT = Path(__file__).resolve().parents[1]
-# the shipped oracle configs' ring, and two other mixtures the recipes were not tuned on
-ORACLE_LAYOUTS = {"ring": [],
-                  "grid": ["teacher.oracle.layout=grid", "teacher.oracle.components=9", "teacher.oracle.radius=2.0",
-                           "teacher.oracle.std=0.2"],
-                  "scattered": ["teacher.oracle.layout=scattered", "teacher.oracle.components=12", "teacher.oracle.dim=8",
-                                "teacher.oracle.radius=3.0", "teacher.oracle.std=0.3"]}
 ORACLE_CONFIGS = ["progressive_1step", "guided_1step", "boot_1step", "vsd_1step", "dmd_1step", "dmd2_1step",
                   "sid_1step", "phased_dmd_4step", "lcm_4step", "disback_1step", "dmd2_1step_halfwidth"]
 # rows that are a shipped config with overrides: name -> (config, overrides)

@@ -17,6 +17,14 @@ from diffusers.configuration_utils import register_to_config
 
 from .process import NoiseProcess
 
+# config overrides that lay out the mixture: the shipped oracle configs' ring (configs/oracle/), and two
+# other mixtures the recipes were not tuned on (eval/benchmark.py --suite oracle --layout)
+ORACLE_LAYOUTS = {"ring": [],
+                  "grid": ["teacher.oracle.layout=grid", "teacher.oracle.components=9", "teacher.oracle.radius=2.0",
+                           "teacher.oracle.std=0.2"],
+                  "scattered": ["teacher.oracle.layout=scattered", "teacher.oracle.components=12", "teacher.oracle.dim=8",
+                                "teacher.oracle.radius=3.0", "teacher.oracle.std=0.3"]}
+
 
 class GaussianMixture:
     """An isotropic Gaussian mixture with exact noisy posteriors."""

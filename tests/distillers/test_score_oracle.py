@@ -7,6 +7,7 @@ below would fail for it. Bounds are the measured values with margin (README, res
 import pytest
 import torch
 
+from stepdistill.oracle import ORACLE_LAYOUTS
 from stepdistill.testing.oracle_runs import fixed_point_distance, run_oracle
 
 
@@ -22,7 +23,8 @@ def _eval(student, gmm, n=1000, seed=11):
     # step; 5-18x before, when the fake score's schedule annealed twice as fast as the student's (README)
     pytest.param("dmd2_1step.yaml", 4.0, marks=pytest.mark.slow),  # about 85 s
     pytest.param("sid_1step.yaml", 4.0, marks=pytest.mark.slow),
-    pytest.param("vsd_1step.yaml", 6.0, marks=pytest.mark.slow),
+    # 2.6x here, 1.39x on the benchmark's seed with five fake-score updates per student update (1.79x with one)
+    pytest.param("vsd_1step.yaml", 4.0, marks=pytest.mark.slow),
     pytest.param("dmd_1step.yaml", 6.0, marks=pytest.mark.slow),
     # measured 2.4x here, 1.03x on the benchmark's seed (one expert per phase, constant schedule)
     pytest.param("phased_dmd_4step.yaml", 5.0, marks=pytest.mark.slow),
@@ -33,6 +35,18 @@ def test_score_student_learns_the_mixture(tmp_path, oracle_cache, config, bound)
     print(config, ev["energy"], ev["floor"], ev["energy"] / ev["floor"], ev["min_mode_mass"])
     assert ev["energy"] < bound * ev["floor"], ev
     assert ev["min_mode_mass"] > 0.04, ev  # every one of the 8 modes holds mass (1/8 = 0.125 exact)
+
+
+@pytest.mark.slow
+def test_vsd_student_fills_every_mode_of_the_grid(tmp_path, oracle_cache):
+    """VSD on the 3x3 grid, a layout its config was not tuned on. With one fake-score update per student
+    update the student left modes under-filled (3.7x the noise floor and a smallest mode of 0.064 against 1/9
+    on this seed; 3.0-3.8x on the benchmark's); the shipped five updates: 1.47x, 0.098."""
+    student, teacher, gmm, _ = run_oracle("vsd_1step.yaml", tmp_path / "run", ORACLE_LAYOUTS["grid"], oracle_cache)
+    ev = _eval(student, gmm)
+    print("vsd grid", ev["energy"] / ev["floor"], ev["min_mode_mass"])
+    assert ev["energy"] < 2.5 * ev["floor"], ev
+    assert ev["min_mode_mass"] > 0.07, ev
 
 
 @pytest.mark.slow
