@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.oracle import ORACLE_LAYOUTS
+from stepdistill.models.oracle import ORACLE_LAYOUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_CONFIGS = ["progressive_1step", "guided_1step", "boot_1step", "vsd_1step", "dmd_1step", "dmd2_1step",
@@ -63,7 +63,7 @@ def _row(name, x, gmm, nfe, train_s, sample_s, traj=None):
 
 
 def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = ()) -> list[dict]:
-    from stepdistill.sampling import ode_sample
+    from stepdistill.diffusion.sampling import ode_sample
     from stepdistill.testing.oracle_runs import run_oracle
 
     rows, samples = [], {}
@@ -188,8 +188,8 @@ class DigitBench:
     """The fixed evaluation draw (prompts, labels, noise) and the judges of the mnist suite."""
 
     def __init__(self, teacher, out: Path, n: int, seed: int = 2024, time_batch: int = 100):
-        from stepdistill.evaluation.digits import MNIST_SD, DigitsEvaluator, load_classifier, load_mnist
-        from stepdistill.shipped import evaluation_prompts
+        from stepdistill.evaluation.digits import DigitsEvaluator, load_classifier
+        from stepdistill.models.shipped import MNIST_SD, evaluation_prompts, load_mnist
 
         self.teacher, self.n, self.time_batch = teacher, n, time_batch
         real = load_mnist("train")[0]
@@ -247,7 +247,7 @@ def _student_sampler(student):
 
 
 def _teacher_sampler(teacher, steps, w):
-    from stepdistill.sampling import ode_sample
+    from stepdistill.diffusion.sampling import ode_sample
 
     def sample(z, cond, uncond, g):
         return ode_sample(teacher.denoiser, z, steps, cond, **({"guidance_scale": w, "uncond": uncond} if w != 1.0 else {}))
@@ -260,10 +260,10 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
     import yaml
 
     from stepdistill.config import load_config
-    from stepdistill.generator import Student
-    from stepdistill.shipped import shipped_path
-    from stepdistill.state_io import write_json
-    from stepdistill.teachers import load_teacher
+    from stepdistill.models.shipped import shipped_path
+    from stepdistill.models.student import Student
+    from stepdistill.models.teachers import load_teacher
+    from stepdistill.storage import write_json
     from stepdistill.training import Trainer
 
     configs = {method: mnist_config(method) for method, _ in runs}  # every --runs name checked before any training
@@ -367,7 +367,7 @@ def mnist_suite(out: Path, runs: list[tuple[str, int]], n: int = 2000, max_steps
 def _curve_rows(bench: DigitBench, run_dir: Path, name: str, curve: list[int]) -> list[dict]:
     """The student at each iteration count of ``curve`` (its checkpoints; the EMA weights where the run
     keeps an EMA, as its final row), measured by every judge (cached beside the checkpoint)."""
-    from stepdistill.state_io import write_json
+    from stepdistill.storage import write_json
     from stepdistill.training.checkpoints import checkpoint_student
 
     rows = []
@@ -416,8 +416,8 @@ def _digit_grid(pictures: dict, teacher, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stepdistill.sampling import ode_sample
-    from stepdistill.shipped import digit_prompt
+    from stepdistill.diffusion.sampling import ode_sample
+    from stepdistill.models.shipped import digit_prompt
 
     cond, uncond = teacher.encode([digit_prompt(d) for d in range(10)])
     z = torch.randn(10, *teacher.sample_shape, generator=torch.Generator().manual_seed(7))

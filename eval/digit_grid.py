@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--out {args.out} exists; choose a new file")
 
     import benchmark
-    from stepdistill.generator import Student
-    from stepdistill.teachers import load_teacher
+
+    from stepdistill.models.student import Student
+    from stepdistill.models.teachers import load_teacher
 
     teacher = load_teacher(benchmark.MNIST_TEACHER)
     pictures = {label: Student.load_run(run) for label, run in runs.items()}

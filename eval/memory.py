@@ -139,7 +139,7 @@ def _tensor_bytes(tensors) -> int:
     """Distinct storage behind the tensors (a sharded parameter: this rank's shard)."""
     import torch
 
-    from stepdistill.parallel import local
+    from stepdistill.models.sharding import local
 
     def leaves(t):  # a tensor subclass (torchao's 8-bit optimiser state): the plain tensors it holds
         if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
@@ -209,8 +209,8 @@ def measure_one(spec: dict) -> dict:
     import torch
 
     from stepdistill.config import load_config
-    from stepdistill.denoiser import unwrap
-    from stepdistill.parallel import local
+    from stepdistill.diffusion.denoiser import unwrap
+    from stepdistill.models.sharding import local
     from stepdistill.training import Trainer
 
     cuda = torch.cuda.is_available()

@@ -81,7 +81,7 @@ def _networks(tr) -> list:
     the trainables, and the denoisers a distiller holds (frozen round teachers included)."""
     from torch import nn
 
-    from stepdistill.denoiser import Denoiser, unwrap
+    from stepdistill.diffusion.denoiser import Denoiser, unwrap
 
     nets = {id(m): m for m in tr.teacher.pipeline.components.values() if isinstance(m, nn.Module)}
     nets.update({id(unwrap(st.module)): unwrap(st.module) for st in tr.states.values()})
@@ -99,7 +99,7 @@ def _networks(tr) -> list:
                   and type(value).__module__.startswith("stepdistill")):
                 stack.append(value)
     # a mixture of experts is never called itself: the Denoiser calls its experts
-    from stepdistill.nets import PhasedExperts
+    from stepdistill.models.nets import PhasedExperts
 
     for k, m in list(nets.items()):
         if isinstance(m, PhasedExperts):
@@ -113,7 +113,7 @@ def _networks(tr) -> list:
 def measure(method: str, teacher_path: Path, out_dir: Path, iters: int, family: str | None = None,
             extra: list[str] = ()) -> dict:
     from stepdistill.config import load_config
-    from stepdistill.denoiser import unwrap
+    from stepdistill.diffusion.denoiser import unwrap
     from stepdistill.training import Trainer
 
     family = family or teacher_path.name

@@ -1,7 +1,7 @@
 """stepdistill: distil diffusion teachers into one-to-few-step students."""
 
-from .denoiser import Cond, Denoiser, register_adapter
-from .process import FlowProcess, NoiseProcess, VPProcess, process_from_scheduler_config
+from .diffusion.denoiser import Cond, Denoiser, register_adapter
+from .diffusion.process import FlowProcess, NoiseProcess, VPProcess, process_from_scheduler_config
 
 __version__ = "0.1.0"
 

@@ -314,7 +314,7 @@ class DataConfig:
     streaming: bool = False  # read data.images as a stream (webdataset shards, parquet, a hub dataset): stepdistill/streaming.py
     shuffle_buffer: int = 1000  # streaming: items shuffled together (a window read, permuted, served)
     num_workers: int = 2  # DataLoader workers decoding images ahead (sets over loading.IN_MEMORY_ITEMS)
-    cache: str | None = None  # a data cache folder written by python -m stepdistill.cache
+    cache: str | None = None  # a data cache folder written by python -m stepdistill.data.cache
     skip_bad_items: bool = False  # skip and count unreadable images / empty captions instead of failing
 
     def __post_init__(self):

@@ -3,7 +3,7 @@
 ``InputError`` and its subclasses are bad input (a config key, a file, a value): the message is one
 line naming it, raised before any work where possible (exit status 2). ``Interrupted`` is a run
 stopped early with a checkpoint to resume from (3); ``NonFiniteError`` too many non-finite steps in a
-row (4). See ``stepdistill.cli``.
+row (4); ``OtherRankFailed`` a multi-process run whose main process failed (1). See ``stepdistill.cli``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ class ExportError(InputError):
 
 class EvalError(InputError):
     """A problem with an evaluation's inputs (path, weights, settings)."""
+
+
+class OtherRankFailed(RuntimeError):
+    """Another process of a multi-process run failed in a step they take together; its own error names why."""
 
 
 class NonFiniteError(RuntimeError):

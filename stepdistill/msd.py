@@ -17,15 +17,19 @@ is refused, since neither its images nor its labels would follow the partition.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from .denoiser import Cond
+from .config import load_config
+from .data.files import read_prompts
+from .diffusion.denoiser import Cond
 from .errors import ConfigError, InputError
+from .models.student import Student
+from .models.teachers import load_teacher
+from .storage import write_json
+from .training import Trainer
 
 ROUTER_FILE = "router.json"
 
@@ -63,12 +67,6 @@ def partition_captions(teacher, captions: list[str], k: int, seed: int = 0, chun
 
 def train_students(config: str | Path, k: int, out: Path, overrides=()) -> Path:
     """Partition the config's captions into k clusters and distil one student per cluster; returns ``out``."""
-    from .config import load_config
-    from .data import read_prompts
-    from .state_io import write_json
-    from .teachers import load_teacher
-    from .training import Trainer
-
     cfg = load_config(config, list(overrides))
     if cfg.data.images is not None:
         raise ConfigError("data.images: MSD partitions the captions; real images would not follow the partition "
@@ -105,8 +103,6 @@ class RoutedStudent:
 
     @classmethod
     def load(cls, folder: str | Path, device=None) -> "RoutedStudent":
-        from .generator import Student
-
         folder = Path(folder)
         path = folder / ROUTER_FILE
         if not path.is_file():
@@ -131,24 +127,18 @@ class RoutedStudent:
         return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, type=Path)
-    p.add_argument("--students", required=True, type=int, help="the number of students (caption clusters)")
-    p.add_argument("--out", type=Path, default=None, help="default: <train.output_dir>_msd<K>")
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for every student")
-    args = p.parse_args(argv)
-    try:
-        from .config import load_config
-
-        out = args.out or Path(f"{load_config(args.config, args.overrides).train.output_dir}_msd{args.students}")
-        train_students(args.config, args.students, out, args.overrides)
-    except (InputError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.students} students and their router written to {out}")
-    return 0
+INTERMIXED = True  # options may stand between the key=value overrides
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def add_arguments(parser) -> None:
+    """The ``stepdistill msd`` command's options."""
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--students", required=True, type=int, help="the number of students (caption clusters)")
+    parser.add_argument("--out", type=Path, default=None, help="default: <train.output_dir>_msd<K>")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for every student")
+
+
+def run(args) -> str:
+    out = args.out or Path(f"{load_config(args.config, args.overrides).train.output_dir}_msd{args.students}")
+    train_students(args.config, args.students, out, args.overrides)
+    return f"{args.students} students and their router written to {out}"

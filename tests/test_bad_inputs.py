@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from stepdistill.config import ConfigError, load_config
-from stepdistill.data import DataError, list_images, load_images, read_prompts
-from stepdistill.teachers import TeacherLoadError
+from stepdistill.data.files import list_images, load_images, read_prompts
+from stepdistill.errors import DataError
+from stepdistill.models.teachers import TeacherLoadError
+from stepdistill.storage import load_state
 from stepdistill.training import Trainer, list_checkpoints, validate_inputs
 from stepdistill.training.checkpoints import MANIFEST
 
@@ -251,8 +253,8 @@ def test_no_pickle_in_our_checkpoint_files(tmp_path):
     assert not [n for n in names if n.startswith("custom_checkpoint")], names
     assert {"student/diffusion_pytorch_model.safetensors", "training_state.json", "training_state.safetensors", MANIFEST} <= set(names)
     assert [n for n in names if n.endswith(".pkl")] == ["random_states_0.pkl"]
-    for name in ("optimizer.bin", "scheduler.bin"):
-        torch.load(ckpt / name, weights_only=True)
+    torch.load(ckpt / "optimizer.bin", weights_only=True)
+    assert set(load_state(ckpt, "training_state")["schedules"]) == {"student"}  # schedules are our own state
 
 
 EDITS = [
@@ -294,8 +296,8 @@ def test_command_line_values_take_the_fields_type(tmp_path):
                                       "data.prompts=[yes, no]", "method=progressive"])
     assert cfg.train.mixed_precision == "no" and cfg.data.prompts == ["yes", "no"]
     assert validate_inputs(cfg) and cfg.method == "progressive"
-    from stepdistill.distillers.sid import SiD
     from stepdistill.config import from_dict
+    from stepdistill.distillers.sid import SiD
 
     opt = from_dict(SiD.Options, load_config(None, ORACLE + ["method=sid", "method_args.guidance_mode=none",
                                                              "method_args.alpha=1"]).method_args, "method_args")
@@ -343,7 +345,7 @@ def test_command_line_tools_give_one_line_errors(tmp_path):
     """Bad options of the distill, export and fid commands: exit status 2 and one line naming them."""
     r = _run("train/distill.py", "--config", "configs/oracle/progressive_1step.yaml", "--stop-after", "0")
     assert r.returncode == 2 and "--stop-after must be >= 1, got 0" in r.stderr
-    r = _run("-m", "stepdistill.evaluation.fid", "calc", str(tmp_path), "--ref", str(tmp_path / "r.npz"), "--batch-size", "0")
+    r = _run("-m", "stepdistill", "fid", "calc", str(tmp_path), "--ref", str(tmp_path / "r.npz"), "--batch-size", "0")
     assert r.returncode == 2 and "--batch-size must be positive, got 0" in r.stderr
     import numpy as np
 
@@ -358,7 +360,8 @@ def test_command_line_tools_give_one_line_errors(tmp_path):
 
 
 def test_export_of_damaged_run_files_is_one_line(tmp_path):
-    from stepdistill.export import ExportError, export
+    from stepdistill.errors import ExportError
+    from stepdistill.export import export
 
     run = tmp_path / "run"
     (run / "student").mkdir(parents=True)
@@ -378,14 +381,19 @@ def test_export_of_damaged_run_files_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_coco30k_refuses_bad_numbers_before_loading_anything(tmp_path, eval_script):
-    coco = eval_script("coco30k")
+def test_coco30k_refuses_bad_numbers_before_loading_anything(tmp_path):
+    import argparse
+
+    from stepdistill.evaluation import coco30k as coco
+
+    parser = argparse.ArgumentParser()
+    coco.add_arguments(parser)
     captions = _write(tmp_path, "c.txt", "a cat\na dog\n")
     for flag, value, message in [("--batch-size", "0", "--batch-size must be positive, got 0"),
                                  ("--num-inference-steps", "-1", "--num-inference-steps must be positive, got -1"),
                                  ("--eval-size", "-3", "--eval-size must be >= 0"),
                                  ("--guidance-scale", "nan", "--guidance-scale must be a finite number >= 0")]:
-        args = coco.parse_args(["--pipeline", str(tmp_path), "--out", str(tmp_path / "o"), "--captions", str(captions),
-                                flag, value])
+        args = parser.parse_args(["--pipeline", str(tmp_path), "--out", str(tmp_path / "o"), "--captions", str(captions),
+                                  flag, value])
         with pytest.raises(coco.EvalError, match=message):
             coco.prepare(args)

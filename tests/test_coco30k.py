@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from stepdistill.cli import main
+from stepdistill.evaluation import coco30k as coco
 from stepdistill.evaluation import fid as F
 from stepdistill.evaluation.clip_score import CLIPScorer
 from stepdistill.testing.tiny_eval_models import make_tiny_coco, make_tiny_inception, make_tiny_open_clip
@@ -37,12 +39,16 @@ def _args(fx, pipeline, out, **over):
     return [x for k, v in a.items() if v is not None for x in (k, v)]
 
 
+def coco30k(argv) -> int:
+    return main(["coco30k", *argv])
+
+
 def _env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
-def test_two_processes_then_resume_without_regenerating(fixture, tiny_pipelines, tmp_path, eval_script):
+def test_two_processes_then_resume_without_regenerating(fixture, tiny_pipelines, tmp_path):
     out = tmp_path / "out"
     cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", str(SCRIPT)] + _args(fixture, tiny_pipelines["sd"], out)
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
@@ -85,9 +91,8 @@ def test_two_processes_then_resume_without_regenerating(fixture, tiny_pipelines,
 
     # the same folder with other settings, or a reference made at another eval size, is refused
     # before anything is touched
-    coco = eval_script("coco30k")
-    assert coco.main(_args(fixture, tiny_pipelines["sd"], out, **{"--seed": "7"})) == 2
-    assert coco.main(_args(fixture, tiny_pipelines["sd"], tmp_path / "new", **{"--eval-size": "64",
+    assert coco30k(_args(fixture, tiny_pipelines["sd"], out, **{"--seed": "7"})) == 2
+    assert coco30k(_args(fixture, tiny_pipelines["sd"], tmp_path / "new", **{"--eval-size": "64",
                                                                                  "--ref-stats": str(out / "ref_stats.npz")})) == 2
     assert not (tmp_path / "new").exists()
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}.keys() == stamps.keys()
@@ -100,8 +105,7 @@ def _one_line_error(capsys) -> str:
     return lines[0]
 
 
-def test_bad_inputs_fail_early_with_one_line(fixture, tiny_pipelines, tmp_path, monkeypatch, capsys, eval_script):
-    coco = eval_script("coco30k")
+def test_bad_inputs_fail_early_with_one_line(fixture, tiny_pipelines, tmp_path, monkeypatch, capsys):
     sd = tiny_pipelines["sd"]
     cases = [
         ({"--coco-annotations": str(tmp_path / "missing.json")}, r"--coco-annotations .*missing.json: no such file"),
@@ -117,26 +121,25 @@ def test_bad_inputs_fail_early_with_one_line(fixture, tiny_pipelines, tmp_path, 
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
     for over, pattern in cases:
         out = tmp_path / "out"
-        assert coco.main(_args(fixture, sd, out, **over)) == 2, over
+        assert coco30k(_args(fixture, sd, out, **over)) == 2, over
 
         assert re.search(pattern, _one_line_error(capsys)), over
         assert not out.exists(), over  # nothing written
     bad = tmp_path / "captions.json"
     bad.write_text(json.dumps({"not": "a list"}))
-    assert coco.main(_args(fixture, sd, tmp_path / "o2", **{"--coco-annotations": None, "--captions": str(bad)})) == 2
+    assert coco30k(_args(fixture, sd, tmp_path / "o2", **{"--coco-annotations": None, "--captions": str(bad)})) == 2
     assert "--captions" in _one_line_error(capsys) and not (tmp_path / "o2").exists()
     one = tmp_path / "one.txt"
     one.write_text("a cat\n")
-    assert coco.main(_args(fixture, sd, tmp_path / "o2", **{"--coco-annotations": None, "--captions": str(one)})) == 2
+    assert coco30k(_args(fixture, sd, tmp_path / "o2", **{"--coco-annotations": None, "--captions": str(one)})) == 2
     assert "FID needs at least 2 images" in _one_line_error(capsys)
     # a class-conditional pipeline has no prompt
-    assert coco.main(_args(fixture, tiny_pipelines["dit"], tmp_path / "o3")) == 2
+    assert coco30k(_args(fixture, tiny_pipelines["dit"], tmp_path / "o3")) == 2
     assert "takes no text prompt" in _one_line_error(capsys)
     assert not (tmp_path / "o3" / "images").exists()
 
 
-def test_caption_draw_is_seeded_and_plain_caption_files_work(fixture, tmp_path, eval_script):
-    coco = eval_script("coco30k")
+def test_caption_draw_is_seeded_and_plain_caption_files_work(fixture, tmp_path):
     ann = fixture["coco"] / "annotations" / "captions_val2014.json"
     a = coco.draw_coco_captions(ann, 4, seed=1)
     assert a == coco.draw_coco_captions(ann, 4, seed=1)

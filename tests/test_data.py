@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from stepdistill import data
-from stepdistill.data import BatchSource
-from stepdistill.teachers import load_teacher
+from stepdistill.data import batch as data
+from stepdistill.data.batch import BatchSource
+from stepdistill.models.teachers import load_teacher
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -35,13 +35,14 @@ def test_shipped_mnist_train_images(tmp_path, monkeypatch):
     """`data.images: stepdistill:mnist-train` is the teacher's 4000 real train digits, written once."""
     from PIL import Image
 
-    from stepdistill.data import DataError, image_captions, list_images
-    from stepdistill.evaluation.digits import load_mnist
+    from stepdistill.data.files import image_captions, list_images
+    from stepdistill.errors import DataError
+    from stepdistill.models.shipped import load_mnist
 
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
     files = list_images("stepdistill:mnist-train")
     assert len(files) == 4000 and {f.parent.name for f in files} == {str(d) for d in range(10)}
-    from stepdistill.shipped import prompt_digit
+    from stepdistill.models.shipped import prompt_digit
 
     _, captions = image_captions(files)
     assert all(prompt_digit(c) == int(f.parent.name) for f, c in zip(files, captions))  # each its own digit
@@ -60,7 +61,8 @@ def test_real_images_come_with_their_own_captions_or_are_refused(tmp_path, tiny_
     or one image missing its caption, are refused naming what is wrong."""
     from PIL import Image
 
-    from stepdistill.data import DataError, image_captions, list_images
+    from stepdistill.data.files import image_captions, list_images
+    from stepdistill.errors import DataError
 
     folder = tmp_path / "real"
     folder.mkdir()
@@ -94,10 +96,10 @@ def test_the_global_batch_does_not_depend_on_the_process_count(tiny_pipelines):
     """Rank r of N keeps rows [r n, (r+1) n) of the one global draw: the two halves of a 2-rank micro-batch
     are the 1-rank batch (prompts, real items with their captions, per-sample noise and indices), and a
     draw for the whole batch is the same on every rank. Also for the exact oracle's samples and labels."""
-    from stepdistill.oracle import GaussianMixture
-    from stepdistill.teachers import Teacher
-    from stepdistill.training.build import oracle_process
     from stepdistill.config import OracleConfig
+    from stepdistill.models.oracle import GaussianMixture
+    from stepdistill.models.teachers import Teacher
+    from stepdistill.training.build import oracle_process
 
     teacher = load_teacher(tiny_pipelines["sd"])
     x0 = torch.arange(5.0)[:, None, None, None].expand(5, 4, 4, 4).contiguous()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from stepdistill.denoiser import Cond, Denoiser, find_adapter
-from stepdistill.teachers import load_teacher
+from stepdistill.diffusion.denoiser import Cond, Denoiser, find_adapter
+from stepdistill.models.teachers import load_teacher
 
 FAMILIES = ["sd", "sd_v", "sdxl", "dit", "pixart", "sd3", "pixel", "pixel_cls"]
 PROMPTS = {"text": ["a red cat", "two dogs"], "labels": [3, 1]}
@@ -101,8 +101,8 @@ def test_unknown_model_class_names_itself():
 
 
 def test_denoiser_on_mlp_and_oracle_agree_in_shape():
-    from stepdistill.nets import MLPDenoiser
-    from stepdistill.process import FlowProcess
+    from stepdistill.diffusion.process import FlowProcess
+    from stepdistill.models.nets import MLPDenoiser
 
     den = Denoiser(MLPDenoiser(dim=2, num_classes=4), FlowProcess())
     x = torch.randn(5, 2)
@@ -112,7 +112,7 @@ def test_denoiser_on_mlp_and_oracle_agree_in_shape():
 
 
 def test_lora_on_a_class_without_diffusers_lora_support_names_it(tiny_pipelines):
-    from stepdistill.generator import copy_for_training
+    from stepdistill.models.student import copy_for_training
 
     dit = load_teacher(tiny_pipelines["dit"]).denoiser.model
     with pytest.raises(ValueError, match="a LoRA \\(rank 4\\) on DiTTransformer2DModel: diffusers has no LoRA support"):
@@ -121,8 +121,8 @@ def test_lora_on_a_class_without_diffusers_lora_support_names_it(tiny_pipelines)
 
 
 def test_smaller_student_is_cut_from_the_teachers_layers():
-    from stepdistill.generator import copy_for_training
-    from stepdistill.nets import MLPDenoiser
+    from stepdistill.models.nets import MLPDenoiser
+    from stepdistill.models.student import copy_for_training
 
     teacher = MLPDenoiser(dim=2, hidden=32, depth=3, num_classes=4)
     narrow = copy_for_training(teacher, architecture={"hidden": 16})

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepdistill.evaluation.digits import DIGITS8, DigitsEvaluator, load_classifier, load_digits8
-from stepdistill.sampling import ode_sample
-from stepdistill.teachers import load_teacher
+from stepdistill.diffusion.sampling import ode_sample
+from stepdistill.evaluation.digits import DigitsEvaluator, load_classifier
+from stepdistill.models.shipped import DIGITS8, load_digits8
+from stepdistill.models.teachers import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +78,7 @@ def test_shipped_teacher_is_a_diffusers_pipeline_and_is_good(evaluator, teacher)
 @pytest.mark.slow  # DMD2 quality is asserted by default on the exact mixture (tests/distillers/test_score_oracle.py)
 def test_dmd2_150_steps_beat_one_step_ddim(evaluator, teacher, tmp_path):
     from stepdistill.config import load_config
-    from stepdistill.generator import Student
+    from stepdistill.models.student import Student
     from stepdistill.training import Trainer
 
     cfg = load_config(ROOT / "configs" / "digits8" / "dmd2_1step.yaml",

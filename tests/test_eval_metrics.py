@@ -114,7 +114,7 @@ def test_fid_cli_ref_then_calc(models, tmp_path):
     # FID is ~1e-5, where float32 feature noise alone exceeds the 1e-6 relative tolerance.)
     for i, f in enumerate(F.list_images(coco)):
         Image.open(f).transpose(Image.FLIP_LEFT_RIGHT).point(lambda v: v // 2).save(gen / f"{i}.png")
-    base = [sys.executable, "-m", "stepdistill.evaluation.fid"]
+    base = [sys.executable, "-m", "stepdistill", "fid"]
     common = ["--eval-size", "32", "--inception-weights", str(models["inception"]), "--device", "cpu"]
     r = subprocess.run(base + ["ref", str(coco), str(tmp_path / "ref.npz"), *common], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

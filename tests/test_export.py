@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepdistill.denoiser import Denoiser
-from stepdistill.export import ExportError, export, sampling_kwargs
-from stepdistill.generator import Student, StudentSpec, copy_for_training
-from stepdistill.teachers import load_teacher
+from stepdistill.diffusion.denoiser import Denoiser
+from stepdistill.errors import ExportError
+from stepdistill.export import export, sampling_kwargs
+from stepdistill.models.student import Student, StudentSpec, copy_for_training
+from stepdistill.models.teachers import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +119,7 @@ def test_few_step_boot_student_and_boot_lora_are_refused(tmp_path, tiny_pipeline
 
 
 def test_time_frozen_network_ignores_its_timestep(tiny_pipelines):
-    from stepdistill.nets import time_frozen_copy
+    from stepdistill.models.nets import time_frozen_copy
 
     teacher = load_teacher(tiny_pipelines["sdxl"])  # beside the timestep: SDXL's time-id embedding, kept
     den = teacher.denoiser
@@ -197,14 +198,14 @@ def test_train_export_writes_the_pipeline_at_the_end_and_checks_first(tmp_path, 
     from diffusers import DiffusionPipeline
 
     from stepdistill.config import ConfigError, load_config
-    from stepdistill.training import Trainer
+    from stepdistill.distill import train
 
     run = tmp_path / "run"
     common = [f"teacher.path={tiny_pipelines['sd']}", "train.max_steps=2", "train.report_to=none", "train.progress=false",
               "train.export=true"]
     cfg = load_config(ROOT / "configs" / "tiny-sd" / "dmd2_4step.yaml",
                       [*common, f"train.output_dir={run}", "train.ema_decay=0.5", "method_args.lr=1e-2"])
-    Trainer(cfg).fit()
+    train(cfg)
     pipe = DiffusionPipeline.from_pretrained(run / "pipeline")
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     ema = Student.load(run / "student_ema")
@@ -212,14 +213,15 @@ def test_train_export_writes_the_pipeline_at_the_end_and_checks_first(tmp_path, 
         torch.testing.assert_close(v, ema.model.state_dict()[k])
     assert sampling_kwargs(run / "pipeline")["num_inference_steps"] == 4
     first = (run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-    Trainer(cfg).fit()  # re-running the finished command exports again, in place
+    train(cfg)  # re-running the finished command exports again, in place
     assert (run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == first
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("pipeline")) == ["pipeline"]
     bad = load_config(ROOT / "configs" / "tiny-sd" / "phased_dmd_2step.yaml",
                       [*common, f"train.output_dir={tmp_path / 'experts'}", "method_args.experts=true"])
     with pytest.raises(ConfigError, match="train.export: the student is a PhasedExperts"):
-        Trainer(bad)
+        train(bad)
     assert not (tmp_path / "experts" / "checkpoints").exists()
+    assert not (tmp_path / "experts" / ".lock").exists()  # the refused run let go of its folder
 
 
 def test_model_card_carries_the_hub_metadata(tmp_path, tiny_pipelines):
@@ -281,7 +283,7 @@ def test_w_conditioned_lcm_student_exports_for_any_step_count(tmp_path, tiny_pip
     LCMScheduler with the student's boundary scalings, at 1 and 4 steps and the trained w."""
     from diffusers import DiffusionPipeline
 
-    from stepdistill.generator import lcm_timesteps
+    from stepdistill.models.student import lcm_timesteps
 
     teacher = load_teacher(tiny_pipelines["sd"])
     student = make_student_folder(tmp_path / "student", teacher, "renoise", lcm_timesteps(1000, 4, 50), guidance=3.0)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from stepdistill.config import load_config
-from stepdistill.denoiser import unwrap
+from stepdistill.diffusion.denoiser import unwrap
 from stepdistill.training import Trainer, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepdistill.evaluation.digits import MNIST_SD, DigitsEvaluator, load_classifier, load_mnist
-from stepdistill.sampling import ode_sample
-from stepdistill.shipped import PROMPT_TEMPLATES, all_digit_prompts, evaluation_prompts, prompt_digit, shipped_path
-from stepdistill.teachers import load_teacher
+from stepdistill.diffusion.sampling import ode_sample
+from stepdistill.evaluation.digits import DigitsEvaluator, load_classifier
+from stepdistill.models.shipped import (
+    MNIST_SD,
+    PROMPT_TEMPLATES,
+    all_digit_prompts,
+    evaluation_prompts,
+    load_mnist,
+    prompt_digit,
+    shipped_path,
+)
+from stepdistill.models.teachers import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from stepdistill.config import ConfigError
+from stepdistill.models.teachers import load_teacher
 from stepdistill.msd import RoutedStudent, train_students
-from stepdistill.teachers import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red cube", "a blue cube", "a green cube on a table", "two cats", "three sleeping cats", "a cat on a mat"]

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from stepdistill.nasa import cross_attention_names, negative_away
-from stepdistill.teachers import load_teacher
+from stepdistill.models.nasa import cross_attention_names, negative_away
+from stepdistill.models.teachers import load_teacher
 
 
 @pytest.mark.parametrize("family", ["sd", "pixart"])

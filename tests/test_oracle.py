@@ -2,10 +2,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from stepdistill.oracle import GaussianMixture, energy_distance
-from stepdistill.process import FlowProcess, process_from_scheduler_config
-from stepdistill.sampling import ode_sample
-from stepdistill.teachers import Teacher
+from stepdistill.diffusion.process import FlowProcess, process_from_scheduler_config
+from stepdistill.diffusion.sampling import ode_sample
+from stepdistill.models.oracle import GaussianMixture, energy_distance
+from stepdistill.models.teachers import Teacher
 
 PROCESSES = {
     "vp": lambda: process_from_scheduler_config(DDIMScheduler(beta_schedule="scaled_linear")),

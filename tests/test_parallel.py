@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_e2e import ROOT, launch  # tests/ is on sys.path (pytest's rootdir-based import)
 
 from stepdistill.training import list_checkpoints
-from test_train_e2e import ROOT, _env, launch  # tests/ is on sys.path (pytest's rootdir-based import)
 
 FSDP = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
 
@@ -151,7 +151,7 @@ def test_an_fsdp_launch_without_cuda_shards(monkeypatch):
 
     from accelerate.utils import DistributedType
 
-    from stepdistill.parallel import fsdp_plugin, resolve_strategy
+    from stepdistill.training.parallel import fsdp_plugin, resolve_strategy
 
     acc = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU, state=SimpleNamespace())
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)

@@ -48,7 +48,7 @@ def test_dotted_path_plugin_trains(tmp_path, monkeypatch):
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     from stepdistill.config import load_config
-    from stepdistill.generator import Student
+    from stepdistill.models.student import Student
     from stepdistill.training import Trainer
 
     cfg = load_config(None, ["method=my_plugin:OneStepRegression", "teacher.oracle.components=4",
@@ -59,7 +59,7 @@ def test_dotted_path_plugin_trains(tmp_path, monkeypatch):
     assert plugin.calls == 5
     student = Student.load(tmp_path / "run" / "student")
     assert student.spec.method == "toy"
-    from stepdistill.nets import MLPDenoiser
+    from stepdistill.models.nets import MLPDenoiser
 
     fitted = MLPDenoiser.from_pretrained(tmp_path / "run" / "oracle_network").state_dict()
     trained = student.model.state_dict()

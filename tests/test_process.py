@@ -10,7 +10,7 @@ from diffusers import (
     LCMScheduler,
 )
 
-from stepdistill.process import FlowProcess, VPProcess, process_from_scheduler_config, truncated_snr_weight
+from stepdistill.diffusion.process import FlowProcess, VPProcess, process_from_scheduler_config, truncated_snr_weight
 
 SCHEDULERS = [DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, LCMScheduler]
 BETAS = ["linear", "scaled_linear", "squaredcos_cap_v2"]

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_e2e import _state_files  # tests/ is on sys.path (pytest's rootdir-based import)
 
 from stepdistill.config import ConfigError, load_config
-from stepdistill.state_io import load_state, save_state
 from stepdistill.errors import NonFiniteError
+from stepdistill.storage import load_state, save_state
 from stepdistill.training import Trainer, checkpoint_problem, config_changes, list_checkpoints
-from test_train_e2e import _state_files  # tests/ is on sys.path (pytest's rootdir-based import)
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -89,7 +89,7 @@ def test_checkpoint_manifest_corruption_and_fallback(tmp_path, caplog):
 def test_checkpoint_student_gives_the_ema_weights_the_run_saves(tmp_path):
     """A checkpoint's student with ema=True is the run's student_ema/ (what the benchmark's curve
     measures for an EMA run), with ema=False its trained weights; an EMA that does not fit is refused."""
-    from stepdistill.generator import Student
+    from stepdistill.models.student import Student
     from stepdistill.training.checkpoints import TRAINING_STATE, checkpoint_student
 
     out = tmp_path / "run"

@@ -11,10 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
+from stepdistill.cli import main
 from stepdistill.config import ConfigError, load_config
 from stepdistill.training import Trainer, list_checkpoints
+from stepdistill.storage import load_state
 from stepdistill.training.run_folder import RunLock
 
 ORACLE = ["teacher.oracle.components=4", "teacher.oracle.network_steps=50", "train.batch_size=8", "train.report_to=none",
@@ -71,7 +72,7 @@ def test_a_cached_oracle_network_made_for_another_layout_is_fitted_again(tmp_pat
     with caplog.at_level("WARNING", logger="stepdistill"):
         trainer = Trainer(_cfg(out, "train.max_steps=1", "teacher.oracle.components=6"))
     trainer.close()
-    assert "was fitted for another oracle (components: 4 -> 6)" in caplog.text
+    assert "oracle's fitted network at" in caplog.text and "(components: 4 -> 6): making it again" in caplog.text
     key = json.loads((out / "oracle_network" / "stepdistill_key.json").read_text())
     assert key["components"] == 6
 
@@ -79,11 +80,11 @@ def test_a_cached_oracle_network_made_for_another_layout_is_fitted_again(tmp_pat
 def test_dmd_regression_pairs_made_under_other_settings_are_generated_again(tmp_path, caplog):
     out = tmp_path / "run"
     Trainer(_cfg(out, "train.max_steps=1", "method_args.regression_pairs=16", method="dmd")).close()
-    assert len(torch.load(out / "dmd_regression_pairs.pt", weights_only=True)["noise"]) == 16
+    assert len(load_state(out / "dmd_regression_pairs", "pairs")["noise"]) == 16
     with caplog.at_level("WARNING", logger="stepdistill"):
         Trainer(_cfg(out, "train.max_steps=1", "method_args.regression_pairs=24", method="dmd")).close()
-    assert "made under other settings (pairs: 16 -> 24)" in caplog.text
-    assert len(torch.load(out / "dmd_regression_pairs.pt", weights_only=True)["noise"]) == 24
+    assert "regression pairs at" in caplog.text and "(pairs: 16 -> 24): making it again" in caplog.text
+    assert len(load_state(out / "dmd_regression_pairs", "pairs")["noise"]) == 24
 
 
 def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
@@ -135,10 +136,8 @@ def test_export_never_touches_a_tmp_folder_it_did_not_make(tmp_path, tiny_pipeli
 
 
 def test_fid_refuses_to_replace_existing_statistics_without_overwrite(tmp_path):
-    from stepdistill.evaluation import fid
-
     stats = tmp_path / "ref.npz"
     stats.write_bytes(b"30,000 images of work")
     (tmp_path / "imgs").mkdir()
-    code = fid.main(["ref", str(tmp_path / "imgs"), str(stats)])
+    code = main(["fid", "ref", str(tmp_path / "imgs"), str(stats)])
     assert code == 2 and stats.read_bytes() == b"30,000 images of work"

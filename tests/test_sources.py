@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from stepdistill.config import DataConfig, load_config
+from stepdistill.data.items import read_items
+from stepdistill.data.loading import Decoded, transform
+from stepdistill.data.sources import read_captions
 from stepdistill.errors import DataError, Interrupted
-from stepdistill.loading import Decoded, transform
-from stepdistill.items import read_items
-from stepdistill.sources import read_captions
 from stepdistill.testing import data_fixtures as fx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,13 +200,13 @@ def test_a_large_set_resumed_sees_the_batches_of_an_uninterrupted_run_with_or_wi
 
 
 def _cache_cmd(cfg_args, out, *more):
-    return [sys.executable, "-m", "stepdistill.cache", "--config", str(ROOT / "configs/tiny-sd/dmd2_4step.yaml"),
+    return [sys.executable, "-m", "stepdistill", "cache", "--config", str(ROOT / "configs/tiny-sd/dmd2_4step.yaml"),
             "--out", str(out), *more, *cfg_args]
 
 
 @pytest.mark.slow  # about 24 s
 def test_the_data_cache_replaces_the_encoders_and_is_refused_for_another_teacher(tmp_path, tiny_pipelines, data):
-    from stepdistill.cache import DataCache
+    from stepdistill.data.cache import DataCache
 
     args = [f"teacher.path={tiny_pipelines['sd']}", f"data.images={data['webdataset-json']}",
             f"data.prompts={data['parquet']}", "data.num_workers=0"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stepdistill.teachers import TeacherLoadError, load_teacher
+from stepdistill.models.teachers import TeacherLoadError, load_teacher
 
 
 @pytest.mark.parametrize("family,shape,kind,pred", [
@@ -71,7 +71,7 @@ def test_pipeline_without_supported_denoiser(tmp_path):
 
 
 def test_loss_plot_marks_where_rounds_stages_and_phases_begin(tmp_path):
-    from stepdistill.evaluation.grids import plot_losses, segment_starts
+    from stepdistill.training.figures import plot_losses, segment_starts
 
     history = [{"step": s, "student/loss": 1.0 / s, "student/round": float(r)} for s, r in
                [(10, 0), (20, 0), (30, 1), (40, 1), (50, 2)]]

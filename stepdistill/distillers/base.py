@@ -25,9 +25,9 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..data import Batch, BatchSource
-from ..denoiser import Denoiser
-from ..generator import Student
+from ..data.batch import Batch, BatchSource
+from ..diffusion.denoiser import Denoiser
+from ..models.student import Student
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Trainable:
 class Context:
     """What a distiller is built from."""
 
-    teacher: Any  # stepdistill.teachers.Teacher (frozen)
+    teacher: Any  # stepdistill.models.teachers.Teacher (frozen)
     init: Denoiser  # the network students and fake scores are copied from (the teacher's, or the oracle's fitted MLP)
     source: BatchSource
     config: Any  # RunConfig

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import check_range
-from ..data import Batch
-from ..generator import signal_prediction
-from ..process import per_sample
+from ..data.batch import Batch
+from ..diffusion.process import per_sample
+from ..models.student import signal_prediction
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_trainable
 from .losses import guided_x0, mse

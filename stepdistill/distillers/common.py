@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from ..config import torch_dtype
-from ..data import Batch, BatchSource
-from ..denoiser import Cond, Denoiser, unwrap
+from ..data.batch import Batch, BatchSource
+from ..diffusion.denoiser import Cond, Denoiser, unwrap
+from ..diffusion.sampling import ode_sample
 from ..errors import ConfigError
-from ..generator import Student, StudentSpec, copy_for_training
-from ..parallel import plain_copy
-from ..sampling import ode_sample
+from ..models.nets import PhasedExperts, network_class
+from ..models.sharding import plain_copy
+from ..models.student import Student, StudentSpec, copy_for_training
 from .base import Context, Trainable
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
                  w_conditioned: bool = False, experts: bool = False, prediction_type: str | None = None) -> Student:
     """A trainable copy of ``ctx.init`` (full or LoRA, per ``student.*``) with its schedule; with
     ``w_conditioned``, rebuilt with a guidance-scale input; with ``experts``, one copy per timestep
-    (:class:`~stepdistill.nets.PhasedExperts`, each step served by its own network); with
+    (:class:`~stepdistill.models.nets.PhasedExperts`, each step served by its own network); with
     ``prediction_type``, its output read in that parameterisation instead of the teacher's; with
     ``student.architecture``, a smaller network of the teacher's class cut from its weights; with
     ``student.init``, a copy of the network in that folder instead of the teacher's."""
@@ -39,8 +40,6 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
                                  layer_map=sc.layer_map).to(ctx.device)
 
     if experts:
-        from ..nets import PhasedExperts
-
         model = PhasedExperts.from_experts([trainable_copy() for _ in timesteps], [float(t) for t in timesteps])
     else:
         model = trainable_copy()
@@ -70,8 +69,6 @@ def check_init_class(folder: str, teacher_class: str) -> str:
 
 def load_init_network(folder: str, teacher_model) -> torch.nn.Module:
     """``student.init``: the network saved in ``folder`` (e.g. a run's ``student/``)."""
-    from ..nets import network_class
-
     name = check_init_class(folder, type(unwrap(teacher_model)).__name__)
     return network_class(name).from_pretrained(folder).eval().requires_grad_(False)
 

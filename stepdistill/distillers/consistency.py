@@ -2,7 +2,7 @@
 2023b), after consistency distillation (Song et al. 2023, sec. 4).
 
 The student f(x_t, t, w) = c_skip(t) x_t + c_out(t) x0_theta(x_t, t, w) (LCM eq. 9; the boundary
-scalings of diffusers' LCMScheduler, :func:`~stepdistill.generator.boundary_scalings`) is trained so
+scalings of diffusers' LCMScheduler, :func:`~stepdistill.models.student.boundary_scalings`) is trained so
 that its outputs at neighbouring points of the teacher's CFG-augmented probability-flow ODE agree
 (LCM Algorithm 1). Per row:
 
@@ -36,11 +36,11 @@ from typing import Literal
 import torch
 
 from ..config import check_range
-from ..data import Batch
-from ..denoiser import Denoiser, unwrap
-from ..generator import boundary_scalings, lcm_timesteps
-from ..parallel import is_sharded
-from ..process import per_sample
+from ..data.batch import Batch
+from ..diffusion.denoiser import Denoiser, unwrap
+from ..diffusion.process import per_sample
+from ..models.sharding import full, is_sharded
+from ..models.student import boundary_scalings, lcm_timesteps
 from .base import Context, Distiller, Trainable
 from .common import SamplePool, make_student, student_trainable, x0_source
 
@@ -128,8 +128,6 @@ class TargetNetwork:
                 p.copy_(old)
 
     def state_dict(self) -> dict:
-        from ..parallel import full
-
         if self.shadow is None:
             return {"iteration": self.iteration}
         return {"iteration": self.iteration, "shadow": {str(i): full(t) for i, t in enumerate(self.shadow)}}

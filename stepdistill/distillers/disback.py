@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import check_range
-from ..data import Batch
-from ..denoiser import Denoiser, unwrap
+from ..data.batch import Batch
+from ..diffusion.denoiser import Denoiser, unwrap
 from .base import Context
 from .common import frozen_copy
 from .dmd import DMDBase

@@ -26,16 +26,17 @@ import torch
 from torch import nn
 
 from ..config import check_range, to_dict
-from ..data import Batch
-from ..denoiser import Cond, feature_module, unwrap
-from ..sampling import ode_sample
-from ..state_io import cache_key_problem, temporary_name
+from ..data.batch import Batch
+from ..diffusion.denoiser import Cond, feature_module, unwrap
+from ..diffusion.sampling import ode_sample
+from ..models.sharding import is_sharded
+from ..storage import load_or_make, load_state, save_state
 from .base import Context, Trainable
 from .losses import denoising_loss, gradient_matching_loss, guided_x0, mse, per_sample_mean_abs
 from .score import FakeScoreOptions, ScoreDistiller, score_times
 
+REGRESSION_PAIRS = "dmd_regression_pairs"  # in the run folder: DMD's cached (noise, teacher sample) pairs
 logger = logging.getLogger("stepdistill")
-
 
 
 def dm_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ class DMD(DMDBase):
         """(noise, teacher ODE sample, conditioning) pairs, generated once and cached in the run folder
         (identical on every rank: the same seeds) with the settings they were made under; a cache made
         under others is generated again."""
-        path = Path(self.ctx.config.train.output_dir) / "dmd_regression_pairs.pt"
+        folder = Path(self.ctx.config.train.output_dir) / REGRESSION_PAIRS
         cfg = self.ctx.config
         table = self.ctx.source.prompt_table
         prompts = None if table is None else getattr(table.prompts, "values", table.prompts)
@@ -130,12 +131,13 @@ class DMD(DMDBase):
         key = {"pairs": self.opt.regression_pairs, "steps": self.opt.regression_steps,
                "guidance_scale": self.opt.guidance_scale, "teacher": to_dict(cfg.teacher), "seed": cfg.train.seed,
                "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
-        if path.is_file():
-            pairs = torch.load(path, weights_only=True)
-            problem = cache_key_problem(pairs.get("key") if isinstance(pairs, dict) else None, key)
-            if problem is None:
-                return pairs
-            logger.warning("%s was made under other settings (%s): generating the pairs again", path, problem)
+        # every rank makes the same pairs (the same seeds); rank 0 stores them
+        return load_or_make(folder, key, self._make_pairs, save=lambda pairs, tmp: save_state(pairs, tmp, "pairs"),
+                            load=lambda f: load_state(f, "pairs"), what="DMD's regression pairs",
+                            write=self.ctx.source.rank == 0)
+
+    def _make_pairs(self) -> dict:
+        """(noise, the teacher's ODE sample from it, conditioning) for ``regression_pairs`` draws."""
         src, n = self.ctx.source, self.opt.regression_pairs
         b = src.draw("regression_pairs", n)
         noise = b.randn(n, *self.ctx.teacher.sample_shape)
@@ -144,14 +146,7 @@ class DMD(DMDBase):
                                   None if b.cond is None else b.cond[i:i + 256], guidance_scale=gs,
                                   uncond=None if b.uncond is None else b.uncond.expand_to(n)[i:i + 256])
                        for i in range(0, n, 256)])
-        pairs = {"noise": noise.cpu(), "x": x.cpu(), "cond": None if b.cond is None else b.cond.to("cpu").kwargs,
-                 "key": key}
-        if self.ctx.source.rank == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temporary_name(path)
-            torch.save(pairs, tmp)
-            tmp.replace(path)
-        return pairs
+        return {"noise": noise.cpu(), "x": x.cpu(), "cond": None if b.cond is None else b.cond.to("cpu").kwargs}
 
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         if update == "fake":
@@ -256,8 +251,6 @@ class DMD2(DMDBase):
         finally:
             self.features.active = False
         feats = self.features.value
-        from ..parallel import is_sharded
-
         if is_sharded(self.fake.model):  # (sharded after the head's probe at construction)
             # FSDP2 gathers a sharded module's weights for the backward in a hook on that module's outputs;
             # the network's root output is not in the GAN loss, so the root's hook would never run and the

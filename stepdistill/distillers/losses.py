@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..data import Batch
-from ..denoiser import Cond, Denoiser
+from ..data.batch import Batch
+from ..diffusion.denoiser import Cond, Denoiser
 
 
 def mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:

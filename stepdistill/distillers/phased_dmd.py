@@ -31,7 +31,7 @@ two regions every iteration, each with its own persistent fake score). From the 
 paper is silent: Adam betas (0, 0.999) for every trainable (``betas``) and, in the shipped configs,
 weight decay 0.01 and gradient clipping at 10.
 
-The last phase (s = t_clean) is ordinary DMD. Per-phase experts are a :class:`~stepdistill.nets.PhasedExperts`
+The last phase (s = t_clean) is ordinary DMD. Per-phase experts are a :class:`~stepdistill.models.nets.PhasedExperts`
 network (sampling routes each step to its expert; no stock diffusers pipeline does that, so such
 students are sampled with stepdistill); ``experts: false`` gives one network that exports as an
 ordinary few-step DDIM student.
@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import check_range
-from ..data import Batch
-from ..denoiser import unwrap
-from ..parallel import load_full_state
-from ..process import per_sample
+from ..data.batch import Batch
+from ..diffusion.denoiser import unwrap
+from ..diffusion.process import per_sample
+from ..models.sharding import load_full_state
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_timesteps, student_trainable
 from .losses import gradient_matching_loss, guided_x0, mse, per_sample_mean_abs

@@ -29,9 +29,9 @@ from typing import Literal
 import torch
 
 from ..config import check_range
-from ..data import Batch
-from ..denoiser import Denoiser, unwrap
-from ..process import NoiseProcess, per_sample, truncated_snr_weight
+from ..data.batch import Batch
+from ..diffusion.denoiser import Denoiser, unwrap
+from ..diffusion.process import NoiseProcess, per_sample, truncated_snr_weight
 from .base import Context, Distiller, Trainable
 from .common import SamplePool, frozen_copy, make_student, student_trainable, x0_source
 from .losses import guided_x0, mse

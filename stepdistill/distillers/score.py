@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import check_range, torch_dtype
-from ..data import Batch
-from ..denoiser import Cond, Denoiser
-from ..generator import Student, copy_for_training
+from ..data.batch import Batch
+from ..diffusion.denoiser import Cond, Denoiser
+from ..models.student import Student, copy_for_training
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_timesteps, student_trainable
 

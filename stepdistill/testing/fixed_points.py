@@ -22,9 +22,9 @@ import math
 
 import torch
 
+from ..diffusion.process import NoiseProcess
 from ..distillers.score import score_time_range
-from ..oracle import GaussianMixture
-from ..process import NoiseProcess
+from ..models.oracle import GaussianMixture
 
 
 def _bandwidth(x: torch.Tensor) -> float:

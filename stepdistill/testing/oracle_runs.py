@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from ..config import load_config
-from ..generator import Student
-from ..oracle import energy_distance
-from ..sampling import ode_sample
+from ..diffusion.sampling import ode_sample
+from ..models.oracle import energy_distance
+from ..models.student import Student
 from ..training import Trainer
 from ..training.build import build_teacher
+from .fixed_points import draw, objective_fixed_point
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "oracle"
 
@@ -103,8 +104,6 @@ def fixed_point_distance(student: Student, teacher, gmm, w: float, method: str, 
     solved for class 0 and rotated onto each class). The floor is the distance between two
     independent solves (other seeds) drawn with the same labels: the reference's own noise.
     ``cfg_ode`` is the student's distance to the teacher's 64-step CFG samples, for comparison."""
-    from .fixed_points import draw, objective_fixed_point
-
     with torch.enable_grad():
         solves = [objective_fixed_point(gmm, teacher.process, 0, w, method=method, seed=seed + i, **solver)
                   for i in range(2)]

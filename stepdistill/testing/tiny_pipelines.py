@@ -40,12 +40,12 @@ Denoiser forward signatures (what a distillation loop has to pass):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
 import string
 import tempfile
-import functools
 from collections.abc import Callable
 
 import torch

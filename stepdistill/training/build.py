@@ -6,30 +6,34 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..config import RunConfig, from_dict, to_dict, torch_dtype
-from ..data import BatchSource, folder_labels, load_images
-from ..loading import IN_MEMORY_ITEMS, RealData, image_geometry
-from ..items import FileItems, read_items
-from ..sources import check_images, read_captions
-from ..denoiser import Denoiser, unwrap
+from ..data.batch import BatchSource
+from ..data.cache import DataCache, cache_key
+from ..data.files import folder_labels, load_images
+from ..data.items import FileItems, read_items
+from ..data.loading import IN_MEMORY_ITEMS, RealData, image_geometry
+from ..data.sources import check_images, read_captions
+from ..data.streaming import Stream, StreamData
+from ..diffusion.denoiser import Denoiser, unwrap
+from ..diffusion.process import FlowProcess, process_from_scheduler_config
 from ..distillers.base import Context, Distiller
 from ..distillers.common import check_init_class, init_network_class
 from ..distillers.registry import get_method
-from ..errors import ConfigError, ExportError
-from ..generator import networks
-from ..parallel import Parallel
-from ..state_io import cache_key_problem, temporary_name
-from ..teachers import Teacher, denoiser_class_name, load_teacher, resolve_teacher_path
+from ..errors import ConfigError
+from ..models.nets import MLPDenoiser
+from ..models.oracle import GaussianMixture, fit_network
+from ..models.student import networks
+from ..models.teachers import Teacher, denoiser_class_name, load_teacher, resolve_teacher_path
+from ..storage import load_or_make
 from .distributed import broadcast_from_main
+from .parallel import Parallel
 from .update import TrainableState
 
-CACHE_KEY = "stepdistill_key.json"  # what a cache in the run folder was made for
+ORACLE_NETWORK = "oracle_network"  # in the run folder: the MLP fitted to the oracle's exact predictions
 
 logger = logging.getLogger("stepdistill")
 
@@ -44,8 +48,6 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
     if pipeline is not None:
         scheduler = Path(pipeline) / "scheduler" / "scheduler_config.json"
         if scheduler.is_file():  # a local pipeline: its time range is known before anything is loaded
-            from ..process import process_from_scheduler_config
-
             try:
                 process = process_from_scheduler_config(json.loads(scheduler.read_text()))
             except (ValueError, TypeError):
@@ -66,8 +68,6 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if cfg.student.init is not None:
-        from ..nets import MLPDenoiser
-
         teacher_class = MLPDenoiser.__name__ if pipeline is None else denoiser_class_name(pipeline)
         if teacher_class is None:  # a hub id: checked once the teacher is loaded
             init_network_class(cfg.student.init)
@@ -89,8 +89,6 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
 
 def oracle_process(spec):
     """The noise process of the Gaussian-mixture oracle (``teacher.oracle``)."""
-    from ..process import FlowProcess, process_from_scheduler_config
-
     if spec.process == "flow":
         return FlowProcess(shift=spec.shift)
     from diffusers import DDIMScheduler
@@ -106,35 +104,22 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) ->
         teacher = load_teacher(tc.path, dtype=torch_dtype(tc.dtype), device=device, null_label=tc.null_label,
                                allow_remote_code=tc.allow_remote_code)
         return teacher, teacher.denoiser, None
-    from ..nets import MLPDenoiser
-    from ..oracle import GaussianMixture, fit_network
-
     spec = tc.oracle
     gmm = getattr(GaussianMixture, spec.layout)(spec.components, spec.dim, spec.radius, spec.std)
     process = oracle_process(spec)
     teacher = Teacher.from_oracle(gmm, process)
     if not spec.conditional:
         teacher.null_label = None
-    cache = run_dir / "oracle_network"
+    folder = run_dir / ORACLE_NETWORK
     pred = "flow" if process.kind == "flow" else "v_prediction"
     key = {**to_dict(spec), "seed": cfg.train.seed}  # what the fitted network depends on
     if is_main:
-        problem = "it is missing"
-        if (cache / "config.json").is_file():
-            saved = json.loads((cache / CACHE_KEY).read_text()) if (cache / CACHE_KEY).is_file() else None
-            problem = cache_key_problem(saved, key)
-            if problem:
-                logger.warning("%s was fitted for another oracle (%s): fitting it again", cache, problem)
-        if problem:
-            net, pred = fit_network(gmm, process, steps=spec.network_steps, hidden=spec.hidden, depth=spec.depth,
-                                    conditional=spec.conditional, seed=cfg.train.seed)
-            tmp = temporary_name(cache)
-            net.save_pretrained(tmp)
-            (tmp / CACHE_KEY).write_text(json.dumps(key, indent=1))
-            shutil.rmtree(cache, ignore_errors=True)
-            os.replace(tmp, cache)
+        load_or_make(folder, key, what="the oracle's fitted network", load=MLPDenoiser.from_pretrained,
+                     make=lambda: fit_network(gmm, process, steps=spec.network_steps, hidden=spec.hidden,
+                                              depth=spec.depth, conditional=spec.conditional, seed=cfg.train.seed)[0],
+                     save=lambda net, tmp: net.save_pretrained(tmp))
     wait()
-    net = MLPDenoiser.from_pretrained(cache).to(device).eval().requires_grad_(False)
+    net = MLPDenoiser.from_pretrained(folder).to(device).eval().requires_grad_(False)
     return teacher, Denoiser(net, process, pred), gmm
 
 
@@ -150,15 +135,11 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
     size, channels = image_geometry(teacher)
     stream = None
     if d.streaming:
-        from ..streaming import Stream, StreamData
-
         num = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         stream = StreamData(Stream(d, text, classes, seed, rank, num), teacher, size=size, channels=channels,
                             crop=d.crop, seed=seed, device=device)
     cache = None
     if d.cache is not None:
-        from ..cache import DataCache, cache_key
-
         cache = DataCache(d.cache, cache_key(cfg, teacher, prompts if text else None, items, size))
     x0 = real = captions = labels = None
     small = isinstance(items, FileItems) and len(items) <= IN_MEMORY_ITEMS and d.crop == "center"
@@ -207,19 +188,6 @@ def build_distiller(method: type[Distiller], ctx: Context, options) -> Distiller
         raise ConfigError(str(exc)) from exc
 
 
-def check_exportable(distiller: Distiller, teacher: Teacher) -> None:
-    """train.export: fail before training when the student will have no pipeline form."""
-    from ..export import check_student_network, scheduler_for
-
-    student = distiller.student
-    spec = student.spec
-    try:
-        check_student_network(type(unwrap(student.model)).__name__)
-        scheduler_for(spec, teacher.pipeline.scheduler.config, spec.prediction_type or teacher.process.prediction_type)
-    except ExportError as exc:
-        raise ConfigError(f"train.export: {exc}") from exc
-
-
 def adamw(params, **kwargs) -> torch.optim.AdamW:
     """AdamW with the fused kernel where the device supports it (about 9x faster than foreach on CPU)."""
     try:
@@ -265,10 +233,15 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         net.enable_gradient_checkpointing()
 
 
-def _with_factor(sched, opt, distiller: Distiller, name: str, num_processes: int):
-    """``sched`` (a LambdaLR over process-steps) times ``distiller.lr_factor(name, iteration)``."""
-    base = sched.lr_lambdas[0]
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: base(s) * distiller.lr_factor(name, s // num_processes))
+def schedule(cfg: RunConfig, opt, distiller: Distiller, name: str):
+    """The learning-rate schedule of trainable ``name``: diffusers' ``train.lr_schedule`` over the loop's
+    iterations times the method's own factor (``distiller.lr_factor``). It steps once per iteration,
+    whatever the number of processes."""
+    from diffusers.optimization import get_scheduler
+
+    base = get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps,
+                         num_training_steps=cfg.train.max_steps).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: base(i) * distiller.lr_factor(name, i))
 
 
 def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig, parallel: Parallel,
@@ -276,8 +249,6 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig, parallel
     """Per trainable: the module (identical on every rank; sharded under a parallel strategy, the
     frozen teacher too under fsdp), its optimiser (AdamW; ``optim.<name>`` overrides the method's
     settings), its learning-rate schedule and, for student trainables with ``train.ema_decay``, an EMA."""
-    from diffusers.optimization import get_scheduler
-
     acc = accelerator
     trainables = distiller.trainables()
     declared = distiller.trainable_names(cfg, distiller.opt)
@@ -308,15 +279,11 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig, parallel
                              fused=not parallel.active)
         # the schedule runs on the loop's iteration, for every trainable alike, whether or not the trainable
         # is updated in that iteration (as DMD2's own loop does): a fake score updated N times per student
-        # update anneals with the student, not N times faster. accelerate steps a prepared scheduler once
-        # per process, hence the lengths in process-steps (as in the diffusers training scripts).
-        sched = get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps * acc.num_processes,
-                              num_training_steps=cfg.train.max_steps * acc.num_processes)
-        sched = _with_factor(sched, opt, distiller, name, acc.num_processes)  # the method's own factor on top
-        if parallel.active:
-            sched = acc.prepare_scheduler(sched)  # the optimiser's state goes into the sharded checkpoint
-        else:
-            opt, sched = acc.prepare(opt, sched)  # one process: nothing to reduce, no wrapper
+        # update anneals with the student, not N times faster. The loop steps it (accelerate does not: it
+        # would step a prepared schedule once per process), and checkpoints hold its state.
+        sched = schedule(cfg, opt, distiller, name)
+        if not parallel.active:
+            opt = acc.prepare_optimizer(opt)  # one process: nothing to reduce, no wrapper
         if tr.on_prepared is not None:
             tr.on_prepared(module)
         states[name] = TrainableState(name, tr, module, opt, sched, params, lr)

@@ -1,34 +1,32 @@
-"""Checkpoints of a run: written atomically, verified against a manifest, listed, resumed from.
+"""What a checkpoint folder holds, and the checks made before one is resumed from
+(``training/checkpointer.py`` writes and chooses them).
 
-``<output_dir>/checkpoints/checkpoint-<N>/`` holds accelerate's state (weights, optimisers,
-schedulers), a diffusers folder per trainable, ``training_state.{json,safetensors}`` (loop counters,
-method state, EMA; no pickle) and ``manifest.json`` (the step, the resolved config, the process
-count, every file's size and sha256). A checkpoint is written to ``checkpoint-N.tmp`` and renamed into
-place only when complete; older ones beyond the limit are deleted only after that (renamed to
-``.del`` first, so a half-deleted one is never taken for a checkpoint). A run of several processes
-writes its trainables' weights, optimiser states and EMA with torch distributed checkpoint instead,
-each rank its own shards, into ``sharded/`` (listed in the same manifest); accelerate's part then holds
-the schedules and random states only. Resume takes the newest
-checkpoint whose files match its manifest and refuses config differences that would change the run.
+``<output_dir>/checkpoints/checkpoint-<N>/`` holds accelerate's state (optimisers, random states), a
+folder per trainable with its weights (``save_trainable``), ``training_state.{json,safetensors}``
+(loop counters, method state, learning-rate schedules, EMA; no pickle) and ``manifest.json`` (the
+step, the resolved config, the process count, every file's size and sha256). A run of several
+processes writes its trainables' weights, optimiser states and EMA with torch distributed checkpoint
+instead, each rank its own shards, into ``sharded/`` (listed in the same manifest). Resume refuses a
+checkpoint whose files do not match its manifest (``checkpoint_problem``) and config differences that
+would change the run (``check_resumable``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import shutil
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..state_io import save_state
-from .distributed import on_main
+import torch
 
-logger = logging.getLogger("stepdistill")
+from ..errors import ConfigError
+from ..models.student import Student
+from ..storage import load_state
+
 CKPT_PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
-TRAINING_STATE = "training_state"  # loop counters, distiller state, EMA (JSON + safetensors)
+TRAINING_STATE = "training_state"  # loop counters, distiller state, schedules, EMA (JSON + safetensors)
 
 # keys that may change between a run and its resume (logged); every other difference is refused
 RESUME_SAFE = ("train.output_dir", "train.max_steps", "train.checkpoint_every", "train.checkpoints_total_limit",
@@ -166,15 +164,10 @@ def load_sharded(folder: Path, states: dict) -> None:
 
 
 def checkpoint_student(folder: Path, ema: bool = True):
-    """The student a checkpoint holds, as a :class:`~stepdistill.generator.Student`: with ``ema`` and
+    """The student a checkpoint holds, as a :class:`~stepdistill.models.student.Student`: with ``ema`` and
     an EMA in the checkpoint (``train.ema_decay``), its averaged weights, the ones the finished run
     saves as ``student_ema/``; otherwise the trained weights. One process's checkpoints only (a
     parallel run keeps its EMA in the sharded state)."""
-    import torch
-
-    from ..generator import Student
-    from ..state_io import load_state
-
     student = Student.load(folder / "student")
     saved = (load_state(folder, TRAINING_STATE).get("ema") or {}).get("student") if ema else None
     if not saved:
@@ -223,19 +216,6 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
         if sha256(f) != meta["sha256"]:
             return f"{rel} does not match its checksum"
-    return None
-
-
-def latest_good_checkpoint(run_dir: Path, broken: list[Path] | None = None) -> Path | None:
-    """The newest checkpoint whose files match its manifest; broken ones are skipped with a warning
-    (and appended to ``broken``)."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        problem = checkpoint_problem(ckpt)
-        if problem is None:
-            return ckpt
-        logger.warning("skipping checkpoint %s: %s; trying the previous one", ckpt, problem)
-        if broken is not None:
-            broken.append(ckpt)
     return None
 
 
@@ -294,68 +274,3 @@ def check_resumable(ckpt: Path, config: dict, num_processes: int) -> list[str]:
                           f"which load sharded state. Resume it with one process (--num_processes 1) or use a new "
                           f"train.output_dir")
     return safe
-
-
-def recover_leftovers(run_dir: Path) -> None:
-    """Finish or undo what a killed run left: a checkpoint renamed to ``.old`` whose replacement never
-    arrived comes back; ``.tmp`` (half-written), ``.del`` (half-deleted) and other ``.old`` folders go."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return
-    for leftover in root.glob(f"{CKPT_PREFIX}*.old"):
-        step_dir = root / leftover.name[:-len(".old")]
-        if not step_dir.exists():  # killed between the two renames: the old copy is the good one
-            os.replace(leftover, step_dir)
-    for suffix in (".tmp", ".del", ".old"):
-        for leftover in root.glob(f"{CKPT_PREFIX}*{suffix}"):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def write_checkpoint(accelerator, run_dir: Path, step: int, training_state: dict, config: dict,
-                     limit: int | None, broken: set[Path] = frozenset(), sharded: dict | None = None) -> Path:
-    """Write ``checkpoint-<step>`` (collective: every rank calls it): accelerate's state (and with
-    ``sharded``, a parallel run's trainable states, :func:`save_sharded`) into
-    ``checkpoint-<step>.tmp``, then, on the main process, the training state and the manifest (fsynced),
-    the rename into place, and the deletion of the oldest checkpoints beyond ``limit``. Checkpoints known
-    to be ``broken`` (they failed verification) neither count toward the limit nor are deleted, so the
-    newest good one (the one just written) is never removed."""
-    acc = accelerator
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"{CKPT_PREFIX}{step}"
-    tmp = root / f"{CKPT_PREFIX}{step}.tmp"
-    if acc.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    if sharded is not None:  # a parallel run's trainables: every rank its shards
-        save_sharded(tmp / SHARDED, sharded)
-    acc.wait_for_everyone()
-    on_main(acc, lambda: _complete(acc, run_dir, root, tmp, final, step, training_state, config, limit, broken),
-            f"writing checkpoint-{step}")
-    return final
-
-
-def _complete(acc, run_dir: Path, root: Path, tmp: Path, final: Path, step: int, training_state: dict,
-              config: dict, limit: int | None, broken) -> None:
-    """The main process's part of :func:`write_checkpoint`: state, manifest, rename, limit."""
-    save_state(training_state, tmp, TRAINING_STATE)
-    manifest = make_manifest(tmp, step, config, acc.num_processes)
-    with open(tmp / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    old = None
-    if final.exists():  # the same step saved again (e.g. a resumed run): keep it until replaced
-        old = root / f"{CKPT_PREFIX}{step}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    if limit is not None:
-        good = [c for c in list_checkpoints(run_dir) if c not in broken]  # oldest first
-        for stale in [c for c in good[:-limit] if c != final]:
-            doomed = stale.with_name(stale.name + ".del")  # invisible first, then deleted
-            os.replace(stale, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..parallel import local
+from ..errors import InputError, OtherRankFailed
+from ..models.sharding import local
 
 
 def any_rank(accelerator, flag: bool) -> bool:
@@ -39,8 +40,9 @@ def mean_over_ranks(accelerator, values: dict[str, float]) -> dict[str, float]:
 
 def on_main(accelerator, fn, what: str):
     """``fn()`` on the main process and its result on every rank (picklable). When it raises, the main
-    process re-raises and every other rank raises a RuntimeError naming ``what``, so that no rank is left
-    waiting in a collective for a process that has failed."""
+    process re-raises and every other rank raises too, so that no rank is left waiting in a collective
+    for a process that has failed: bad input (an :class:`~stepdistill.errors.InputError`) as bad input,
+    anything else as :class:`~stepdistill.errors.OtherRankFailed`, each naming ``what``."""
     result, error = None, None
     if accelerator.is_main_process:
         try:
@@ -50,17 +52,17 @@ def on_main(accelerator, fn, what: str):
     if accelerator.num_processes > 1:
         import torch.distributed as dist
 
-        box = [None if error is not None else result, error is None]
+        failure = None if error is None else (isinstance(error, InputError), str(error))
+        box = [None if error is not None else result, failure]
         dist.broadcast_object_list(box, src=0)
-        result, ok = box
+        result, failure = box
     else:
-        ok = error is None
-    if not ok:
+        failure = None if error is None else (isinstance(error, InputError), str(error))
+    if failure is not None:
         if error is not None:
             raise error
-        from ..errors import ConfigError
-
-        raise ConfigError(f"{what} failed on the main process (its error names why)")
+        bad_input, message = failure
+        raise (InputError if bad_input else OtherRankFailed)(f"{what} failed on the main process: {message}")
     return result
 
 

@@ -1,21 +1,16 @@
 """What a run leaves for people: sample grids during training, and at the end the student (and its
-EMA) as diffusers model folders, the loss history and its plot, and optionally the exported pipeline."""
+EMA) as diffusers model folders, and the loss history and its plot."""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..denoiser import Denoiser, unwrap
-from ..generator import Student, fused_copy, save_lora_adapters
-
-logger = logging.getLogger("stepdistill")
-EXPORT_DIR = "pipeline"  # train.export: the final student as a diffusers pipeline folder
+from ..diffusion.denoiser import Denoiser, unwrap
+from ..models.student import Student, fused_copy, save_lora_adapters
+from .figures import plot_losses, save_sample_figure
 
 
 @torch.no_grad()
@@ -32,8 +27,6 @@ def validation_samples(student: Student, teacher, source, n: int, seed: int):
 def save_samples(x: torch.Tensor, batch, teacher, oracle, path: Path) -> dict:
     """The samples as a PNG grid (images) or scatter plot (vector data) at ``path``; with the oracle,
     their metrics."""
-    from ..evaluation.grids import save_sample_figure
-
     metrics = {}
     if oracle is not None:
         ev = oracle.evaluate(x, labels=batch.labels)
@@ -68,27 +61,5 @@ def save_student(student: Student, folder: Path, model=None) -> None:
 
 def save_history(history: list[dict], run_dir: Path) -> None:
     """``history.json`` and ``losses.png``."""
-    from ..evaluation.grids import plot_losses
-
     (run_dir / "history.json").write_text(json.dumps(history))
     plot_losses(history, run_dir / "losses.png")
-
-
-def export_pipeline(run_dir: Path, teacher_path: str, use_ema: bool) -> Path:
-    """``<run_dir>/pipeline``: the final student (its EMA when kept) in the teacher's diffusers
-    pipeline, replacing an earlier export of this run only once the new one is complete."""
-    from ..export import export
-
-    final = run_dir / EXPORT_DIR
-    new, old = final.with_name(EXPORT_DIR + ".new"), final.with_name(EXPORT_DIR + ".old")
-    if old.is_dir() and not final.exists():  # an earlier export died between its two renames
-        os.replace(old, final)
-    for leftover in (new, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    export(run_dir, new, teacher=teacher_path, use_ema=use_ema)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
-    logger.info("exported the student as a diffusers pipeline: %s", final)
-    return final

@@ -22,8 +22,10 @@ import os
 import socket
 from pathlib import Path
 
+from ..data.files import list_images
+from ..data.sources import expand_shards, folder_fingerprint, kind_of
 from ..errors import ConfigError
-from ..state_io import write_json
+from ..storage import write_json
 from .checkpoints import config_changes
 
 RUN_RECORD = "run.json"
@@ -139,9 +141,6 @@ def data_fingerprint(data_cfg) -> dict:
     time over 64 MB), an image folder's listing (relative path, size and modification time of every
     file, captions included), the shards' or a saved dataset's files, a hub dataset's id and split. A
     change between a run and its resume is an unsafe config difference."""
-    from ..data import list_images
-    from ..sources import expand_shards, folder_fingerprint, kind_of
-
     out = {}
     for key in ("prompts", "images"):
         spec = getattr(data_cfg, key)

@@ -1,6 +1,6 @@
 """The training loop: builds a run (``build``), then for each iteration lets the distiller name its
-updates and applies them (``update``), logs, validates and checkpoints (``checkpoints``), and at the
-end writes the student (``outputs``). docs/ARCHITECTURE.md shows one iteration's data flow.
+updates and applies them (``update``), logs, validates and checkpoints (``checkpointer``), and at
+the end writes the student (``outputs``). docs/ARCHITECTURE.md shows one iteration's data flow.
 
 Re-running the same command resumes from the newest verified checkpoint. SIGTERM / SIGINT finish
 the iteration, write a checkpoint and raise :class:`~stepdistill.errors.Interrupted`; too many
@@ -11,7 +11,6 @@ exits the process: ``stepdistill.cli`` maps these to exit statuses.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import threading
@@ -23,17 +22,16 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, dump_config, from_dict, to_dict
-from ..denoiser import unwrap
+from ..diffusion.denoiser import unwrap
 from ..distillers.base import Context
 from ..errors import ConfigError, Interrupted, NonFiniteError
-from ..parallel import Parallel, is_sharded, plain_copy, resolve_strategy
-from ..state_io import load_state
+from ..models.sharding import is_sharded, plain_copy
 from . import outputs
-from .build import build_distiller, build_source, build_teacher, build_trainables, check_exportable, validate_inputs
-from .checkpoints import (MANIFEST, SHARDED, TRAINING_STATE, check_resumable, has_trainable, latest_good_checkpoint,
-                          list_checkpoints, load_sharded, load_trainable, recover_leftovers, save_trainable,
-                          write_checkpoint)
+from .build import build_distiller, build_source, build_teacher, build_trainables, validate_inputs
+from .checkpointer import Checkpointer
+from .checkpoints import list_checkpoints
 from .distributed import any_rank, mean_over_ranks, on_main, verify_rank_sync
+from .parallel import Parallel, resolve_strategy
 from .run_folder import RunLock, check_run_record, data_fingerprint, write_run_record
 from .update import apply_update, ema_weights, select
 
@@ -97,9 +95,9 @@ class Trainer:
         method = validate_inputs(cfg, acc.num_processes)
         self.options = from_dict(method.Options, cfg.method_args, "method_args")
         self.fingerprint = data_fingerprint(cfg.data)
+        self.resolved = {**cfg.to_dict(), "method_args": to_dict(self.options), "data_fingerprint": self.fingerprint}
         self.lock = RunLock(self.run_dir)
         on_main(acc, self._take_folder, f"train.output_dir '{self.run_dir}'")
-        self.broken: set[Path] = set()  # checkpoints that failed verification (never counted by the limit)
         try:
             # random initialisations (LoRA adapters, GAN heads) are the same on every rank and every run;
             # per-iteration randomness comes from stepdistill.data's per-(step, rank) streams instead
@@ -110,8 +108,6 @@ class Trainer:
             self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, acc.process_index)
             ctx = Context(self.teacher, init, self.source, cfg, acc.device)
             self.distiller = build_distiller(method, ctx, self.options)
-            if tcfg.export:
-                check_exportable(self.distiller, self.teacher)
             self.states = build_trainables(acc, self.distiller, cfg, self.parallel, self.teacher)
             teacher_net = unwrap(self.teacher.denoiser.model)
             if tcfg.gradient_checkpointing and getattr(teacher_net, "_supports_gradient_checkpointing", False):
@@ -120,8 +116,10 @@ class Trainer:
             self.lock.release()
             raise
         self.loop = LoopState()
-        acc.register_save_state_pre_hook(self._save_hook)
-        acc.register_load_state_pre_hook(self._load_hook)
+        self.finishers: list = []  # callables run on the main process once the final student is written
+        self.checkpointer = Checkpointer(acc, self.run_dir, self.states, self.distiller, self.loop, self.resolved,
+                                         tcfg.checkpoints_total_limit, stream=self.source.stream,
+                                         sharded=self.parallel.active)
 
     def close(self) -> None:
         """Release the run folder (``fit`` does so itself when it ends)."""
@@ -137,7 +135,7 @@ class Trainer:
         self.lock.acquire()
         try:
             if not list_checkpoints(self.run_dir):  # with checkpoints, resume compares against them
-                check_run_record(self.run_dir, self.resolved_config(), self.cfg.to_dict())
+                check_run_record(self.run_dir, self.resolved, self.cfg.to_dict())
         except BaseException:
             self.lock.release()
             raise
@@ -163,7 +161,7 @@ class Trainer:
         if acc.is_main_process:
             # the config as run: method_args with the method's defaults filled in and every value typed
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg, method_args=to_dict(self.options)))
-            write_run_record(self.run_dir, self.resolved_config())
+            write_run_record(self.run_dir, self.resolved)
         if acc.trackers == [] and tcfg.report_to != "none":
             acc.init_trackers("stepdistill", config={"method": self.cfg.method, "steps": tcfg.max_steps})
         micro = tcfg.batch_size // (acc.num_processes * tcfg.gradient_accumulation_steps)
@@ -175,7 +173,7 @@ class Trainer:
         with preemption_signals() as stop_requested:
             for iteration in range(start, tcfg.max_steps):
                 skipped = self._iteration(iteration, micro, window)
-                done = iteration + 1
+                done = self.loop.step = iteration + 1
                 if skipped is None:
                     in_a_row = 0
                 else:
@@ -188,7 +186,7 @@ class Trainer:
                         raise NonFiniteError(
                             f"{in_a_row} steps in a row (up to step {done}) had a non-finite loss or gradient "
                             f"(train.max_nonfinite_steps={tcfg.max_nonfinite_steps}); stopped without saving. "
-                            f"Last good checkpoint: {latest_good_checkpoint(self.run_dir) or 'none yet'}")
+                            f"Last good checkpoint: {self.checkpointer.latest_good() or 'none yet'}")
                 if done % tcfg.log_every == 0 or done == tcfg.max_steps:
                     logs = mean_over_ranks(acc, {k: sum(v) / len(v) for k, v in window.items()})
                     logs["it_per_s"] = tcfg.log_every / max(time.time() - t_last, 1e-9)
@@ -205,7 +203,7 @@ class Trainer:
                                      self.run_dir / "rank_sync.json")
                 interrupt = (stop_after is not None and done >= stop_after) or any_rank(acc, stop_requested())
                 if done % tcfg.checkpoint_every == 0 or done == tcfg.max_steps or interrupt:
-                    checkpoint = self.save_checkpoint(done)
+                    checkpoint = self.checkpointer.save(done)
                 if interrupt and done < tcfg.max_steps:
                     bar.close()
                     self._end()
@@ -268,122 +266,15 @@ class Trainer:
         if metrics:
             acc.log(metrics, step=step)
 
-    # -- checkpoints ------------------------------------------------------------------------------
-    def _trainable_of(self, models) -> list:
-        """(state, folder name) of each model accelerate hands a hook, or [] if they are not all ours."""
-        by_id = {id(unwrap(st.module)): st for st in self.states.values()}
-        found = [by_id.get(id(unwrap(m))) for m in models]
-        return found if found and all(found) else []
-
-    def _save_hook(self, models, weights, output_dir):
-        """accelerate's save hook: each trainable's weights once, in its own folder (``save_trainable``),
-        instead of accelerate's copy; and the student's schedule."""
-        ours = self._trainable_of(models)
-        if ours:
-            weights.clear()  # every rank: accelerate writes no second copy of the weights
-        if not self.accelerator.is_main_process:
-            return
-        for st in ours:
-            save_trainable(unwrap(st.module), st.params, Path(output_dir) / st.name)
-        self.distiller.student.spec.save(Path(output_dir) / "student")
-
-    def _load_hook(self, models, input_dir):
-        """accelerate's load hook: the weights ``_save_hook`` wrote (older checkpoints, with accelerate's
-        own model files, are left to accelerate)."""
-        ours = self._trainable_of(models)
-        if not ours or not all(has_trainable(Path(input_dir) / st.name) for st in ours):
-            return
-        for st in ours:
-            load_trainable(unwrap(st.module), st.params, Path(input_dir) / st.name)
-        models.clear()
-
-    def resolved_config(self) -> dict:
-        """The run config with method_args as the method resolves them (defaults filled in) and the
-        data's fingerprints."""
-        return {**self.cfg.to_dict(), "method_args": to_dict(self.options), "data_fingerprint": self.fingerprint}
-
-    def save_checkpoint(self, step: int) -> Path:
-        self.loop.step = step
-        state = {"loop": self.loop.state_dict(), "distiller": self.distiller.state_dict()}
-        emas = {name: st.ema.state_dict() for name, st in self.states.items() if st.ema is not None}
-        if self.parallel.active:  # the shadow weights are sharded: they go with the sharded state
-            emas = {name: {k: v for k, v in e.items() if k != "shadow_params"} for name, e in emas.items()}
-        if emas:
-            state["ema"] = emas
-        if self.source.stream is not None:  # every rank's stream position
-            state["streams"] = self.source.stream.gathered_state()
-        path = self.run_dir / "checkpoints" / f"checkpoint-{step}"
-        self.broken.discard(path)  # a broken checkpoint of this step is replaced by a good one
-        return write_checkpoint(self.accelerator, self.run_dir, step, state, self.resolved_config(),
-                                self.cfg.train.checkpoints_total_limit, self.broken,
-                                sharded=self.states if self.parallel.active else None)
-
     def resume(self) -> int:
         """Load the newest verified checkpoint, if any, and return its step (0 without one)."""
-        acc = self.accelerator
-
-        def choose():  # on the main process: one verification, one decision for every rank
-            recover_leftovers(self.run_dir)  # saves, renames, deletions that never finished
-            broken: list[Path] = []
-            latest = latest_good_checkpoint(self.run_dir, broken)
-            safe = [] if latest is None else check_resumable(latest, self.resolved_config(), acc.num_processes)
-            written = None if latest is None else json.loads((latest / MANIFEST).read_text())["num_processes"]
-            return latest, broken, safe, written
-
-        latest, broken, safe, written = on_main(acc, choose, "resume")
-        self.broken = set(broken)
-        if latest is None:
-            return 0
-        acc.load_state(str(latest))
-        state = load_state(latest, TRAINING_STATE)
-        self.loop.load_state_dict(state["loop"])
-        if state.get("distiller"):
-            self.distiller.load_state_dict(state["distiller"])
-        if self.source.stream is not None:
-            self.source.stream.restore(state.get("streams") or [], acc.num_processes, acc.process_index)
-        saved = state.get("ema") or {}
-        for name, st in self.states.items():
-            if st.ema is None:
-                continue
-            if name not in saved:
-                raise ConfigError(f"resume: the checkpoint holds no EMA of trainable '{name}' (train.ema_decay was off "
-                                  f"or the method's trainables differ); use a new train.output_dir")
-            if "shadow_params" not in saved[name]:  # a parallel run's: loaded with the sharded state below
-                saved[name]["shadow_params"] = st.ema.shadow_params
-            st.ema.load_state_dict(saved[name])
-            st.ema.to(acc.device, dtype=torch.float32)
-        if (latest / SHARDED).is_dir():
-            load_sharded(latest / SHARDED, self.states)
-        if written != acc.num_processes:
-            # accelerate steps a schedule once per process: its position moves to this run's process count
-            for st in self.states.values():
-                getattr(st.scheduler, "scheduler", st.scheduler).last_epoch = self.loop.step * acc.num_processes
-            self._apply_learning_rates()
-        if safe:
-            if acc.is_main_process:
-                logger.warning("resuming from %s with changed settings: %s", latest, "; ".join(safe))
-            self._apply_learning_rates()
-        if acc.is_main_process:
-            logger.info("resumed from %s (step %d)", latest, self.loop.step)
+        self.checkpointer.load_latest()
         return self.loop.step
-
-    def _apply_learning_rates(self):
-        """After loading a checkpoint, use this run's learning rates (the schedule's position is kept)."""
-        for st in self.states.values():
-            inner = getattr(st.scheduler, "scheduler", st.scheduler)
-            inner.base_lrs = [st.lr for _ in inner.base_lrs]
-            for group, fn in zip(inner.optimizer.param_groups, inner.lr_lambdas):
-                group["initial_lr"] = st.lr
-                lr = st.lr * fn(inner.last_epoch)
-                if torch.is_tensor(group["lr"]):  # torchao's optimisers keep it as a tensor
-                    group["lr"].fill_(lr)
-                else:
-                    group["lr"] = lr
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, history: list[dict]) -> Path:
-        """The final student (and its EMA) as diffusers folders with the schedule, the loss history and
-        plot, and with ``train.export`` the pipeline."""
+        """The final student (and its EMA) as diffusers folders with the schedule, and the loss history
+        and its plot."""
         out = self.run_dir / "student"
         student = self.distiller.student
         has_ema = any(st.ema is not None for st in self.states.values())
@@ -404,8 +295,8 @@ class Trainer:
                     outputs.save_student(student, self.run_dir / "student_ema")
             if history:
                 outputs.save_history(history, self.run_dir)
-            if self.cfg.train.export:
-                outputs.export_pipeline(self.run_dir, self.cfg.teacher.path, use_ema=has_ema)
+            for finisher in self.finishers:
+                finisher()
 
         on_main(self.accelerator, write, "writing the final student")
         return out

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ..distillers.base import Trainable
-from ..parallel import Parallel, full
+from ..models.sharding import full
 from .distributed import all_ranks
+from .parallel import Parallel
 
 
 @dataclass
@@ -27,10 +28,30 @@ class TrainableState:
     trainable: Trainable  # what the distiller declared (module, learning rate, student or not)
     module: nn.Module  # the accelerate-prepared module
     optimizer: Any
-    scheduler: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped once per iteration by the loop
     params: list[nn.Parameter]  # what its updates train (LoRA: the adapters only)
     lr: float  # the base learning rate (method default or optim.<name>.lr)
     ema: Any = None  # diffusers EMAModel of a student trainable when train.ema_decay is set
+
+    def restore_schedule(self, saved: dict | None, position: int) -> None:
+        """After a resume: the learning-rate schedule at its saved state (without one, after ``position``
+        steps), with this run's learning rate, which may differ from the checkpoint's (a resume-safe
+        change)."""
+        sched = self.scheduler
+        if saved is not None:
+            sched.load_state_dict(saved)
+        else:
+            sched.last_epoch = position
+        if saved is not None and all(float(b) == self.lr for b in sched.base_lrs):
+            return  # the optimiser's state already holds the schedule's current rate
+        sched.base_lrs = [self.lr for _ in sched.base_lrs]
+        for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"] = self.lr
+            lr = self.lr * fn(sched.last_epoch)
+            if torch.is_tensor(group["lr"]):  # torchao's optimisers keep it as a tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
 
 def select(states: dict[str, TrainableState], name: str) -> None:

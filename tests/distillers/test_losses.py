@@ -4,16 +4,22 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from stepdistill.data import Batch
-from stepdistill.denoiser import Cond, Denoiser
+from stepdistill.data.batch import Batch
+from stepdistill.diffusion.denoiser import Cond, Denoiser
+from stepdistill.diffusion.process import process_from_scheduler_config
 from stepdistill.distillers.dmd import dm_loss
-from stepdistill.distillers.losses import (denoising_loss, gradient_matching_loss, guided_x0, mse, per_sample_mean_abs,
-                                           prompt_dropout)
+from stepdistill.distillers.losses import (
+    denoising_loss,
+    gradient_matching_loss,
+    guided_x0,
+    mse,
+    per_sample_mean_abs,
+    prompt_dropout,
+)
 from stepdistill.distillers.progressive import two_step_target
 from stepdistill.distillers.score import generator_rollout, score_updates
-from stepdistill.generator import Student, StudentSpec
-from stepdistill.nets import MLPDenoiser
-from stepdistill.process import process_from_scheduler_config
+from stepdistill.models.nets import MLPDenoiser
+from stepdistill.models.student import Student, StudentSpec
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from stepdistill.config import load_config
-from stepdistill.data import Batch, BatchSource
-from stepdistill.denoiser import Cond, Denoiser
+from stepdistill.data.batch import Batch, BatchSource
+from stepdistill.diffusion.denoiser import Denoiser
 from stepdistill.distillers.base import Context
-from stepdistill.nets import MLPDenoiser
-from stepdistill.oracle import GaussianMixture
-from stepdistill.teachers import Teacher
+from stepdistill.models.nets import MLPDenoiser
+from stepdistill.models.oracle import GaussianMixture
+from stepdistill.models.teachers import Teacher
 
 
 def _context(method: str, *overrides, t_init: float = 600.0):
@@ -26,7 +26,7 @@ def _context(method: str, *overrides, t_init: float = 600.0):
     epsilon-prediction MLP, as SD1.5's UNet is."""
     from diffusers import DDIMScheduler
 
-    from stepdistill.process import process_from_scheduler_config
+    from stepdistill.diffusion.process import process_from_scheduler_config
 
     proc = process_from_scheduler_config(DDIMScheduler(beta_schedule="scaled_linear"))
     gmm = GaussianMixture.ring(4, 3, 2.0, 0.3)
@@ -281,8 +281,8 @@ def test_progressive_student_head_round_trips_through_export(tmp_path, tiny_pipe
     from diffusers import DiffusionPipeline
 
     from stepdistill.export import export, sampling_kwargs
-    from stepdistill.generator import Student
-    from stepdistill.teachers import load_teacher
+    from stepdistill.models.student import Student
+    from stepdistill.models.teachers import load_teacher
     from stepdistill.training import Trainer
 
     cfg = load_config("configs/tiny-sd/progressive_2step.yaml", [

@@ -18,7 +18,7 @@ SLOW = [("sd", "sid_1step", ["method_args.fake_lora_rank=4"]), ("sd", "phased_dm
 
 
 def _check_run(out: Path, steps: int = 4):
-    from stepdistill.generator import Student
+    from stepdistill.models.student import Student
 
     manifest = json.loads((out / "checkpoints" / f"checkpoint-{steps}" / "manifest.json").read_text())
     assert any(f.startswith("model_1") or "optimizer_1" in f for f in manifest["files"])  # the fake score's state too
@@ -49,7 +49,7 @@ def test_phased_dmd_trains_one_expert_per_phase_and_freezes_the_earlier(tmp_path
     import torch
     from safetensors.torch import load_file
 
-    from stepdistill.teachers import load_teacher
+    from stepdistill.models.teachers import load_teacher
 
     out = tmp_path / "run"
     r = launch("configs/tiny-sd/phased_dmd_2step.yaml", [f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={out}",
@@ -120,7 +120,7 @@ def test_tsm_then_dmd2_from_its_student(tmp_path, tiny_pipelines, family):
     import torch
     from safetensors.torch import load_file
 
-    from stepdistill.generator import Student
+    from stepdistill.models.student import Student
 
     tsm = tmp_path / "tsm"
     r = launch(f"configs/tiny-{family}/tsm_4step.yaml", [f"teacher.path={tiny_pipelines[family]}", f"train.output_dir={tsm}"])

@@ -7,7 +7,7 @@ below would fail for it. Bounds are the measured values with margin (README, res
 import pytest
 import torch
 
-from stepdistill.oracle import ORACLE_LAYOUTS
+from stepdistill.models.oracle import ORACLE_LAYOUTS
 from stepdistill.testing.oracle_runs import fixed_point_distance, run_oracle
 
 

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from stepdistill.config import load_config
-from stepdistill.generator import copy_for_training
-from stepdistill.nets import MLPDenoiser
+from stepdistill.models.nets import MLPDenoiser
+from stepdistill.models.student import copy_for_training
 from stepdistill.testing.oracle_runs import CONFIGS, run_oracle
 from stepdistill.training import Trainer
 

@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-import stepdistill.training.checkpoints as checkpoints
+import stepdistill.training.checkpointer as checkpointer
 
 DELAY = float(os.environ.get("SLOW_SAVE_SECONDS", "1"))
-_save = checkpoints.save_state
+_save = checkpointer.save_state
 
 
 def _slow_save(state, folder, name):
@@ -19,7 +19,7 @@ def _slow_save(state, folder, name):
     time.sleep(DELAY)
 
 
-checkpoints.save_state = _slow_save
+checkpointer.save_state = _slow_save
 script = Path(__file__).resolve().parents[2] / "train" / "distill.py"
 sys.argv = [str(script)] + sys.argv[1:]
 runpy.run_path(str(script), run_name="__main__")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from stepdistill.oracle import GaussianMixture, energy_distance
-from stepdistill.process import process_from_scheduler_config
+from stepdistill.diffusion.process import process_from_scheduler_config
+from stepdistill.models.oracle import GaussianMixture, energy_distance
 from stepdistill.testing.fixed_points import draw, objective_fixed_point, objective_gradient
 
 FAST = dict(particles=128, reps=4, iters=300)

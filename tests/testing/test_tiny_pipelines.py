@@ -16,7 +16,7 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLPipeline,
 )
 
-from stepdistill.testing.tiny_pipelines import (  # noqa: E402
+from stepdistill.testing.tiny_pipelines import (
     TINY_FAMILIES,
     make_tiny_dit,
     make_tiny_pixart,

@@ -1,6 +1,6 @@
 """Export a distilled student as a diffusers pipeline folder of the teacher's own pipeline class.
 
-    python -m stepdistill.export runs/sd15/dmd2_4step exported/sd15-dmd2-4step [--ema] [--lora]
+    stepdistill export runs/sd15/dmd2_4step exported/sd15-dmd2-4step [--ema] [--lora]
 
 The folder holds the teacher's components with the student in place of its UNet / transformer and a
 stock diffusers scheduler configured so that the trained timesteps are used exactly:
@@ -28,143 +28,34 @@ noise at every step, which no stock scheduler does: it is refused with that reas
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import inspect
 import json
+import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
+import yaml
 
-from .config import PRECISIONS, torch_dtype
-from .errors import ExportError, InputError
-from .generator import SPEC_FILE, Student, StudentSpec
-from .state_io import temporary_name
+from ..config import PRECISIONS, torch_dtype
+from ..diffusion.denoiser import unwrap
+from ..errors import ConfigError, ExportError
+from ..models.nets import time_frozen_copy
+from ..models.shipped import quiet_text_encoder_type
+from ..models.student import SPEC_FILE, Student, StudentSpec
+from ..models.teachers import find_denoiser, resolve_teacher_path
+from ..storage import recover_swap, swap_in, temporary_name
+from ..training.checkpoints import list_checkpoints
+from .schedulers import UNCONDITIONAL_PIPELINES, check_student_network, scheduler_for
 
+logger = logging.getLogger("stepdistill")
 SAMPLING_FILE = "stepdistill_sampling.json"
-UNCONDITIONAL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+EXPORT_DIR = "pipeline"  # train.export: the final student as a diffusers pipeline folder in the run folder
 
 
-# ------------------------------------------------------------------------------------------------
-# schedulers
-# ------------------------------------------------------------------------------------------------
-def _int_times(spec: StudentSpec) -> list[int]:
-    ts = [int(round(t)) for t in spec.timesteps]
-    if any(abs(a - b) > 1e-6 for a, b in zip(ts, spec.timesteps)):
-        raise ExportError(f"student timesteps {spec.timesteps} are not integers; a discrete diffusers scheduler "
-                          f"cannot run them")
-    return ts
-
-
-def _vp_common(base: dict, pred: str) -> dict:
-    return {**base, "prediction_type": pred, "clip_sample": False, "thresholding": False, "set_alpha_to_one": True}
-
-
-def _lcm_for(base: dict, pred: str, times: list[int]):
-    """An LCMScheduler whose default schedule for len(times) steps is exactly ``times``."""
-    from diffusers import LCMScheduler
-
-    n, total = len(times), int(base.get("num_train_timesteps", 1000))
-    cfg = {**_vp_common(base, pred), "timestep_scaling": 1.0e7, "timestep_spacing": "leading", "steps_offset": 0}
-    probe = LCMScheduler.from_config(cfg)
-    for k in range(n, total + 1):
-        try:
-            probe.set_timesteps(n, original_inference_steps=k)
-        except ValueError:
-            continue
-        if probe.timesteps.tolist() == times:
-            return LCMScheduler.from_config({**cfg, "original_inference_steps": k})
-    raise ExportError(f"no LCMScheduler schedule equals the student's timesteps {times}; re-noising students "
-                      f"export with LCM-style spacings such as [999, 749, 499, 249]")
-
-
-def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str):
-    """(scheduler, call kwargs) that make a diffusers pipeline sample exactly as ``spec`` says."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
-
-    base = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
-    n = len(spec.timesteps)
-    kind = spec.process.get("kind")
-    if spec.sampler == "signal":
-        if n != 1:
-            raise ExportError(f"a {n}-step BOOT student (sampler 'signal') reads the initial noise at every step; no "
-                              f"stock diffusers scheduler does that. Sample it with stepdistill.generator.Student")
-        # one step at t_max, where the (time-frozen) network's output is read as the x0 prediction
-        t_max = 1.0 if kind == "flow" else float(int(base.get("num_train_timesteps", 1000)) - 1)
-        spec = dataclasses.replace(spec, sampler="deterministic", timesteps=[t_max])
-    if kind == "flow":
-        shift = float(spec.process.get("shift", base.get("shift", 1.0)))
-        # the pipeline shifts the sigmas it is given, so it gets the unshifted ones
-        sigmas = [t / (shift - (shift - 1) * t) for t in spec.timesteps]
-        cfg = {"num_train_timesteps": int(spec.process.get("num_train_timesteps", 1000)), "shift": shift,
-               "use_dynamic_shifting": False}
-        cls = FlowMatchLCMScheduler if (spec.sampler == "renoise" and n > 1) else FlowMatchEulerDiscreteScheduler
-        return cls.from_config(cfg), {"num_inference_steps": n, "sigmas": sigmas}
-    if kind != "vp":
-        raise ExportError(f"student process kind {kind!r} has no diffusers scheduler mapping")
-    times = _int_times(spec)
-    total = int(base.get("num_train_timesteps", 1000))
-    if spec.consistency is not None:  # LCM: the stock LCMScheduler of its solver grid and boundary scalings
-        from diffusers import LCMScheduler
-
-        sched = LCMScheduler.from_config({**_vp_common(base, pred_type), "steps_offset": 0,
-                                          "original_inference_steps": int(spec.consistency["solver_steps"]),
-                                          "timestep_scaling": float(spec.consistency["timestep_scaling"])})
-    elif n == 1:  # one step: x0 at t_init, whatever the sampler
-        cfg = {**_vp_common(base, pred_type), "timestep_spacing": "trailing"}
-        if times[0] != total - 1:
-            # trailing spacing starts at num_train_timesteps - 1, so the schedule is cut after t_init: the same
-            # betas (hence alphas_cumprod) up to t_init, and DDIM's one step lands on x0 (set_alpha_to_one)
-            full = DDIMScheduler.from_config(cfg)
-            if cfg.get("rescale_betas_zero_snr"):
-                raise ExportError(f"one-step students at t_init={times[0]} < {total - 1} on a zero-terminal-SNR "
-                                  f"schedule have no stock scheduler mapping")
-            cfg.update(num_train_timesteps=times[0] + 1, trained_betas=full.betas[: times[0] + 1].tolist())
-        sched = DDIMScheduler.from_config(cfg)
-    elif spec.sampler == "renoise":
-        sched = _lcm_for(base, pred_type, times)
-    else:
-        sched = DDIMScheduler.from_config({**_vp_common(base, pred_type), "timestep_spacing": "trailing", "steps_offset": 0})
-        sched.set_timesteps(n)
-        if sched.timesteps.tolist() != times or total % n:
-            raise ExportError(f"student timesteps {times} are not DDIM's trailing {n}-step grid "
-                              f"{sched.timesteps.tolist()} with steps of {total}/{n}; deterministic students export "
-                              f"with that grid")
-    probe = type(sched).from_config(sched.config)
-    probe.set_timesteps(n)
-    assert probe.timesteps.tolist() == times, (probe.timesteps.tolist(), times)
-    return sched, {"num_inference_steps": n}
-
-
-NON_DIFFUSERS_STUDENTS = {
-    "PhasedExperts": "one expert network per step (Phased DMD with method_args.experts=true), which no stock "
-                     "diffusers pipeline switches between; train with method_args.experts=false for one exportable "
-                     "network",
-}
-
-
-def check_student_network(name: str) -> None:
-    """The student network (its class name) must be a diffusers class. The guidance-conditioned
-    transformers of ``stepdistill.nets`` (guided distillation of DiT / PixArt / SD3) have no stock
-    pipeline that feeds them the guidance scale, and Phased DMD's per-phase experts none that routes
-    steps to experts."""
-    import diffusers
-
-    if not hasattr(diffusers, name):
-        why = NON_DIFFUSERS_STUDENTS.get(name, "a guidance-conditioned network that no stock diffusers pipeline feeds "
-                                               "the guidance scale")
-        raise ExportError(f"the student is a {name} of stepdistill: {why}. Sample it with stepdistill.generator.Student")
-
-
-# ------------------------------------------------------------------------------------------------
-# export
-# ------------------------------------------------------------------------------------------------
 def _read(path: Path, kind: str):
     """A run's ``config.yaml`` or a student's JSON file, or one ExportError naming the file."""
-    import yaml
-
     try:
         text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text) if kind == "yaml" else json.loads(text)
@@ -188,8 +79,6 @@ def _resolve_source(source: Path, use_ema: bool) -> tuple[Path, dict | None]:
     if not (folder / SPEC_FILE).is_file():
         if use_ema and (source / "student" / SPEC_FILE).is_file():
             raise ExportError(f"run '{source}' has no student_ema/: it was trained without train.ema_decay")
-        from .training.checkpoints import list_checkpoints
-
         ckpts = list_checkpoints(source)
         last = ckpts[-1].name if ckpts else "none"
         raise ExportError(f"run '{source}' is unfinished: no {folder.name}/ yet (latest checkpoint: {last}, "
@@ -209,8 +98,6 @@ def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict) -> dict:
 
 def teacher_license(teacher: str) -> str | None:
     """The ``license`` of a local teacher folder's model card (its README's YAML front matter), if any."""
-    import yaml
-
     card = Path(teacher) / "README.md"
     if not card.is_file():
         return None
@@ -227,8 +114,6 @@ def teacher_license(teacher: str) -> str | None:
 
 def _model_card(pipe_cls: str, spec: StudentSpec, call: dict, teacher: str, lora: bool, metrics: dict | None,
                 license: str | None = None) -> str:
-    import yaml
-
     args = ", ".join(f"{k}={v!r}" for k, v in call.items())
     prompt = "" if pipe_cls in UNCONDITIONAL_PIPELINES else ("class_labels=[0], " if pipe_cls == "DiTPipeline"
                                                               else "\"a photo of a cat\", ")
@@ -269,8 +154,6 @@ def _save_lora(pipe, component: str, student_folder: Path, out: Path):
                           f"was trained in full (student.lora_rank=0) or before LoRA files were written")
     if not hasattr(type(pipe), "save_lora_weights"):
         raise ExportError(f"{type(pipe).__name__} has no LoRA loader in diffusers; export the fused student instead")
-    import inspect
-
     layers = load_file(str(src))
     kwargs = {f"{component}_lora_layers": layers, "safe_serialization": True}
     meta_key = f"{component}_lora_adapter_metadata"
@@ -282,9 +165,7 @@ def _save_lora(pipe, component: str, student_folder: Path, out: Path):
 def export(source: str | Path, out: str | Path, *, teacher: str | None = None, use_ema: bool = False,
            lora: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write the pipeline folder ``out`` (which must not exist yet) and return it."""
-    from diffusers import DiffusionPipeline
-
-    from .teachers import find_denoiser, resolve_teacher_path
+    from diffusers import DiffusionPipeline  # imported here: loading diffusers' pipelines takes seconds
 
     source, out = Path(source), Path(out)
     if out.exists():
@@ -316,16 +197,12 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
         teacher = tcfg.get("path")
         if teacher is None:
             raise ExportError(f"'{folder}' has no run config naming its teacher; pass the teacher (--teacher)")
-    from .shipped import quiet_text_encoder_type
-
     with quiet_text_encoder_type(teacher):
         pipe = DiffusionPipeline.from_pretrained(resolve_teacher_path(teacher), dtype=dtype)
     component, _ = find_denoiser(pipe)
     student = Student.load(folder)
     model = student.model
     if spec.sampler == "signal":  # BOOT: the network reads its input at one fixed time
-        from .nets import time_frozen_copy
-
         t = student.process.model_time(torch.tensor([spec.timesteps[0]]))
         try:
             model = time_frozen_copy(model, float(t[0]))
@@ -361,24 +238,44 @@ def sampling_kwargs(folder: str | Path) -> dict:
     return json.loads((Path(folder) / SAMPLING_FILE).read_text())["call_kwargs"]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", type=Path, help="a run folder (train.output_dir) or a student folder")
-    p.add_argument("out", type=Path, help="the pipeline folder to write (must not exist)")
-    p.add_argument("--ema", action="store_true", help="export student_ema/ instead of student/")
-    p.add_argument("--lora", action="store_true", help="also write the LoRA adapters for pipe.load_lora_weights")
-    p.add_argument("--teacher", default=None, help="teacher pipeline folder or hub id (default: the run's)")
-    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="weights dtype (default: as trained)")
-    args = p.parse_args(argv)
+def check_exportable(distiller, teacher) -> None:
+    """``train.export``: fail before training when the student will have no pipeline form."""
+    student = distiller.student
+    spec = student.spec
     try:
-        out = export(args.source, args.out, teacher=args.teacher, use_ema=args.ema, lora=args.lora,
-                     dtype=torch_dtype(args.dtype))
-    except (InputError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"pipeline written to {out}; sample with {json.dumps(sampling_kwargs(out))}")
-    return 0
+        check_student_network(type(unwrap(student.model)).__name__)
+        scheduler_for(spec, teacher.pipeline.scheduler.config, spec.prediction_type or teacher.process.prediction_type)
+    except ExportError as exc:
+        raise ConfigError(f"train.export: {exc}") from exc
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def export_run(run_dir: Path, teacher_path: str, use_ema: bool) -> Path:
+    """``<run_dir>/pipeline``: the final student (its EMA when kept) in the teacher's diffusers
+    pipeline (``train.export``), replacing an earlier export of this run only once the new one is
+    complete."""
+    final = Path(run_dir) / EXPORT_DIR
+    recover_swap(final)  # an earlier export that died between its two renames
+    new = temporary_name(final)
+    try:
+        export(run_dir, new, teacher=teacher_path, use_ema=use_ema)
+        swap_in(new, final)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    logger.info("exported the student as a diffusers pipeline: %s", final)
+    return final
+
+
+def add_arguments(parser) -> None:
+    """The ``stepdistill export`` command's options."""
+    parser.add_argument("source", type=Path, help="a run folder (train.output_dir) or a student folder")
+    parser.add_argument("out", type=Path, help="the pipeline folder to write (must not exist)")
+    parser.add_argument("--ema", action="store_true", help="export student_ema/ instead of student/")
+    parser.add_argument("--lora", action="store_true", help="also write the LoRA adapters for pipe.load_lora_weights")
+    parser.add_argument("--teacher", default=None, help="teacher pipeline folder or hub id (default: the run's)")
+    parser.add_argument("--dtype", choices=PRECISIONS, default=None, help="weights dtype (default: as trained)")
+
+
+def run(args) -> str:
+    out = export(args.source, args.out, teacher=args.teacher, use_ema=args.ema, lora=args.lora,
+                 dtype=torch_dtype(args.dtype))
+    return f"pipeline written to {out}; sample with {json.dumps(sampling_kwargs(out))}"

@@ -10,9 +10,21 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DataError
-from .sources import (CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, Captions, folder_fingerprint, kind_of,
-                      open_table, pick_column, read_coco, table_fingerprint, usable_rows)
+from ..errors import DataError
+from .files import folder_labels, image_captions, list_images
+from .sources import (
+    CAPTION_COLUMNS,
+    IMAGE_COLUMNS,
+    LABEL_COLUMNS,
+    Captions,
+    folder_fingerprint,
+    kind_of,
+    open_table,
+    pick_column,
+    read_coco,
+    table_fingerprint,
+    usable_rows,
+)
 
 
 class Items:
@@ -108,8 +120,6 @@ class LabelPrompts:
 
 def read_items(cfg, teacher_text: bool, num_classes: int | None) -> Items:
     """The real items of ``data.images``, with their own captions (text teachers) or labels."""
-    from .data import folder_labels, image_captions, list_images
-
     spec, skip = cfg.images, cfg.skip_bad_items
     kind = kind_of(spec, "data.images")
     if kind == "folder":

@@ -15,7 +15,8 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from .process import NoiseProcess
+from ..diffusion.process import NoiseProcess
+from .nets import MLPDenoiser
 
 # config overrides that lay out the mixture: the shipped oracle configs' ring (configs/oracle/), and two
 # other mixtures the recipes were not tuned on (eval/benchmark.py --suite oracle --layout)
@@ -225,8 +226,6 @@ def fit_network(
 
     Returns ``(mlp, prediction_type)``; VP networks predict v (well conditioned at every t), flow
     networks the velocity. Conditional networks see the null label with probability 0.2 (CFG)."""
-    from .nets import MLPDenoiser
-
     prediction_type = prediction_type or ("flow" if process.kind == "flow" else "v_prediction")
     k = gmm.num_components
     g = torch.Generator().manual_seed(seed)

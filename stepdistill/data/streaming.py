@@ -22,7 +22,9 @@ import copy
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
+from .loading import transform
+from .seeds import TAGS, stream_seed
 from .sources import CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, open_table, pick_column
 
 
@@ -68,8 +70,6 @@ class Stream:
         return rows
 
     def _fill(self) -> None:
-        from .data import stream_seed
-
         rows = self._read()
         if not rows:  # the end of the stream: the next epoch starts from the beginning
             self.epoch, self.window_index, self._iter, self.next_start = self.epoch + 1, 0, None, None
@@ -77,7 +77,7 @@ class Stream:
             rows = self._read()
             if not rows:
                 raise DataError(f"{self.where}: the stream (this process's part) holds no items")
-        g = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, self.rank, self.window_index, 29))
+        g = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, self.rank, self.window_index, TAGS["stream_window"]))
         self._window = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
 
     def take(self, n: int) -> list[dict]:
@@ -164,15 +164,12 @@ class StreamData:
         self.stream.load_state_dict(states[rank])
 
     def fetch(self, key, n: int, generator: torch.Generator):
-        from .data import stream_seed
-        from .loading import transform
-
         if key in self._recent:
             return self._recent[key]
         rows = self.stream.peek(n) if key[0] < 0 else self.stream.take(n)
         pixels = []
         for j, row in enumerate(rows):
-            g = torch.Generator().manual_seed(stream_seed(self.seed, *key, j, 17))
+            g = torch.Generator().manual_seed(stream_seed(self.seed, *key, j, TAGS["item_crop"]))
             pixels.append(transform(self.stream.image(row), self.size, self.channels, self.crop, g)[0])
         noise = torch.randn(n, *self.teacher.sample_shape, generator=generator) if self.teacher.vae is not None else None
         x0 = self.teacher.encode_images(torch.stack(pixels).to(self.device), noise=noise).to(self.device)

@@ -1,8 +1,8 @@
 """Data caches: a run's captions encoded with the teacher's own text encoders and its real images
 encoded with the teacher's VAE, once, to sharded safetensors files on disk.
 
-    python -m stepdistill.cache --config CONFIG [key=value ...]        # writes data.cache
-    accelerate launch -m stepdistill.cache --config CONFIG ...          # several processes share the shards
+    python -m stepdistill.data.cache --config CONFIG [key=value ...]        # writes data.cache
+    accelerate launch -m stepdistill.data.cache --config CONFIG ...          # several processes share the shards
 
 A run whose ``data.cache`` names the folder reads its text states and latents from it and never runs
 the text encoders or the VAE. The folder holds ``manifest.json`` (what the cache was made from: a
@@ -16,18 +16,23 @@ and crop corner (SDXL's micro-conditioning), as the diffusers SDXL scripts do.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from .denoiser import Cond
-from .errors import DataError, InputError
+from ..config import load_config, torch_dtype
+from ..diffusion.denoiser import Cond
+from ..errors import DataError, InputError
+from ..models.teachers import load_teacher, resolve_teacher_path
+from ..storage import temporary_name
+from .items import read_items
+from .loading import Decoded, collate, image_geometry
+from .seeds import TAGS, stream_seed
+from .sources import read_captions
 
 logger = logging.getLogger("stepdistill")
 CACHE_VERSION = 1
@@ -39,8 +44,6 @@ NOT_HASHED = ("unet", "transformer", "scheduler", "prior", "decoder")  # compone
 def teacher_hash(path: str) -> str:
     """sha256 of every file of the pipeline's text encoders, tokenizers and VAE (the parts whose
     outputs a cache holds): the same hash for a fine-tuned UNet over the same encoders."""
-    from .teachers import resolve_teacher_path
-
     folder = Path(resolve_teacher_path(path))
     if not folder.is_dir():  # a hub id: its local snapshot (offline)
         from huggingface_hub import snapshot_download
@@ -101,7 +104,7 @@ class DataCache:
         manifest = self.folder / MANIFEST
         if not manifest.is_file():
             raise DataError(f"data.cache: '{self.folder}' is not a data cache (no {MANIFEST}); write it with "
-                            f"python -m stepdistill.cache --config <this config>")
+                            f"python -m stepdistill.data.cache --config <this config>")
         self.manifest = json.loads(manifest.read_text())
         if want is not None:
             problem = key_problem(self.manifest["key"], want)
@@ -109,7 +112,7 @@ class DataCache:
                 raise DataError(f"data.cache: '{self.folder}' was made for other data or another teacher ({problem}); "
                                 f"give another data.cache folder")
         if not self.manifest.get("complete"):
-            raise DataError(f"data.cache: '{self.folder}' is unfinished; re-run python -m stepdistill.cache to complete it")
+            raise DataError(f"data.cache: '{self.folder}' is unfinished; re-run python -m stepdistill.data.cache to complete it")
         self.rows = self.manifest["shard_rows"]
         self._open: dict = {}
         self.reads = 0
@@ -159,8 +162,6 @@ class DataCache:
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    from .state_io import temporary_name
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
@@ -172,20 +173,12 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
     are kept, shards are shared among the processes of an accelerate launch."""
     from accelerate import PartialState
 
-    from .data import stream_seed
-    from .loading import Decoded, collate, image_geometry
-    from .items import read_items
-    from .sources import read_captions
-    from .teachers import load_teacher
-
     state = PartialState(cpu=not torch.cuda.is_available())  # without CUDA, cpu=True makes a launch use gloo
     if cfg.teacher.path is None:
         raise InputError("teacher.path: a data cache needs a diffusers teacher (the oracle has no encoders)")
     out = Path(out or cfg.data.cache or "")
     if not str(out) or str(out) == ".":
         raise InputError("data.cache: name the cache folder (data.cache=<folder>)")
-    from .config import torch_dtype
-
     teacher = load_teacher(cfg.teacher.path, dtype=torch_dtype(cfg.teacher.dtype), device=state.device,
                            null_label=cfg.teacher.null_label, allow_remote_code=cfg.teacher.allow_remote_code)
     text = teacher.conditional and teacher.null_label is None
@@ -242,7 +235,7 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
             else:
                 pixels, original, corner, _ = next(loader)
                 noise = torch.stack([torch.randn(teacher.sample_shape, generator=torch.Generator().manual_seed(
-                    stream_seed(cfg.train.seed, i, 23))) for i in range(a, b)])
+                    stream_seed(cfg.train.seed, i, TAGS["cache_noise"]))) for i in range(a, b)])
                 rows["latents"] = teacher.encode_images(pixels.to(state.device), noise=noise)
                 rows["original_size"], rows["crop_top_left"] = original, corner
                 if items.captions is not None:
@@ -264,25 +257,16 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stepdistill.cache", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+INTERMIXED = True  # options may stand between the key=value overrides
+
+
+def add_arguments(parser) -> None:
+    """The ``stepdistill cache`` command's options."""
     parser.add_argument("--config", type=Path, required=True, help="the run's YAML config")
     parser.add_argument("--out", type=Path, default=None, help="cache folder (default: data.cache)")
     parser.add_argument("--shard-rows", type=int, default=SHARD_ROWS, help="rows per shard file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for the distill command")
-    args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .config import load_config
-
-    try:
-        out = build_cache(load_config(args.config, args.overrides), args.out, args.shard_rows)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"data cache written to {out}")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args) -> str:
+    return f"data cache written to {build_cache(load_config(args.config, args.overrides), args.out, args.shard_rows)}"

@@ -28,7 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
+from .files import image_captions, list_images, read_prompts
 
 logger = logging.getLogger("stepdistill")
 CAPTION_COLUMNS = ("caption", "text", "prompt", "txt", "captions")
@@ -211,8 +212,6 @@ def _is_coco(path: Path) -> bool:
 
 def read_captions(spec, cfg, skip_bad: bool = False) -> Captions:
     """The caption list of ``data.prompts``."""
-    from .data import read_prompts
-
     kind = kind_of(spec, "data.prompts")
     if kind == "json" and _is_coco(Path(spec)):
         kind = "coco"
@@ -300,8 +299,6 @@ def read_coco(path: Path, image_root: str | None, skip_bad: bool, need_images: b
 
 def check_images(cfg) -> None:
     """The cheap checks of ``data.images`` made before any work (``training.validate_inputs``)."""
-    from .data import image_captions, list_images
-
     kind = kind_of(cfg.images, "data.images")
     if cfg.image_root is not None and kind != "json":
         raise DataError(f"data.image_root: names the image folder of a COCO caption file; data.images "

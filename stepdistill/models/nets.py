@@ -15,19 +15,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from torch import nn
 
-GUIDANCE_EMBED_DIM = 256  # the sinusoidal embedding of the guidance scale (UNet time_cond_proj_dim)
-
-
-def guidance_sinusoid(guidance: torch.Tensor, dim: int = GUIDANCE_EMBED_DIM) -> torch.Tensor:
-    """The sinusoidal embedding of (guidance_scale - 1) * 1000 (LCM convention, Luo et al. 2023),
-    computed by the Stable Diffusion pipeline's own method, so that an exported w-conditioned UNet
-    sees bit-identical inputs (its arguments reach ~1e3 radians, where another order of float32
-    operations changes the embedding by ~1e-4)."""
-    from diffusers import StableDiffusionPipeline
-
-    # the method uses no pipeline state and builds its frequencies on the CPU, as the pipeline calls it
-    w = guidance.detach().reshape(-1).float().cpu() - 1
-    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim).to(guidance.device)
+from ..diffusion.denoiser import GUIDANCE_EMBED_DIM, guidance_sinusoid
 
 
 def _guidance_conditioned(base: type) -> type:
@@ -167,7 +155,7 @@ class PhasedExperts(ModelMixin, ConfigMixin):
         return (t.float()[:, None] <= bounds[None, 1:]).sum(1)
 
     def forward(self, *args, **kwargs):
-        raise TypeError("PhasedExperts is called through stepdistill.denoiser.Denoiser, which routes rows to experts")
+        raise TypeError("PhasedExperts is called through stepdistill.diffusion.denoiser.Denoiser, which routes rows to experts")
 
 
 def network_class(name: str) -> type:
@@ -176,7 +164,7 @@ def network_class(name: str) -> type:
 
     cls = globals().get(name) if isinstance(globals().get(name), type) else getattr(diffusers, name, None)
     if cls is None:
-        raise ValueError(f"unknown network class {name} (neither stepdistill.nets nor diffusers has it)")
+        raise ValueError(f"unknown network class {name} (neither stepdistill.models.nets nor diffusers has it)")
     return cls
 
 

@@ -136,12 +136,12 @@ def find_adapter(model: nn.Module) -> AdapterFn:
             return MODEL_ADAPTERS[cls.__name__]
     raise TypeError(
         f"no denoiser adapter for {type(unwrap(model)).__name__}; supported: {sorted(MODEL_ADAPTERS)} "
-        "(add one with stepdistill.denoiser.register_adapter)"
+        "(add one with stepdistill.diffusion.denoiser.register_adapter)"
     )
 
 
 # how each family is rebuilt with a guidance-scale input (a w-conditioned student, Meng et al. 2023):
-# (the class of the rebuilt network in stepdistill.nets, or None for the same class; config changes)
+# (the class of the rebuilt network in stepdistill.models.nets, or None for the same class; config changes)
 W_CONDITIONED: dict[str, tuple[str | None, dict]] = {
     "UNet2DConditionModel": (None, {"time_cond_proj_dim": 256}),  # diffusers' own timestep_cond input
     "MLPDenoiser": (None, {"guidance_cond": True}),
@@ -169,6 +169,21 @@ def feature_module(model: nn.Module) -> nn.Module:
     return FEATURE_MODULES[name](unwrap(model))
 
 
+GUIDANCE_EMBED_DIM = 256  # the sinusoidal embedding of the guidance scale (UNet time_cond_proj_dim)
+
+
+def guidance_sinusoid(guidance: torch.Tensor, dim: int = GUIDANCE_EMBED_DIM) -> torch.Tensor:
+    """The sinusoidal embedding of (guidance_scale - 1) * 1000 (LCM convention, Luo et al. 2023),
+    computed by the Stable Diffusion pipeline's own method, so that an exported w-conditioned UNet
+    sees bit-identical inputs (its arguments reach ~1e3 radians, where another order of float32
+    operations changes the embedding by ~1e-4)."""
+    from diffusers import StableDiffusionPipeline
+
+    # the method uses no pipeline state and builds its frequencies on the CPU, as the pipeline calls it
+    w = guidance.detach().reshape(-1).float().cpu() - 1
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim).to(guidance.device)
+
+
 def _learned_sigma_split(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """DiT / PixArt-alpha predict (eps, variance) stacked on channels; keep the mean part."""
     return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
@@ -177,8 +192,6 @@ def _learned_sigma_split(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def guidance_embedding(model: nn.Module, guidance: torch.Tensor) -> torch.Tensor | None:
     """The ``timestep_cond`` of a w-conditioned UNet, as diffusers' pipelines build it (None for a UNet
     without the input)."""
-    from .nets import guidance_sinusoid
-
     dim = getattr(unwrap(model).config, "time_cond_proj_dim", None)
     if dim is None:
         return None
@@ -186,7 +199,7 @@ def guidance_embedding(model: nn.Module, guidance: torch.Tensor) -> torch.Tensor
 
 
 def _guidance_kwargs(model: nn.Module, c: ModelCall) -> dict:
-    """``guidance=`` for the guidance-conditioned transformers of stepdistill.nets."""
+    """``guidance=`` for the guidance-conditioned transformers of stepdistill.models.nets."""
     return {"guidance": c.guidance} if c.guidance is not None and hasattr(unwrap(model), "guidance_proj") else {}
 
 

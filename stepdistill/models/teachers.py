@@ -17,9 +17,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .denoiser import Cond, Denoiser, MODEL_ADAPTERS, find_adapter, unwrap
-from .errors import TeacherLoadError
-from .process import NoiseProcess, process_from_scheduler_config
+from ..diffusion.denoiser import MODEL_ADAPTERS, Cond, Denoiser, find_adapter, unwrap
+from ..diffusion.process import NoiseProcess, process_from_scheduler_config
+from ..errors import TeacherLoadError
+from .oracle import OracleNet
+from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
 
 DENOISER_COMPONENTS = ("unet", "transformer")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
@@ -180,8 +182,6 @@ class Teacher:
 
     @classmethod
     def from_oracle(cls, gmm, process: NoiseProcess, name: str = "oracle") -> "Teacher":
-        from .oracle import OracleNet
-
         net = OracleNet.from_mixture(gmm, process)
         return cls(Denoiser(net, process).requires_grad_(False), process, (gmm.dim,), name, None, "oracle",
                    null_label=gmm.num_components)
@@ -189,8 +189,6 @@ class Teacher:
 
 def resolve_teacher_path(path: str | os.PathLike) -> str:
     """A local pipeline folder (checked to hold model_index.json), a shipped teacher's folder, or a hub id."""
-    from .shipped import is_shipped, shipped_path
-
     if is_shipped(path):  # stepdistill:<name>, a teacher this project ships
         try:
             path = shipped_path(path)
@@ -251,8 +249,6 @@ def load_teacher(
     index of the unconditional branch for class-conditional pixel UNets (DiT uses its
     ``num_embeds_ada_norm``)."""
     from diffusers import DiffusionPipeline
-
-    from .shipped import quiet_text_encoder_type
 
     src = resolve_teacher_path(path)
     try:

@@ -16,7 +16,8 @@ from collections import deque
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
+from .seeds import TAGS, stream_seed
 
 logger = logging.getLogger("stepdistill")
 IN_MEMORY_ITEMS = 4096  # sets up to this many images are encoded once at start and held on the device
@@ -61,12 +62,10 @@ class Decoded(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from PIL import Image, UnidentifiedImageError
 
-        from .data import stream_seed
-
         for k in range(min(len(self.items), 64)):
             j = (int(i) + k) % len(self.items)
             try:
-                g = torch.Generator().manual_seed(stream_seed(self.seed, j, 17))  # the item's own random crop
+                g = torch.Generator().manual_seed(stream_seed(self.seed, j, TAGS["item_crop"]))  # the item's own random crop
                 pixels, original, corner = transform(self.items.image(j), self.size, self.channels, self.crop, g)
                 return pixels, torch.tensor(original), torch.tensor(corner), j
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

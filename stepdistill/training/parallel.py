@@ -24,21 +24,16 @@ of a parallel run are written with torch distributed checkpoint (``training/chec
 
 from __future__ import annotations
 
-import copy
-import weakref
-
 import torch
 from torch import nn
 
-from .denoiser import unwrap
-from .errors import ConfigError
+from ..diffusion.denoiser import unwrap
+from ..errors import ConfigError
+from ..models.sharding import remember_structure
 
 # the ModuleList attributes (and single blocks) of diffusers networks that are sharded one by one
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
 BLOCK_SINGLES = ("mid_block",)
-
-_PLAIN: "weakref.WeakKeyDictionary[nn.Module, tuple[Parallel, nn.Module]]" = weakref.WeakKeyDictionary()
-
 
 def launched_with_fsdp(accelerator) -> bool:
     """Whether the run was launched with an accelerate FSDP config. On a machine without CUDA the
@@ -67,26 +62,6 @@ def resolve_strategy(accelerator, requested: str) -> str:
     if requested == "auto":
         return "fsdp" if launched_with_fsdp(accelerator) else "ddp"
     return requested
-
-
-def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in unwrap(module).modules())
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local part (the whole tensor under ``ddp``); any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor gathered into a plain tensor (collective); any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class Parallel:
@@ -149,7 +124,7 @@ class Parallel:
         from torch.distributed.tensor import DTensor
 
         module = unwrap(module)
-        _PLAIN[module] = (self, _skeleton(module))
+        remember_structure(module, self.accelerator.is_main_process, self.accelerator.device)
         kw = dict(mesh=self.mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=self.policy)
         for root in self._roots(module):
             for block in self._blocks(root):
@@ -168,49 +143,3 @@ class Parallel:
         for m in unwrap(module).modules():
             if isinstance(m, FSDPModule):
                 m.set_requires_gradient_sync(sync, recurse=False)
-
-
-def _skeleton(module: nn.Module) -> nn.Module:
-    """A copy of ``module``'s structure with its parameters on the meta device (no memory) and its
-    buffers copied (some are not in the state dict): what :func:`plain_copy` fills."""
-    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            for p in module.parameters()}
-    return copy.deepcopy(module, memo)
-
-
-def plain_copy(module: nn.Module, everywhere: bool = True) -> nn.Module | None:
-    """An unsharded copy of a network with its current weights (collective under a parallel strategy;
-    without one, a deep copy). With ``everywhere=False`` only the main process gets it (the weights are
-    gathered there on the CPU) and the others get None."""
-    module = unwrap(module)
-    if module not in _PLAIN:
-        # a container of sharded networks (a per-phase student's experts): its copy holds their plain copies
-        inner = [m for m in module.modules() if m in _PLAIN]
-        inner = [m for m in inner if not any(m is not o and m in set(o.modules()) for o in inner)]
-        memo = {id(m): plain_copy(m, everywhere) for m in inner}
-        if inner and not everywhere and not _PLAIN[inner[0]][0].accelerator.is_main_process:
-            return None
-        return copy.deepcopy(module, memo)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    parallel, skeleton = _PLAIN[module]
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
-    if not everywhere and not parallel.accelerator.is_main_process:
-        return None
-    # a copy, never a view: the whole tensor of a replicated parameter (ddp) is the parameter's own storage
-    state = {k: v.detach().clone() for k, v in state.items()}
-    out = copy.deepcopy(skeleton)
-    out.load_state_dict(state, strict=True, assign=True)
-    return out.to(parallel.accelerator.device if everywhere else "cpu")
-
-
-def load_full_state(module: nn.Module, state: dict) -> None:
-    """Load a whole (unsharded) state dict into a network, sharded or not (collective when sharded: each
-    rank keeps its shards of it)."""
-    module = unwrap(module)
-    if not is_sharded(module):
-        module.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,98 @@
+"""Networks whose weights may be sharded over several processes (FSDP2): tell whether one is, read a
+sharded tensor locally or whole, make a plain (unsharded) copy, load a whole state into one. The
+methods use these on the networks they hold; the sharding itself is ``stepdistill.training.parallel``.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..diffusion.denoiser import unwrap
+
+
+@dataclass
+class _Plain:
+    """How to make a plain copy of a sharded network: its structure on the meta device, and where the copy goes."""
+
+    skeleton: nn.Module
+    is_main: bool
+    device: torch.device
+
+
+_PLAIN: "weakref.WeakKeyDictionary[nn.Module, _Plain]" = weakref.WeakKeyDictionary()
+
+
+def remember_structure(module: nn.Module, is_main: bool, device) -> None:
+    """Called before ``module`` is sharded: keep its structure, so that :func:`plain_copy` can rebuild it."""
+    _PLAIN[unwrap(module)] = _Plain(_skeleton(unwrap(module)), is_main, torch.device(device))
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in unwrap(module).modules())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local part (the whole tensor under ``ddp``); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered into a plain tensor (collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _skeleton(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure with its parameters on the meta device (no memory) and its
+    buffers copied (some are not in the state dict): what :func:`plain_copy` fills."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def plain_copy(module: nn.Module, everywhere: bool = True) -> nn.Module | None:
+    """An unsharded copy of a network with its current weights (collective under a parallel strategy;
+    without one, a deep copy). With ``everywhere=False`` only the main process gets it (the weights are
+    gathered there on the CPU) and the others get None."""
+    module = unwrap(module)
+    if module not in _PLAIN:
+        # a container of sharded networks (a per-phase student's experts): its copy holds their plain copies
+        inner = [m for m in module.modules() if m in _PLAIN]
+        inner = [m for m in inner if not any(m is not o and m in set(o.modules()) for o in inner)]
+        memo = {id(m): plain_copy(m, everywhere) for m in inner}
+        if inner and not everywhere and not _PLAIN[inner[0]].is_main:
+            return None
+        return copy.deepcopy(module, memo)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    plain = _PLAIN[module]
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    if not everywhere and not plain.is_main:
+        return None
+    # a copy, never a view: the whole tensor of a replicated parameter (ddp) is the parameter's own storage
+    state = {k: v.detach().clone() for k, v in state.items()}
+    out = copy.deepcopy(plain.skeleton)
+    out.load_state_dict(state, strict=True, assign=True)
+    return out.to(plain.device if everywhere else "cpu")
+
+
+def load_full_state(module: nn.Module, state: dict) -> None:
+    """Load a whole (unsharded) state dict into a network, sharded or not (collective when sharded: each
+    rank keeps its shards of it)."""
+    module = unwrap(module)
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,162 @@
+"""Writing files so that a reader never sees half of one and nothing of the user's is overwritten.
+
+- Nested state (dicts and lists of tensors and plain values) without pickle (:func:`save_state`):
+  tensors in one safetensors file, the structure and plain values in JSON beside it.
+- Atomic writes: a file or folder is written under a name of this process's own
+  (:func:`temporary_name`) and renamed into place; :func:`swap_in` replaces a whole folder.
+- Keyed caches (:func:`load_or_make`): something made once for some settings (the oracle's fitted
+  network, DMD's regression pairs) is stored with those settings and made again when they change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+
+logger = logging.getLogger("stepdistill")
+_TENSOR = "__tensor__"
+KEY_FILE = "stepdistill_key.json"  # inside a keyed cache folder: the settings it was made for
+T = TypeVar("T")
+
+
+def _split(obj: Any, tensors: dict, path: str, seen: set) -> Any:
+    if torch.is_tensor(obj):
+        key = path or "value"
+        t = obj.detach().cpu().contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+        tensors[key] = t.clone() if ptr in seen else t  # safetensors refuses tensors sharing memory
+        seen.add(ptr)
+        return {_TENSOR: key}
+    if isinstance(obj, dict):
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"state key {bad[0]!r} at '{path}' is not a string")
+        return {k: _split(v, tensors, f"{path}.{k}" if path else k, seen) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, tensors, f"{path}[{i}]", seen) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"state value at '{path}' has type {type(obj).__name__}, which is not saved without pickle")
+
+
+def _join(obj: Any, tensors: dict) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR}:
+            return tensors[obj[_TENSOR]]
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+def temporary_name(path: str | Path) -> Path:
+    """A name beside ``path`` that belongs to this process alone (``.<name>.tmp-<pid>-<random>``), so
+    that writing or cleaning it up never touches a file someone else made."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, written to a temporary file and renamed into place (a reader never
+    sees half a file, and a crash leaves the previous version)."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_state(state: dict, folder: str | Path, name: str) -> None:
+    """Write ``<name>.json`` (+ ``<name>.safetensors`` when there are tensors) into ``folder``."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _split(state, tensors, "", set())
+    folder = Path(folder)
+    if tensors:
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(tree))
+
+
+def load_state(folder: str | Path, name: str) -> dict:
+    """The state :func:`save_state` wrote, tensors on the CPU."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    tree = json.loads((folder / f"{name}.json").read_text())
+    st = folder / f"{name}.safetensors"
+    tensors = load_file(str(st)) if st.is_file() else {}
+    return _join(tree, tensors)
+
+
+def key_problem(saved: dict | None, wanted: dict) -> str | None:
+    """Why something made for the settings ``saved`` cannot serve ``wanted`` ('key: old -> new; ...'),
+    or None when they are the same."""
+    if not isinstance(saved, dict):
+        return "it records no settings"
+    diffs = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
+             if saved.get(k) != wanted.get(k)]
+    return "; ".join(diffs) or None
+
+
+def swap_in(new: Path, final: Path) -> None:
+    """Put the complete folder ``new`` in place of ``final`` (which may exist). ``final`` moves aside to
+    ``<final>.old`` first and is deleted only once ``new`` is in place; a process killed between the two
+    renames leaves ``<final>.old``, which :func:`recover_swap` puts back."""
+    new, final = Path(new), Path(final)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_swap(final: Path) -> None:
+    """Finish what an interrupted :func:`swap_in` left: ``<final>.old`` comes back when ``final`` never
+    arrived, and is removed otherwise."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.is_dir() and not final.exists():
+        os.replace(old, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_or_make(folder: Path, key: dict, make: Callable[[], T], save: Callable[[T, Path], None],
+                 load: Callable[[Path], T], what: str, write: bool = True) -> T:
+    """What ``folder`` holds when it was made for the settings ``key``; otherwise ``make()``'s result,
+    saved (with ``write``) into a temporary folder with the key and swapped in whole. A folder made for
+    other settings, or one that cannot be loaded, is made again with a warning naming why."""
+    folder = Path(folder)
+    problem = "it is missing"
+    if folder.is_dir():
+        try:
+            saved = json.loads((folder / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            saved = None
+        problem = key_problem(saved, key)
+        if problem is None:
+            try:
+                return load(folder)
+            except Exception as exc:  # noqa: BLE001  (any damage to what was stored means: make it again)
+                problem = f"it cannot be read ({type(exc).__name__})"
+        logger.warning("%s at %s was made under other settings or is damaged (%s): making it again", what, folder,
+                       problem)
+    obj = make()
+    if write:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_name(folder)
+        try:
+            tmp.mkdir()
+            save(obj, tmp)
+            write_json(tmp / KEY_FILE, key)
+            swap_in(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return obj
