@@ -1,7 +1,7 @@
 """Multi-student distillation (MSD, Song et al. 2024): several students, each distilled on one
 partition of the conditions, and a router that sends every condition to its student at sampling time.
 
-    python -m stepdistill.msd --config configs/mnist-sd/dmd_1step.yaml --students 2 [--out DIR] [KEY=VALUE ...]
+    stepdistill msd --config configs/mnist-sd/dmd_1step.yaml --students 2 [--out DIR] [KEY=VALUE ...]
 
 The captions of ``data.prompts`` are partitioned by k-means (scikit-learn) on the teacher's own text
 embedding of each caption (its conditioning tensors, averaged over tokens). Student k is an ordinary
@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from .config import load_config
-from .data.files import read_prompts
+from .data.sources import read_captions
+from .distill import train
 from .diffusion.denoiser import Cond
 from .errors import ConfigError, InputError
 from .models.student import Student
 from .models.teachers import load_teacher
 from .storage import write_json
-from .training import Trainer
 
 ROUTER_FILE = "router.json"
 
@@ -74,18 +74,19 @@ def train_students(config: str | Path, k: int, out: Path, overrides=()) -> Path:
     if cfg.data.prompts is None or cfg.teacher.path is None:
         raise ConfigError("data.prompts: MSD partitions the captions of a text-conditioned teacher (teacher.path and "
                           "data.prompts); class-label and oracle teachers are not supported")
-    captions = read_prompts(cfg.data.prompts)
+    table = read_captions(cfg.data.prompts, cfg.data, cfg.data.skip_bad_items)  # any source distill reads
+    captions = table.take(range(len(table)))
     teacher = load_teacher(cfg.teacher.path)
     assignment, centroids = partition_captions(teacher, captions, k, cfg.train.seed)
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for j in range(k):
         part = [c for c, a in zip(captions, assignment) if a == j]
-        prompts = out / f"prompts_{j}.txt"
-        prompts.write_text("\n".join(part) + "\n", encoding="utf-8")
+        prompts = out / f"prompts_{j}.json"  # a JSON list keeps captions with line breaks whole
+        write_json(prompts, part)
         name = f"student_{j}"
         run_cfg = load_config(config, [*overrides, f"data.prompts={prompts}", f"train.output_dir={out / name}"])
-        Trainer(run_cfg).fit()
+        train(run_cfg)
         names.append(name)
     write_json(out / ROUTER_FILE, {"students": names, "centroids": centroids.tolist(), "teacher": str(cfg.teacher.path),
                                    "config": str(config), "overrides": list(overrides)})
@@ -106,7 +107,7 @@ class RoutedStudent:
         folder = Path(folder)
         path = folder / ROUTER_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"'{folder}' has no {ROUTER_FILE}: not an MSD folder (python -m stepdistill.msd)")
+            raise FileNotFoundError(f"'{folder}' has no {ROUTER_FILE}: not an MSD folder (stepdistill msd)")
         router = json.loads(path.read_text())
         students = []
         for name in router["students"]:

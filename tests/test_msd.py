@@ -1,6 +1,7 @@
 """Multi-student distillation (stepdistill.msd): captions partitioned by k-means on the teacher's text
 embedding, one student per partition, and the router that sends each caption to its student."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,15 @@ CAPTIONS = ["a red cube", "a blue cube", "a green cube on a table", "two cats", 
 
 
 def test_each_caption_meets_the_student_of_its_cluster(tmp_path, tiny_pipelines):
-    captions = tmp_path / "captions.txt"
-    captions.write_text("\n".join(CAPTIONS) + "\n")
+    captions = tmp_path / "captions.csv"  # read through the data sources, as distill reads data.prompts
+    captions.write_text("id,caption\n" + "".join(f'{i},"{c}"\n' for i, c in enumerate(CAPTIONS)))
     common = [f"teacher.path={tiny_pipelines['sd']}", f"data.prompts={captions}", "train.max_steps=2",
               "train.report_to=none", "train.progress=false", "train.checkpoint_every=100", "train.validate_every=100",
               "method_args.lr=1e-2"]
     out = train_students(ROOT / "configs" / "tiny-sd" / "dmd2_4step.yaml", 2, tmp_path / "msd", common)
     routed = RoutedStudent.load(out)
     teacher = load_teacher(tiny_pipelines["sd"])
-    parts = [(out / f"prompts_{j}.txt").read_text().split("\n")[:-1] for j in range(2)]
+    parts = [json.loads((out / f"prompts_{j}.json").read_text()) for j in range(2)]
     assert sorted(parts[0] + parts[1]) == sorted(CAPTIONS) and all(parts)
     for j, part in enumerate(parts):  # the router agrees with the partition each student was trained on
         assert (routed.route(teacher.encode(part)[0]) == j).all(), (j, part)

@@ -25,9 +25,11 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from ..config import RunConfig
 from ..data.batch import Batch, BatchSource
 from ..diffusion.denoiser import Denoiser
 from ..models.student import Student
+from ..models.teachers import Teacher
 
 
 @dataclass
@@ -45,10 +47,10 @@ class Trainable:
 class Context:
     """What a distiller is built from."""
 
-    teacher: Any  # stepdistill.models.teachers.Teacher (frozen)
+    teacher: Teacher  # frozen
     init: Denoiser  # the network students and fake scores are copied from (the teacher's, or the oracle's fitted MLP)
     source: BatchSource
-    config: Any  # RunConfig
+    config: RunConfig
     device: torch.device
 
 
@@ -61,7 +63,7 @@ class Distiller:
     student: Student  # what the method trains; sampling, validation and export read it
 
     def __init__(self, ctx: Context, options: Any):
-        self.ctx, self.opt = ctx, options
+        self.ctx, self.options = ctx, options
 
     @classmethod
     def trainable_names(cls, config, options) -> list[str]:

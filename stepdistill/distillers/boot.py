@@ -60,7 +60,7 @@ class Boot(Distiller):
         self.student = make_student(ctx, "boot", "signal", [proc.t_clean])
 
     def trainables(self) -> dict[str, Trainable]:
-        return {"student": student_trainable(self.student, self.opt.lr)}
+        return {"student": student_trainable(self.student, self.options.lr)}
 
     def _signal(self, x, eps, t):
         a, s = self.student.process.alpha_sigma(t)
@@ -68,7 +68,7 @@ class Boot(Distiller):
 
     def x0(self, x_t, t, batch: Batch):
         """The teacher's x0, with CFG when ``guidance_scale`` is set."""
-        return guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
+        return guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.options.guidance_scale)
 
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         proc, student = self.student.process, self.student.denoiser
@@ -91,4 +91,5 @@ class Boot(Distiller):
             s_clamped = s.clamp(min=proc.t_clean + 1e-3) if proc.kind == "flow" else s
             delta = torch.where(s <= proc.t_clean, torch.ones_like(t), 1 - torch.exp(lam(s_clamped) - lam(t)))
         loss_bs = mse(signal_prediction(student, eps, s, batch.cond), target, (1.0 / delta.clamp(min=1e-4) ** 2).to(eps))
-        return {"loss": loss_bs + self.opt.boundary_weight * loss_bc, "bootstrap": loss_bs.detach(), "boundary": loss_bc.detach()}
+        return {"loss": loss_bs + self.options.boundary_weight * loss_bc, "bootstrap": loss_bs.detach(),
+                "boundary": loss_bc.detach()}

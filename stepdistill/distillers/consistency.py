@@ -196,7 +196,7 @@ class Consistency(Distiller):
             self.pool = SamplePool(ctx.teacher.denoiser, ctx.source, options.pool_size, options.pool_steps, None)
 
     def trainables(self) -> dict[str, Trainable]:
-        return {"student": student_trainable(self.student, self.opt.lr)}
+        return {"student": student_trainable(self.student, self.options.lr)}
 
     def _boundary(self, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c_skip, c_out = boundary_scalings(t, self.scaling)
@@ -205,12 +205,12 @@ class Consistency(Distiller):
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         self.target.advance(iteration)
         proc, b = self.student.process, batch.size
-        x0, cond, uncond = x0_source(self.opt.x_source, batch, self.pool)
+        x0, cond, uncond = x0_source(self.options.x_source, batch, self.pool)
         n = batch.randint(0, len(self.points) - 1)
         t, s = self.points[n].to(x0.device), self.points[n + 1].to(x0.device)  # t_{n+k} > t_n
         x_t = proc.add_noise(x0, batch.randn(*x0.shape), t)
-        cfg = uncond is not None and cond is not None and self.opt.w_max > 1
-        w = (self.opt.w_min + (self.opt.w_max - self.opt.w_min) * batch.rand(b)) if cfg else None
+        cfg = uncond is not None and cond is not None and self.options.w_max > 1
+        w = (self.options.w_min + (self.options.w_max - self.options.w_min) * batch.rand(b)) if cfg else None
         g = w if self.w_conditioned else None
         with torch.no_grad():
             teacher = self.ctx.teacher.denoiser
@@ -219,8 +219,8 @@ class Consistency(Distiller):
             target = self._boundary(x_s, self.target(x_s, s, cond, g), s)
         pred = self._boundary(x_t, self.student.denoiser(x_t, t, cond, guidance=g), t)
         d = pred - target
-        if self.opt.loss == "huber":
-            loss = (torch.sqrt(d.pow(2) + self.opt.huber_c**2) - self.opt.huber_c).mean()
+        if self.options.loss == "huber":
+            loss = (torch.sqrt(d.pow(2) + self.options.huber_c**2) - self.options.huber_c).mean()
         else:
             loss = d.pow(2).mean()
         return {"loss": loss}

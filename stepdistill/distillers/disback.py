@@ -83,25 +83,26 @@ class DisBack(DMDBase):
     def _node_due(self, k: int) -> int:
         """The number of stage-1 updates after which snapshot k (0-based) is taken: K snapshots at equal
         intervals, the last one an interval before the end of the path."""
-        return (k + 1) * self.opt.degradation_steps // (self.opt.path_nodes + 1)
+        return (k + 1) * self.options.degradation_steps // (self.options.path_nodes + 1)
 
     def updates(self, iteration: int) -> list[str]:
-        if iteration < self.opt.degradation_steps:
+        if iteration < self.options.degradation_steps:
             return ["fake"]
-        return score_updates(iteration - self.opt.degradation_steps, self.opt.fake_updates)
+        return score_updates(iteration - self.options.degradation_steps, self.options.fake_updates)
 
     def _record(self, iteration: int) -> None:
         """Snapshots whose stage-1 update count has been reached (the fake score's weights after them)."""
-        while len(self.nodes) < self.opt.path_nodes and min(iteration, self.opt.degradation_steps) >= self._node_due(len(self.nodes)):
+        opts = self.options
+        while len(self.nodes) < opts.path_nodes and min(iteration, opts.degradation_steps) >= self._node_due(len(self.nodes)):
             copy = frozen_copy(self.fake)
             self.nodes.append({k: v.detach().cpu().clone() for k, v in unwrap(copy.model).state_dict().items()})
 
     def target_index(self, iteration: int) -> int:
         """Which score the student follows at a backtracking iteration: K - 1 ... 0 index the nodes
         (last snapshot first), -1 is the teacher."""
-        total = self.ctx.config.train.max_steps - self.opt.degradation_steps
-        k, done = self.opt.path_nodes, iteration - self.opt.degradation_steps
-        on_nodes = round(total * (1 - self.opt.teacher_share))  # iterations spent on the nodes, then the teacher
+        total = self.ctx.config.train.max_steps - self.options.degradation_steps
+        k, done = self.options.path_nodes, iteration - self.options.degradation_steps
+        on_nodes = round(total * (1 - self.options.teacher_share))  # iterations spent on the nodes, then the teacher
         if done >= on_nodes:
             return -1
         return k - 1 - done * k // max(on_nodes, 1)
@@ -119,7 +120,7 @@ class DisBack(DMDBase):
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         self._record(iteration)
         if update == "fake":
-            stage = torch.tensor(1.0 if iteration < self.opt.degradation_steps else 2.0)
+            stage = torch.tensor(1.0 if iteration < self.options.degradation_steps else 2.0)
             return {"loss": self.fake_loss(batch), "stage": stage}
         x, _ = self.sample(batch, grad=True)
         return {"loss": self.distribution_matching(x, batch, self._real(iteration)),

@@ -1,17 +1,17 @@
 """Distribution Matching Distillation: DMD (Yin et al., CVPR 2024) and DMD2 (Yin et al., NeurIPS 2024).
 
-Both move the generator along the difference of two scores at a noised generator sample
+Both move the student along the difference of two scores at a noised student sample
 x_t = alpha_t x + sigma_t eps, t ~ U[t_min T, t_max T] (DMD eq. 7-8, Alg. 1):
 
     grad = (p_real - p_fake) / mean_CHW |p_real|,   p = x - x0_pred(x_t),
     loss = 0.5 || x - sg(x - grad) ||^2,
 
 with the real score the teacher with CFG and the fake score a network trained by the teacher's
-denoising loss on detached generator samples (DMD eq. 6). DMD adds a regression loss on teacher ODE
+denoising loss on detached student samples (DMD eq. 6). DMD adds a regression loss on teacher ODE
 (noise, sample) pairs the toolkit generates and caches (eq. 9; LPIPS in the paper, a squared
 distance in the data/latent space here, see ``regression_distance``). DMD2 drops it and adds the
 two-time-scale rule (sec. 4.2), a GAN classifier on the fake score's bottleneck features against
-real data (sec. 4.3) and multi-step generators trained by backward simulation (sec. 4.4).
+real data (sec. 4.3) and multi-step students trained by backward simulation (sec. 4.4).
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ class DMDOptions(FakeScoreOptions):
 class DMD2Options(FakeScoreOptions):
     guidance_scale: float = 1.75
     lr: float = 1e-5
-    fake_updates: int = 5  # DMD2: 5 fake-score updates per generator update (two time-scale rule)
+    fake_updates: int = 5  # DMD2: 5 fake-score updates per student update (two time-scale rule)
     gan: bool = False  # the GAN classifier head; needs real data (data.images, or the oracle)
-    gan_gen_weight: float = 1e-3  # generator's GAN loss weight (official: SD1.5 1e-3, SDXL 5e-3)
+    gan_gen_weight: float = 1e-3  # student's GAN loss weight (official: SD1.5 1e-3, SDXL 5e-3)
     gan_disc_weight: float = 1e-2  # the head's classification loss weight in the fake-score update
     fake_guidance_scale: float | None = None  # CFG of the fake score (None: conditional prediction only)
 
@@ -90,11 +90,11 @@ class DMDBase(ScoreDistiller):
     def distribution_matching(self, x: torch.Tensor, batch: Batch, real=None) -> torch.Tensor:
         """DMD's update at noised samples of ``x``; ``real`` replaces the teacher as the real score (DisBack)."""
         proc = self.student.process
-        t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
+        t = score_times(proc, batch, self.options.t_min, self.options.t_max)
         with torch.no_grad():
             x_t = proc.add_noise(x, batch.randn(*x.shape), t)
             real = self.ctx.teacher.denoiser if real is None else real
-            x0_real = guided_x0(real, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
+            x0_real = guided_x0(real, x_t, t, batch.cond, batch.uncond, self.options.guidance_scale)
             x0_fake = guided_x0(self.fake, x_t, t, batch.cond, batch.uncond, self.fake_guidance_scale)
         return dm_loss(x, x0_real, x0_fake)
 
@@ -115,7 +115,7 @@ class DMD(DMDBase):
 
     def __init__(self, ctx: Context, options: DMDOptions):
         if ctx.config.student.num_steps != 1:
-            raise ValueError("method dmd: DMD trains one-step generators; use dmd2 for few-step students")
+            raise ValueError("method dmd: DMD trains one-step students; use dmd2 for few-step students")
         super().__init__(ctx, options)
         self.pairs = self._regression_pairs()
 
@@ -128,8 +128,8 @@ class DMD(DMDBase):
         table = self.ctx.source.prompt_table
         prompts = None if table is None else getattr(table.prompts, "values", table.prompts)
         prompts = prompts if prompts is None or isinstance(prompts, list) else table.prompts.fingerprint  # Arrow-backed
-        key = {"pairs": self.opt.regression_pairs, "steps": self.opt.regression_steps,
-               "guidance_scale": self.opt.guidance_scale, "teacher": to_dict(cfg.teacher), "seed": cfg.train.seed,
+        key = {"pairs": self.options.regression_pairs, "steps": self.options.regression_steps,
+               "guidance_scale": self.options.guidance_scale, "teacher": to_dict(cfg.teacher), "seed": cfg.train.seed,
                "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
         # every rank makes the same pairs (the same seeds); rank 0 stores them
         return load_or_make(folder, key, self._make_pairs, save=lambda pairs, tmp: save_state(pairs, tmp, "pairs"),
@@ -138,11 +138,11 @@ class DMD(DMDBase):
 
     def _make_pairs(self) -> dict:
         """(noise, the teacher's ODE sample from it, conditioning) for ``regression_pairs`` draws."""
-        src, n = self.ctx.source, self.opt.regression_pairs
+        src, n = self.ctx.source, self.options.regression_pairs
         b = src.draw("regression_pairs", n)
         noise = b.randn(n, *self.ctx.teacher.sample_shape)
-        gs = self.opt.guidance_scale if b.uncond is not None else None
-        x = torch.cat([ode_sample(self.ctx.teacher.denoiser, noise[i:i + 256], self.opt.regression_steps,
+        gs = self.options.guidance_scale if b.uncond is not None else None
+        x = torch.cat([ode_sample(self.ctx.teacher.denoiser, noise[i:i + 256], self.options.regression_steps,
                                   None if b.cond is None else b.cond[i:i + 256], guidance_scale=gs,
                                   uncond=None if b.uncond is None else b.uncond.expand_to(n)[i:i + 256])
                        for i in range(0, n, 256)])
@@ -160,7 +160,8 @@ class DMD(DMDBase):
         noise = self.pairs["noise"][idx].to(batch.device)
         pred = self.student.denoiser(noise, t0.expand(batch.size), cond)
         loss_reg = regression_distance(pred, self.pairs["x"][idx].to(batch.device))
-        return {"loss": loss_dm + self.opt.regression_weight * loss_reg, "dm": loss_dm.detach(), "regression": loss_reg.detach()}
+        return {"loss": loss_dm + self.options.regression_weight * loss_reg, "dm": loss_dm.detach(),
+                "regression": loss_reg.detach()}
 
 
 def regression_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -217,7 +218,7 @@ class _Features:
 
 
 class DMD2(DMDBase):
-    """DMD2: DM loss, TTUR, optional GAN head, one- or few-step generators (backward simulation)."""
+    """DMD2: DM loss, TTUR, optional GAN head, one- or few-step students (backward simulation)."""
 
     name = "dmd2"
     Options = DMD2Options
@@ -278,7 +279,7 @@ class DMD2(DMDBase):
                 d_fake = self._logits(x, batch.cond, batch)
                 d_real = self._logits(batch.x0, batch.x0_cond, batch)
                 loss_d = nn.functional.softplus(d_fake).mean() + nn.functional.softplus(-d_real).mean()
-                loss = loss + self.opt.gan_disc_weight * loss_d
+                loss = loss + self.options.gan_disc_weight * loss_d
                 out["gan_disc"] = loss_d.detach()
             out["loss"] = loss
             return out
@@ -287,7 +288,7 @@ class DMD2(DMDBase):
         out = {"dm": loss.detach()}
         if self.head is not None:
             loss_g = nn.functional.softplus(-self._logits(x, batch.cond, batch)).mean()
-            loss = loss + self.opt.gan_gen_weight * loss_g
+            loss = loss + self.options.gan_gen_weight * loss_g
             out["gan_gen"] = loss_g.detach()
         out["loss"] = loss
         return out

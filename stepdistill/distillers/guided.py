@@ -78,25 +78,25 @@ class Guided(Distiller):
                                options.sample_guidance) if need_pool else None
 
     def trainables(self) -> dict[str, Trainable]:
-        return {"student": student_trainable(self.student, self.opt.lr)}
+        return {"student": student_trainable(self.student, self.options.lr)}
 
     def _stage2(self) -> ProgressiveCore:
         if self.stage2 is None:
             # stage 1's student, frozen, is the w-conditioned teacher of the progressive rounds
             self.stage2 = ProgressiveCore(self.student, frozen_copy(self.student.denoiser), self._schedule,
-                                          self.opt.progressive, (self.opt.w_min, self.opt.w_max))
+                                          self.options.progressive, (self.options.w_min, self.options.w_max))
         return self.stage2
 
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
-        if iteration >= self.opt.stage1_steps:
+        if iteration >= self.options.stage1_steps:
             out = self._stage2().loss(batch, iteration, self.pool, None)
             out["stage"] = torch.tensor(2.0)
             return out
         proc = self.student.process
-        x0, cond, uncond = x0_source(self.opt.x_source, batch, self.pool)
+        x0, cond, uncond = x0_source(self.options.x_source, batch, self.pool)
         t = regression_times(proc, batch)
         z = proc.add_noise(x0, batch.randn(*x0.shape), t)
-        w = self.opt.w_min + (self.opt.w_max - self.opt.w_min) * batch.rand(batch.size)
+        w = self.options.w_min + (self.options.w_max - self.options.w_min) * batch.rand(batch.size)
         with torch.no_grad():
             target = self.ctx.teacher.denoiser(z, t, cond, guidance_scale=w, uncond=uncond)
         pred = self.student.denoiser(z, t, cond, guidance=w)
@@ -104,7 +104,7 @@ class Guided(Distiller):
 
     def lr_factor(self, name: str, iteration: int) -> float:
         """Stage 2's rounds anneal when ``progressive.round_lr`` is ``linear`` (default: constant)."""
-        if iteration < self.opt.stage1_steps or self.opt.progressive.round_lr != "linear":
+        if iteration < self.options.stage1_steps or self.options.progressive.round_lr != "linear":
             return 1.0
         return 1.0 - self._schedule.round_progress(iteration, self.ctx.config.train.max_steps)
 

@@ -2,7 +2,7 @@
 
 - :func:`mse`: per-sample mean squared error, optionally weighted per sample;
 - :func:`gradient_matching_loss`: ``0.5 || x - sg(x - g) ||^2``, whose gradient with respect to x is
-  ``g / numel``: how VSD, DMD and Phased DMD apply a score difference to the generator's sample;
+  ``g / numel``: how VSD, DMD and Phased DMD apply a score difference to the student's sample;
 - :func:`per_sample_mean_abs`: DMD's normaliser, the mean absolute value over all but the batch
   dimension (DMD, Phased DMD, SiD), detached and clamped;
 - :func:`guided_x0`: a denoiser's x0 with classifier-free guidance when a scale other than 1 and an

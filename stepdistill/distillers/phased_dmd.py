@@ -2,7 +2,7 @@
 Matching within Subintervals", arXiv 2510.27684; equation numbers of v3).
 
 The student's timesteps t_0 > t_1 > ... > t_{K-1} and s_K = t_clean split the noise range into K
-phases. Phase k's generator maps x at t_k to x at s = t_{k+1} with one solver step (sec. 2.1.3: the
+phases. Phase k's student maps x at t_k to x at s = t_{k+1} with one solver step (sec. 2.1.3: the
 DDIM / Euler step from its x0 prediction, so the student samples deterministically); its input x at
 t_k is the frozen rollout of the earlier phases (sec. 2.2.1). Phases are trained in turn from high
 noise to low ("progressive distribution matching"); with ``experts`` every phase has its own expert
@@ -18,7 +18,7 @@ Within phase k, distribution matching happens on the subinterval forward process
   its target is s_t n / s_{t|s} (the eps of the marginal at x_t; eq. 12's x0 target
   x_s / a_s - a_t s_s^2 n / (a_s^2 s_{t|s}) is the same prediction), weighted by
   min(10 s_{t|s}^2, 1), the clamp of eq. 13 that bounds the target's growth as t -> s.
-- The generator follows the score difference at x_t (eq. 10) applied to x_s, in DMD's normalised
+- The student follows the score difference at x_t (eq. 10) applied to x_s, in DMD's normalised
   form (as DMD drops the positive weight w_{t|s}, this implementation divides by the mean distance of
   the phase's x0 prediction to the teacher's, DMD2-style).
 
@@ -61,7 +61,7 @@ logger = logging.getLogger("stepdistill")
 class PhasedDMDOptions(FakeScoreOptions):
     guidance_scale: float = 1.75  # teacher CFG (diffusers convention)
     lr: float = 1e-5
-    fake_updates: int = 5  # the paper's 5:1 fake-to-generator update ratio
+    fake_updates: int = 5  # the paper's 5:1 fake-to-student update ratio
     steps_per_phase: int | None = None  # default: train.max_steps / K
     experts: bool = True  # one expert network per phase (a mixture of experts); false: one shared network
     reset_fake: bool = True  # re-initialise the fake score from the teacher at each phase start
@@ -107,19 +107,19 @@ class PhasedDMD(Distiller):
         return [f"expert{k}" for k in range(config.student.num_steps)] + ["fake"]
 
     def trainables(self) -> dict[str, Trainable]:
-        fake_lr = fake_learning_rate(self.opt)
-        if self.opt.experts:
+        fake_lr = fake_learning_rate(self.options)
+        if self.options.experts:
             experts = unwrap(self.student.model).experts
 
             def put(k):
                 return lambda m: experts.__setitem__(k, m)
 
-            out = {f"expert{k}": Trainable(experts[k], self.opt.lr, put(k), is_student=True) for k in range(self.k)}
+            out = {f"expert{k}": Trainable(experts[k], self.options.lr, put(k), is_student=True) for k in range(self.k)}
         else:
-            out = {"student": student_trainable(self.student, self.opt.lr)}
+            out = {"student": student_trainable(self.student, self.options.lr)}
         out["fake"] = Trainable(self.fake.model, fake_lr, lambda m: setattr(self.fake, "model", m))
         for tr in out.values():
-            tr.betas = tuple(self.opt.betas)
+            tr.betas = tuple(self.options.betas)
         return out
 
     def _phase_of(self, iteration: int) -> int:
@@ -128,8 +128,8 @@ class PhasedDMD(Distiller):
     def updates(self, iteration: int) -> list[str]:
         """The current phase's expert every ``fake_updates`` iterations, then the fake score."""
         k = self._phase_of(iteration)
-        gen = f"expert{k}" if self.opt.experts else "student"
-        return ([gen] if iteration % self.opt.fake_updates == 0 else []) + ["fake"]
+        gen = f"expert{k}" if self.options.experts else "student"
+        return ([gen] if iteration % self.options.fake_updates == 0 else []) + ["fake"]
 
     def reinitialised(self, iteration: int) -> list[str]:
         """At a phase's first iteration the fake score is re-initialised from the teacher ("rather than
@@ -138,13 +138,13 @@ class PhasedDMD(Distiller):
         if k == self.phase:
             return []
         self.phase = k
-        if not self.opt.reset_fake:
+        if not self.options.reset_fake:
             return []
         with torch.no_grad():
             load_full_state(self.fake.model, self._fake_init)  # sharded or not
         return ["fake"]
 
-    # -- the phase's generator and the subinterval process -----------------------------------------
+    # -- the phase's student and the subinterval process -----------------------------------------
     def _phase_output(self, batch: Batch, k: int, grad: bool):
         """(x_s at the phase's end s = t_{k+1}, the x0 prediction at t_k): the frozen deterministic
         rollout of phases < k from unit noise at t_0, then phase k's step (with grad when asked)."""
@@ -163,7 +163,7 @@ class PhasedDMD(Distiller):
     def _sub_times(self, batch: Batch, s: torch.Tensor) -> torch.Tensor:
         """t uniform in (s, t_max] of the score range: every phase reaches up to the highest noise."""
         proc = self.student.process
-        lo, hi = score_time_range(proc, self.opt.t_min, self.opt.t_max)
+        lo, hi = score_time_range(proc, self.options.t_min, self.options.t_max)
         if float(s) > proc.t_clean:  # an inner boundary: from just above s
             lo = float(s) + (hi - float(s)) * 0.02
         return batch.times(proc, lo, hi)
@@ -196,7 +196,8 @@ class PhasedDMD(Distiller):
         a_ts, sig_ts, _ = self._kernel(t, s, x_s)
         x_t = a_ts * x_s + sig_ts * batch.randn(*x_s.shape)
         with torch.no_grad():
-            x0_real = guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
+            x0_real = guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond,
+                                self.options.guidance_scale)
             x0_fake = self.fake(x_t.detach(), t, batch.cond)
         # eq. 10: the direction of the KL's gradient at x_s is a_{t|s} a_t / s_t^2 (x0_fake - x0_real); DMD's
         # normalised form drops the positive factors and divides by the x0 prediction's distance to the teacher's

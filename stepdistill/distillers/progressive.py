@@ -128,7 +128,7 @@ class ProgressiveCore:
         self.student = student
         self.original = original_teacher
         self.schedule = schedule
-        self.opt = options
+        self.options = options
         self.guidance_range = guidance_range  # guided: w ~ U[range] fed to both (w-conditioned) nets
         self.round = -1
         self.round_teacher: Denoiser | None = None
@@ -144,7 +144,7 @@ class ProgressiveCore:
     def loss(self, batch: Batch, iteration: int, pool: SamplePool | None, cfg_scale: float | None) -> dict:
         teacher = self.teacher_for(iteration)
         proc = self.student.process
-        x0, cond, uncond = x0_source(self.opt.x_source, batch, pool)
+        x0, cond, uncond = x0_source(self.options.x_source, batch, pool)
         b = batch.size
         t, t_mid, s = self.schedule.sample_times(self.round, batch)
         eps = batch.randn(*x0.shape)
@@ -158,7 +158,7 @@ class ProgressiveCore:
             target = two_step_target(lambda x, tt: guided_x0(teacher, x, tt, cond, uncond, scale, guidance=w), proc, z,
                                      t, t_mid, s)
         pred = self.student.denoiser(z, t, cond, guidance=w)
-        weight = loss_weight(self.opt.weighting, proc, t)
+        weight = loss_weight(self.options.weighting, proc, t)
         return {"loss": mse(pred, target, None if weight is None else weight.to(pred)),
                 "round": torch.tensor(float(self.round)),
                 "student_steps": torch.tensor(float(self.schedule.student_steps(self.round)))}
@@ -201,13 +201,13 @@ class Progressive(Distiller):
                                    options.guidance_scale)
 
     def trainables(self) -> dict[str, Trainable]:
-        return {"student": student_trainable(self.student, self.opt.lr)}
+        return {"student": student_trainable(self.student, self.options.lr)}
 
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
-        return self.core.loss(batch, iteration, self.pool, self.opt.guidance_scale)
+        return self.core.loss(batch, iteration, self.pool, self.options.guidance_scale)
 
     def lr_factor(self, name: str, iteration: int) -> float:
-        if self.opt.round_lr == "constant":  # None and "linear" anneal
+        if self.options.round_lr == "constant":  # None and "linear" anneal
             return 1.0
         return 1.0 - self.core.schedule.round_progress(iteration, self.ctx.config.train.max_steps)
 

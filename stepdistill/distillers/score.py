@@ -1,5 +1,5 @@
 """What the score-based methods (VSD, DMD, DMD2, Phased DMD, SiD) share: the fake score network,
-the generator's rollout (one step, or a few steps with backward simulation), the time range of the
+the student's rollout (one step, or a few steps with backward simulation), the time range of the
 score losses and the two-time-scale update order."""
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def score_times(process, batch: Batch, lo: float, hi: float) -> torch.Tensor:
     return batch.times(process, lo, hi)
 
 
-def generator_rollout(student: Student, batch: Batch, shape, grad: bool, cond: Cond | None = None):
-    """The generator's sample for this batch. One-step students map noise at t_init to x0. Few-step
+def student_rollout(student: Student, batch: Batch, shape, grad: bool, cond: Cond | None = None):
+    """The student's sample for this batch. One-step students map noise at t_init to x0. Few-step
     students (re-noising sampler) use backward simulation (DMD2 sec. 4.4): a random step k, the
     student's own no-grad rollout of steps < k makes the input at t_k, and the output of step k is
     the sample (with grad when asked). Returns (x0, k)."""
@@ -111,17 +111,17 @@ class ScoreDistiller(Distiller):
 
     def trainables(self) -> dict[str, Trainable]:
         return {
-            "student": student_trainable(self.student, self.opt.lr),
+            "student": student_trainable(self.student, self.options.lr),
             "fake": Trainable(self.fake.model, self.fake_lr, lambda m: setattr(self.fake, "model", m)),
         }
 
     @property
     def fake_lr(self) -> float:
-        return fake_learning_rate(self.opt)
+        return fake_learning_rate(self.options)
 
     def updates(self, iteration: int) -> list[str]:
-        return score_updates(iteration, self.opt.fake_updates)
+        return score_updates(iteration, self.options.fake_updates)
 
     def sample(self, batch: Batch, grad: bool, cond: Cond | None = None):
-        """The generator's sample for ``batch`` (:func:`generator_rollout`)."""
-        return generator_rollout(self.student, batch, self.ctx.teacher.sample_shape, grad, cond)
+        """The student's sample for ``batch`` (:func:`student_rollout`)."""
+        return student_rollout(self.student, batch, self.ctx.teacher.sample_shape, grad, cond)

@@ -5,7 +5,7 @@ SiD (uniform mixture of the steps' outputs).
 Per iteration (1:1 alternation, fake score first, as the official loop):
 
 - the fake score f_psi (initialised as the teacher) takes the teacher's own denoising loss on
-  detached generator samples, in the network's own parameterisation (epsilon for SD1.5), on its
+  detached student samples, in the network's own parameterisation (epsilon for SD1.5), on its
   CFG-combined prediction u + kappa_1 (c - u) when kappa_1 != 1 (SiD-LSG's code regresses the guided
   epsilon, not x0: an x0-space loss would reweight the times by (sigma/alpha)^2, 10^4 across SD's
   range);
@@ -28,7 +28,7 @@ SiD-LSG guidance (all CFG in the diffusers form u + s (c - u)):
 - ``real_guidance`` (kappa_4): y_r in the generator loss.
 When kappa_1 or kappa_2 is not 1, each prompt of the fake score's update is replaced by the empty
 prompt with probability ``prompt_dropout`` (0.1) before the generator draws its samples, so the
-generator makes those samples from the empty prompt too (official); the generator's own update never
+generator makes those samples from the empty prompt too (official); the student's own update never
 drops prompts. ``guidance_mode`` fills the kappas: ``lsg`` (all = ``guidance_scale``; 1.5-4.5 in
 the paper), ``zero`` (Zero-CFG: no CFG in the teacher, the fake score unconditioned), ``anti``
 (Anti-CFG: no CFG in the teacher, negative guidance ``-guidance_scale`` in the fake score), ``none``.
@@ -101,7 +101,7 @@ class SiD(ScoreDistiller):
     def trainables(self):
         tr = super().trainables()
         for t in tr.values():
-            t.betas = tuple(self.opt.betas)
+            t.betas = tuple(self.options.betas)
         return tr
 
     def updates(self, iteration: int) -> list[str]:
@@ -117,22 +117,22 @@ class SiD(ScoreDistiller):
         if update == "fake":
             cond = batch.cond
             if self.train_s != 1.0 or self.fake_s != 1.0:  # before sampling: the generator sees the drop too
-                cond = prompt_dropout(batch, cond, self.opt.prompt_dropout)
+                cond = prompt_dropout(batch, cond, self.options.prompt_dropout)
             with torch.no_grad():
                 x, _ = self.sample(batch, grad=False, cond=cond)
             if not self.fake_conditioned and batch.uncond is not None:
                 cond = batch.uncond.expand_to(batch.size)
-            t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
+            t = score_times(proc, batch, self.options.t_min, self.options.t_max)
             return {"loss": denoising_loss(self.fake, x, cond, t, batch, uncond=batch.uncond,
                                            guidance_scale=self.train_s, reduction="sum")}
         x_g, _ = self.sample(batch, grad=True)
-        t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
+        t = score_times(proc, batch, self.options.t_min, self.options.t_max)
         x_t = proc.add_noise(x_g, batch.randn(*x_g.shape), t)
         # gradients flow through both networks into x_t (their weights do not require grad here)
         y_r = guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.real_s)
         y_f = guided_x0(self.fake, x_t, t, self._fake_cond(batch), batch.uncond, self.fake_s)
         norm = per_sample_mean_abs(x_g - y_r, 1e-5)
         diff = y_r - y_f
-        per = (diff * ((y_r - x_g) - self.opt.alpha * diff) / norm).flatten(1).sum(1)
+        per = (diff * ((y_r - x_g) - self.options.alpha * diff) / norm).flatten(1).sum(1)
         per = torch.where(torch.isfinite(per), per, torch.zeros_like(per))  # a non-finite sample is dropped
         return {"loss": per.mean()}

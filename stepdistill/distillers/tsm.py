@@ -70,16 +70,16 @@ class TeacherScoreMatching(Distiller):
                      if options.x_source == "teacher" else None)
 
     def trainables(self) -> dict[str, Trainable]:
-        return {"student": student_trainable(self.student, self.opt.lr)}
+        return {"student": student_trainable(self.student, self.options.lr)}
 
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         student = self.student.denoiser
         proc = student.process
-        x0, cond, _ = x0_source(self.opt.x_source, batch, self.pool)
+        x0, cond, _ = x0_source(self.options.x_source, batch, self.pool)
         t = regression_times(proc, batch)
         x_t = proc.add_noise(x0, batch.randn(*x0.shape), t)
         if cond is not None:
-            cond = prompt_dropout(batch, cond, self.opt.uncond_prob)
+            cond = prompt_dropout(batch, cond, self.options.uncond_prob)
         with torch.no_grad():
             target = self.ctx.teacher.denoiser(x_t, t, cond, output=student.prediction_type)
         return {"loss": mse(student.raw(x_t, t, cond), target)}

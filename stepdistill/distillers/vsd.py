@@ -1,8 +1,8 @@
-"""Variational score distillation for one-step generators: SwiftBrush (Nguyen & Tran, CVPR 2024),
+"""Variational score distillation for one-step students: SwiftBrush (Nguyen & Tran, CVPR 2024),
 after ProlificDreamer's VSD (Wang et al., NeurIPS 2023).
 
-The generator maps noise at t_init to x. A LoRA copy of the teacher (the fake score, eps_phi) learns
-the generator's distribution with the teacher's denoising loss on detached samples. The generator
+The student maps noise at t_init to x. A LoRA copy of the teacher (the fake score, eps_phi) learns
+the student's distribution with the teacher's denoising loss on detached samples. The student
 follows the VSD gradient (ProlificDreamer eq. 9; SwiftBrush eq. 6) at x_t = alpha_t x + sigma_t eps:
 
     grad = w(t) (eps_teacher^cfg(x_t) - eps_fake^cfg(x_t)),    loss = 0.5 || x - sg(x - grad) ||^2,
@@ -68,7 +68,7 @@ class VSD(ScoreDistiller):
 
     def __init__(self, ctx: Context, options: VSDOptions):
         if ctx.config.student.num_steps != 1:
-            raise ValueError("method vsd: SwiftBrush trains one-step generators; set student.num_steps=1")
+            raise ValueError("method vsd: SwiftBrush trains one-step students; set student.num_steps=1")
         super().__init__(ctx, options)
 
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
@@ -77,16 +77,17 @@ class VSD(ScoreDistiller):
             with torch.no_grad():
                 x, _ = self.sample(batch, grad=False)
             cond = batch.cond
-            if batch.uncond is not None and self.opt.prompt_dropout > 0 and float(batch.rand(1)) < self.opt.prompt_dropout:
+            dropout = self.options.prompt_dropout
+            if batch.uncond is not None and dropout > 0 and float(batch.rand(1)) < dropout:
                 cond = batch.uncond.expand_to(batch.size)
             t = score_times(proc, batch, 0.0, 1.0)
-            weight = proc.alpha(t) ** 2 if self.opt.fake_weighting == "alpha2" else None
+            weight = proc.alpha(t) ** 2 if self.options.fake_weighting == "alpha2" else None
             return {"loss": denoising_loss(self.fake, x, cond, t, batch, weight=weight)}
         x, _ = self.sample(batch, grad=True)
-        t = score_times(proc, batch, self.opt.t_min, self.opt.t_max)
-        real_scale, fake_scale = self.opt.guidance_scale, self.opt.fake_guidance_scale
-        if self.opt.guidance_range is not None and batch.uncond is not None:  # PG-SB: a random scale per sample
-            lo, hi = self.opt.guidance_range
+        t = score_times(proc, batch, self.options.t_min, self.options.t_max)
+        real_scale, fake_scale = self.options.guidance_scale, self.options.fake_guidance_scale
+        if self.options.guidance_range is not None and batch.uncond is not None:  # PG-SB: a random scale per sample
+            lo, hi = self.options.guidance_range
             real_scale = lo + (hi - lo) * batch.rand(batch.size)
             fake_scale = None if fake_scale is None else real_scale
         with torch.no_grad():

@@ -16,7 +16,7 @@ stock diffusers scheduler configured so that the trained timesteps are used exac
 - deterministic few-step (progressive, guided): ``DDIMScheduler`` with "trailing" spacing (VP), or
   ``FlowMatchEulerDiscreteScheduler`` with the list as ``sigmas`` (flow);
 - BOOT's one-step signal student: its network reads the noise at the clean end's time and its output
-  is read as an x0 prediction at t_max (``generator.signal_prediction``). It is exported as a network
+  is read as an x0 prediction at t_max (``models.student.signal_prediction``). It is exported as a network
   whose timestep input is folded away at that time (``nets.time_frozen_copy``) behind the one-step
   scheduler at t_max, which reads the output exactly so.
 

@@ -8,7 +8,7 @@ marginals of any one distribution, so no generator matches all of them. What the
 then the compromise that the method's update balances, weighted over its time range (and by DMD's
 per-sample normaliser): a different distribution from the teacher's many-step CFG samples.
 
-This module finds that compromise directly. The generator is replaced by free particles ``x_i``;
+This module finds that compromise directly. The student is replaced by free particles ``x_i``;
 its samples are ``x_i + h xi`` (a kernel of width ``h``), so the fake score is known in closed form:
 the exact posterior mean of that particle mixture, the score a perfectly trained fake network would
 have. Each iteration noises the samples at the method's times and moves every particle along the
@@ -39,7 +39,7 @@ def _bandwidth(x: torch.Tensor) -> float:
 def objective_gradient(gmm: GaussianMixture, process: NoiseProcess, x: torch.Tensor, label: int, guidance: float, *,
                        method: str = "dmd", alpha: float = 1.2, t_min: float = 0.02, t_max: float = 0.98,
                        reps: int = 6, h: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The generator gradient of ``method`` on each particle of ``x`` (rows), averaged over ``reps``
+    """The student gradient of ``method`` on each particle of ``x`` (rows), averaged over ``reps``
     draws of (kernel offset, time, noise), with the fake score the exact score of the particles'
     own kernel mixture (width ``h``; Scott's rule by default)."""
     if method not in ("dmd", "sid"):

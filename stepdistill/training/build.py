@@ -251,7 +251,7 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig, parallel
     settings), its learning-rate schedule and, for student trainables with ``train.ema_decay``, an EMA."""
     acc = accelerator
     trainables = distiller.trainables()
-    declared = distiller.trainable_names(cfg, distiller.opt)
+    declared = distiller.trainable_names(cfg, distiller.options)
     if sorted(trainables) != sorted(declared):
         raise ConfigError(f"method {cfg.method}: trainables() returned {sorted(trainables)} but trainable_names() "
                           f"declares {sorted(declared)}")

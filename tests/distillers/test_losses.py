@@ -17,7 +17,7 @@ from stepdistill.distillers.losses import (
     prompt_dropout,
 )
 from stepdistill.distillers.progressive import two_step_target
-from stepdistill.distillers.score import generator_rollout, score_updates
+from stepdistill.distillers.score import score_updates, student_rollout
 from stepdistill.models.nets import MLPDenoiser
 from stepdistill.models.student import Student, StudentSpec
 
@@ -119,7 +119,7 @@ def test_generator_rollout_backward_simulation(den, proc):
     times = [999.0, 749.0, 499.0, 249.0]
     student = Student(den, StudentSpec("dmd2", "renoise", times, None, proc.describe(), "v_prediction"))
     b = _batch(seed=11)
-    x, k = generator_rollout(student, b, (3,), grad=False)
+    x, k = student_rollout(student, b, (3,), grad=False)
     g = torch.Generator().manual_seed(11)  # the same stream, replayed by hand
     k_expect = int(torch.randint(0, 4, (1,), generator=g))
     xx = torch.randn(4, 3, generator=g)
@@ -128,7 +128,7 @@ def test_generator_rollout_backward_simulation(den, proc):
         xx = proc.add_noise(x0, torch.randn(4, 3, generator=g), torch.full((4,), times[j + 1]))
     assert k == k_expect and torch.equal(x, den(xx, torch.full((4,), times[k]), b.cond))
     one = Student(den, StudentSpec("dmd2", "renoise", [999.0], None, proc.describe(), "v_prediction"))
-    x1, k1 = generator_rollout(one, _batch(seed=2), (3,), grad=False)
+    x1, k1 = student_rollout(one, _batch(seed=2), (3,), grad=False)
     noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
     assert k1 == 0 and torch.equal(x1, den(noise, torch.full((4,), 999.0), _batch().cond))
 

@@ -81,7 +81,7 @@ def test_sid_fake_loss_is_the_official_guided_epsilon_regression_summed_over_ele
     batch = _batch(ctx.source)
     g = _replay(batch)
     loss = sid.loss(batch, 0, "fake")["loss"]
-    # the same draws, in the method's order: prompt dropout, the generator's noise, t, the loss's eps
+    # the same draws, in the method's order: prompt dropout, the student's noise, t, the loss's eps
     labels = batch.labels.clone()
     drop = torch.rand(6, generator=g) < 0.1
     labels = torch.where(drop, torch.full_like(labels, 4), labels)  # 4 = the null label: the empty prompt

@@ -1,14 +1,11 @@
 """The score-based methods through `accelerate launch train/distill.py` on the tiny pipelines."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_train_e2e import launch  # noqa: E402
+from helpers.runs import launch
 
 CASES = [("sd", "dmd2_4step", [])]
 SLOW = [("sd", "sid_1step", ["method_args.fake_lora_rank=4"]), ("sd", "phased_dmd_2step", ["method_args.fake_lora_rank=4"]),

@@ -82,7 +82,7 @@ def test_conditional_mixture_with_teacher_cfg(tmp_path, oracle_cache, config, ex
     there, and much nearer to it than the teacher's many-step CFG samples are."""
     student, teacher, gmm, trainer = run_oracle(config, tmp_path / "run", ["teacher.oracle.conditional=true", *extra],
                                                 oracle_cache)
-    opt = trainer.distiller.opt  # the solver uses the run's own time range (and SiD's alpha)
+    opt = trainer.distiller.options  # the solver uses the run's own time range (and SiD's alpha)
     solver = {"t_min": opt.t_min, "t_max": opt.t_max, **({"alpha": opt.alpha} if method == "sid" else {})}
     d = fixed_point_distance(student, teacher, gmm, 2.0, method, **solver)
     print(config, d, d["energy"] / d["floor"], d["energy"] / d["cfg_ode_to_fixed_point"])

@@ -25,7 +25,7 @@ class NaNInjector(Distiller):
         self.student = make_student(ctx, "nan_injector", "deterministic", [ctx.init.process.t_max])
 
     def trainables(self):
-        return {"student": student_trainable(self.student, self.opt.lr)}
+        return {"student": student_trainable(self.student, self.options.lr)}
 
     def loss(self, batch, iteration, update):
         proc = self.student.process
@@ -35,8 +35,8 @@ class NaNInjector(Distiller):
             target = self.ctx.teacher.denoiser(x, t, batch.cond)
         pred = self.student.denoiser(x, t, batch.cond)
         loss = mse(pred, target)
-        if iteration in self.opt.nan_steps:
-            if self.opt.where == "loss":
+        if iteration in self.options.nan_steps:
+            if self.options.where == "loss":
                 loss = loss * float("nan")
             else:  # sqrt of a negative number on the branch where() drops: finite value, NaN gradient
                 s = pred.sum()

@@ -7,7 +7,7 @@ import pytest
 from stepdistill.config import ConfigError, load_config
 from stepdistill.training import validate_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p not in ACCELERATE)
 

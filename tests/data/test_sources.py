@@ -20,7 +20,7 @@ from stepdistill.data.sources import read_captions
 from stepdistill.errors import DataError, Interrupted
 from stepdistill.testing import data_fixtures as fx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +302,7 @@ def test_two_processes_streaming_resume_exactly(tmp_path, tiny_pipelines, data):
     """2 processes (gloo), each streaming its own shard: 4 steps straight equal 2 steps, stopped, and
     resumed; the checkpoint holds both ranks' positions. (Another process count is refused before any
     work: a 2-process checkpoint on 1 process by the sharded-state check, the stream positions by count.)"""
-    from test_train_e2e import launch
+    from helpers.runs import launch
 
     common = [f"teacher.path={tiny_pipelines['sd']}", f"data.images={data['webdataset']}", "data.streaming=true",
               "data.shuffle_buffer=32", "data.prompts=null", "method_args.gan=true", "train.max_steps=4",

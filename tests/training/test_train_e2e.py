@@ -1,41 +1,12 @@
 """End to end: `accelerate launch train/distill.py` on the tiny pipelines, 2 processes, resume."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.runs import launch, state_files
 from safetensors.torch import load_file
-
-
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no"]
-
-
-def _env(**extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    env.update(extra)
-    return env
-
-
-def launch(config, overrides, processes=1, env=None, python=False, accelerate_args=None):
-    """``train/distill.py`` with ``config``: plain python, or accelerate launch with ``processes`` (DDP, or
-    what ``accelerate_args`` such as ``--config_file`` say)."""
-    if python:
-        cmd = [sys.executable, str(ROOT / "train" / "distill.py")]
-    else:
-        if accelerate_args:
-            cmd = LAUNCH + accelerate_args + ["--num_processes", str(processes)]
-        else:
-            cmd = LAUNCH + (["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"])
-        cmd += [str(ROOT / "train" / "distill.py")]
-    cmd += ["--config", str(ROOT / config), "train.report_to=none", "train.progress=false", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=600)
-
 
 CASES = [("sd", "progressive_2step")]
 SLOW = [("sd", "guided_2step"), ("sd", "boot_1step"), ("dit", "progressive_2step"), ("sd3", "boot_1step"), ("dit", "boot_1step"),
@@ -84,36 +55,6 @@ def test_guided_on_a_model_without_guidance_input_fails_early(tmp_path, tiny_pip
 # two processes (DDP and FSDP against one process, ranks identical, sharded checkpoints): test_parallel.py
 
 
-def _state_files(ckpt: Path) -> dict:
-    """Every tensor of a checkpoint: the trainables' weights (safetensors, in their folders), optimisers,
-    schedulers, EMA."""
-    out = {}
-    if (ckpt / "sharded").is_dir():  # a parallel run's trainables (torch distributed checkpoint), gathered
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        whole = ckpt.parent / f"{ckpt.name}.whole.pt"
-        dcp_to_torch_save(ckpt / "sharded", whole)
-        out.update(_flatten(torch.load(whole, weights_only=True), "sharded"))
-        whole.unlink()
-    for f in sorted(ckpt.rglob("*")):
-        if f.suffix == ".safetensors":
-            out.update({f"{f.relative_to(ckpt)}:{k}": v for k, v in load_file(f).items()})
-        elif f.suffix in (".bin", ".pkl") and not f.name.startswith("random_states"):
-            flat = _flatten(torch.load(f, weights_only=True), f.name)
-            out.update(flat)
-    return out
-
-
-def _flatten(obj, prefix):
-    if torch.is_tensor(obj):
-        return {prefix: obj}
-    if isinstance(obj, dict):
-        return {k: v for key, val in obj.items() for k, v in _flatten(val, f"{prefix}.{key}").items()}
-    if isinstance(obj, (list, tuple)):
-        return {k: v for i, val in enumerate(obj) for k, v in _flatten(val, f"{prefix}[{i}]").items()}
-    return {prefix: torch.tensor(float(obj))} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
-
-
 # progressive's exact resume is also checked by test_robustness's kill -9 test in the default run
 RESUME_CASES = [pytest.param("progressive_2step", [], marks=pytest.mark.slow), pytest.param("dmd2_4step", [], marks=pytest.mark.slow),
                 pytest.param("sid_1step", ["method_args.fake_lora_rank=4"], marks=pytest.mark.slow),
@@ -142,8 +83,8 @@ def test_resume_after_interruption_is_exact(tmp_path, tiny_pipelines, config, ex
         for k in a:
             assert torch.equal(a[k], b[k]), (folder, k)
     # the whole training state at the end: student, fake score, optimisers, schedulers, EMA
-    sa = _state_files(full / "checkpoints" / "checkpoint-6")
-    sb = _state_files(split / "checkpoints" / "checkpoint-6")
+    sa = state_files(full / "checkpoints" / "checkpoint-6")
+    sb = state_files(split / "checkpoints" / "checkpoint-6")
     assert sa.keys() == sb.keys() and len(sa) > 10
     has_fake = not config.startswith(("progressive", "lcm"))
     assert any(k.startswith("fake/") for k in sa) == has_fake  # the fake score is compared too

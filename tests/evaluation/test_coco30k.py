@@ -16,7 +16,7 @@ from stepdistill.evaluation import fid as F
 from stepdistill.evaluation.clip_score import CLIPScorer
 from stepdistill.testing.tiny_eval_models import make_tiny_coco, make_tiny_inception, make_tiny_open_clip
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "eval" / "coco30k.py"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no"]

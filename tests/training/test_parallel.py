@@ -1,4 +1,4 @@
-"""Several processes (gloo, on the CPU) through FSDP2 (stepdistill/parallel.py): DDP and FSDP runs equal
+"""Several processes (gloo, on the CPU) through FSDP2 (stepdistill/training/parallel.py): DDP and FSDP runs equal
 the one-process run with the same global batch, DDP ranks stay identical, FSDP's gathered weights equal
 DDP's, and a sharded checkpoint reshards onto another process count (and is refused by one process)."""
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from helpers.runs import ROOT, launch
 from safetensors.torch import load_file
-from test_train_e2e import ROOT, launch  # tests/ is on sys.path (pytest's rootdir-based import)
 
 from stepdistill.training import list_checkpoints
 

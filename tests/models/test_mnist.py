@@ -24,7 +24,7 @@ from stepdistill.models.shipped import (
 )
 from stepdistill.models.teachers import load_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from stepdistill.config import load_config
 from stepdistill.diffusion.denoiser import unwrap
 from stepdistill.training import Trainer, list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tiny_pipelines, out, *extra):

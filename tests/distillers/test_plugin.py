@@ -31,7 +31,7 @@ PLUGIN = textwrap.dedent('''
             self.student = make_student(ctx, "toy", "deterministic", [ctx.init.process.t_max])
 
         def trainables(self):
-            return {"student": student_trainable(self.student, self.opt.lr)}
+            return {"student": student_trainable(self.student, self.options.lr)}
 
         def loss(self, batch, iteration, update):
             type(self).calls += 1

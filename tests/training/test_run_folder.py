@@ -14,8 +14,8 @@ import pytest
 
 from stepdistill.cli import main
 from stepdistill.config import ConfigError, load_config
-from stepdistill.training import Trainer, list_checkpoints
 from stepdistill.storage import load_state
+from stepdistill.training import Trainer, list_checkpoints
 from stepdistill.training.run_folder import RunLock
 
 ORACLE = ["teacher.oracle.components=4", "teacher.oracle.network_steps=50", "train.batch_size=8", "train.report_to=none",
@@ -123,7 +123,7 @@ def test_export_never_touches_a_tmp_folder_it_did_not_make(tmp_path, tiny_pipeli
     from stepdistill.export import export
 
     run = tmp_path / "run"
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny-sd" / "progressive_2step.yaml", [
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny-sd" / "progressive_2step.yaml", [
         f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={run}", "train.report_to=none", "train.progress=false",
         "train.max_steps=1"])
     Trainer(cfg).fit()

@@ -13,7 +13,7 @@ from stepdistill.evaluation.digits import DigitsEvaluator, load_classifier
 from stepdistill.models.shipped import DIGITS8, load_digits8
 from stepdistill.models.teachers import load_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

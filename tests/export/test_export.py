@@ -13,7 +13,7 @@ from stepdistill.export import export, sampling_kwargs
 from stepdistill.models.student import Student, StudentSpec, copy_for_training
 from stepdistill.models.teachers import load_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_student_folder(folder: Path, teacher, sampler: str, timesteps, guidance=None, seed=0) -> Student:

@@ -12,16 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.runs import HELPERS, ROOT, state_files
 from safetensors.torch import load_file
-from test_train_e2e import _state_files  # tests/ is on sys.path (pytest's rootdir-based import)
 
 from stepdistill.config import ConfigError, load_config
 from stepdistill.errors import NonFiniteError
 from stepdistill.storage import load_state, save_state
 from stepdistill.training import Trainer, checkpoint_problem, config_changes, list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
-HELPERS = Path(__file__).resolve().parent / "helpers"
 sys.path.insert(0, str(HELPERS))
 
 ORACLE = ["teacher.oracle.components=4", "teacher.oracle.network_steps=50", "train.batch_size=8", "train.report_to=none",
@@ -296,7 +294,7 @@ def _final_state(run: Path) -> dict:
         f = run / folder / "diffusion_pytorch_model.safetensors"
         if f.is_file():
             out.update({f"{folder}:{k}": v for k, v in load_file(f).items()})
-    out.update(_state_files(list_checkpoints(run)[-1]))
+    out.update(state_files(list_checkpoints(run)[-1]))
     return out
 
 

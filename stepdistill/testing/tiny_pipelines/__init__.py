@@ -1,0 +1,77 @@
+"""Tiny, randomly initialised diffusers pipelines for offline tests.
+
+Every ``make_tiny_<family>(path, **options)`` builds a complete pipeline from
+local configs only (no Hub access: tokenizers are written by this module),
+seeds ``torch.manual_seed`` before each model is created (inside
+``torch.random.fork_rng``, so the caller's RNG state is left untouched), saves the pipeline
+with ``save_pretrained(path)`` (safetensors) and returns ``pathlib.Path(path)``.
+The folder reloads with ``DiffusionPipeline.from_pretrained(path)`` under
+``HF_HUB_OFFLINE=1`` and the pipeline's own ``__call__`` runs.
+
+Sizes: latents are 4x8x8 (images 3x16x16, VAE downsampling factor 2),
+denoisers have 50K-270K parameters, text encoders have 2 layers (CLIP hidden
+32, T5 d_model 32/96), every saved folder is under 2 MB.
+
+Seeding: the denoiser (unet/transformer) is created right after
+``torch.manual_seed(seed)``; the VAE uses ``seed + 1`` and text encoders
+``seed + 2``, ``seed + 3``, ``seed + 4``.  So
+``torch.manual_seed(seed); type(den).from_config(den.config)`` reproduces the
+saved denoiser weights exactly.
+
+Denoiser forward signatures (what a distillation loop has to pass):
+
+* ``sd``: ``unet(x, t, encoder_hidden_states=[B, 16, 32])``
+  (+ ``timestep_cond=[B, time_cond_proj_dim]`` when ``time_cond_proj_dim`` is set).
+* ``sdxl``: ``unet(x, t, encoder_hidden_states=[B, 16, 64],
+  added_cond_kwargs={"text_embeds": [B, 32], "time_ids": [B, 6]})``.
+* ``dit``: ``transformer(x, timestep=t, class_labels=[B]).sample`` -> ``[B, 8, 8, 8]``
+  (learned sigma: first 4 channels are epsilon); the null (CFG) class id is
+  ``num_classes`` (= ``transformer.config.num_embeds_ada_norm``).
+* ``pixart``: ``transformer(x, encoder_hidden_states=[B, L, 32], timestep=t,
+  encoder_attention_mask=[B, L], added_cond_kwargs={"resolution": None,
+  "aspect_ratio": None}).sample`` -> ``[B, 8, 8, 8]`` (learned sigma).
+* ``sd3``: ``transformer(x, encoder_hidden_states=[B, 16 + L, 96],
+  pooled_projections=[B, 64], timestep=t).sample`` (flow matching, ``t`` =
+  sigma * 1000; 16 CLIP tokens + ``L = max_sequence_length`` T5 tokens;
+  64 features instead of 96 with ``with_t5=False``).
+* ``pixel``: ``unet(x, t).sample`` (+ ``class_labels=[B]`` when
+  ``num_class_embeds`` is set).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+from .common import tiny_clip_tokenizer, tiny_t5_tokenizer
+from .dit import make_tiny_dit
+from .pixart import make_tiny_pixart
+from .pixel import make_tiny_pixel
+from .sd import make_tiny_sd
+from .sd3 import make_tiny_sd3
+from .sdxl import make_tiny_sdxl
+
+__all__ = ["TINY_FAMILIES", "make_tiny_dit", "make_tiny_pixart", "make_tiny_pixel", "make_tiny_sd", "make_tiny_sd3",
+           "make_tiny_sdxl", "tiny_clip_tokenizer", "tiny_t5_tokenizer"]
+
+TINY_FAMILIES: dict[str, Callable[..., pathlib.Path]] = {
+    "sd": make_tiny_sd,
+    "sdxl": make_tiny_sdxl,
+    "dit": make_tiny_dit,
+    "pixart": make_tiny_pixart,
+    "sd3": make_tiny_sd3,
+    "pixel": make_tiny_pixel,
+}
+
+
+def main(argv=None) -> None:
+    """``python -m stepdistill.testing.tiny_pipelines OUT_DIR``: build every tiny family under OUT_DIR
+    (the ``teacher.path`` of the configs under configs/tiny-*)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out_dir", type=pathlib.Path, nargs="?", default=pathlib.Path("runs/tiny-pipelines"))
+    args = parser.parse_args(argv)
+    for name, make in TINY_FAMILIES.items():
+        print(make(args.out_dir / name))
+
