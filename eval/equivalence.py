@@ -5,7 +5,7 @@ history and every tensor the run folders hold (students, EMAs, checkpoints' trai
 
     python eval/equivalence.py check --before HEAD~3            # a git worktree of HEAD~3 against this tree
     python eval/equivalence.py record runs/equiv/after.json     # this tree only
-    python eval/equivalence.py compare before.json after.json
+    python eval/equivalence.py compare before.json after.json [--ignore dmd_regression_pairs]
 
 Only the command line and the run folder's files are used, so the two trees may organise their code
 as they like. The tiny pipelines are built once, by the first tree, and shared. Runs use one thread
@@ -104,8 +104,9 @@ def record(tree: Path, out_json: Path, work: Path, suites: list[str], pipelines:
     return results
 
 
-def compare(a: dict, b: dict) -> list[str]:
-    """Every difference between two records, as lines."""
+def compare(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Every difference between two records, as lines (tensors of files under an ``ignore`` prefix of
+    the run folder are left out: a cache whose format changed, say)."""
     problems = []
     for name in sorted(set(a) | set(b)):
         if name not in a or name not in b:
@@ -122,7 +123,7 @@ def compare(a: dict, b: dict) -> list[str]:
                     break
             else:
                 problems.append(f"{name}: history has {len(x.get('history', []))} -> {len(y.get('history', []))} rows")
-        tx, ty = x.get("tensors", {}), y.get("tensors", {})
+        tx, ty = ({k: v for k, v in t.get("tensors", {}).items() if not k.startswith(ignore)} for t in (x, y))
         for key in sorted(set(tx) | set(ty)):
             if tx.get(key) != ty.get(key):
                 what = "missing after" if key not in ty else "new" if key not in tx else "differs"
@@ -145,10 +146,13 @@ def main(argv=None) -> int:
     cmp_ = sub.add_parser("compare", help="compare two records")
     cmp_.add_argument("a", type=Path)
     cmp_.add_argument("b", type=Path)
+    for p in (chk, cmp_):
+        p.add_argument("--ignore", action="append", default=[], metavar="PREFIX",
+                       help="leave out the tensors of files under this run-folder path (repeatable)")
     args = parser.parse_args(argv)
 
     if args.command == "compare":
-        problems = compare(json.loads(args.a.read_text()), json.loads(args.b.read_text()))
+        problems = compare(json.loads(args.a.read_text()), json.loads(args.b.read_text()), tuple(args.ignore))
     else:
         suites = args.suites.split(",")
         work = args.work.resolve()
@@ -169,7 +173,7 @@ def main(argv=None) -> int:
             return 0
         recs = {label: record(tree, work / f"{label}.json", work / label, suites, pipelines, args.only)
                 for label, tree in trees.items()}
-        problems = compare(recs["before"], recs["after"])
+        problems = compare(recs["before"], recs["after"], tuple(args.ignore))
         failed = [n for n, e in recs["after"].items() if e["status"] != 0]
         if failed:
             problems.append(f"runs that failed in both trees alike: {failed}")

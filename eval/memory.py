@@ -28,7 +28,7 @@ On the CPU the latents default to 32x32 (SD1.5's native is 64x64, SDXL's 128x128
 and optimiser state do not depend on the latent size, activations grow about linearly with the number
 of latent pixels times the batch, so the table also gives the projection to the native size (x4 for
 SD1.5 at 64x64 from 32x32). With ``--processes N`` each case runs under FSDP on N processes (student,
-fake score and teacher sharded, ``stepdistill/parallel.py``) and every column is per process: the
+fake score and teacher sharded, ``stepdistill/training/parallel.py``) and every column is per process: the
 largest over the ranks, each counting its own shards; ``--batch`` is then the batch of each process.
 
 ``--simulate N`` measures one rank of an N-process FSDP run in a single process: rank 0 of a world of N

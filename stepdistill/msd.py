@@ -24,8 +24,8 @@ import torch
 
 from .config import load_config
 from .data.sources import read_captions
-from .distill import train
 from .diffusion.denoiser import Cond
+from .distill import train
 from .errors import ConfigError, InputError
 from .models.student import Student
 from .models.teachers import load_teacher

@@ -135,7 +135,7 @@ CASES = [
     ("override-bad-key", lambda t: ["train..seed=1"], ConfigError, r"override 'train..seed=1': 'train..seed' is not a dotted key"),
     ("override-bad-yaml", lambda t: ["train.seed=[1"], ConfigError, r"train.seed: '\[1' is not valid YAML"),
     ("override-empty-text", lambda t: ["train.output_dir="], ConfigError, r"train.output_dir: expected a string, got None"),
-    # data sources (stepdistill/sources.py)
+    # data sources (stepdistill/data/sources.py)
     ("webdataset-shard-missing", lambda t: [f"data.images={t}/shards-{{000..002}}.tar"], DataError,
      r"data.images: webdataset shard '.*shards-000.tar' does not exist \(3 of 3 missing\)"),
     ("caption-column-missing", lambda t: [f"data.prompts={_parquet(t)}", "data.caption_column=title"], DataError,

@@ -111,7 +111,7 @@ class StudentConfig:
 @dataclass
 class DataConfig:
     # captions: an inline list, .txt (one per line), .json (a list or a COCO captions_*.json), .jsonl / .csv /
-    # .parquet (caption_column), a save_to_disk folder or hf:<hub id> (stepdistill/sources.py)
+    # .parquet (caption_column), a save_to_disk folder or hf:<hub id> (stepdistill/data/sources.py)
     prompts: str | list[str] | None = None
     # real images with their own captions or labels: an image folder, webdataset shards (a .tar or brace
     # pattern), a COCO captions_*.json (image_root), a save_to_disk folder or hf:<hub id>
@@ -125,10 +125,10 @@ class DataConfig:
     label_prompt: str | None = None
     split: str = "train"  # of a datasets dataset
     crop: str = "center"  # center | random (per item, seeded), as the diffusers training scripts
-    streaming: bool = False  # read data.images as a stream (webdataset shards, parquet, a hub dataset): stepdistill/streaming.py
+    streaming: bool = False  # read data.images as a stream (webdataset shards, parquet, a hub dataset): stepdistill/data/streaming.py
     shuffle_buffer: int = 1000  # streaming: items shuffled together (a window read, permuted, served)
     num_workers: int = 2  # DataLoader workers decoding images ahead (sets over loading.IN_MEMORY_ITEMS)
-    cache: str | None = None  # a data cache folder written by python -m stepdistill.data.cache
+    cache: str | None = None  # a data cache folder written by stepdistill cache
     skip_bad_items: bool = False  # skip and count unreadable images / empty captions instead of failing
 
     def __post_init__(self):
@@ -185,7 +185,7 @@ class TrainConfig:
     num_validation: int = 16
     report_to: typing.Literal["tensorboard", "wandb", "none"] = "tensorboard"
     progress: bool = True
-    # several processes (stepdistill/parallel.py): ddp (whole weights, gradients all-reduced per block in the
+    # several processes (stepdistill/training/parallel.py): ddp (whole weights, gradients all-reduced per block in the
     # backward pass) or fsdp (weights, gradients and optimiser state sharded; the teacher too); auto: fsdp
     # under an accelerate FSDP config (configs/accelerate/fsdp.yaml), else ddp
     parallel: typing.Literal["auto", "ddp", "fsdp"] = "auto"

@@ -1,8 +1,8 @@
 """Data caches: a run's captions encoded with the teacher's own text encoders and its real images
 encoded with the teacher's VAE, once, to sharded safetensors files on disk.
 
-    python -m stepdistill.data.cache --config CONFIG [key=value ...]        # writes data.cache
-    accelerate launch -m stepdistill.data.cache --config CONFIG ...          # several processes share the shards
+    stepdistill cache --config CONFIG [key=value ...]                        # writes data.cache
+    accelerate launch -m stepdistill cache --config CONFIG ...               # several processes share the shards
 
 A run whose ``data.cache`` names the folder reads its text states and latents from it and never runs
 the text encoders or the VAE. The folder holds ``manifest.json`` (what the cache was made from: a
@@ -28,7 +28,7 @@ from ..config import load_config, torch_dtype
 from ..diffusion.denoiser import Cond
 from ..errors import DataError, InputError
 from ..models.teachers import load_teacher, resolve_teacher_path
-from ..storage import temporary_name
+from ..storage import key_problem, temporary_name
 from .items import read_items
 from .loading import Decoded, collate, image_geometry
 from .seeds import TAGS, stream_seed
@@ -89,13 +89,6 @@ def cache_key(cfg, teacher, captions, items, resolution: int) -> dict:
             "images": None if items is None else items.fingerprint, "image_rows": None if items is None else len(items)}
 
 
-def key_problem(saved: dict, want: dict) -> str | None:
-    for k in want:
-        if saved.get(k) != want[k]:
-            return f"{k}: cache {saved.get(k)!r}, this run {want[k]!r}"
-    return None
-
-
 class DataCache:
     """Reads a finished cache: rows of the caption and item text states, and item latents."""
 
@@ -104,7 +97,7 @@ class DataCache:
         manifest = self.folder / MANIFEST
         if not manifest.is_file():
             raise DataError(f"data.cache: '{self.folder}' is not a data cache (no {MANIFEST}); write it with "
-                            f"python -m stepdistill.data.cache --config <this config>")
+                            f"stepdistill cache --config <this config>")
         self.manifest = json.loads(manifest.read_text())
         if want is not None:
             problem = key_problem(self.manifest["key"], want)
@@ -112,7 +105,7 @@ class DataCache:
                 raise DataError(f"data.cache: '{self.folder}' was made for other data or another teacher ({problem}); "
                                 f"give another data.cache folder")
         if not self.manifest.get("complete"):
-            raise DataError(f"data.cache: '{self.folder}' is unfinished; re-run python -m stepdistill.data.cache to complete it")
+            raise DataError(f"data.cache: '{self.folder}' is unfinished; re-run stepdistill cache to complete it")
         self.rows = self.manifest["shard_rows"]
         self._open: dict = {}
         self.reads = 0
@@ -194,7 +187,7 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
     if state.is_main_process:
         if manifest.is_file():
             saved = json.loads(manifest.read_text())
-            problem = key_problem(saved.get("key", {}), key)
+            problem = key_problem(saved.get("key"), key)
             if problem:
                 raise DataError(f"data.cache: '{out}' holds a cache of other data or another teacher ({problem}); "
                                 f"give another folder")

@@ -1,6 +1,6 @@
 """Real items (``data.images``) by index: an image and its own caption or class label from the same
 row, for image folders, COCO caption files (``FileItems``), webdataset shards and ``datasets``
-tables (``TableItems``). Where the sources are named and read: ``stepdistill/sources.py``."""
+tables (``TableItems``). Where the sources are named and read: ``stepdistill/data/sources.py``."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ STREAMS = {"pool": -1, "gan_probe": -3, "regression_pairs": -7, "validation": -1
 
 # the integers that keep a step's streams apart (each the last or a middle part of stream_seed's input)
 TAGS = {
-    "batch": 0,  # (seed, step, 0, micro): noise, times, prompt choice (0 was once the rank's slot)
+    "batch": 0,  # (seed, step, 0, micro): noise, times, prompt choice
     "items": 1,  # (seed, step, 1, micro): the large-set path's item indices and VAE noise
     "item_crop": 17,  # (seed, item, 17) and, in a stream, (seed, step, micro, j, 17): an item's random crop
     "cache_noise": 23,  # (seed, item, 23): the VAE sample of item i in a data cache

@@ -229,7 +229,7 @@ class DMD2(DMDBase):
         self.head = None
         if options.gan:
             if not ctx.source.has_real:
-                raise ValueError("method_args.gan=true needs real images: set data.images (stepdistill/sources.py)")
+                raise ValueError("method_args.gan=true needs real images: set data.images (stepdistill/data/sources.py)")
             self.features = _Features(feature_module(unwrap(self.fake.model)))
             with torch.no_grad():
                 probe = torch.zeros(1, *ctx.teacher.sample_shape, device=ctx.device)

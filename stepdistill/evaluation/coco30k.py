@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import torch_dtype
 from ..errors import EvalError
 from ..export import SAMPLING_FILE
 from ..storage import write_json
@@ -215,8 +216,6 @@ def image_path(out: Path, index: int) -> Path:
 
 def load_pipeline(name: str, dtype: str | None, device):
     from diffusers import DiffusionPipeline
-
-    from stepdistill.config import torch_dtype
 
     weights_dtype = torch_dtype(dtype)
     try:

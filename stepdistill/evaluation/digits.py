@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..models.shipped import DIGITS8, MNIST_SD
+from ..storage import load_or_make
 
 
 class DigitClassifier(ModelMixin, ConfigMixin):
@@ -105,26 +107,26 @@ class DigitsEvaluator:
         self.classifier = classifier.eval().requires_grad_(False)
         self.metric = FrechetInceptionDistance(feature=ClassifierFeatures(self.classifier), reset_real_features=False)
         key = self._key(reference)
-        cache = Path(cache_dir) / f"fd_ref_{key}.safetensors" if cache_dir is not None else None
-        if cache is not None and cache.is_file():
-            from safetensors.torch import load_file
-
-            for name, value in load_file(cache).items():
-                setattr(self.metric, name, value)
+        cache = Path(cache_dir) / f"fd_ref_{key}" if cache_dir is not None else None
+        if cache is None:
+            stats = self._reference_statistics(reference)
         else:
-            with torch.no_grad():
-                for chunk in reference.split(512):
-                    self.metric.update(chunk, real=True)
-            if cache is not None:
-                from safetensors.torch import save_file
-
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(".tmp")
-                save_file({n: getattr(self.metric, n).contiguous() for n in self._REAL}, tmp)
-                tmp.replace(cache)
+            stats = load_or_make(cache, {"reference": key}, lambda: self._reference_statistics(reference),
+                                 save=lambda st, tmp: save_file(st, str(tmp / "statistics.safetensors")),
+                                 load=lambda f: load_file(str(f / "statistics.safetensors")),
+                                 what="the FD reference statistics")
+        for name, value in stats.items():
+            setattr(self.metric, name, value)
         self.cache = cache
         self.reference = reference
         self._real_features = None
+
+    @torch.no_grad()
+    def _reference_statistics(self, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+        """torchmetrics' running sums over the reference images."""
+        for chunk in reference.split(512):
+            self.metric.update(chunk, real=True)
+        return {n: getattr(self.metric, n).contiguous() for n in self._REAL}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

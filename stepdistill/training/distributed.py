@@ -1,5 +1,5 @@
 """What the ranks of a multi-process run agree on: flags, starting weights, logged values, and a check
-that their weights stay identical (``ddp``; gradients are reduced by FSDP2, ``stepdistill/parallel.py``).
+that their weights stay identical (``ddp``; gradients are reduced by FSDP2, ``stepdistill/training/parallel.py``).
 Every function is a no-op with one process."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
   started in a folder that holds another run (even one whose checkpoints were deleted) is refused with
   the differences named.
 - Caches in the folder (the oracle's fitted network, DMD's regression pairs) carry the settings they
-  were made for (``state_io.cache_key_problem``); a cache made for others is rebuilt, with a warning
+  were made for (``storage.load_or_make``); a cache made for others is rebuilt, with a warning
   naming the difference, never reused.
 """
 

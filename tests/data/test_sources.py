@@ -1,4 +1,4 @@
-"""Data sources at scale (stepdistill/sources.py, loading.py, cache.py) on fixtures built offline:
+"""Data sources at scale (stepdistill/data/sources.py, loading.py, cache.py) on fixtures built offline:
 every source pairs each image with its own caption, large sets are drawn per batch with exact resume,
 and the data cache replaces the text encoders and the VAE."""
 
@@ -250,7 +250,7 @@ def test_the_data_cache_replaces_the_encoders_and_is_refused_for_another_teacher
     vae = next((other / "vae").glob("*.safetensors"))
     save_file({k: v + 0.01 for k, v in load_file(vae).items()}, vae)
     with pytest.raises(DataError, match=r"data.cache: '.*cache' was made for other data or another teacher "
-                                        r"\(teacher: cache '[0-9a-f]+', this run '[0-9a-f]+'\)"):
+                                        r"\(teacher: '[0-9a-f]+' -> '[0-9a-f]+'\)"):
         _trainer({"sd": other}, tmp_path / "run2", *args[1:], f"data.cache={cache}")
 
 

@@ -107,7 +107,7 @@ def test_dmd2_gan_without_images_fails_early(tmp_path, tiny_pipelines):
     r = launch("configs/tiny-sd/dmd2_4step.yaml", [f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={tmp_path}/x",
                                                  "method_args.gan=true"], python=True)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == "error: method_args.gan=true needs real images: set data.images (stepdistill/sources.py)"
+    assert r.stderr.strip().splitlines()[-1] == "error: method_args.gan=true needs real images: set data.images (stepdistill/data/sources.py)"
 
 
 @pytest.mark.parametrize("family", ["sd", pytest.param("sd3", marks=pytest.mark.slow), pytest.param("dit", marks=pytest.mark.slow)])

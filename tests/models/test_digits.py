@@ -53,7 +53,7 @@ def test_evaluator_sanity(evaluator, teacher, tmp_path):
     assert fd_real < 0.1 * fd_noise, (fd_real, fd_noise)
     assert fd_ddim1 > 5 * fd_real, (fd_ddim1, fd_real)  # measured 6.9x
     # reference statistics are cached once per (classifier, reference set) and reused
-    assert evaluator.cache.is_file()
+    assert (evaluator.cache / "statistics.safetensors").is_file()
     again = DigitsEvaluator(load_classifier(), load_digits8("train")[0], cache_dir=evaluator.cache.parent)
     assert again.fd(xh) == pytest.approx(fd_real, rel=1e-9)
     # and they are the torchmetrics running sums of the reference features

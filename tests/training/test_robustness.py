@@ -40,7 +40,7 @@ def _oracle_cfg(out, *extra, method="progressive"):
 # ------------------------------------------------------------------------------------------------
 # training state without pickle
 # ------------------------------------------------------------------------------------------------
-def test_state_io_round_trip_without_pickle(tmp_path):
+def test_storage_state_round_trip_without_pickle(tmp_path):
     w = torch.randn(3, 4)
     state = {"loop": {"step": 7, "lr": 0.5, "name": "x", "flag": True, "none": None},
              "ema": {"shadow_params": [w, w[0], torch.arange(3)]}, "nested": [{"a": torch.ones(2)}]}
