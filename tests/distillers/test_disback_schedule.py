@@ -10,7 +10,7 @@ from stepdistill.distillers.disback import DisBack, DisBackOptions
 
 def _targets(max_steps, degradation, nodes, teacher_share=0.5):
     fake = SimpleNamespace(ctx=SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(max_steps=max_steps))),
-                           opt=DisBackOptions(degradation_steps=degradation, path_nodes=nodes, teacher_share=teacher_share))
+                           options=DisBackOptions(degradation_steps=degradation, path_nodes=nodes, teacher_share=teacher_share))
     return [DisBack.target_index(fake, i) for i in range(degradation, max_steps)]
 
 
@@ -34,7 +34,7 @@ def test_teacher_share_out_of_range_is_refused():
 def test_no_node_is_the_end_of_the_path(degradation, nodes):
     """The end of stage 1 is the fake score's own start in stage 2, so the first target (the last
     snapshot) is taken an interval before it (the authors' algorithm); snapshots are evenly spaced."""
-    fake = SimpleNamespace(opt=DisBackOptions(degradation_steps=degradation, path_nodes=nodes))
+    fake = SimpleNamespace(options=DisBackOptions(degradation_steps=degradation, path_nodes=nodes))
     due = [DisBack._node_due(fake, k) for k in range(nodes)]
     assert due[0] >= 1 and due == sorted(set(due)) and due[-1] < degradation
     gaps = [b - a for a, b in zip([0, *due], [*due, degradation])]
