@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -56,11 +59,44 @@ def _join(obj: Any, tensors: dict) -> Any:
     return obj
 
 
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def temporary_name(path: str | Path) -> Path:
-    """A name beside ``path`` that belongs to this process alone (``.<name>.tmp-<pid>-<random>``), so
-    that writing or cleaning it up never touches a file someone else made."""
+    """A name beside ``path`` that belongs to this process alone (``.<name>.tmp-<host>-<pid>-<random>``),
+    so that writing or cleaning it up never touches a file someone else made."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_dead_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporaries of ``path`` (:func:`temporary_name`) that processes of this machine left
+    when they died (killed mid-write); those of live processes and of other machines stay. Returns
+    what was removed."""
+    path = Path(path)
+    prefix = f".{path.name}.tmp-{_host()}-"
+    removed = []
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = leftover.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -45,7 +45,7 @@ from ..models.nets import time_frozen_copy
 from ..models.shipped import quiet_text_encoder_type
 from ..models.student import SPEC_FILE, Student, StudentSpec
 from ..models.teachers import find_denoiser, resolve_teacher_path
-from ..storage import recover_swap, swap_in, temporary_name
+from ..storage import recover_swap, remove_dead_temporaries, swap_in, temporary_name
 from ..training.checkpoints import list_checkpoints
 from .schedulers import UNCONDITIONAL_PIPELINES, check_student_network, scheduler_for
 
@@ -214,6 +214,7 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     call = _call_kwargs(pipe, spec, kwargs)
     pipe.register_modules(**{component: model, "scheduler": sched})
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out)  # what an export killed while writing here left
     tmp = temporary_name(out)  # this process's own: nothing of the user's is written over or deleted
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -255,6 +256,7 @@ def export_run(run_dir: Path, teacher_path: str, use_ema: bool) -> Path:
     complete."""
     final = Path(run_dir) / EXPORT_DIR
     recover_swap(final)  # an earlier export that died between its two renames
+    remove_dead_temporaries(final)  # and one killed while writing
     new = temporary_name(final)
     try:
         export(run_dir, new, teacher=teacher_path, use_ema=use_ema)
