@@ -5,10 +5,10 @@ DDP's, and a sharded checkpoint reshards onto another process count (and is refu
 import json
 
 import pytest
-import torch
 from helpers.runs import ROOT, launch
 from safetensors.torch import load_file
 
+from stepdistill.storage import load_state
 from stepdistill.training import list_checkpoints
 
 FSDP = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
@@ -91,14 +91,13 @@ def test_ddp_and_fsdp_equal_the_one_process_run(tmp_path, tiny_pipelines, config
         for run in (ddp, fsdp):
             off = _distance(_weights(one, folder), _weights(run, folder))
             assert off < 0.02 * moved, (folder, run.name, off, moved)
-    # every schedule ends where it should after max_steps loop steps with 2 processes (accelerate steps a
-    # prepared scheduler once per process): a linear one at zero, not at zero halfway
+    # every schedule ends where it should after max_steps loop iterations with 2 processes: it steps once per
+    # iteration, whatever the process count, so a linear one ends at zero, not at zero halfway
     ckpt = list_checkpoints(fsdp)[-1]
-    scheds = sorted(ckpt.glob("scheduler*.bin"))
-    assert len(scheds) == (1 if config.startswith("lcm") else 2)  # one per trainable (LCM: the student only)
-    for f in scheds:
-        state = torch.load(f, weights_only=True)
-        assert state["last_epoch"] == 6 and state["_last_lr"][0] == pytest.approx(0.0, abs=1e-12), (f.name, state)
+    scheds = load_state(ckpt, "training_state")["schedules"]
+    assert sorted(scheds) == (["student"] if config.startswith("lcm") else ["fake", "student"])  # one per trainable
+    for name, state in scheds.items():
+        assert state["last_epoch"] == 3 and float(state["_last_lr"][0]) == pytest.approx(0.0, abs=1e-12), (name, state)
     # the checkpoint is sharded: one file per rank, no whole-weights copy
     assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     # and really sharded, not replicated: each weight of the student is stored as one chunk per rank (a DDP

@@ -281,9 +281,32 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", 
           "--dynamo_backend", "no"]
 
 
-def _kill_group(proc):
+def _kill_group(proc, marker: str):
+    """SIGKILL the launch and every process of it, as a preempted machine loses them all. torch's
+    elastic launcher starts its workers in sessions of their own, outside the launcher's process group,
+    so they are found by ``marker`` (their output folder) in their command lines."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 60
+    while True:
+        left = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, marker)]
+        if not left:
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"processes {left} of the killed run are still alive")
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def _cmdline_has(proc_dir: Path, marker: str) -> bool:
+    try:
+        return marker in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # gone meanwhile
+        return False
 
 
 def _final_state(run: Path) -> dict:
@@ -334,14 +357,14 @@ def test_kill9_at_random_points_equals_uninterrupted(tmp_path, tiny_pipelines, c
     proc = start()
     written = ("sharded", ".metadata") if processes > 1 else ("student", "diffusion_pytorch_model.safetensors")
     _wait_for(lambda: (root / "checkpoint-2.tmp").joinpath(*written).is_file(), proc)
-    _kill_group(proc)
+    _kill_group(proc, f"train.output_dir={cut}")
     assert list_checkpoints(cut) == []  # the half-written checkpoint is not visible
     # 2 and 3: at random times after a checkpoint became complete
     for after in ("checkpoint-2", "checkpoint-4"):
         proc = start()
         _wait_for(lambda: (root / after / "manifest.json").is_file(), proc)
         time.sleep(rng.uniform(0.0, 1.5))
-        _kill_group(proc)
+        _kill_group(proc, f"train.output_dir={cut}")
         assert list_checkpoints(cut) and all(checkpoint_problem(c) is None for c in list_checkpoints(cut))
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
