@@ -44,7 +44,9 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.errors import InputError
 from stepdistill.models.oracle import ORACLE_LAYOUTS
+from stepdistill.storage import claim_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_CONFIGS = ["progressive_1step", "guided_1step", "boot_1step", "vsd_1step", "dmd_1step", "dmd2_1step",
@@ -476,6 +478,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _claim(out: Path, settings: dict) -> bool:
+    """The benchmark writes only into a folder it created or one it wrote with these settings
+    (``storage.claim_folder``); otherwise one line and False."""
+    try:
+        claim_folder(out, "benchmark", settings)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["mnist", "oracle"], required=True)
@@ -514,12 +527,14 @@ def main(argv=None) -> int:
             if "=" not in item:
                 parser.error(f"--set: '{item}' is not key=value")
         out = args.out or ROOT / "runs" / "benchmark" / "mnist"
-        out.mkdir(parents=True, exist_ok=True)
+        if not _claim(out, {"suite": "mnist", "n": args.n, "guidance": args.guidance}):
+            return 2
         rows = mnist_suite(out, runs, args.n, args.max_steps, args.guidance, tuple(args.set), curve, args.time_batch)
         table = mnist_markdown(rows)
     else:
         out = args.out or ROOT / "runs" / "benchmark" / f"{args.suite}-{args.process}-{args.layout}"
-        out.mkdir(parents=True, exist_ok=True)
+        if not _claim(out, {"suite": args.suite, "process": args.process, "layout": args.layout}):
+            return 2
         rows = oracle_suite(out, args.process, layout=ORACLE_LAYOUTS[args.layout])
         table = markdown(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))

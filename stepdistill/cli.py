@@ -17,10 +17,13 @@ steps in a row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from .errors import InputError, Interrupted, NonFiniteError, OtherRankFailed
 
@@ -46,6 +49,44 @@ def quiet_imports() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM / SIGINT (a preemption) stop any phase of a command with :class:`Interrupted` (exit status
+    3): what was finished is kept (every file is written atomically) and re-running the command goes on.
+    The training loop replaces this with its own handler while it runs, which finishes the iteration and
+    writes a checkpoint first."""
+    def stop(signum, frame):
+        raise Interrupted(None, signal=signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# what the machine says when it, not the input, failed; libraries that write files (torch.save, safetensors)
+# wrap these OSErrors in their own exception types, so the text is what is left to recognise
+MACHINE_FAILURES = ("No space left on device", "Read-only file system", "Disk quota exceeded")
+
+
+def machine_failure(exc: BaseException) -> str | None:
+    """One line for an exception that is a full, read-only or over-quota disk under another library's
+    exception type (anywhere in its chain of causes), or None."""
+    seen = exc
+    while seen is not None:
+        text = " ".join(str(seen).split())
+        for failure in MACHINE_FAILURES:
+            if failure in text:
+                return f"{failure} ({type(exc).__name__}: {text[:300]})"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())
@@ -61,7 +102,8 @@ def run_command(name: str, argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv) if getattr(module, "INTERMIXED", False) else parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        message = module.run(args)
+        with stop_on_signals():
+            message = module.run(args)
     except InputError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -78,6 +120,12 @@ def run_command(name: str, argv: list[str]) -> int:
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
         print(f"error: {_one_line(exc)}{where}", file=sys.stderr)
         return EXIT_BAD_INPUT if exc.errno in INPUT_ERRNOS else EXIT_ENVIRONMENT
+    except Exception as exc:  # noqa: BLE001  (only a machine failure that a library wrapped is turned into a line)
+        failure = machine_failure(exc)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     if message:
         print(message)
     return 0

@@ -42,9 +42,16 @@ class NonFiniteError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """The run stopped early (SIGTERM / SIGINT, or ``stop_after``) after writing a checkpoint."""
+    """The command stopped early: a run after writing a checkpoint (SIGTERM / SIGINT, or ``stop_after``),
+    or any command in a phase without checkpoints (fitting, sampling, caching, exporting), whose finished
+    parts are kept (``signal`` names what stopped it)."""
 
-    def __init__(self, step: int, checkpoint):
-        super().__init__(f"stopped at step {step} with a checkpoint ({checkpoint}); re-run the same command to continue")
+    def __init__(self, step: int | None, checkpoint=None, signal: str | None = None):
+        if checkpoint is not None:
+            text = f"stopped at step {step} with a checkpoint ({checkpoint}); re-run the same command to continue"
+        else:
+            text = (f"stopped by {signal or 'a signal'} before its next checkpoint; what was finished is kept, and "
+                    f"re-running the same command continues from there")
+        super().__init__(text)
         self.step = step
         self.checkpoint = checkpoint

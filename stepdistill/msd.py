@@ -29,7 +29,7 @@ from .distill import train
 from .errors import ConfigError, InputError
 from .models.student import Student
 from .models.teachers import load_teacher
-from .storage import write_json
+from .storage import claim_folder, write_json
 
 ROUTER_FILE = "router.json"
 
@@ -78,7 +78,8 @@ def train_students(config: str | Path, k: int, out: Path, overrides=()) -> Path:
     captions = table.take(range(len(table)))
     teacher = load_teacher(cfg.teacher.path)
     assignment, centroids = partition_captions(teacher, captions, k, cfg.train.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "msd", {"config": str(config), "students": k, "overrides": list(overrides)},
+                 legacy=(ROUTER_FILE,))
     names = []
     for j in range(k):
         part = [c for c, a in zip(captions, assignment) if a == j]

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -23,9 +25,12 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from .errors import InputError
+
 logger = logging.getLogger("stepdistill")
 _TENSOR = "__tensor__"
 KEY_FILE = "stepdistill_key.json"  # inside a keyed cache folder: the settings it was made for
+FOLDER_MARKER = ".stepdistill.json"  # inside a folder a command writes into: which command, for which settings
 T = TypeVar("T")
 
 
@@ -129,6 +134,115 @@ def load_state(folder: str | Path, name: str) -> dict:
     st = folder / f"{name}.safetensors"
     tensors = load_file(str(st)) if st.is_file() else {}
     return _join(tree, tensors)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(folder: Path, paths: list[Path]) -> dict:
+    """{path relative to ``folder``: {"size", "sha256"}} of ``paths``, hashed several at once (hashlib
+    releases the GIL: multi-GB files hash in the time of the largest one, on enough cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(paths)))) as pool:
+        hashes = list(pool.map(file_sha256, paths))
+    return {str(Path(p).relative_to(folder)): {"size": Path(p).stat().st_size, "sha256": h} for p, h in zip(paths, hashes)}
+
+
+def valid_record(rel, meta) -> bool:
+    """Whether (``rel``, ``meta``) is a well-formed entry of :func:`file_records`, inside its folder."""
+    return isinstance(rel, str) and isinstance(meta, dict) and isinstance(meta.get("size"), int) and \
+        isinstance(meta.get("sha256"), str) and ".." not in Path(rel).parts and not Path(rel).is_absolute()
+
+
+def file_problem(folder: Path, rel: str, meta: dict) -> str | None:
+    """Why ``folder/rel`` is not the file a manifest's :func:`file_records` describe (missing, another
+    size, another checksum), or None."""
+    f = Path(folder) / rel
+    if not f.is_file():
+        return f"{rel} is missing"
+    if f.stat().st_size != meta["size"]:
+        return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
+    if file_sha256(f) != meta["sha256"]:
+        return f"{rel} does not match its checksum"
+    return None
+
+
+def claim_folder(folder: str | Path, command: str, settings: dict | None = None, option: str = "--out",
+                 legacy: tuple[str, ...] = ()) -> Path:
+    """The one rule for every command that writes into a folder: it writes only into a folder it
+    created, or one carrying its own marker (``FOLDER_MARKER``) for the same settings. A new or empty
+    folder is claimed (the marker is written); anything else is one InputError naming ``option``, the
+    folder and why, before any work, so nothing the user had is overwritten, deleted or mixed into the
+    results. ``legacy`` names files that mark a folder this command wrote before markers existed (it
+    is claimed then); ``settings`` None: any settings (the command compares them itself)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{option}: '{folder}' exists and is not a folder")
+    marker = folder / FOLDER_MARKER
+    wanted = {"command": command, **({"settings": settings} if settings is not None else {})}
+    if marker.is_file():
+        try:
+            saved = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            saved = None
+        if not isinstance(saved, dict) or saved.get("command") != command:
+            what = saved.get("command") if isinstance(saved, dict) else None
+            raise InputError(f"{option}: '{folder}' holds the output of {what or 'an unknown command'!s}, not of "
+                             f"stepdistill {command}; give another folder")
+        if settings is not None:
+            problem = key_problem(saved.get("settings"), settings)
+            if problem:
+                raise InputError(f"{option}: '{folder}' holds the output of stepdistill {command} with other settings "
+                                 f"({problem}); give another folder or the same settings")
+        return folder
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if present and not any((folder / name).exists() for name in legacy):
+        shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+        raise InputError(f"{option}: '{folder}' holds files stepdistill {command} did not write ({shown}); give a "
+                         f"new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(marker, wanted)
+    return folder
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str):
+    """Around code that writes ``what`` under ``path``: a failure on a full or read-only disk becomes an
+    OSError saying so and naming ``path``. Libraries that write files (torch.save, safetensors) wrap
+    the system's error in their own, often without its text ("unexpected pos 9472 vs 9364"); the disk
+    itself is asked instead."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        problem = disk_problem(path)
+        if problem is None:
+            raise
+        code, text = problem
+        raise OSError(code, f"{text} while writing {what}", str(path)) from exc
+
+
+def disk_problem(path: str | Path) -> tuple[int, str] | None:
+    """(errno, text) when the filesystem holding ``path`` is read-only or has under 1 MiB left, else None."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS, "Read-only file system"
+    if st.f_bavail * st.f_frsize < 1 << 20:
+        return errno.ENOSPC, "No space left on device"
+    return None
 
 
 def key_problem(saved: dict | None, wanted: dict) -> str | None:

@@ -28,7 +28,7 @@ from ..config import load_config, torch_dtype
 from ..diffusion.denoiser import Cond
 from ..errors import DataError, InputError
 from ..models.teachers import load_teacher, resolve_teacher_path
-from ..storage import key_problem, temporary_name
+from ..storage import file_problem, file_records, key_problem, temporary_name, valid_record, write_json, writing
 from .items import read_items
 from .loading import Decoded, collate, image_geometry
 from .seeds import TAGS, stream_seed
@@ -89,16 +89,33 @@ def cache_key(cfg, teacher, captions, items, resolution: int) -> dict:
             "images": None if items is None else items.fingerprint, "image_rows": None if items is None else len(items)}
 
 
+def read_manifest(folder: Path) -> dict:
+    """A cache folder's manifest, checked for the fields a reader relies on; one error naming the
+    folder otherwise."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise DataError(f"data.cache: '{folder}' is not a data cache (no {MANIFEST}); write it with "
+                        f"stepdistill cache --config <this config>")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"data.cache: '{path}' cannot be read ({type(exc).__name__})") from None
+    rows = manifest.get("shard_rows") if isinstance(manifest, dict) else None
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("key"), dict) or not isinstance(rows, int) or \
+            isinstance(rows, bool) or rows < 1 or not isinstance(files, dict) or \
+            not all(valid_record(rel, meta) for rel, meta in files.items()):
+        raise DataError(f"data.cache: '{path}' is malformed (it needs key, shard_rows >= 1 and a size and sha256 per "
+                        f"shard); write the cache again into a new folder")
+    return manifest
+
+
 class DataCache:
     """Reads a finished cache: rows of the caption and item text states, and item latents."""
 
     def __init__(self, folder: str | Path, want: dict | None = None):
         self.folder = Path(folder)
-        manifest = self.folder / MANIFEST
-        if not manifest.is_file():
-            raise DataError(f"data.cache: '{self.folder}' is not a data cache (no {MANIFEST}); write it with "
-                            f"stepdistill cache --config <this config>")
-        self.manifest = json.loads(manifest.read_text())
+        self.manifest = read_manifest(self.folder)
         if want is not None:
             problem = key_problem(self.manifest["key"], want)
             if problem:
@@ -106,9 +123,24 @@ class DataCache:
                                 f"give another data.cache folder")
         if not self.manifest.get("complete"):
             raise DataError(f"data.cache: '{self.folder}' is unfinished; re-run stepdistill cache to complete it")
+        if not isinstance(self.manifest.get("files"), dict):
+            raise DataError(f"data.cache: '{self.folder}' records no checksums of its shards; re-run stepdistill "
+                            f"cache on it to add them")
         self.rows = self.manifest["shard_rows"]
         self._open: dict = {}
+        self._verified: set[str] = set()
         self.reads = 0
+
+    def _checked(self, rel: str) -> Path:
+        """``rel``, verified once per process against the manifest's size and checksum: a shard that was
+        truncated, deleted or altered after caching is one error naming it, never trained on."""
+        if rel not in self._verified:
+            meta = self.manifest["files"].get(rel)
+            problem = f"{rel} is not in its manifest" if meta is None else file_problem(self.folder, rel, meta)
+            if problem:
+                raise DataError(f"data.cache: '{self.folder}': {problem}; run stepdistill cache again to rewrite it")
+            self._verified.add(rel)
+        return self.folder / rel
 
     def _handle(self, part: str, shard: int):
         from safetensors import safe_open
@@ -117,7 +149,7 @@ class DataCache:
         if key not in self._open:
             if len(self._open) > 16:
                 self._open.clear()
-            self._open[key] = safe_open(str(self.folder / part / f"{shard:05d}.safetensors"), "pt")
+            self._open[key] = safe_open(str(self._checked(f"{part}/{shard:05d}.safetensors")), "pt")
         return self._open[key]
 
     def _rows(self, part: str, idx: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
@@ -134,7 +166,7 @@ class DataCache:
     def _uncond(self) -> Cond:
         from safetensors.torch import load_file
 
-        return Cond(unflatten(load_file(str(self.folder / "uncond.safetensors"))))
+        return Cond(unflatten(load_file(str(self._checked("uncond.safetensors")))))
 
     def prompt_rows(self):
         """(rows(idx) -> Cond, uncond) of the caption list, or None when the cache holds none."""
@@ -157,15 +189,23 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    try:
+        with writing(path.parent, f"the cache shard '{path}'"):
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half shard left behind
+        raise
     os.replace(tmp, path)
 
 
 def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> Path:
     """Encode ``cfg``'s captions and real images into ``out`` (default ``data.cache``); finished shards
-    are kept, shards are shared among the processes of an accelerate launch."""
+    are kept (a shard that no longer matches the manifest's checksum is encoded again), shards are
+    shared among the processes of an accelerate launch."""
     from accelerate import PartialState
 
+    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+        raise InputError(f"--shard-rows must be an integer >= 1, got {shard_rows!r}")
     state = PartialState(cpu=not torch.cuda.is_available())  # without CUDA, cpu=True makes a launch use gloo
     if cfg.teacher.path is None:
         raise InputError("teacher.path: a data cache needs a diffusers teacher (the oracle has no encoders)")
@@ -186,8 +226,8 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
     manifest = out / MANIFEST
     if state.is_main_process:
         if manifest.is_file():
-            saved = json.loads(manifest.read_text())
-            problem = key_problem(saved.get("key"), key)
+            saved = read_manifest(out)
+            problem = key_problem(saved["key"], key)
             if problem:
                 raise DataError(f"data.cache: '{out}' holds a cache of other data or another teacher ({problem}); "
                                 f"give another folder")
@@ -201,7 +241,8 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
         if text and not (out / "uncond.safetensors").is_file():
             _write_shard(out / "uncond.safetensors", flatten(teacher.encode([""])[1][:1].kwargs))
     state.wait_for_everyone()
-    shard_rows = json.loads(manifest.read_text())["shard_rows"]  # an unfinished cache keeps its own
+    recorded = read_manifest(out)  # an unfinished cache keeps its own shard_rows
+    shard_rows = recorded["shard_rows"]
     work = []
     if captions is not None:
         work += [("prompts", s) for s in range(-(-len(captions) // shard_rows))]
@@ -211,9 +252,14 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
     done = 0
     decoded = None if items is None else Decoded(items, size, channels, cfg.data.crop, cfg.train.seed, cfg.data.skip_bad_items)
     for part, shard in mine:
-        path = out / part / f"{shard:05d}.safetensors"
+        rel = f"{part}/{shard:05d}.safetensors"
+        path = out / rel
         if path.is_file():
-            continue  # finished by an earlier (possibly killed) run
+            meta = recorded.get("files", {}).get(rel)
+            problem = None if meta is None else file_problem(out, rel, meta)
+            if problem is None:
+                continue  # finished by an earlier (possibly killed) run
+            logger.warning("data cache: %s; encoding it again", problem)
         lo = shard * shard_rows
         hi = min(lo + shard_rows, len(captions) if part == "prompts" else len(items))
         tensors: dict[str, list] = {}
@@ -244,8 +290,9 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
         if missing:
             raise DataError(f"data.cache: shards {missing[:3]} are missing after every process finished")
         doc = json.loads(manifest.read_text())
-        doc["complete"] = True
-        manifest.write_text(json.dumps(doc, indent=1))
+        shards = sorted(p for p in out.rglob("*.safetensors") if not p.name.startswith("."))
+        doc.update(complete=True, files=file_records(out, shards))  # each shard's size and sha256, for readers
+        write_json(manifest, doc)
     logger.info("data cache '%s': %d shards encoded here, %d in all", out, done, len(work))
     return out
 

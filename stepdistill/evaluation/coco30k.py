@@ -39,7 +39,7 @@ import torch
 from ..config import torch_dtype
 from ..errors import EvalError
 from ..export import SAMPLING_FILE
-from ..storage import write_json
+from ..storage import FOLDER_MARKER, claim_folder, file_sha256, write_json
 from . import fid as fidlib
 from .clip_score import DEFAULT_MODEL, DEFAULT_PREFIX, DEFAULT_PRETRAINED, CLIPScorer, check_clip_weights
 
@@ -53,6 +53,8 @@ def add_arguments(p) -> None:
     src.add_argument("--captions", type=Path, help="caption file (.txt one per line, or .json)")
     p.add_argument("--num-captions", type=int, default=30000, help="images/captions to draw (default 30000)")
     p.add_argument("--caption-seed", type=int, default=2014, help="seed of the caption draw")
+    p.add_argument("--skip-bad-captions", action="store_true",
+                   help="leave out empty or non-text captions instead of stopping at the first")
     p.add_argument("--coco-images", type=Path, default=None, help="val2014 image folder (for the reference statistics)")
     p.add_argument("--ref-stats", type=Path, default=None,
                    help="reference statistics (.npz): reused if it exists, else computed from --coco-images "
@@ -73,11 +75,19 @@ def add_arguments(p) -> None:
 
 # ---------------------------------------------------------------- captions
 
-def _clean(caption: str) -> str:
-    return " ".join(str(caption).split())
+def _caption(value, where: str, skip_bad: bool) -> str | None:
+    """A caption with its whitespace collapsed. An empty, null or non-text one is one error naming
+    ``where`` or, with ``skip_bad`` (--skip-bad-captions), None (left out), as training treats
+    ``data.prompts`` (``data.skip_bad_items``)."""
+    text = " ".join(value.split()) if isinstance(value, str) else ""
+    if text:
+        return text
+    if skip_bad:
+        return None
+    raise EvalError(f"{where}: the caption is empty or not text ({value!r}); remove it or pass --skip-bad-captions")
 
 
-def draw_coco_captions(annotations: Path, num: int, seed: int) -> list[dict]:
+def draw_coco_captions(annotations: Path, num: int, seed: int, skip_bad: bool = False) -> list[dict]:
     """``num`` distinct images drawn with ``random.Random(seed)`` from the sorted image ids, and for
     each one of its captions (sorted by annotation id) drawn with the same generator."""
     try:
@@ -85,7 +95,9 @@ def draw_coco_captions(annotations: Path, num: int, seed: int) -> list[dict]:
         files = {im["id"]: im["file_name"] for im in data["images"]}
         by_image: dict[int, list[tuple[int, str]]] = {}
         for ann in data["annotations"]:
-            by_image.setdefault(ann["image_id"], []).append((ann["id"], ann["caption"]))
+            caption = _caption(ann["caption"], f"--coco-annotations {annotations}: annotation {ann['id']}", skip_bad)
+            if caption is not None:
+                by_image.setdefault(ann["image_id"], []).append((ann["id"], caption))
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise EvalError(f"--coco-annotations {annotations}: not a COCO captions file ({type(exc).__name__}: {exc})") from exc
     ids = sorted(i for i in by_image if i in files)
@@ -96,30 +108,37 @@ def draw_coco_captions(annotations: Path, num: int, seed: int) -> list[dict]:
     out = []
     for image_id in chosen:
         _, caption = rng.choice(sorted(by_image[image_id]))
-        out.append({"caption": _clean(caption), "image_id": image_id, "file_name": files[image_id]})
+        out.append({"caption": caption, "image_id": image_id, "file_name": files[image_id]})
     return out
 
 
-def read_caption_file(path: Path, num: int) -> list[dict]:
+def read_caption_file(path: Path, num: int, skip_bad: bool = False) -> list[dict]:
+    """The first ``num`` captions of a .txt file (one per line) or a .json list (strings, or records with
+    "caption" and optionally "file_name")."""
     text = path.read_text()
     if path.suffix.lower() == ".json":
         try:
             items = json.loads(text)
             if not isinstance(items, list):
                 raise TypeError(f"top level is a {type(items).__name__}")
-            rows = [{"caption": _clean(x)} if isinstance(x, str) else
-                    {"caption": _clean(x["caption"]), **({"file_name": x["file_name"]} if "file_name" in x else {})}
+            rows = [{"caption": x} if not isinstance(x, dict) else
+                    {"caption": x["caption"], **({"file_name": x["file_name"]} if "file_name" in x else {})}
                     for x in items]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise EvalError(f"--captions {path}: expected a JSON list of strings or of "
                             f"{{\"caption\", \"file_name\"}} records ({type(exc).__name__}: {exc})") from exc
+        where = "item"
     else:
-        rows = [{"caption": _clean(line)} for line in text.splitlines() if line.strip()]
-    if not rows:
+        rows = [{"caption": line} for line in text.splitlines()]
+        where = "line"
+    kept = []
+    for i, row in enumerate(rows):
+        caption = _caption(row["caption"], f"--captions {path}: {where} {i + 1}", skip_bad)
+        if caption is not None:
+            kept.append({**row, "caption": caption})
+    if not kept:
         raise EvalError(f"--captions {path} holds no captions")
-    if num < len(rows):
-        rows = rows[:num]
-    return rows
+    return kept[:num]
 
 
 # ---------------------------------------------------------------- settings and validation
@@ -167,9 +186,10 @@ def prepare(args) -> tuple[list[dict], dict, Path]:
     if not source.is_file():
         raise EvalError(f"--{'coco-annotations' if args.coco_annotations else 'captions'} {source}: no such file")
     if args.coco_annotations:
-        captions = draw_coco_captions(args.coco_annotations, args.num_captions, args.caption_seed)
+        captions = draw_coco_captions(args.coco_annotations, args.num_captions, args.caption_seed,
+                                      args.skip_bad_captions)
     else:
-        captions = read_caption_file(args.captions, args.num_captions)
+        captions = read_caption_file(args.captions, args.num_captions, args.skip_bad_captions)
     if len(captions) < 2:
         raise EvalError(f"FID needs at least 2 images; {source} gives {len(captions)} caption(s)")
     ref = args.ref_stats or args.out / "ref_stats.npz"
@@ -187,7 +207,7 @@ def prepare(args) -> tuple[list[dict], dict, Path]:
     inception = fidlib.resolve_inception(args.inception_weights)
     if ref.is_file():  # a reference made under another protocol is refused now, not after generating
         fidlib.check_protocol(fidlib.load_stats(ref)[2],
-                              fidlib.protocol(args.eval_size or None, fidlib.file_sha256(inception)), ref)
+                              fidlib.protocol(args.eval_size or None, file_sha256(inception)), ref)
     check_clip_weights(args.clip_model, args.clip_pretrained)
     settings = {
         "pipeline": str(pipe_dir.resolve()) if pipe_dir.exists() else args.pipeline,
@@ -198,13 +218,14 @@ def prepare(args) -> tuple[list[dict], dict, Path]:
                      "caption_seed": args.caption_seed if args.coco_annotations else None,
                      "sha256": _sha([c["caption"] for c in captions])},
     }
-    old = args.out / "generation.json"
-    if old.is_file():
+    old = args.out / "generation.json"  # a folder written before folder markers: compared by this record
+    if old.is_file() and not (args.out / FOLDER_MARKER).is_file():
         before = json.loads(old.read_text())
         diffs = [f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in settings if before.get(k) != settings.get(k)]
         if diffs:
             raise EvalError(f"{args.out} holds images made with other settings ({'; '.join(diffs)}); "
                             f"use a new --out folder")
+    claim_folder(args.out, "coco30k", settings, legacy=("generation.json",))  # nothing of the user's is scored
     return captions, settings, ref
 
 

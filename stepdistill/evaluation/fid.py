@@ -25,7 +25,6 @@ pass ``--inception-weights PATH`` (the file or its folder), or put it in the cac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -38,7 +37,7 @@ import torch
 from PIL import Image
 
 from ..errors import EvalError
-from ..storage import temporary_name, write_json
+from ..storage import file_sha256, temporary_name, write_json
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -100,14 +99,6 @@ def resolve_inception(path: str | os.PathLike | None = None, *, download: bool |
         Path(p).unlink(missing_ok=True)
         raise EvalError(f"could not download the Inception weights ({type(exc).__name__}: {exc}); {hint}") from exc
     return p
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -224,7 +215,24 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
         raise EvalError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (d,) and (d, d)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise EvalError(f"{path}: the statistics hold non-finite values (NaN or inf); compute them again with 'ref'")
+    problem = covariance_problem(sigma)
+    if problem:
+        raise EvalError(f"{path}: sigma is not a covariance ({problem}); compute the statistics again with 'ref'")
     return mu, sigma, meta
+
+
+def covariance_problem(sigma: np.ndarray) -> str | None:
+    """Why ``sigma`` cannot be a covariance matrix (not symmetric, or a clearly negative eigenvalue), or
+    None. Round-off of np.cov is allowed: an asymmetry or a negative eigenvalue within 1e-6 of the
+    largest entry passes."""
+    scale = max(float(np.abs(sigma).max()), 1e-30)
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > 1e-6 * scale:
+        return f"it is not symmetric (largest difference {asym:.3g})"
+    low = float(np.linalg.eigvalsh((sigma + sigma.T) / 2).min())
+    if low < -1e-6 * scale:
+        return f"it has a negative eigenvalue ({low:.3g})"
+    return None
 
 
 def check_protocol(ref_meta: dict, ours: dict, ref_path) -> None:
@@ -261,6 +269,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> str:
+    if args.eval_size < 0:
+        raise EvalError(f"--eval-size must be >= 0 (0: crop only), got {args.eval_size}")
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be positive, got {args.batch_size}")
     if args.num_workers < 0:

@@ -40,13 +40,14 @@ import yaml
 
 from ..config import PRECISIONS, torch_dtype
 from ..diffusion.denoiser import unwrap
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError, InputError
 from ..models.nets import time_frozen_copy
 from ..models.shipped import quiet_text_encoder_type
 from ..models.student import SPEC_FILE, Student, StudentSpec
 from ..models.teachers import find_denoiser, resolve_teacher_path
-from ..storage import recover_swap, remove_dead_temporaries, swap_in, temporary_name
+from ..storage import recover_swap, remove_dead_temporaries, swap_in, temporary_name, writing
 from ..training.checkpoints import list_checkpoints
+from ..training.run_folder import RunLock
 from .schedulers import UNCONDITIONAL_PIPELINES, check_student_network, scheduler_for
 
 logger = logging.getLogger("stepdistill")
@@ -67,8 +68,13 @@ def _read(path: Path, kind: str):
     return data
 
 
-def _resolve_source(source: Path, use_ema: bool) -> tuple[Path, dict | None]:
-    """(student folder, run config or None) for a run folder or a student folder."""
+def _resolve_source(source: Path, use_ema: bool, running_ok: bool = False) -> tuple[Path, dict | None]:
+    """(student folder, run config or None) for a run folder or a student folder. A run that is still
+    training is refused (its student/ is the last finished run's, or missing), unless ``running_ok``:
+    the run exporting itself at its end."""
+    holder = None if running_ok or (source / SPEC_FILE).is_file() else RunLock(source).holder()
+    if holder is not None:
+        raise ExportError(f"run '{source}' is still training ({holder}); export it when it has finished")
     if (source / SPEC_FILE).is_file():
         run_cfg = source.parent / "config.yaml"
         return source, (_read(run_cfg, "yaml") if run_cfg.is_file() else None)
@@ -84,6 +90,31 @@ def _resolve_source(source: Path, use_ema: bool) -> tuple[Path, dict | None]:
         raise ExportError(f"run '{source}' is unfinished: no {folder.name}/ yet (latest checkpoint: {last}, "
                           f"train.max_steps={cfg.get('train', {}).get('max_steps')}); re-run its command to finish it")
     return folder, cfg
+
+
+# the config keys that fix how a pipeline calls its UNet / transformer (inputs, conditioning, sizes); a
+# smaller student may differ in everything else (widths, depths)
+INTERFACE_KEYS = ("in_channels", "out_channels", "sample_size", "patch_size", "cross_attention_dim", "encoder_hid_dim",
+                  "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                  "class_embed_type", "num_class_embeds", "num_embeds_ada_norm", "joint_attention_dim",
+                  "pooled_projection_dim", "caption_channels")
+
+
+def check_slot(spec: StudentSpec, network: dict, slot, scheduler, teacher: str) -> None:
+    """The student must fit the pipeline it goes into: the network class of the pipeline's UNet /
+    transformer, the same interface (``INTERFACE_KEYS``), and a process of the scheduler's kind."""
+    want = type(slot).__name__
+    if network.get("_class_name") != want:
+        raise ExportError(f"the student is a {network.get('_class_name')} but {teacher}'s pipeline takes a {want}; "
+                          f"export into the pipeline of the teacher it was distilled from")
+    diffs = [f"{k}: {network.get(k)!r} (student) vs {slot.config.get(k)!r}" for k in INTERFACE_KEYS
+             if k in slot.config and network.get(k) != slot.config.get(k)]
+    if diffs:
+        raise ExportError(f"the student's {want} does not fit {teacher}'s: {'; '.join(diffs)}")
+    kind = "flow" if "FlowMatch" in type(scheduler).__name__ else "vp"
+    if spec.process["kind"] != kind:
+        raise ExportError(f"the student was trained on a {spec.process['kind']} process but {teacher}'s scheduler "
+                          f"({type(scheduler).__name__}) is {kind}")
 
 
 def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict) -> dict:
@@ -163,8 +194,10 @@ def _save_lora(pipe, component: str, student_folder: Path, out: Path):
 
 
 def export(source: str | Path, out: str | Path, *, teacher: str | None = None, use_ema: bool = False,
-           lora: bool = False, dtype: torch.dtype | None = None) -> Path:
-    """Write the pipeline folder ``out`` (which must not exist yet) and return it."""
+           lora: bool = False, dtype: torch.dtype | None = None, running_ok: bool = False) -> Path:
+    """Write the pipeline folder ``out`` (which must not exist yet) and return it. ``running_ok``: the
+    source run is the caller's own, exporting itself at its end (otherwise a run still training is
+    refused)."""
     from diffusers import DiffusionPipeline  # imported here: loading diffusers' pipelines takes seconds
 
     source, out = Path(source), Path(out)
@@ -176,11 +209,11 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
         raise ExportError(f"export destination '{out}': its folder cannot be created ('{ancestor}' is "
                           f"{'not a folder' if not ancestor.is_dir() else 'not writable'})")
-    folder, run_cfg = _resolve_source(source, use_ema)
+    folder, run_cfg = _resolve_source(source, use_ema, running_ok)
     try:
-        spec = StudentSpec(**_read(folder / SPEC_FILE, "json"))
-    except (TypeError, ValueError) as exc:
-        raise ExportError(f"'{folder / SPEC_FILE}' is not a student config ({exc})") from None
+        spec = StudentSpec.parse(_read(folder / SPEC_FILE, "json"), folder / SPEC_FILE)
+    except InputError as exc:
+        raise ExportError(str(exc)) from None
     network = _read(folder / "config.json", "json").get("_class_name")
     if not isinstance(network, str):
         raise ExportError(f"'{folder / 'config.json'}' names no network class (_class_name)")
@@ -197,9 +230,12 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
         teacher = tcfg.get("path")
         if teacher is None:
             raise ExportError(f"'{folder}' has no run config naming its teacher; pass the teacher (--teacher)")
+        if not isinstance(teacher, str):
+            raise ExportError(f"'{source / 'config.yaml'}': teacher.path {teacher!r} is not a pipeline folder or hub id")
     with quiet_text_encoder_type(teacher):
         pipe = DiffusionPipeline.from_pretrained(resolve_teacher_path(teacher), dtype=dtype)
-    component, _ = find_denoiser(pipe)
+    component, slot = find_denoiser(pipe)
+    check_slot(spec, _read(folder / "config.json", "json"), slot, pipe.scheduler, teacher)
     student = Student.load(folder)
     model = student.model
     if spec.sampler == "signal":  # BOOT: the network reads its input at one fixed time
@@ -217,7 +253,8 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     remove_dead_temporaries(out)  # what an export killed while writing here left
     tmp = temporary_name(out)  # this process's own: nothing of the user's is written over or deleted
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        with writing(tmp, f"the pipeline '{out}'"):
+            pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / SAMPLING_FILE).write_text(json.dumps({"call_kwargs": call, "student": json.loads((folder / SPEC_FILE).read_text())},
                                                     indent=2))
         if lora:
@@ -259,7 +296,7 @@ def export_run(run_dir: Path, teacher_path: str, use_ema: bool) -> Path:
     remove_dead_temporaries(final)  # and one killed while writing
     new = temporary_name(final)
     try:
-        export(run_dir, new, teacher=teacher_path, use_ema=use_ema)
+        export(run_dir, new, teacher=teacher_path, use_ema=use_ema, running_ok=True)
         swap_in(new, final)
     finally:
         shutil.rmtree(new, ignore_errors=True)

@@ -13,6 +13,7 @@ from ..config import load_config
 from ..diffusion.sampling import ode_sample
 from ..models.oracle import energy_distance
 from ..models.student import Student
+from ..storage import claim_folder
 from ..training import Trainer
 from ..training.build import build_teacher
 from .fixed_points import draw, objective_fixed_point
@@ -39,7 +40,7 @@ def run_oracle(config: str | Path, run_dir: Path, overrides=(), cache_root: Path
     cfg = load_config(path, overrides)
     if cache_root is not None:
         src = prefit_network(cfg, cache_root)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_folder(run_dir, "distill", option="train.output_dir")  # the run's own folder, its cache copied in
         if not (run_dir / "oracle_network").exists():
             shutil.copytree(src, run_dir / "oracle_network")
     trainer = Trainer(cfg)

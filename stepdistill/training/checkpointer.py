@@ -22,7 +22,7 @@ import torch
 
 from ..diffusion.denoiser import unwrap
 from ..errors import ConfigError
-from ..storage import load_state, recover_swap, save_state, swap_in
+from ..storage import load_state, recover_swap, save_state, swap_in, writing
 from .checkpoints import (
     CKPT_PREFIX,
     MANIFEST,
@@ -101,9 +101,10 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if self.sharded:  # a parallel run's trainables: every rank its shards
-            save_sharded(tmp / SHARDED, self.states)
+        with writing(tmp, f"checkpoint-{step}"):
+            acc.save_state(str(tmp))
+            if self.sharded:  # a parallel run's trainables: every rank its shards
+                save_sharded(tmp / SHARDED, self.states)
         acc.wait_for_everyone()
         on_main(acc, lambda: self._complete(tmp, final, step, state), f"writing checkpoint-{step}")
         return final
@@ -125,7 +126,8 @@ class Checkpointer:
 
     def _complete(self, tmp: Path, final: Path, step: int, state: dict) -> None:
         """The main process's part of :meth:`save`: training state, manifest, swap, limit."""
-        save_state(state, tmp, TRAINING_STATE)
+        with writing(tmp, f"checkpoint-{step}"):
+            save_state(state, tmp, TRAINING_STATE)
         manifest = make_manifest(tmp, step, self.config, self.accelerator.num_processes)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)

@@ -13,16 +13,14 @@ would change the run (``check_resumable``).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
 from ..models.student import Student
-from ..storage import load_state
+from ..storage import file_problem, file_records, load_state, valid_record
 
 CKPT_PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
@@ -50,26 +48,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(out, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _hash_all(paths: list[Path]) -> list[str]:
-    """sha256 of every file, several at once (hashlib releases the GIL: multi-GB checkpoints of several
-    networks hash in the time of the largest one, on enough cores)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(paths)))) as pool:
-        return list(pool.map(sha256, paths))
-
-
 def make_manifest(folder: Path, step: int, config: dict, num_processes: int) -> dict:
     paths = [f for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST]
-    files = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": h} for f, h in zip(paths, _hash_all(paths))}
+    files = file_records(folder, paths)
     return {"step": step, "config": config, "num_processes": num_processes, "files": files}
 
 
@@ -199,23 +180,17 @@ def checkpoint_problem(folder: Path) -> str | None:
             not isinstance(manifest.get("step"), int):
         return malformed
     files = manifest["files"]
-    for rel, meta in files.items():
-        if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or not isinstance(meta.get("sha256"), str) \
-                or ".." in Path(rel).parts or Path(rel).is_absolute():
-            return malformed
+    if not all(valid_record(rel, meta) for rel, meta in files.items()):
+        return malformed
     listed = set(files)
     for f in sorted(folder.rglob("*")):
         rel = str(f.relative_to(folder))
         if f.is_file() and f.name != MANIFEST and rel not in listed:
             return f"{rel} is not in the manifest"
     for rel, meta in files.items():
-        f = folder / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != meta["size"]:
-            return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
-        if sha256(f) != meta["sha256"]:
-            return f"{rel} does not match its checksum"
+        problem = file_problem(folder, rel, meta)
+        if problem:
+            return problem
     return None
 
 

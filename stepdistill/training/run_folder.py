@@ -30,6 +30,8 @@ from .checkpoints import config_changes
 
 RUN_RECORD = "run.json"
 LOCK_FILE = ".lock"
+# what a run folder written before folder markers (storage.claim_folder) holds: such a folder is a run's
+LEGACY_RUN_FILES = (RUN_RECORD, "config.yaml", "checkpoints")
 
 
 class RunLock:
@@ -76,6 +78,25 @@ class RunLock:
                 pass
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+    def holder(self) -> str | None:
+        """Who holds the folder now (the ``.lock`` note), or None when no live process does."""
+        import fcntl
+
+        try:
+            fd = os.open(self.folder, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return self.note.read_text().strip() or "holder unknown"
+            except OSError:
+                return "holder unknown"
+        finally:
+            os.close(fd)  # closing drops a lock taken just to probe
+        return None
 
     def __enter__(self):
         self.acquire()

@@ -26,13 +26,14 @@ from ..diffusion.denoiser import unwrap
 from ..distillers.base import Context
 from ..errors import ConfigError, Interrupted, NonFiniteError
 from ..models.sharding import is_sharded, plain_copy
+from ..storage import claim_folder, writing
 from . import outputs
 from .build import build_distiller, build_source, build_teacher, build_trainables, validate_inputs
 from .checkpointer import Checkpointer
 from .checkpoints import list_checkpoints
 from .distributed import any_rank, mean_over_ranks, on_main, verify_rank_sync
 from .parallel import Parallel, resolve_strategy
-from .run_folder import RunLock, check_run_record, data_fingerprint, write_run_record
+from .run_folder import LEGACY_RUN_FILES, RunLock, check_run_record, data_fingerprint, write_run_record
 from .update import apply_update, ema_weights, select
 
 logger = logging.getLogger("stepdistill")
@@ -126,13 +127,14 @@ class Trainer:
         self.lock.release()
 
     def _take_folder(self) -> None:
-        """Create the run folder, lock it for this run, and refuse it when it holds another run."""
+        """Claim the run folder (a new or empty folder, or one a run wrote: ``storage.claim_folder``), lock
+        it for this run, and refuse it when it holds another run."""
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"train.output_dir: cannot create '{self.run_dir}' ({type(exc).__name__}: "
+            claim_folder(self.run_dir, "distill", option="train.output_dir", legacy=LEGACY_RUN_FILES)
+            self.lock.acquire()
+        except OSError as exc:  # a path that cannot be a folder, a read-only or full disk: one line naming it
+            raise ConfigError(f"train.output_dir: cannot write into '{self.run_dir}' ({type(exc).__name__}: "
                               f"{exc.strerror or exc})") from None
-        self.lock.acquire()
         try:
             if not list_checkpoints(self.run_dir):  # with checkpoints, resume compares against them
                 check_run_record(self.run_dir, self.resolved, self.cfg.to_dict())
@@ -298,5 +300,9 @@ class Trainer:
             for finisher in self.finishers:
                 finisher()
 
-        on_main(self.accelerator, write, "writing the final student")
+        def write_checked():
+            with writing(self.run_dir, "the final student"):
+                write()
+
+        on_main(self.accelerator, write_checked, "writing the final student")
         return out

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from stepdistill.config import load_config
 from stepdistill.models.nets import MLPDenoiser
 from stepdistill.models.student import copy_for_training
+from stepdistill.storage import claim_folder
 from stepdistill.testing.oracle_runs import CONFIGS, run_oracle
 from stepdistill.training import Trainer
 
@@ -38,7 +39,8 @@ def test_tsm_student_imitates_the_teacher_and_starts_a_distillation(tmp_path, or
     # a DMD2 run started from it: its student is that network (not a cut of the teacher's), trained from there
     init = tmp_path / "tsm" / "student"
     out = tmp_path / "dmd2"
-    shutil.copytree(tmp_path / "tsm" / "oracle_network", out / "oracle_network")  # the same fitted network
+    claim_folder(out, "distill")  # the run's folder, with the same fitted network copied in
+    shutil.copytree(tmp_path / "tsm" / "oracle_network", out / "oracle_network")
     cfg = load_config(CONFIGS / "dmd2_1step.yaml", [f"train.output_dir={out}", "train.report_to=none", "train.progress=false",
                                                     "train.max_steps=2", f"student.init={init}"])
     trainer = Trainer(cfg)

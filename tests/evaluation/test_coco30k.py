@@ -148,6 +148,31 @@ def test_caption_draw_is_seeded_and_plain_caption_files_work(fixture, tmp_path):
     for row in a:  # every drawn caption is one of that image's captions
         assert row["caption"] in {" ".join(x["caption"].split()) for x in data["annotations"] if x["image_id"] == row["image_id"]}
     txt = tmp_path / "c.txt"
-    txt.write_text("a red cat\n\n  a   blue bus \n")
+    txt.write_text("a red cat\n  a   blue bus \n")
     assert coco.read_caption_file(txt, 10) == [{"caption": "a red cat"}, {"caption": "a blue bus"}]
     assert coco.read_caption_file(txt, 1) == [{"caption": "a red cat"}]
+
+
+@pytest.mark.parametrize("bad,where", [("", "line 2"), ("   ", "line 2"), (None, "item 2"), (7, "item 2"),
+                                       ({"caption": None}, "item 2")])
+def test_empty_or_null_captions_follow_the_training_rule(tmp_path, bad, where):
+    """An empty, blank, null or non-text caption is one error naming it, or left out with --skip-bad-captions
+    (as data.skip_bad_items does in training), in caption files and in COCO annotations alike."""
+    if where.startswith("line"):
+        path = tmp_path / "c.txt"
+        path.write_text(f"a red cat\n{bad}\na blue bus\n")
+    else:
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps(["a red cat", bad, "a blue bus"]))
+    with pytest.raises(coco.EvalError, match=rf"--captions .*c\.(txt|json): {where}: the caption is empty or not text"):
+        coco.read_caption_file(path, 10)
+    assert [r["caption"] for r in coco.read_caption_file(path, 10, skip_bad=True)] == ["a red cat", "a blue bus"]
+    ann = tmp_path / "captions.json"
+    images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(3)]
+    anns = [{"id": 10 + i, "image_id": i, "caption": c} for i, c in enumerate(["a cat", bad if not isinstance(bad, dict)
+                                                                             else None, "a bus"])]
+    ann.write_text(json.dumps({"images": images, "annotations": anns}))
+    with pytest.raises(coco.EvalError, match="annotation 11: the caption is empty or not text"):
+        coco.draw_coco_captions(ann, 2, seed=0)
+    drawn = coco.draw_coco_captions(ann, 2, seed=0, skip_bad=True)  # image 1 has no usable caption left
+    assert sorted(r["image_id"] for r in drawn) == [0, 2]
