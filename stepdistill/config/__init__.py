@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
-from .parse import OverrideText, apply_overrides, check_range, from_dict, parse_override, to_dict
+from .parse import OverrideText, apply_overrides, check_range, expand_path, from_dict, parse_override, to_dict
 from .schema import (
     PRECISIONS,
     DataConfig,
@@ -25,23 +25,28 @@ from .schema import (
     TrainConfig,
     torch_dtype,
 )
+from .yaml_loader import ConfigLoader, ConfigYAMLError, load_yaml
 
-__all__ = ["PRECISIONS", "ConfigError", "DataConfig", "OptimConfig", "OracleConfig", "OverrideText", "RunConfig",
-           "StudentConfig", "TeacherConfig", "TrainConfig", "apply_overrides", "check_range", "dump_config",
-           "from_dict", "load_config", "parse_override", "to_dict", "torch_dtype"]
+__all__ = ["PRECISIONS", "ConfigError", "ConfigLoader", "DataConfig", "OptimConfig", "OracleConfig", "OverrideText",
+           "RunConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "apply_overrides", "check_range",
+           "dump_config", "expand_path", "from_dict", "load_config", "load_yaml", "parse_override", "to_dict",
+           "torch_dtype"]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> RunConfig:
-    """Read a YAML file (or start empty), apply ``key=value`` overrides, validate."""
+    """Read a YAML file (or start empty), apply ``key=value`` overrides, validate. The file and the
+    overrides' values are read by ``yaml_loader.ConfigLoader`` (decimal numbers only, no duplicate keys)."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' " + ("is a folder, not a file" if p.is_dir() else "does not exist"))
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = load_yaml(p.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as exc:
             raise ConfigError(f"config file '{p}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except ConfigYAMLError as exc:  # a duplicate key, a non-decimal !!int
+            raise ConfigError(f"config file '{p}': {exc.describe()} ({exc.where()})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
         if not isinstance(raw, dict):

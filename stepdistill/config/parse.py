@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from .yaml_loader import ConfigYAMLError, load_yaml, non_decimal_number
 
 
 def _type_name(tp) -> str:
@@ -23,11 +26,15 @@ def _type_name(tp) -> str:
 class OverrideText(str):
     """The text of a command-line ``key=value`` override, read by the type of the field it sets: a
     string field takes the text as given (``train.mixed_precision=no`` stays ``"no"``, not YAML 1.1's
-    False), any other field its YAML value."""
+    False), any other field its YAML value (read as config files are: ``yaml_loader``)."""
 
     @property
     def yaml_value(self) -> Any:
-        return yaml.safe_load(str(self)) if str(self) != "" else None
+        return self.parse()
+
+    def parse(self, key: str = "") -> Any:
+        """The text's YAML value (None for empty text); ``key``: the dotted key it sets, for messages."""
+        return load_yaml(str(self), key) if str(self) != "" else None
 
     def value_for(self, tp, key: str) -> Any:
         """The value this text gives a field of type ``tp``: a text field takes the YAML string when the
@@ -35,7 +42,9 @@ class OverrideText(str):
         (``no``, ``1e-3``, ``@x``); empty or null text is None; other fields take the YAML value."""
         text = str(self)
         try:
-            parsed = self.yaml_value
+            parsed = self.parse(key)
+        except ConfigYAMLError as exc:  # a duplicate key, a non-decimal !!int
+            raise ConfigError(exc.describe()) from None
         except yaml.YAMLError as exc:
             if _is_text_type(tp) and text.strip():
                 return text
@@ -114,6 +123,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
+    if isinstance(value, str) and tp in (int, float) and non_decimal_number(value):
+        raise ConfigError(f"{key}: {value!r} is not a decimal number")
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -174,6 +185,39 @@ def to_dict(obj) -> Any:
 def fail(key: str, msg: str):
     """Raise one ConfigError naming ``key``."""
     raise ConfigError(f"{key}: {msg}")
+
+
+_VARIABLE = re.compile(r"\$(?:\{(?P<braced>[^}]*)(?P<close>\}?)|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def expand_path(key: str, value):
+    """A path field's text with ``~`` / ``~user`` at its start and ``$VAR`` / ``${VAR}`` expanded, or one
+    ConfigError naming ``key`` (an unknown user, a variable that is not set, an unclosed ``${``). Text
+    without a leading ``~`` or a ``$`` (hub ids, ``stepdistill:...``), ``hf:`` ids and non-text values are
+    returned as they are; a ``$`` not followed by a name or ``{`` stays a ``$``."""
+    if not isinstance(value, str) or value.startswith("hf:") or not (value.startswith("~") or "$" in value):
+        return value
+    text = value
+    if text.startswith("~"):
+        text = os.path.expanduser(text)
+        if text.startswith("~"):
+            fail(key, f"{value!r}: '{value.split('/', 1)[0]}' names no home folder (no such user)")
+
+    def variable(match: re.Match) -> str:
+        name = match["bare"] if match["bare"] is not None else match["braced"]
+        if match["bare"] is None and not match["close"]:
+            fail(key, f"{value!r}: '${{' is not closed by '}}'")
+        if not _NAME.fullmatch(name):
+            fail(key, f"{value!r}: {match[0]!r} does not name an environment variable")
+        if name not in os.environ:
+            fail(key, f"{value!r}: environment variable '{name}' is not set")
+        return os.environ[name]
+
+    text = _VARIABLE.sub(variable, text)
+    if not text:
+        fail(key, f"{value!r} is empty once expanded")
+    return text
 
 
 def check_range(key: str, value, *, gt=None, ge=None, lt=None, le=None) -> None:

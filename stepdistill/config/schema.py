@@ -1,6 +1,10 @@
 """The run config's schema: one dataclass per section (``teacher``, ``student``, ``data``, ``optim``,
 ``train``), each documenting its fields and validating itself in ``__post_init__``. Method options
-(``method_args``) are validated by each method's own ``Options`` dataclass."""
+(``method_args``) are validated by each method's own ``Options`` dataclass.
+
+Path fields (their comments say "path, expanded") expand ``~`` at their start and ``$VAR`` / ``${VAR}``
+(``parse.expand_path``): a variable that is not set is an error naming the field and the variable. Text
+with neither (hub ids, ``stepdistill:<name>``) and ``hf:`` ids stay as written."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from .parse import check_range, fail, to_dict
+from .parse import check_range, expand_path, fail, to_dict
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # the names configs and command lines use for weight dtypes
 
@@ -54,13 +58,14 @@ class OracleConfig:
 
 @dataclass
 class TeacherConfig:
-    path: str | None = None  # diffusers pipeline folder or hub id
+    path: str | None = None  # diffusers pipeline folder (path, expanded) or hub id
     oracle: OracleConfig | None = None
     dtype: typing.Literal["fp32", "bf16", "fp16"] = "fp32"  # precision the frozen teacher is held in
     null_label: int | None = None  # class index of the CFG null branch (class-conditional UNets)
     allow_remote_code: bool = False
 
     def __post_init__(self):
+        self.path = expand_path("teacher.path", self.path)
         if (self.path is None) == (self.oracle is None):
             fail("teacher", "give exactly one of teacher.path (a diffusers pipeline) or teacher.oracle")
 
@@ -79,10 +84,12 @@ class StudentConfig:
     # student layer starts from (default: the first ones)
     layer_map: dict[str, list[int]] | None = None
     # a model folder (a run's student/, e.g. of method tsm) of the teacher's network class whose weights and
-    # config start the student instead of the teacher's (a smaller student trained by teacher score matching)
+    # config start the student instead of the teacher's (a smaller student trained by teacher score matching);
+    # path, expanded
     init: str | None = None
 
     def __post_init__(self):
+        self.init = expand_path("student.init", self.init)
         if self.num_steps < 1:
             fail("student.num_steps", f"must be >= 1, got {self.num_steps}")
         if self.timesteps is not None:
@@ -111,12 +118,14 @@ class StudentConfig:
 @dataclass
 class DataConfig:
     # captions: an inline list, .txt (one per line), .json (a list or a COCO captions_*.json), .jsonl / .csv /
-    # .parquet (caption_column), a save_to_disk folder or hf:<hub id> (stepdistill/data/sources.py)
+    # .parquet (caption_column), a save_to_disk folder or hf:<hub id> (stepdistill/data/sources.py); a file or
+    # folder is a path, expanded
     prompts: str | list[str] | None = None
     # real images with their own captions or labels: an image folder, webdataset shards (a .tar or brace
-    # pattern), a COCO captions_*.json (image_root), a save_to_disk folder or hf:<hub id>
+    # pattern), a COCO captions_*.json (image_root), a save_to_disk folder or hf:<hub id>; path, expanded
     images: str | None = None
-    image_root: str | None = None  # COCO: the image folder (default: ../train2017 beside captions_train2017.json)
+    # COCO: the image folder (default: ../train2017 beside captions_train2017.json); path, expanded
+    image_root: str | None = None
     caption_column: str | None = None  # default: the first of caption, text, prompt, txt
     image_column: str | None = None  # default: the first of image, jpg, png, jpeg, webp
     label_column: str | None = None  # default: label (class-conditional teachers, or label_prompt)
@@ -128,10 +137,12 @@ class DataConfig:
     streaming: bool = False  # read data.images as a stream (webdataset shards, parquet, a hub dataset): stepdistill/data/streaming.py
     shuffle_buffer: int = 1000  # streaming: items shuffled together (a window read, permuted, served)
     num_workers: int = 2  # DataLoader workers decoding images ahead (sets over loading.IN_MEMORY_ITEMS)
-    cache: str | None = None  # a data cache folder written by stepdistill cache
+    cache: str | None = None  # a data cache folder written by stepdistill cache; path, expanded
     skip_bad_items: bool = False  # skip and count unreadable images / empty captions instead of failing
 
     def __post_init__(self):
+        for key in ("prompts", "images", "image_root", "cache"):  # prompts: not an inline list
+            setattr(self, key, expand_path(f"data.{key}", getattr(self, key)))
         if isinstance(self.prompts, list) and not self.prompts:
             fail("data.prompts", "is an empty list")
         if self.label_prompt is not None and "{label}" not in self.label_prompt:
@@ -161,7 +172,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # path, expanded
     max_steps: int = 1000
     batch_size: int = 16  # global batch (all processes); must divide by the number of processes
     gradient_accumulation_steps: int = 1
@@ -194,6 +205,7 @@ class TrainConfig:
     export: bool = False  # at the end, also write the student (its EMA when kept) as a diffusers pipeline: <output_dir>/pipeline
 
     def __post_init__(self):
+        self.output_dir = expand_path("train.output_dir", self.output_dir)
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every",
                     "validate_every", "num_validation", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
