@@ -61,6 +61,14 @@ def read_prompts(spec: str | Sequence[str], skip_bad: bool = False) -> list[str]
     return out
 
 
+SKIP_HINT = "remove it or set data.skip_bad_items=true"
+
+
+def unreadable(what: str, exc: BaseException) -> str:
+    """The one line that says the image ``what`` cannot be read because of ``exc``."""
+    return f"{what} cannot be read ({type(exc).__name__})"
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """The images under ``folder`` (``data.images``; ``stepdistill:<name>`` names shipped real images)."""
     try:
@@ -112,20 +120,22 @@ def folder_labels(files: Sequence[Path], num_classes: int) -> list[int]:
 def load_images(files: Sequence[Path], size: int, channels: int, skip_bad: bool = False) -> tuple[torch.Tensor, list[Path]]:
     """Images resized (shorter side) and centre-cropped to ``size``, in [-1, 1], (N, C, size, size)."""
     import torchvision.transforms.functional as TF
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     out, kept = [], []
     for f in files:
+        what = f"image '{f}'"
         try:
             with Image.open(f) as im:
                 im = im.convert("L" if channels == 1 else "RGB")
                 im = TF.center_crop(TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), size)
                 out.append(TF.to_tensor(im) * 2 - 1)
                 kept.append(f)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            # every way PIL refuses a file (truncated, not an image, odd modes, bombs) is one bad item
+        except Exception as exc:
+            # whatever PIL raises for a file (truncated, not an image, odd modes, bombs) is one bad
+            # item: PIL's plugins raise many exception types for broken data
             if not skip_bad:
-                raise DataError(f"image '{f}' cannot be read ({type(exc).__name__}); remove it or set data.skip_bad_items=true") from exc
+                raise DataError(f"{unreadable(what, exc)}; {SKIP_HINT}") from exc
     if not out:
         raise DataError(f"data.images: none of the {len(files)} images can be read")
     return torch.stack(out), kept
