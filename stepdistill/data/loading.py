@@ -17,7 +17,7 @@ from collections import deque
 import torch
 
 from ..errors import DataError, InputError
-from .files import SKIP_HINT, unreadable
+from .files import SKIP_HINT, to_8bit, unreadable
 from .seeds import TAGS, stream_seed
 
 logger = logging.getLogger("stepdistill")
@@ -32,13 +32,14 @@ def image_geometry(teacher) -> tuple[int, int]:
     return teacher.sample_shape[-1] * scale, channels
 
 
-def transform(image, size: int, channels: int, crop: str, generator=None):
+def transform(image, size: int, channels: int, crop: str, generator=None, what: str = "image"):
     """An image resized (shorter side) and cropped to ``size`` x ``size``, in [-1, 1], with the
     original (height, width) and the crop's (top, left) corner (SDXL's micro-conditioning), as the
-    diffusers training scripts do: centre crop, or a random crop drawn from ``generator``."""
+    diffusers training scripts do: centre crop, or a random crop drawn from ``generator``. The image
+    is read to 8 bits by ``files.to_8bit`` (``what`` names it if its values are refused)."""
     import torchvision.transforms.functional as TF
 
-    im = image.convert("L" if channels == 1 else "RGB")
+    im = to_8bit(image, channels, what)
     original = (im.height, im.width)
     im = TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     if crop == "random":
@@ -67,7 +68,7 @@ class Decoded(torch.utils.data.Dataset):
             name = self.items.name(j)
             try:
                 g = torch.Generator().manual_seed(stream_seed(self.seed, j, TAGS["item_crop"]))  # the item's own random crop
-                pixels, original, corner = transform(self.items.image(j), self.size, self.channels, self.crop, g)
+                pixels, original, corner = transform(self.items.image(j), self.size, self.channels, self.crop, g, name)
                 return pixels, torch.tensor(original), torch.tensor(corner), j
             except Exception as exc:
                 # PIL's plugins raise many exception types for broken data; each is this item's fault

@@ -182,7 +182,7 @@ class StreamData:
             g = torch.Generator().manual_seed(stream_seed(self.seed, *key, j, TAGS["item_crop"]))
             name = self.stream.name(row)
             try:
-                pixels.append(transform(self.stream.image(row), self.size, self.channels, self.crop, g)[0])
+                pixels.append(transform(self.stream.image(row), self.size, self.channels, self.crop, g, name)[0])
             except Exception as exc:  # PIL raises many exception types for broken data
                 # data.skip_bad_items is not applied to a stream: the item has to be removed
                 raise DataError(f"{unreadable(name, exc)}; remove it from the source") from exc
