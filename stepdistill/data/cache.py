@@ -30,7 +30,7 @@ from ..errors import DataError, InputError
 from ..models.teachers import load_teacher, resolve_teacher_path
 from ..storage import file_problem, file_records, key_problem, temporary_name, valid_record, write_json, writing
 from .items import read_items
-from .loading import Decoded, collate, image_geometry
+from .loading import Decoded, InWorkers, collate, image_geometry, next_batch
 from .seeds import TAGS, stream_seed
 from .sources import read_captions
 
@@ -264,7 +264,7 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
         hi = min(lo + shard_rows, len(captions) if part == "prompts" else len(items))
         tensors: dict[str, list] = {}
         loader = None if part == "prompts" else iter(torch.utils.data.DataLoader(
-            decoded, batch_size=64, sampler=range(lo, hi), collate_fn=collate,
+            InWorkers(decoded), batch_size=64, sampler=range(lo, hi), collate_fn=collate,
             num_workers=min(cfg.data.num_workers, os.cpu_count() or 1)))  # the shard's images, 64 at a time
         for a in range(lo, hi, 64):
             b = min(a + 64, hi)
@@ -272,7 +272,7 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
             if part == "prompts":
                 rows.update(flatten(teacher.encode(captions.take(range(a, b)))[0].kwargs, "cond."))
             else:
-                pixels, original, corner, _ = next(loader)
+                pixels, original, corner, _ = next_batch(loader)
                 noise = torch.stack([torch.randn(teacher.sample_shape, generator=torch.Generator().manual_seed(
                     stream_seed(cfg.train.seed, i, TAGS["cache_noise"]))) for i in range(a, b)])
                 rows["latents"] = teacher.encode_images(pixels.to(state.device), noise=noise)

@@ -1,5 +1,7 @@
 """Files on disk as the data layer reads them: prompt lists (.txt, .json), image folders with
-``<name>.txt`` captions or class folders, and images decoded to tensors."""
+``<name>.txt`` captions or class folders, and images decoded to tensors. ``to_8bit`` is how every
+image path (here, ``loading``, ``streaming``, the data cache, FID and CLIP score) reads an image's
+pixels, whatever its mode."""
 
 from __future__ import annotations
 
@@ -61,6 +63,16 @@ def read_prompts(spec: str | Sequence[str], skip_bad: bool = False) -> list[str]
     return out
 
 
+SKIP_HINT = "remove it or set data.skip_bad_items=true"
+
+
+def unreadable(what: str, exc: BaseException) -> str:
+    """The one line that says the image ``what`` cannot be read because of ``exc``."""
+    if isinstance(exc, DataError):  # to_8bit's refusal already names the image and says why
+        return " ".join(str(exc).split())
+    return f"{what} cannot be read ({type(exc).__name__})"
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """The images under ``folder`` (``data.images``; ``stepdistill:<name>`` names shipped real images)."""
     try:
@@ -109,23 +121,90 @@ def folder_labels(files: Sequence[Path], num_classes: int) -> list[int]:
     return labels
 
 
+def _decoded(im, what: str):
+    """The pixels of an image PIL opened, as an array (16-bit and float modes keep their values)."""
+    import numpy as np
+
+    arr = np.asarray(im)
+    if arr.size == 0:
+        raise DataError(f"{what} holds no pixels")
+    return arr
+
+
+def to_8bit(image, channels: int, what: str = "image"):
+    """``image`` (any mode PIL opens) as 8 bits per channel, in mode "L" (``channels == 1``) or "RGB",
+    mapped by the range its mode really holds, so every image path reads the same pixels:
+
+    - "RGB" and "L" are returned exactly as ``image.convert(mode)`` gives them, so results made from
+      ordinary 8-bit files do not change (a colour-key ``transparency`` of such a file is ignored);
+    - "1", "P" (through its palette), "CMYK", "YCbCr", "LAB", "HSV": PIL's own conversion;
+    - 16-bit modes ("I;16", "I;16B", "I;16L", "I;16N"): value / 257, rounded (0..65535 -> 0..255);
+    - "I" (32-bit integers; how PIL opens many 16-bit PNG and TIFF files): values all within 0..255 are
+      8-bit values as they are, else values within 0..65535 are 16-bit (/ 257, rounded); others refused;
+    - "F" (float): values within [0, 1] are scaled by 255, else values within [0, 255] are kept (both
+      rounded); others refused;
+    - transparency ("LA", "La", "PA", "RGBA", "RGBa", "P" with a transparency entry or an RGBA palette):
+      composited over white, then converted. White, not black, because transparent areas of real
+      images (logos, cut-outs, scans) are meant to be seen on a page, and an unpremultiplied colour
+      under alpha 0 is arbitrary; the same choice everywhere keeps training and evaluation alike.
+
+    ``what`` names the image in the one-line DataError a refused value range raises."""
+    import numpy as np
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    m = image.mode
+    if m in ("RGB", "L"):
+        return image.convert(mode)
+    if m in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = _decoded(image, what).astype(np.uint32)  # (v + 128) // 257 is round(v / 257): 257 is odd, no ties
+        return Image.fromarray(((arr + 128) // 257).astype(np.uint8)).convert(mode)
+    if m == "I":
+        arr = _decoded(image, what).astype(np.int64)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise DataError(f"{what} has mode 'I' values {lo}..{hi}, outside 0..65535: neither 8- nor 16-bit, so "
+                            f"it cannot be read as 8 bits")
+        arr = arr if hi <= 255 else (arr + 128) // 257
+        return Image.fromarray(arr.astype(np.uint8)).convert(mode)
+    if m == "F":
+        arr = _decoded(image, what).astype(np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if not (lo >= 0 and hi <= 255):  # NaN fails this too
+            raise DataError(f"{what} has mode 'F' values {lo:g}..{hi:g}, outside [0, 1] and [0, 255], so it "
+                            f"cannot be read as 8 bits")
+        arr = arr * 255 if hi <= 1 else arr
+        return Image.fromarray(np.floor(arr + 0.5).astype(np.uint8)).convert(mode)
+    palette = getattr(image, "palette", None)
+    if m in ("LA", "La", "PA", "RGBA", "RGBa") or (m == "P" and ("transparency" in image.info or
+                                                              getattr(palette, "mode", None) == "RGBA")):
+        rgba = image.convert("LA").convert("RGBA") if m == "La" else image.convert("RGBA")  # PIL has no La -> RGBA
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert(mode)
+    if m == "LAB" and mode == "L":
+        return image.convert("RGB").convert("L")  # PIL converts LAB to RGB only
+    return image.convert(mode)
+
+
 def load_images(files: Sequence[Path], size: int, channels: int, skip_bad: bool = False) -> tuple[torch.Tensor, list[Path]]:
     """Images resized (shorter side) and centre-cropped to ``size``, in [-1, 1], (N, C, size, size)."""
     import torchvision.transforms.functional as TF
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     out, kept = [], []
     for f in files:
+        what = f"image '{f}'"
         try:
             with Image.open(f) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
+                im = to_8bit(im, channels, what)
                 im = TF.center_crop(TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), size)
                 out.append(TF.to_tensor(im) * 2 - 1)
                 kept.append(f)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            # every way PIL refuses a file (truncated, not an image, odd modes, bombs) is one bad item
+        except Exception as exc:
+            # whatever PIL raises for a file (truncated, not an image, odd modes, bombs, a range to_8bit
+            # refuses) is one bad item: PIL's plugins raise many exception types for broken data
             if not skip_bad:
-                raise DataError(f"image '{f}' cannot be read ({type(exc).__name__}); remove it or set data.skip_bad_items=true") from exc
+                raise DataError(f"{unreadable(what, exc)}; {SKIP_HINT}") from exc
     if not out:
         raise DataError(f"data.images: none of the {len(files)} images can be read")
     return torch.stack(out), kept

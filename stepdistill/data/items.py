@@ -28,7 +28,8 @@ from .sources import (
 
 
 class Items:
-    """Map-style real items: ``image(i)`` (a PIL image) and ``name(i)`` (for error lines); ``captions[i]``
+    """Map-style real items: ``image(i)`` (a PIL image) and ``name(i)`` (the item as an error line names
+    it: a file, a webdataset shard and member, a table's row); ``captions[i]``
     (a Captions or None) and ``labels[i]`` (an int array or None) are item i's own conditioning."""
 
     def __init__(self, where: str, n: int, fingerprint: str, captions: Captions | None = None,
@@ -59,7 +60,7 @@ class FileItems(Items):
             return im
 
     def name(self, i: int) -> str:
-        return self.files[int(i)]
+        return f"image '{self.files[int(i)]}'"
 
 
 class TableItems(Items):
@@ -83,12 +84,15 @@ class TableItems(Items):
         super().__init__(where, len(table) if keep is None else len(keep), table_fingerprint(table), caps, labels)
         self.table, self.image_column, self.keep = table, image_column, keep
 
+    def _row(self, i: int) -> int:
+        return int(i) if self.keep is None else int(self.keep[int(i)])
+
     def image(self, i: int):
         import io
 
         from PIL import Image
 
-        j = int(i) if self.keep is None else int(self.keep[int(i)])
+        j = self._row(i)
         value = self.table.data.column(self.image_column)[j].as_py()
         if isinstance(value, dict):
             data = value.get("bytes")
@@ -100,7 +104,16 @@ class TableItems(Items):
         return im
 
     def name(self, i: int) -> str:
-        return f"{self.where} item {int(i)}"
+        """A webdataset item by its shard file and member (what a user finds with ``tar tf``), any
+        other table's by its item number."""
+        j, data = self._row(i), self.table.data
+        if "__url__" not in data.column_names:
+            return f"{self.where} item {int(i)}"
+        value = data.column(self.image_column)[j]  # the path field alone: the image's bytes stay in the table
+        member = value["path"].as_py() if value.type.num_fields and value.type.get_field_index("path") >= 0 else None
+        if not member and "__key__" in data.column_names:
+            member = f"{data.column('__key__')[j].as_py()}.{self.image_column}"
+        return f"webdataset shard '{data.column('__url__')[j].as_py()}' member '{member}'"
 
 
 class LabelPrompts:

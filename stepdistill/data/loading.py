@@ -16,7 +16,8 @@ from collections import deque
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, InputError
+from .files import SKIP_HINT, to_8bit, unreadable
 from .seeds import TAGS, stream_seed
 
 logger = logging.getLogger("stepdistill")
@@ -31,13 +32,14 @@ def image_geometry(teacher) -> tuple[int, int]:
     return teacher.sample_shape[-1] * scale, channels
 
 
-def transform(image, size: int, channels: int, crop: str, generator=None):
+def transform(image, size: int, channels: int, crop: str, generator=None, what: str = "image"):
     """An image resized (shorter side) and cropped to ``size`` x ``size``, in [-1, 1], with the
     original (height, width) and the crop's (top, left) corner (SDXL's micro-conditioning), as the
-    diffusers training scripts do: centre crop, or a random crop drawn from ``generator``."""
+    diffusers training scripts do: centre crop, or a random crop drawn from ``generator``. The image
+    is read to 8 bits by ``files.to_8bit`` (``what`` names it if its values are refused)."""
     import torchvision.transforms.functional as TF
 
-    im = image.convert("L" if channels == 1 else "RGB")
+    im = to_8bit(image, channels, what)
     original = (im.height, im.width)
     im = TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     if crop == "random":
@@ -60,26 +62,70 @@ class Decoded(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from PIL import Image, UnidentifiedImageError
-
+        line = ""
         for k in range(min(len(self.items), 64)):
             j = (int(i) + k) % len(self.items)
+            name = self.items.name(j)
             try:
                 g = torch.Generator().manual_seed(stream_seed(self.seed, j, TAGS["item_crop"]))  # the item's own random crop
-                pixels, original, corner = transform(self.items.image(j), self.size, self.channels, self.crop, g)
+                pixels, original, corner = transform(self.items.image(j), self.size, self.channels, self.crop, g, name)
                 return pixels, torch.tensor(original), torch.tensor(corner), j
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            except Exception as exc:
+                # PIL's plugins raise many exception types for broken data; each is this item's fault
+                line = unreadable(name, exc)
                 if not self.skip_bad:
-                    raise DataError(f"image '{self.items.name(j)}' cannot be read ({type(exc).__name__}); remove it or "
-                                    f"set data.skip_bad_items=true") from exc
-                logger.warning("image '%s' cannot be read (%s): using the next item (data.skip_bad_items=true)",
-                               self.items.name(j), type(exc).__name__)
-        raise DataError(f"{self.items.where}: 64 consecutive items cannot be read")
+                    raise DataError(f"{line}; {SKIP_HINT}") from exc
+                logger.warning("%s: using the next item (data.skip_bad_items=true)", line)
+        raise DataError(f"{self.items.where}: 64 consecutive items cannot be read (the last: {line})")
+
+
+class Failed:
+    """What a loader worker hands back in place of a batch it could not make: the error as one line.
+    Torch re-raises a worker's exception as a many-line "Caught ... in DataLoader worker process"
+    message of another type; a record passes through the worker queue unchanged instead."""
+
+    def __init__(self, exc: BaseException):
+        line = " ".join(str(exc).split())  # one line, whatever the message held
+        # bad input (Decoded makes every unreadable item a DataError) keeps its class; anything else
+        # is a RuntimeError that says which exception it was
+        self.kind = type(exc) if isinstance(exc, InputError) else RuntimeError
+        self.line = line if isinstance(exc, InputError) else f"{type(exc).__name__}: {line}".rstrip(": ")
+
+    def raise_(self):
+        raise self.kind(self.line)
+
+
+class InWorkers(torch.utils.data.Dataset):
+    """``dataset`` for DataLoader workers: any exception of an item's decode comes back as a Failed."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except Exception as exc:  # noqa: BLE001  (the record carries it to the main process, raised there)
+            return Failed(exc)
 
 
 def collate(rows):
+    failed = next((r for r in rows if isinstance(r, Failed)), None)
+    if failed is not None:
+        return failed
     pixels, original, corner, idx = zip(*rows)
     return torch.stack(pixels), torch.stack(original), torch.stack(corner), torch.tensor(idx)
+
+
+def next_batch(batches):
+    """The next batch of a DataLoader over ``InWorkers``; an item's error is raised here, in the main
+    process, as the one line (a DataError for an unreadable item) the worker met."""
+    batch = next(batches)
+    if isinstance(batch, Failed):
+        batch.raise_()
+    return batch
 
 
 class _Planned(torch.utils.data.Sampler):
@@ -122,18 +168,19 @@ class RealData:
                 planned.append(key)
                 yield fn(key).tolist()
 
-        loader = torch.utils.data.DataLoader(self.decoded, batch_sampler=_Planned(plan()), num_workers=self.num_workers,
-                                             collate_fn=collate, prefetch_factor=PREFETCH_STEPS if self.num_workers else None,
+        loader = torch.utils.data.DataLoader(InWorkers(self.decoded), batch_sampler=_Planned(plan()),
+                                             num_workers=self.num_workers, collate_fn=collate,
+                                             prefetch_factor=PREFETCH_STEPS if self.num_workers else None,
                                              persistent_workers=False)
         self._iter = iter(loader)
 
     def _pixels(self, key, idx: torch.Tensor):
         while self._iter is not None and self._keys and self._keys[0] < key:
             self._keys.popleft()  # a planned batch nobody asked for (cannot happen in the loop; kept safe)
-            next(self._iter)
+            next_batch(self._iter)
         if self._iter is not None and self._keys and self._keys[0] == key:
             self._keys.popleft()
-            return next(self._iter)  # (skip_bad may have replaced an unreadable item by the next one)
+            return next_batch(self._iter)  # (skip_bad may have replaced an unreadable item by the next one)
         return collate([self.decoded[int(i)] for i in idx])
 
     def latents(self, key, idx: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

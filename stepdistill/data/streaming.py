@@ -23,6 +23,7 @@ import copy
 import torch
 
 from ..errors import DataError
+from .files import unreadable
 from .loading import transform
 from .seeds import TAGS, stream_seed
 from .sources import CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, open_table, pick_column
@@ -124,6 +125,15 @@ class Stream:
             raise DataError(f"{self.where}: item {row.get('__key__', '?')} has no caption")
         return value.strip()
 
+    def name(self, row: dict) -> str:
+        """The row's image as an error line names it: a webdataset shard and member where known."""
+        value = row.get(self.image_column)
+        member = value.get("path") if isinstance(value, dict) else None
+        if "__url__" in row:
+            member = member or f"{row.get('__key__')}.{self.image_column}"
+            return f"webdataset shard '{row['__url__']}' member '{member}'"
+        return f"{self.where} image" + (f" '{member}'" if member else "")
+
     def image(self, row: dict):
         import io
 
@@ -170,7 +180,12 @@ class StreamData:
         pixels = []
         for j, row in enumerate(rows):
             g = torch.Generator().manual_seed(stream_seed(self.seed, *key, j, TAGS["item_crop"]))
-            pixels.append(transform(self.stream.image(row), self.size, self.channels, self.crop, g)[0])
+            name = self.stream.name(row)
+            try:
+                pixels.append(transform(self.stream.image(row), self.size, self.channels, self.crop, g, name)[0])
+            except Exception as exc:  # PIL raises many exception types for broken data
+                # data.skip_bad_items is not applied to a stream: the item has to be removed
+                raise DataError(f"{unreadable(name, exc)}; remove it from the source") from exc
         noise = torch.randn(n, *self.teacher.sample_shape, generator=generator) if self.teacher.vae is not None else None
         x0 = self.teacher.encode_images(torch.stack(pixels).to(self.device), noise=noise).to(self.device)
         labels = prompts = None

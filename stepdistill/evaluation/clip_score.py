@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.files import to_8bit
 from .fid import EvalError
 
 DEFAULT_MODEL = "ViT-g-14"
@@ -93,7 +94,7 @@ class CLIPScorer:
         """Per-pair cosine similarity of image i and ``prefix + captions[i]``."""
         if len(images) != len(captions):
             raise EvalError(f"{len(images)} images but {len(captions)} captions")
-        pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
+        pixels = torch.stack([self.preprocess(to_8bit(im, 3)) for im in images]).to(self.device)
         tokens = self.tokenizer([self.prefix + c for c in captions]).to(self.device)
         img = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
         txt = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
@@ -110,6 +111,6 @@ class CLIPScorer:
             ims = []
             for f in files[i:i + batch_size]:
                 with Image.open(f) as im:
-                    ims.append(im.convert("RGB"))
+                    ims.append(to_8bit(im, 3, f"image '{f}'"))
             out.append(self.cosine(ims, captions[i:i + batch_size]))
         return np.concatenate(out) if out else np.zeros(0)

@@ -2,8 +2,10 @@
 
 Protocol (what the COCO-30K numbers of GigaGAN, DMD2, SiD-LSG and SwiftBrush follow):
 
-1. every image, generated or real, is centre-cropped to a square (side = its short edge) and
-   resized to ``eval_size`` x ``eval_size`` with PIL's LANCZOS filter (:func:`center_crop_resize`);
+1. every image, generated or real, is read to 8-bit RGB by its mode's real range
+   (``stepdistill.data.files.to_8bit``: 16-bit greys are not clipped to white, transparency lies on
+   white), centre-cropped to a square (side = its short edge) and resized to ``eval_size`` x
+   ``eval_size`` with PIL's LANCZOS filter (:func:`center_crop_resize`);
 2. clean-fid's ``clean`` mode then resizes each channel as float32 with PIL bicubic to 299 x 299
    (no uint8 quantisation in between) and feeds values in [0, 255] to the TorchScript Inception-v3
    of StyleGAN2-ADA / clean-fid (``inception-2015-12-05.pt``), normalised as ``(x - 128) / 128``;
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.files import to_8bit, unreadable
+from ..data.loading import Failed, InWorkers, next_batch
 from ..errors import EvalError
 from ..storage import file_sha256, temporary_name, write_json
 
@@ -50,12 +53,12 @@ PROTOCOL = {
 }
 
 
-def center_crop_resize(image, size: int | None) -> np.ndarray:
-    """Centre-crop ``image`` (PIL image or HWC uint8 array) to a square of its short edge, then
-    LANCZOS-resize it to ``size`` x ``size`` (no resize when ``size`` is None or already equal).
-    Returns an HWC uint8 RGB array."""
+def center_crop_resize(image, size: int | None, what: str = "image") -> np.ndarray:
+    """Centre-crop ``image`` (PIL image of any mode, or HWC uint8 array) to a square of its short edge,
+    then LANCZOS-resize it to ``size`` x ``size`` (no resize when ``size`` is None or already equal).
+    Returns an HWC uint8 RGB array (``to_8bit``; ``what`` names the image if its values are refused)."""
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-    img = img.convert("RGB")
+    img = to_8bit(img, 3, what)
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -152,15 +155,45 @@ def image_features(files: Sequence[str | os.PathLike], extractor: InceptionFeatu
                    batch_size: int = 64, num_workers: int = 0, device: str | torch.device = "cpu",
                    desc: str = "inception features", verbose: bool = True) -> np.ndarray:
     """(N, D) features of image files under the protocol (see the module docstring)."""
-    from cleanfid.fid import get_files_features
+    from tqdm.auto import tqdm
 
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         raise EvalError(f"{len(missing)} image file(s) missing, first: {missing[0]}")
-    return get_files_features([str(f) for f in files], model=extractor, num_workers=num_workers,
-                              batch_size=batch_size, device=torch.device(device), mode="clean",
-                              custom_image_tranform=partial(center_crop_resize, size=eval_size),
-                              description=desc, verbose=verbose)
+    loader = torch.utils.data.DataLoader(InWorkers(_ProtocolImages(files, eval_size)), batch_size=batch_size,
+                                         shuffle=False, drop_last=False, num_workers=num_workers, collate_fn=_stack)
+    batches, feats = iter(loader), []
+    for _ in tqdm(range(len(loader)), desc=desc, disable=not verbose):
+        with torch.no_grad():
+            feats.append(extractor(next_batch(batches).to(device)).detach().cpu().numpy())
+    return np.concatenate(feats)
+
+
+class _ProtocolImages(torch.utils.data.Dataset):
+    """Image files as clean-fid's ``ResizeDataset`` gives them in ``clean`` mode (CHW float32 in
+    [0, 255] at 299 x 299), but opened through ``to_8bit``: clean-fid opens files with
+    ``convert("RGB")``, which turns a 16-bit grey to white. An unreadable file is one line naming it."""
+
+    def __init__(self, files: Sequence[str | os.PathLike], eval_size: int | None):
+        from cleanfid.resize import build_resizer
+
+        self.files, self.eval_size, self.resize = [str(f) for f in files], eval_size, build_resizer("clean")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        what = f"image '{self.files[i]}'"
+        try:
+            with Image.open(self.files[i]) as im:
+                x = self.resize(center_crop_resize(im, self.eval_size, what))
+        except Exception as exc:  # PIL raises many exception types for broken data
+            raise EvalError(unreadable(what, exc)) from exc
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # 'clean' resizes to float32, kept as is
+
+
+def _stack(rows):
+    return next((r for r in rows if isinstance(r, Failed)), None) or torch.stack(rows)
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from ..diffusion.process import FlowProcess, process_from_scheduler_config
 from ..distillers.base import Context, Distiller
 from ..distillers.common import check_init_class, init_network_class
 from ..distillers.registry import get_method
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..models.nets import MLPDenoiser
 from ..models.oracle import GaussianMixture, fit_network
 from ..models.student import networks
@@ -184,6 +184,8 @@ def build_distiller(method: type[Distiller], ctx: Context, options) -> Distiller
     check_timesteps(ctx.config.student.timesteps, ctx.init.process)
     try:
         return method(ctx, options)
+    except InputError:
+        raise  # already names its input (a data problem met building the method stays a DataError)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 

@@ -89,6 +89,31 @@ def test_image_features_follow_the_protocol(models, tmp_path):
     assert not np.allclose(other, feats)  # the eval size matters
 
 
+def test_image_files_are_read_by_their_real_range(models, tmp_path):
+    """FID and CLIP score read files through data.files.to_8bit: a 16-bit mid-grey PNG gives the
+    features of an 8-bit grey of 128 (clean-fid's own reading, convert("RGB"), makes it white), a
+    half-transparent image lies on white, and an unreadable file is one line naming it."""
+    Image.fromarray(np.full((24, 24), 32896, np.uint16)).save(tmp_path / "g16.png")
+    Image.new("RGB", (24, 24), (128, 128, 128)).save(tmp_path / "g8.png")
+    Image.new("RGBA", (24, 24), (255, 0, 0, 128)).save(tmp_path / "red.png")
+    Image.new("RGB", (24, 24), (255, 127, 127)).save(tmp_path / "red_on_white.png")
+    ext = F.load_inception(models["inception"])
+    feats = F.image_features([tmp_path / n for n in ("g16.png", "g8.png", "red.png", "red_on_white.png")], ext,
+                             eval_size=24, batch_size=2, verbose=False)
+    np.testing.assert_array_equal(feats[0], feats[1])
+    np.testing.assert_array_equal(feats[2], feats[3])
+    assert (F.center_crop_resize(Image.open(tmp_path / "g16.png"), None) == 128).all()
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for workers in (0, 2):
+        with pytest.raises(F.EvalError, match=r"^image '.*bad.png' cannot be read \(UnidentifiedImageError\)$"):
+            F.image_features([tmp_path / "g8.png", tmp_path / "bad.png"], ext, eval_size=24, num_workers=workers,
+                             verbose=False)
+    scorer = CLIPScorer(str(models["clip"]), None)
+    a = scorer.score_files([tmp_path / "g16.png", tmp_path / "red.png"], ["grey", "red"], verbose=False)
+    b = scorer.score_files([tmp_path / "g8.png", tmp_path / "red_on_white.png"], ["grey", "red"], verbose=False)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_inception_weights_missing_or_wrong(tmp_path, monkeypatch):
     with pytest.raises(F.EvalError, match=r"--inception-weights .*nope.pt: no such file"):
         F.resolve_inception(tmp_path / "nope.pt")
