@@ -133,7 +133,8 @@ class Trainer:
             claim_folder(self.run_dir, "distill", option="train.output_dir", legacy=LEGACY_RUN_FILES)
             self.lock.acquire()
         except OSError as exc:  # a path that cannot be a folder, a read-only or full disk: one line naming it
-            raise ConfigError(f"train.output_dir: cannot write into '{self.run_dir}' ({type(exc).__name__}: "
+            verb = "write into" if self.run_dir.is_dir() else "create"
+            raise ConfigError(f"train.output_dir: cannot {verb} '{self.run_dir}' ({type(exc).__name__}: "
                               f"{exc.strerror or exc})") from None
         try:
             if not list_checkpoints(self.run_dir):  # with checkpoints, resume compares against them
