@@ -10,7 +10,7 @@ from PIL import Image
 
 from stepdistill.config import ConfigError, load_config
 from stepdistill.data.files import list_images, load_images, read_prompts
-from stepdistill.errors import DataError
+from stepdistill.errors import DataError, InputError
 from stepdistill.models.teachers import TeacherLoadError
 from stepdistill.storage import load_state
 from stepdistill.training import Trainer, list_checkpoints, validate_inputs
@@ -41,6 +41,11 @@ def _write(tmp_path: Path, name: str, content) -> Path:
     else:
         p.write_text(content)
     return p
+
+
+def _users_folder(tmp_path: Path) -> Path:
+    (tmp_path / "mine").mkdir()
+    return _write(tmp_path / "mine", "notes.txt", "the user's").parent
 
 
 def _images(tmp_path: Path, corrupt: bool = False) -> Path:
@@ -128,6 +133,10 @@ CASES = [
      r"image folder '.*one.png' is a file, not a folder"),
     ("output-dir-under-a-file", lambda t: [f"train.output_dir={_write(t, 'blocker', 'x')}/run"], ConfigError,
      r"train.output_dir: cannot create '.*blocker/run' \(NotADirectoryError"),
+    ("output-dir-a-system-folder", lambda t: ["train.output_dir=/proc/self"], InputError,
+     r"train.output_dir: '/proc/self' holds files stepdistill distill did not write"),
+    ("output-dir-a-users-folder", lambda t: [f"train.output_dir={_users_folder(t)}"],
+     InputError, r"train.output_dir: '.*mine' holds files stepdistill distill did not write \(notes.txt\)"),
     ("caption-missing-for-one-image", lambda t: [f"data.images={_captioned(t, missing=1)}"], DataError,
      r"image '.*1.png' has no caption \('1.txt' is missing\) while other images have one"),
     ("plugin-not-a-distiller", lambda t: ["method=json:JSONDecoder"], ConfigError,
@@ -357,6 +366,27 @@ def test_command_line_tools_give_one_line_errors(tmp_path):
     np.savez(tmp_path / "shape.npz", mu=np.zeros(3), sigma=np.eye(2), meta=np.array("{}"))
     with pytest.raises(EvalError, match=r"shape.npz: mu has shape \(3,\) and sigma \(2, 2\)"):
         load_stats(tmp_path / "shape.npz")
+    r = _run("-m", "stepdistill", "fid", "calc", str(tmp_path), "--ref", str(tmp_path / "r.npz"), "--eval-size", "-5")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --eval-size must be >= 0 (0: crop only), got -5"
+
+
+@pytest.mark.parametrize("sigma,message", [
+    ([[1.0, 0.5], [0.0, 1.0]], "it is not symmetric"),
+    ([[1.0, 0.0], [0.0, -1.0]], "it has a negative eigenvalue"),
+    ([[1.0, 2.0], [2.0, 1.0]], "it has a negative eigenvalue"),  # symmetric, eigenvalues 3 and -1
+])
+def test_fid_statistics_whose_sigma_is_no_covariance_are_refused(tmp_path, sigma, message):
+    """Such statistics would give a negative FID; they are refused in one line naming the file."""
+    import numpy as np
+
+    from stepdistill.evaluation.fid import EvalError, load_stats
+
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2), sigma=np.array(sigma), meta=np.array("{}"))
+    with pytest.raises(EvalError, match=rf"ref.npz: sigma is not a covariance \({message}"):
+        load_stats(tmp_path / "ref.npz")
+    np.savez(tmp_path / "ok.npz", mu=np.zeros(2), sigma=np.cov(np.random.default_rng(0).normal(size=(50, 2)).T),
+             meta=np.array("{}"))
+    load_stats(tmp_path / "ok.npz")  # a real covariance passes
 
 
 def test_export_of_damaged_run_files_is_one_line(tmp_path):

@@ -133,8 +133,17 @@ class DMD(DMDBase):
                "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
         # every rank makes the same pairs (the same seeds); rank 0 stores them
         return load_or_make(folder, key, self._make_pairs, save=lambda pairs, tmp: save_state(pairs, tmp, "pairs"),
-                            load=lambda f: load_state(f, "pairs"), what="DMD's regression pairs",
-                            write=self.ctx.source.rank == 0)
+                            load=self._load_pairs, what="DMD's regression pairs", write=self.ctx.source.rank == 0)
+
+    def _load_pairs(self, folder: Path) -> dict:
+        """The stored pairs, refused (so made again) unless they are what :meth:`_make_pairs` makes."""
+        pairs = load_state(folder, "pairs")
+        n, shape = self.options.regression_pairs, (self.options.regression_pairs, *self.ctx.teacher.sample_shape)
+        if not isinstance(pairs, dict) or {"noise", "x", "cond"} - set(pairs) or \
+                tuple(pairs["noise"].shape) != shape or tuple(pairs["x"].shape) != shape or \
+                not (pairs["cond"] is None or all(len(v) == n for v in pairs["cond"].values() if torch.is_tensor(v))):
+            raise ValueError("the stored pairs do not have the expected fields and shapes")
+        return pairs
 
     def _make_pairs(self) -> dict:
         """(noise, the teacher's ODE sample from it, conditioning) for ``regression_pairs`` draws."""

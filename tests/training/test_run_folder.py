@@ -87,6 +87,29 @@ def test_dmd_regression_pairs_made_under_other_settings_are_generated_again(tmp_
     assert len(load_state(out / "dmd_regression_pairs", "pairs")["noise"]) == 24
 
 
+@pytest.mark.parametrize("damage", [
+    ("oracle_network/config.json", b"{not json"),
+    ("oracle_network/diffusion_pytorch_model.safetensors", b"garbage"),
+    ("oracle_network/stepdistill_key.json", b"[1, 2"),
+    ("dmd_regression_pairs/pairs.safetensors", b"\x00" * 64),
+    ("dmd_regression_pairs/pairs.json", b"{}"),
+])
+def test_a_damaged_cache_in_the_run_folder_is_made_again(tmp_path, caplog, damage):
+    """The run folder's caches are read back checked: damaged, they are made again with a warning (and
+    the run goes on), never a crash."""
+    out = tmp_path / "run"
+    args = ("train.max_steps=1", "method_args.regression_pairs=16")
+    Trainer(_cfg(out, *args, method="dmd")).close()
+    name, garbage = damage
+    (out / name).write_bytes(garbage)
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        trainer = Trainer(_cfg(out, *args, method="dmd"))
+    trainer.fit()
+    assert "making it again" in caplog.text and name.split("/")[0] in caplog.text
+    assert len(load_state(out / "dmd_regression_pairs", "pairs")["noise"]) == 16
+    assert (out / "student").is_dir()
+
+
 def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     first = Trainer(_cfg(out, "train.max_steps=1"))
