@@ -41,10 +41,11 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a NaN/inf loss or gradient; the message names the last good checkpoint."""
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """The command stopped early: a run after writing a checkpoint (SIGTERM / SIGINT, or ``stop_after``),
     or any command in a phase without checkpoints (fitting, sampling, caching, exporting), whose finished
-    parts are kept (``signal`` names what stopped it)."""
+    parts are kept (``signal`` names what stopped it). A BaseException, like KeyboardInterrupt, so that
+    code catching ``Exception`` (a damaged file, an unreadable image) never takes a stop for bad data."""
 
     def __init__(self, step: int | None, checkpoint=None, signal: str | None = None):
         if checkpoint is not None:

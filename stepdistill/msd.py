@@ -50,15 +50,21 @@ def condition_vectors(cond: Cond) -> torch.Tensor:
     return torch.cat(parts, 1).cpu()
 
 
+def check_partition(captions: list[str], k: int) -> None:
+    """k students need k >= 2 and at least k distinct captions."""
+    if k < 2:
+        raise InputError(f"--students must be >= 2, got {k}")
+    unique = len(set(captions))
+    if unique < k:
+        raise InputError(f"data.prompts holds {unique} distinct captions, fewer than --students {k}")
+
+
 def partition_captions(teacher, captions: list[str], k: int, seed: int = 0, chunk: int = 256):
     """(cluster index per caption, centroids) of k-means on the teacher's embedding of each caption."""
     from sklearn.cluster import KMeans
 
-    if k < 2:
-        raise InputError(f"--students must be >= 2, got {k}")
+    check_partition(captions, k)
     unique = sorted(set(captions))
-    if len(unique) < k:
-        raise InputError(f"data.prompts holds {len(unique)} distinct captions, fewer than --students {k}")
     vecs = torch.cat([condition_vectors(teacher.encode(unique[i:i + chunk])[0]) for i in range(0, len(unique), chunk)])
     km = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(vecs.numpy())
     by_caption = dict(zip(unique, km.labels_.tolist()))
@@ -76,15 +82,18 @@ def train_students(config: str | Path, k: int, out: Path, overrides=()) -> Path:
                           "data.prompts); class-label and oracle teachers are not supported")
     table = read_captions(cfg.data.prompts, cfg.data, cfg.data.skip_bad_items)  # any source distill reads
     captions = table.take(range(len(table)))
+    check_partition(captions, k)
+    claim_folder(out, "msd", {"config": str(config), "students": k, "overrides": list(overrides)},
+                 legacy=lambda folder: (folder / ROUTER_FILE).is_file() or (folder / "prompts_0.txt").is_file())
     teacher = load_teacher(cfg.teacher.path)
     assignment, centroids = partition_captions(teacher, captions, k, cfg.train.seed)
-    claim_folder(out, "msd", {"config": str(config), "students": k, "overrides": list(overrides)},
-                 legacy=(ROUTER_FILE,))
     names = []
     for j in range(k):
         part = [c for c, a in zip(captions, assignment) if a == j]
-        prompts = out / f"prompts_{j}.json"  # a JSON list keeps captions with line breaks whole
-        write_json(prompts, part)
+        prompts = out / f"prompts_{j}.txt"  # a folder written before JSON partitions: its students' own file
+        if not prompts.is_file():
+            prompts = out / f"prompts_{j}.json"  # a JSON list keeps captions with line breaks whole
+            write_json(prompts, part)
         name = f"student_{j}"
         run_cfg = load_config(config, [*overrides, f"data.prompts={prompts}", f"train.output_dir={out / name}"])
         train(run_cfg)

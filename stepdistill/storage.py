@@ -173,19 +173,32 @@ def file_problem(folder: Path, rel: str, meta: dict) -> str | None:
     return None
 
 
+def records_problem(folder: Path, records: dict) -> str | None:
+    """The first of ``records`` (a manifest's :func:`file_records`, in their order) whose file is not
+    as recorded, checked several at once, or None."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(records.items())
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(items)))) as pool:
+        problems = list(pool.map(lambda item: file_problem(folder, *item), items))
+    return next((p for p in problems if p), None)
+
+
 def claim_folder(folder: str | Path, command: str, settings: dict | None = None, option: str = "--out",
-                 legacy: tuple[str, ...] = ()) -> Path:
+                 legacy: Callable[[Path], bool] | None = None, mark: bool = True) -> Path:
     """The one rule for every command that writes into a folder: it writes only into a folder it
     created, or one carrying its own marker (``FOLDER_MARKER``) for the same settings. A new or empty
-    folder is claimed (the marker is written); anything else is one InputError naming ``option``, the
-    folder and why, before any work, so nothing the user had is overwritten, deleted or mixed into the
-    results. ``legacy`` names files that mark a folder this command wrote before markers existed (it
-    is claimed then); ``settings`` None: any settings (the command compares them itself)."""
+    folder is created and marked; anything else is one InputError naming ``option``, the folder and
+    why, before any work, so nothing the user had is overwritten, deleted or mixed into the results.
+
+    ``legacy(folder)`` tells a folder this command wrote before markers existed (it is claimed then);
+    ``settings`` None: any settings (the command compares them itself); ``mark`` False: only check and
+    create the folder, the caller marks it (:func:`mark_folder`) once its own checks have passed.
+    Several processes may claim one folder at once: the marker and its temporaries are their own."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{option}: '{folder}' exists and is not a folder")
     marker = folder / FOLDER_MARKER
-    wanted = {"command": command, **({"settings": settings} if settings is not None else {})}
     if marker.is_file():
         try:
             saved = json.loads(marker.read_text(encoding="utf-8"))
@@ -201,14 +214,22 @@ def claim_folder(folder: str | Path, command: str, settings: dict | None = None,
                 raise InputError(f"{option}: '{folder}' holds the output of stepdistill {command} with other settings "
                                  f"({problem}); give another folder or the same settings")
         return folder
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    if present and not any((folder / name).exists() for name in legacy):
+    ours = (FOLDER_MARKER, f".{FOLDER_MARKER}.tmp-")  # another process of this command marking it now
+    present = sorted(p.name for p in folder.iterdir() if not p.name.startswith(ours)) if folder.is_dir() else []
+    if present and not (legacy is not None and legacy(folder)):
         shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
         raise InputError(f"{option}: '{folder}' holds files stepdistill {command} did not write ({shown}); give a "
                          f"new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(marker, wanted)
+    if mark:
+        mark_folder(folder, command, settings)
     return folder
+
+
+def mark_folder(folder: str | Path, command: str, settings: dict | None = None) -> None:
+    """Write ``folder``'s marker: it holds the output of ``command`` with ``settings``."""
+    write_json(Path(folder) / FOLDER_MARKER,
+               {"command": command, **({"settings": settings} if settings is not None else {})})
 
 
 @contextlib.contextmanager
@@ -284,6 +305,7 @@ def load_or_make(folder: Path, key: dict, make: Callable[[], T], save: Callable[
     saved (with ``write``) into a temporary folder with the key and swapped in whole. A folder made for
     other settings, or one that cannot be loaded, is made again with a warning naming why."""
     folder = Path(folder)
+    remove_dead_temporaries(folder)  # what a writer killed mid-save left
     problem = "it is missing"
     if folder.is_dir():
         try:

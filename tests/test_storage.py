@@ -95,3 +95,51 @@ def test_only_the_temporaries_of_dead_processes_of_this_machine_are_removed(tmp_
         p.mkdir()
     assert remove_dead_temporaries(target) == [theirs]
     assert mine.is_dir() and elsewhere.is_dir() and user.is_dir() and not theirs.exists()
+
+
+def test_a_stop_is_not_taken_for_a_damaged_cache(tmp_path):
+    """A SIGTERM raised inside a cache's load (Interrupted, a BaseException) stops the command; it is
+    not caught as damage and the cache is not made again."""
+    from stepdistill.errors import Interrupted
+
+    def load(folder):
+        raise Interrupted(None, signal="SIGTERM")
+
+    folder = tmp_path / "cache"
+    load_or_make(folder, {"k": 1}, make=lambda: "v", save=lambda v, f: (f / "v.txt").write_text(v), load=lambda f: "v",
+                 what="the test cache")
+    with pytest.raises(Interrupted):
+        load_or_make(folder, {"k": 1}, make=lambda: pytest.fail("made again"), save=None, load=load, what="the test cache")
+
+
+def test_several_processes_may_claim_one_folder_at_once(tmp_path):
+    """A folder where another process of the same command is writing its marker (its temporary is
+    there) is not taken for the user's."""
+    from stepdistill.storage import FOLDER_MARKER, claim_folder
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / f".{FOLDER_MARKER}.tmp-0000-1-abcd").write_text("{}")
+    assert claim_folder(folder, "coco30k", {"a": 1}) == folder
+    assert claim_folder(folder, "coco30k", {"a": 1}) == folder  # the second process finds the marker
+
+
+@pytest.mark.parametrize("content,claimed", [
+    ("method: dmd2\nteacher: {path: x}\ntrain: {max_steps: 3}\n", True),  # a run's config (written before markers)
+    ("my: notes\n", False),  # the user's own config.yaml
+    ("[not, a, mapping]", False),
+])
+def test_a_run_folder_from_before_markers_is_a_run_config_not_any_config_yaml(tmp_path, content, claimed):
+    from stepdistill.errors import InputError
+    from stepdistill.storage import claim_folder
+    from stepdistill.training.run_folder import is_run_folder
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(content)
+    if claimed:
+        assert claim_folder(folder, "distill", legacy=is_run_folder) == folder
+    else:
+        with pytest.raises(InputError, match="holds files stepdistill distill did not write \\(config.yaml\\)"):
+            claim_folder(folder, "distill", legacy=is_run_folder)
+        assert (folder / "config.yaml").read_text() == content

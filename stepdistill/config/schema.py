@@ -202,7 +202,9 @@ class TrainConfig:
     parallel: typing.Literal["auto", "ddp", "fsdp"] = "auto"
     verify_rank_sync: bool = False  # after every step, check that all ranks hold identical trainable weights
     max_nonfinite_steps: int = 10  # this many steps in a row with a NaN/inf loss or gradient stop the run
-    export: bool = False  # at the end, also write the student (its EMA when kept) as a diffusers pipeline: <output_dir>/pipeline
+    # at the end, also write the student (its EMA when kept) as a diffusers pipeline, <output_dir>/pipeline (the
+    # distill command does; a Trainer used alone warns that it does not)
+    export: bool = False
 
     def __post_init__(self):
         self.output_dir = expand_path("train.output_dir", self.output_dir)

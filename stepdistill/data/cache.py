@@ -28,9 +28,18 @@ from ..config import load_config, torch_dtype
 from ..diffusion.denoiser import Cond
 from ..errors import DataError, InputError
 from ..models.teachers import load_teacher, resolve_teacher_path
-from ..storage import file_problem, file_records, key_problem, temporary_name, valid_record, write_json, writing
+from ..storage import (
+    file_problem,
+    file_records,
+    key_problem,
+    records_problem,
+    temporary_name,
+    valid_record,
+    write_json,
+    writing,
+)
 from .items import read_items
-from .loading import Decoded, InWorkers, collate, image_geometry, next_batch
+from .loading import Decoded, InWorkers, collate, image_geometry, next_batch, worker_signals
 from .seeds import TAGS, stream_seed
 from .sources import read_captions
 
@@ -126,21 +135,26 @@ class DataCache:
         if not isinstance(self.manifest.get("files"), dict):
             raise DataError(f"data.cache: '{self.folder}' records no checksums of its shards; re-run stepdistill "
                             f"cache on it to add them")
+        self._verify()
         self.rows = self.manifest["shard_rows"]
         self._open: dict = {}
-        self._verified: set[str] = set()
         self.reads = 0
 
-    def _checked(self, rel: str) -> Path:
-        """``rel``, verified once per process against the manifest's size and checksum: a shard that was
-        truncated, deleted or altered after caching is one error naming it, never trained on."""
-        if rel not in self._verified:
-            meta = self.manifest["files"].get(rel)
-            problem = f"{rel} is not in its manifest" if meta is None else file_problem(self.folder, rel, meta)
-            if problem:
-                raise DataError(f"data.cache: '{self.folder}': {problem}; run stepdistill cache again to rewrite it")
-            self._verified.add(rel)
-        return self.folder / rel
+    def _verify(self) -> None:
+        """Every file against the manifest's size and checksum, before the first read: a shard that was
+        truncated, deleted or altered after caching is one error naming it, never trained on. With
+        several processes the main one checks (threads hash several files at once) and the verdict
+        goes to every rank, so all stop alike."""
+        import torch.distributed as dist
+
+        parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        problem = records_problem(self.folder, self.manifest["files"]) if not parallel or dist.get_rank() == 0 else None
+        if parallel:
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem:
+            raise DataError(f"data.cache: '{self.folder}': {problem}; run stepdistill cache again to rewrite it")
 
     def _handle(self, part: str, shard: int):
         from safetensors import safe_open
@@ -149,7 +163,7 @@ class DataCache:
         if key not in self._open:
             if len(self._open) > 16:
                 self._open.clear()
-            self._open[key] = safe_open(str(self._checked(f"{part}/{shard:05d}.safetensors")), "pt")
+            self._open[key] = safe_open(str(self.folder / part / f"{shard:05d}.safetensors"), "pt")
         return self._open[key]
 
     def _rows(self, part: str, idx: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
@@ -166,7 +180,7 @@ class DataCache:
     def _uncond(self) -> Cond:
         from safetensors.torch import load_file
 
-        return Cond(unflatten(load_file(str(self._checked("uncond.safetensors")))))
+        return Cond(unflatten(load_file(str(self.folder / "uncond.safetensors"))))
 
     def prompt_rows(self):
         """(rows(idx) -> Cond, uncond) of the caption list, or None when the cache holds none."""
@@ -265,6 +279,7 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
         tensors: dict[str, list] = {}
         loader = None if part == "prompts" else iter(torch.utils.data.DataLoader(
             InWorkers(decoded), batch_size=64, sampler=range(lo, hi), collate_fn=collate,
+            worker_init_fn=worker_signals,
             num_workers=min(cfg.data.num_workers, os.cpu_count() or 1)))  # the shard's images, 64 at a time
         for a in range(lo, hi, 64):
             b = min(a + 64, hi)

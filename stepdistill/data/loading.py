@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections import deque
 
 import torch
@@ -111,8 +112,22 @@ class InWorkers(torch.utils.data.Dataset):
             return Failed(exc)
 
 
+def worker_signals(_worker_id: int = 0) -> None:
+    """``worker_init_fn`` of every DataLoader: a worker leaves SIGINT to the main process (a Ctrl-C
+    reaches the whole process group) and dies on SIGTERM as a plain process does, instead of running
+    the handlers it inherited (the command's stop, the loop's checkpoint-then-stop), which belong to
+    the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def failure(rows) -> "Failed | None":
+    """The first item of a batch whose decode failed in a worker, or None."""
+    return next((r for r in rows if isinstance(r, Failed)), None)
+
+
 def collate(rows):
-    failed = next((r for r in rows if isinstance(r, Failed)), None)
+    failed = failure(rows)
     if failed is not None:
         return failed
     pixels, original, corner, idx = zip(*rows)
@@ -170,6 +185,7 @@ class RealData:
 
         loader = torch.utils.data.DataLoader(InWorkers(self.decoded), batch_sampler=_Planned(plan()),
                                              num_workers=self.num_workers, collate_fn=collate,
+                                             worker_init_fn=worker_signals,
                                              prefetch_factor=PREFETCH_STEPS if self.num_workers else None,
                                              persistent_workers=False)
         self._iter = iter(loader)

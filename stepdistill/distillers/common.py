@@ -99,7 +99,7 @@ def student_trainable(student: Student, lr: float) -> Trainable:
 
 def frozen_copy(den: Denoiser) -> Denoiser:
     """A frozen snapshot of a denoiser's current weights (e.g. the teacher of a progressive round); of a
-    sharded network, an unsharded copy on every rank (``stepdistill.parallel``)."""
+    sharded network, an unsharded copy on every rank (``stepdistill.models.sharding``)."""
     model = plain_copy(den.model).eval().requires_grad_(False)
     return Denoiser(model, den.process, den.prediction_type)
 

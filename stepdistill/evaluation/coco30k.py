@@ -39,7 +39,7 @@ import torch
 from ..config import torch_dtype
 from ..errors import EvalError
 from ..export import SAMPLING_FILE
-from ..storage import FOLDER_MARKER, claim_folder, file_sha256, write_json
+from ..storage import FOLDER_MARKER, claim_folder, file_sha256, key_problem, write_json
 from . import fid as fidlib
 from .clip_score import DEFAULT_MODEL, DEFAULT_PREFIX, DEFAULT_PRETRAINED, CLIPScorer, check_clip_weights
 
@@ -220,12 +220,11 @@ def prepare(args) -> tuple[list[dict], dict, Path]:
     }
     old = args.out / "generation.json"  # a folder written before folder markers: compared by this record
     if old.is_file() and not (args.out / FOLDER_MARKER).is_file():
-        before = json.loads(old.read_text())
-        diffs = [f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in settings if before.get(k) != settings.get(k)]
-        if diffs:
-            raise EvalError(f"{args.out} holds images made with other settings ({'; '.join(diffs)}); "
-                            f"use a new --out folder")
-    claim_folder(args.out, "coco30k", settings, legacy=("generation.json",))  # nothing of the user's is scored
+        problem = key_problem(json.loads(old.read_text()), settings)
+        if problem:
+            raise EvalError(f"{args.out} holds images made with other settings ({problem}); use a new --out folder")
+    # nothing of the user's is overwritten or scored
+    claim_folder(args.out, "coco30k", settings, legacy=lambda folder: (folder / "generation.json").is_file())
     return captions, settings, ref
 
 

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from ..data.files import to_8bit, unreadable
-from ..data.loading import Failed, InWorkers, next_batch
+from ..data.loading import InWorkers, failure, next_batch, worker_signals
 from ..errors import EvalError
 from ..storage import file_sha256, temporary_name, write_json
 
@@ -161,7 +161,8 @@ def image_features(files: Sequence[str | os.PathLike], extractor: InceptionFeatu
     if missing:
         raise EvalError(f"{len(missing)} image file(s) missing, first: {missing[0]}")
     loader = torch.utils.data.DataLoader(InWorkers(_ProtocolImages(files, eval_size)), batch_size=batch_size,
-                                         shuffle=False, drop_last=False, num_workers=num_workers, collate_fn=_stack)
+                                         shuffle=False, drop_last=False, num_workers=num_workers, collate_fn=_stack,
+                                         worker_init_fn=worker_signals)
     batches, feats = iter(loader), []
     for _ in tqdm(range(len(loader)), desc=desc, disable=not verbose):
         with torch.no_grad():
@@ -193,7 +194,7 @@ class _ProtocolImages(torch.utils.data.Dataset):
 
 
 def _stack(rows):
-    return next((r for r in rows if isinstance(r, Failed)), None) or torch.stack(rows)
+    return failure(rows) or torch.stack(rows)
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

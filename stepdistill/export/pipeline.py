@@ -194,14 +194,18 @@ def _save_lora(pipe, component: str, student_folder: Path, out: Path):
 
 
 def export(source: str | Path, out: str | Path, *, teacher: str | None = None, use_ema: bool = False,
-           lora: bool = False, dtype: torch.dtype | None = None, running_ok: bool = False) -> Path:
-    """Write the pipeline folder ``out`` (which must not exist yet) and return it. ``running_ok``: the
+           lora: bool = False, dtype: torch.dtype | None = None, running_ok: bool = False,
+           replace: bool = False) -> Path:
+    """Write the pipeline folder ``out`` and return it. ``out`` must not exist yet, unless ``replace``
+    (a run's own ``pipeline/``, swapped in whole once the new one is complete). ``running_ok``: the
     source run is the caller's own, exporting itself at its end (otherwise a run still training is
     refused)."""
     from diffusers import DiffusionPipeline  # imported here: loading diffusers' pipelines takes seconds
 
     source, out = Path(source), Path(out)
-    if out.exists():
+    if replace:
+        recover_swap(out)  # an earlier export that died between its two renames
+    elif out.exists():
         raise ExportError(f"export destination '{out}' already exists; choose a new folder (nothing was written)")
     ancestor = out.parent
     while not ancestor.exists():
@@ -265,7 +269,10 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
         card = _model_card(type(pipe).__name__, spec, call, str(teacher), lora, metrics,
                            teacher_license(resolve_teacher_path(teacher)))
         (tmp / "README.md").write_text(card)
-        os.replace(tmp, out)
+        if replace:
+            swap_in(tmp, out)
+        else:
+            os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -291,15 +298,8 @@ def export_run(run_dir: Path, teacher_path: str, use_ema: bool) -> Path:
     """``<run_dir>/pipeline``: the final student (its EMA when kept) in the teacher's diffusers
     pipeline (``train.export``), replacing an earlier export of this run only once the new one is
     complete."""
-    final = Path(run_dir) / EXPORT_DIR
-    recover_swap(final)  # an earlier export that died between its two renames
-    remove_dead_temporaries(final)  # and one killed while writing
-    new = temporary_name(final)
-    try:
-        export(run_dir, new, teacher=teacher_path, use_ema=use_ema, running_ok=True)
-        swap_in(new, final)
-    finally:
-        shutil.rmtree(new, ignore_errors=True)
+    final = export(run_dir, Path(run_dir) / EXPORT_DIR, teacher=teacher_path, use_ema=use_ema, running_ok=True,
+                   replace=True)
     logger.info("exported the student as a diffusers pipeline: %s", final)
     return final
 

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.student import Student
-from ..storage import file_problem, file_records, load_state, valid_record
+from ..storage import file_records, load_state, records_problem, valid_record
 
 CKPT_PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
@@ -187,11 +187,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         rel = str(f.relative_to(folder))
         if f.is_file() and f.name != MANIFEST and rel not in listed:
             return f"{rel} is not in the manifest"
-    for rel, meta in files.items():
-        problem = file_problem(folder, rel, meta)
-        if problem:
-            return problem
-    return None
+    return records_problem(folder, files)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

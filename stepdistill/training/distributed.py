@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError, OtherRankFailed
+from ..errors import InputError, Interrupted, OtherRankFailed
 from ..models.sharding import local
 
 
@@ -41,8 +41,9 @@ def mean_over_ranks(accelerator, values: dict[str, float]) -> dict[str, float]:
 def on_main(accelerator, fn, what: str):
     """``fn()`` on the main process and its result on every rank (picklable). When it raises, the main
     process re-raises and every other rank raises too, so that no rank is left waiting in a collective
-    for a process that has failed: bad input (an :class:`~stepdistill.errors.InputError`) as bad input,
-    anything else as :class:`~stepdistill.errors.OtherRankFailed`, each naming ``what``."""
+    for a process that has failed: bad input (an :class:`~stepdistill.errors.InputError`) as bad input, a
+    stop (:class:`~stepdistill.errors.Interrupted`) as a stop, anything else as
+    :class:`~stepdistill.errors.OtherRankFailed`, each naming ``what``."""
     result, error = None, None
     if accelerator.is_main_process:
         try:
@@ -52,18 +53,24 @@ def on_main(accelerator, fn, what: str):
     if accelerator.num_processes > 1:
         import torch.distributed as dist
 
-        failure = None if error is None else (isinstance(error, InputError), str(error))
+        failure = None if error is None else (_kind(error), str(error))
         box = [None if error is not None else result, failure]
         dist.broadcast_object_list(box, src=0)
         result, failure = box
     else:
-        failure = None if error is None else (isinstance(error, InputError), str(error))
+        failure = None if error is None else (_kind(error), str(error))
     if failure is not None:
         if error is not None:
             raise error
-        bad_input, message = failure
-        raise (InputError if bad_input else OtherRankFailed)(f"{what} failed on the main process: {message}")
+        kind, message = failure
+        if kind == "stop":
+            raise Interrupted(None, signal=f"the main process's stop during {what}")
+        raise (InputError if kind == "input" else OtherRankFailed)(f"{what} failed on the main process: {message}")
     return result
+
+
+def _kind(error: BaseException) -> str:
+    return "input" if isinstance(error, InputError) else "stop" if isinstance(error, Interrupted) else "other"
 
 
 def broadcast_from_main(accelerator, module: nn.Module) -> None:

@@ -30,8 +30,6 @@ from .checkpoints import config_changes
 
 RUN_RECORD = "run.json"
 LOCK_FILE = ".lock"
-# what a run folder written before folder markers (storage.claim_folder) holds: such a folder is a run's
-LEGACY_RUN_FILES = (RUN_RECORD, "config.yaml", "checkpoints")
 
 
 class RunLock:
@@ -56,10 +54,10 @@ class RunLock:
                 holder = ""
             raise ConfigError(f"train.output_dir: '{self.folder}' is in use by another run ({holder or 'holder unknown'}); "
                               f"wait for it to finish or use another train.output_dir") from None
-        self.holder = (f"pid {os.getpid()} on {socket.gethostname()}, since "
+        self._note_text = (f"pid {os.getpid()} on {socket.gethostname()}, since "
                        f"{datetime.datetime.now().isoformat(timespec='seconds')}")
         try:
-            self.note.write_text(self.holder + "\n")  # a killed holder's note is simply overwritten
+            self.note.write_text(self._note_text + "\n")  # a killed holder's note is simply overwritten
         except OSError:
             os.close(fd)
             raise
@@ -72,7 +70,7 @@ class RunLock:
     def release(self) -> None:
         if self._fd is not None:
             try:
-                if self.note.read_text().strip() == self.holder:
+                if self.note.read_text().strip() == self._note_text:
                     self.note.unlink()
             except OSError:
                 pass
@@ -104,6 +102,21 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a run folder written before folder markers (``storage.claim_folder``)
+    existed: it has a ``run.json``, a ``config.yaml`` of a run config, or a completed checkpoint."""
+    import yaml
+
+    folder = Path(folder)
+    if (folder / RUN_RECORD).is_file() or any((folder / "checkpoints").glob("checkpoint-*/manifest.json")):
+        return True
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and {"method", "teacher", "train"} <= set(config)
 
 
 def check_run_record(folder: Path, config: dict, plain_config: dict) -> None:

@@ -26,14 +26,14 @@ from ..diffusion.denoiser import unwrap
 from ..distillers.base import Context
 from ..errors import ConfigError, Interrupted, NonFiniteError
 from ..models.sharding import is_sharded, plain_copy
-from ..storage import claim_folder, writing
+from ..storage import claim_folder, mark_folder, writing
 from . import outputs
 from .build import build_distiller, build_source, build_teacher, build_trainables, validate_inputs
 from .checkpointer import Checkpointer
 from .checkpoints import list_checkpoints
 from .distributed import any_rank, mean_over_ranks, on_main, verify_rank_sync
 from .parallel import Parallel, resolve_strategy
-from .run_folder import LEGACY_RUN_FILES, RunLock, check_run_record, data_fingerprint, write_run_record
+from .run_folder import RunLock, check_run_record, data_fingerprint, is_run_folder, write_run_record
 from .update import apply_update, ema_weights, select
 
 logger = logging.getLogger("stepdistill")
@@ -128,9 +128,9 @@ class Trainer:
 
     def _take_folder(self) -> None:
         """Claim the run folder (a new or empty folder, or one a run wrote: ``storage.claim_folder``), lock
-        it for this run, and refuse it when it holds another run."""
+        it for this run, refuse it when it holds another run, and mark it as this run's."""
         try:
-            claim_folder(self.run_dir, "distill", option="train.output_dir", legacy=LEGACY_RUN_FILES)
+            claim_folder(self.run_dir, "distill", option="train.output_dir", legacy=is_run_folder, mark=False)
             self.lock.acquire()
         except OSError as exc:  # a path that cannot be a folder, a read-only or full disk: one line naming it
             verb = "write into" if self.run_dir.is_dir() else "create"
@@ -139,6 +139,7 @@ class Trainer:
         try:
             if not list_checkpoints(self.run_dir):  # with checkpoints, resume compares against them
                 check_run_record(self.run_dir, self.resolved, self.cfg.to_dict())
+            mark_folder(self.run_dir, "distill")
         except BaseException:
             self.lock.release()
             raise
@@ -160,6 +161,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         acc, tcfg = self.accelerator, self.cfg.train
+        if tcfg.export and not self.finishers and acc.is_main_process:
+            logger.warning("train.export: a Trainer alone does not export; the distill command "
+                           "(stepdistill.distill.train) adds the export when the run ends")
         start = self.resume()  # before anything is written: a refused resume leaves the run folder as it was
         if acc.is_main_process:
             # the config as run: method_args with the method's defaults filled in and every value typed

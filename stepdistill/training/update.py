@@ -35,15 +35,14 @@ class TrainableState:
 
     def restore_schedule(self, saved: dict | None, position: int) -> None:
         """After a resume: the learning-rate schedule at its saved state (without one, after ``position``
-        steps), with this run's learning rate, which may differ from the checkpoint's (a resume-safe
-        change)."""
+        steps), with this run's learning rate and schedule, either of which may differ from the
+        checkpoint's (resume-safe changes: ``optim`` rates, ``train.max_steps`` for a decaying schedule).
+        The current rate is recomputed from them; unchanged, it is the rate the checkpoint holds."""
         sched = self.scheduler
         if saved is not None:
             sched.load_state_dict(saved)
         else:
             sched.last_epoch = position
-        if saved is not None and all(float(b) == self.lr for b in sched.base_lrs):
-            return  # the optimiser's state already holds the schedule's current rate
         sched.base_lrs = [self.lr for _ in sched.base_lrs]
         for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
             group["initial_lr"] = self.lr

@@ -157,6 +157,13 @@ def test_safe_changes_are_allowed_and_logged(tmp_path, caplog):
 
     lr = trainer.states["student"].optimizer.param_groups[0]["lr"]
     assert lr == pytest.approx(5e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))  # new base lr, position kept
+    trainer.close()
+    # the step budget alone changed: the first resumed iteration already runs the new schedule
+    trainer = Trainer(_oracle_cfg(out, "train.max_steps=8", "train.checkpoint_every=2", "train.lr_schedule=cosine"))
+    assert trainer.resume() == 2
+    lr = trainer.states["student"].optimizer.param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 8)))
+    trainer.close()
 
 
 def test_learning_rate_schedules_follow_the_loop_step_for_every_trainable(tmp_path):
