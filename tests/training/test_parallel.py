@@ -3,9 +3,12 @@ the one-process run with the same global batch, DDP ranks stay identical, FSDP's
 DDP's, and a sharded checkpoint reshards onto another process count (and is refused by one process)."""
 
 import json
+import os
+import subprocess
 
 import pytest
-from helpers.runs import ROOT, launch
+import torch
+from helpers.runs import LAUNCH, ROOT, env, launch
 from safetensors.torch import load_file
 
 from stepdistill.storage import load_state
@@ -165,3 +168,30 @@ def test_an_fsdp_launch_without_cuda_shards(monkeypatch):
     plugin = fsdp_plugin(acc)
     assert plugin.reshard_after_forward is False and list(plugin.transformer_cls_names_to_wrap) == ["BasicTransformerBlock"]
     assert resolve_strategy(SimpleNamespace(num_processes=1), "auto") == "none"
+
+
+@pytest.mark.slow  # about 60 s
+def test_two_nodes_on_localhost_equal_the_two_process_run(tmp_path, tiny_pipelines):
+    """configs/accelerate/multinode.yaml as two "nodes" on localhost (machine_rank 0 and 1, one process
+    each, gloo): the same run as two processes on one node, loss for loss and weight for weight."""
+    cfg = "configs/tiny-sd/dmd2_4step.yaml"
+    common = [f"teacher.path={tiny_pipelines['sd']}", "train.max_steps=3", "train.checkpoint_every=3",
+              "train.log_every=1", "train.validate_every=3", "train.lr_schedule=linear", "method_args.lr=1e-3",
+              "train.report_to=none", "train.progress=false"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    r = launch(cfg, common + [f"train.output_dir={single}"], processes=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    port = str(29600 + os.getpid() % 1000)
+    nodes = [subprocess.Popen(
+        LAUNCH[:3] + ["--config_file", str(ROOT / "configs" / "accelerate" / "multinode.yaml"), "--num_machines", "2",
+                      "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                      "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
+                      str(ROOT / "train" / "distill.py"), "--config", str(ROOT / cfg), *common,
+                      f"train.output_dir={multi}"],
+        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, results):
+        assert node.returncode == 0, err[-3000:]
+    assert _history(multi) == [{**row, "it_per_s": h["it_per_s"]} for row, h in zip(_history(single), _history(multi))]
+    a, b = _weights(single), _weights(multi)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
