@@ -39,7 +39,12 @@ def test_shipped_accelerate_configs_load(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(path))
-    assert cfg.num_processes >= 1 and cfg.num_machines == 1 and cfg.mixed_precision == "no"
+    assert cfg.mixed_precision == "no"
+    # num_processes is the total over the machines: a whole number of processes on each machine.
+    assert cfg.num_machines >= 1 and cfg.num_processes >= cfg.num_machines
+    assert cfg.num_processes % cfg.num_machines == 0, (cfg.num_processes, cfg.num_machines)
+    if cfg.num_machines > 1:  # the several-machine config names where rank 0 listens
+        assert cfg.main_process_ip and cfg.main_process_port and cfg.rdzv_backend == "static"
     assert cfg.dynamo_config == {} or cfg.dynamo_config.get("dynamo_backend", "NO") in ("NO", "no")
 
 
