@@ -40,6 +40,7 @@ import yaml
 
 from ..config import PRECISIONS, torch_dtype
 from ..diffusion.denoiser import unwrap
+from ..diffusion.process import is_flow_scheduler
 from ..errors import ConfigError, ExportError, InputError
 from ..models.nets import time_frozen_copy
 from ..models.shipped import quiet_text_encoder_type
@@ -111,7 +112,7 @@ def check_slot(spec: StudentSpec, network: dict, slot, scheduler, teacher: str) 
              if k in slot.config and network.get(k) != slot.config.get(k)]
     if diffs:
         raise ExportError(f"the student's {want} does not fit {teacher}'s: {'; '.join(diffs)}")
-    kind = "flow" if "FlowMatch" in type(scheduler).__name__ else "vp"
+    kind = "flow" if is_flow_scheduler({**scheduler.config, "_class_name": type(scheduler).__name__}) else "vp"
     if spec.process["kind"] != kind:
         raise ExportError(f"the student was trained on a {spec.process['kind']} process but {teacher}'s scheduler "
                           f"({type(scheduler).__name__}) is {kind}")
