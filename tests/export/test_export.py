@@ -46,8 +46,14 @@ CASES = [  # family, sampler, timesteps, guidance (w input)
     ("sd3", "deterministic", _flow([1.0, 0.5]), None),
     ("sd3", "renoise", _flow([1.0, 0.75, 0.5, 0.25]), None),
     ("pixel", "renoise", [999, 499], None),
+    ("sd35", "renoise", _flow([1.0]), None),  # SiD-style one step, through the dual-attention blocks
+    ("sd35", "renoise", _flow([1.0, 0.75, 0.5, 0.25]), None),
+    ("sana", "renoise", _flow([1.0]), None),  # Sana's own DPMSolver (flow sigmas) -> a stock flow scheduler
+    ("sana", "renoise", _flow([1.0, 0.75, 0.5, 0.25]), None),  # DMD2: FlowMatchLCMScheduler
+    ("sana", "deterministic", _flow([1.0, 0.5]), None),  # progressive: FlowMatchEulerDiscreteScheduler
     ("sd", "signal", [-1], None),  # BOOT: one step, the network's timestep input folded away
     ("sd3", "signal", [0.0], None),
+    ("sana", "signal", [0.0], None),
     ("dit", "signal", [-1], None),
     ("pixel", "signal", [-1], None),
 ]
@@ -80,7 +86,7 @@ def test_exported_pipeline_samples_like_the_toolkit(tmp_path, tiny_pipelines, fa
         prompts = ["a red cube", "two cats"]
         size = teacher.sample_shape[-1] * pipe.vae_scale_factor
         call.update(prompt=prompts, output_type="latent", height=size, width=size)
-        if pipe_name.startswith("PixArt"):
+        if pipe_name.startswith(("PixArt", "Sana")):
             call.update(use_resolution_binning=False)
         cond = teacher.encode(prompts)[0]
     torch.manual_seed(123)  # DiT / SD3 pipelines re-noise from the global generator
