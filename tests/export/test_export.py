@@ -332,3 +332,36 @@ def test_smaller_student_exports_as_its_own_config(tmp_path, tiny_pipelines):
     noise = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(7))
     ref = Student.load(tmp_path / "student").sample(noise, teacher.encode(prompts)[0])
     torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,architecture,layer_map", [
+    ("sd35", {"num_layers": 2}, {"transformer_blocks": [1, 3]}),  # one dual-attention block of the two
+    # narrower: Sana's cross_attention_dim is its inner width (the caption projection's), not an input
+    ("sana", {"num_attention_heads": 1, "num_cross_attention_heads": 1, "cross_attention_dim": 16, "num_layers": 1},
+     None),
+])
+def test_smaller_sd35_and_sana_students_export(tmp_path, tiny_pipelines, family, architecture, layer_map):
+    from diffusers import DiffusionPipeline
+
+    teacher = load_teacher(tiny_pipelines[family])
+    net = copy_for_training(teacher.denoiser.model, architecture=architecture, layer_map=layer_map).eval()
+    proc = teacher.denoiser.process
+    spec = StudentSpec("test", "renoise", _flow([1.0, 0.5]), None, proc.describe(), teacher.denoiser.prediction_type)
+    Student(Denoiser(net, proc, teacher.denoiser.prediction_type), spec).save(tmp_path / "student")
+    out = export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines[family])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert {k: pipe.transformer.config[k] for k in architecture} == {k: v for k, v in architecture.items()}
+    if family == "sd35":
+        assert list(pipe.transformer.config.dual_attention_layers) == [0]
+    prompts = ["a red cube", "two cats"]
+    size = teacher.sample_shape[-1] * pipe.vae_scale_factor
+    extra = {"use_resolution_binning": False} if family == "sana" else {}
+    torch.manual_seed(5)
+    got = pipe(prompt=prompts, output_type="latent", height=size, width=size, generator=torch.Generator().manual_seed(7),
+               **sampling_kwargs(out), **extra).images
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(2, *teacher.sample_shape, generator=g)
+    torch.manual_seed(5)
+    ref = Student.load(tmp_path / "student").sample(noise, teacher.encode(prompts)[0],
+                                                    generator=g if family == "sana" else torch.default_generator)
+    torch.testing.assert_close(got.float(), ref, rtol=1e-5, atol=1e-5)
