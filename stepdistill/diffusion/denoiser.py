@@ -148,6 +148,7 @@ W_CONDITIONED: dict[str, tuple[str | None, dict]] = {
     "DiTTransformer2DModel": ("GuidedDiTTransformer2DModel", {}),
     "PixArtTransformer2DModel": ("GuidedPixArtTransformer2DModel", {}),
     "SD3Transformer2DModel": ("GuidedSD3Transformer2DModel", {}),
+    "SanaTransformer2DModel": ("GuidedSanaTransformer2DModel", {}),
 }
 
 
@@ -158,6 +159,7 @@ FEATURE_MODULES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "DiTTransformer2DModel": lambda m: m.transformer_blocks[len(m.transformer_blocks) // 2],
     "PixArtTransformer2DModel": lambda m: m.transformer_blocks[len(m.transformer_blocks) // 2],
     "SD3Transformer2DModel": lambda m: m.transformer_blocks[len(m.transformer_blocks) // 2],
+    "SanaTransformer2DModel": lambda m: m.transformer_blocks[len(m.transformer_blocks) // 2],
     "MLPDenoiser": lambda m: m.blocks[-1],
 }
 
@@ -255,6 +257,20 @@ def _sd3(model, c: ModelCall):
         timestep=c.model_t,
         **_guidance_kwargs(model, c),
     ).sample
+
+
+@register_adapter("SanaTransformer2DModel")
+def _sana(model, c: ModelCall):
+    """As SanaPipeline calls it: the scheduler's timestep times the network's ``timestep_scale``, the text
+    states with their token mask (the pipeline's padding), learned-sigma channels dropped."""
+    out = model(
+        c.x,
+        encoder_hidden_states=c.cond["encoder_hidden_states"],
+        encoder_attention_mask=c.cond.get("encoder_attention_mask"),
+        timestep=c.model_t * unwrap(model).config.timestep_scale,
+        **_guidance_kwargs(model, c),
+    ).sample
+    return _learned_sigma_split(out, c.x)
 
 
 @register_adapter("OracleNet")

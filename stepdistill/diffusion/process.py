@@ -8,7 +8,8 @@ Time conventions (docs/ARCHITECTURE.md):
   interpolate log(alphas_cumprod) linearly, so integer times are exact. ``t = -1`` is the clean end
   (alpha = 1, sigma = 0), matching DDIM's ``set_alpha_to_one`` final step.
 - ``FlowProcess``: continuous t in [0, 1], alpha = 1 - t, sigma = t (rectified flow / SD3). The
-  network sees ``t * num_train_timesteps`` as diffusers' FlowMatchEulerDiscreteScheduler does.
+  network sees ``t * num_train_timesteps`` as diffusers' FlowMatchEulerDiscreteScheduler does, and as
+  the multistep solvers on flow sigmas do (Sana's DPMSolverMultistepScheduler, ``use_flow_sigmas``).
 
 Prediction types: ``epsilon``, ``sample`` (x0), ``v_prediction`` (v = alpha eps - sigma x0,
 Salimans & Ho 2022) and ``flow`` (u = eps - x0, the rectified-flow velocity dx_t/dt).
@@ -250,6 +251,8 @@ def process_from_scheduler_config(config: Any) -> NoiseProcess:
                 "set a static 'shift' in the scheduler config to distill it"
             )
         proc = FlowProcess(shift=config.get("shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000))
+    elif config.get("use_flow_sigmas"):
+        proc = _flow_sigmas_process(cls.__name__, config)
     else:
         scheduler = cls.from_config(config)
         if not hasattr(scheduler, "alphas_cumprod"):
@@ -258,6 +261,34 @@ def process_from_scheduler_config(config: Any) -> NoiseProcess:
     proc.scheduler_config = {k: v for k, v in {**config, "_class_name": cls.__name__}.items()
                              if not k.startswith("_") or k == "_class_name"}
     return proc
+
+
+def is_flow_scheduler(config: dict) -> bool:
+    """Whether a diffusers scheduler config (with ``_class_name``) samples a flow-matching process: the
+    FlowMatch schedulers, and the multistep solvers on flow sigmas (Sana's DPMSolverMultistepScheduler)."""
+    return "FlowMatch" in str(config.get("_class_name")) or bool(config.get("use_flow_sigmas"))
+
+
+# what a multistep solver on flow sigmas computes x0 from (diffusers' ``convert_model_output``: x0 = x - t u,
+# (x - t eps) / (1 - t), or the output itself); its v_prediction reads x0 = alpha x - sigma v, which is not
+# this toolkit's v (alpha eps - sigma x0) once alpha^2 + sigma^2 != 1
+FLOW_SIGMAS_PREDICTIONS = {"flow_prediction": "flow", "epsilon": "epsilon", "sample": "sample"}
+
+
+def _flow_sigmas_process(name: str, config: dict) -> "FlowProcess":
+    """The flow process of a multistep solver with ``use_flow_sigmas``: sigma_t = t, alpha_t = 1 - t, its
+    sampling sigmas shifted by ``flow_shift`` as SD3's are by ``shift``. The network sees t *
+    num_train_timesteps, continuous, as the FlowMatch schedulers pass it (and export uses them); the solver
+    itself casts that product to an integer timestep, under one unit lower, beside its exact sigma."""
+    if config.get("use_dynamic_shifting"):
+        raise ValueError(f"{name} with use_dynamic_shifting=True: the shift depends on the image size; set a static "
+                         f"'flow_shift' in the scheduler config to distill it")
+    pred = config.get("prediction_type", "epsilon")
+    if pred not in FLOW_SIGMAS_PREDICTIONS:
+        raise ValueError(f"{name} on flow sigmas with prediction_type {pred!r}: its x0 reading has no counterpart here; "
+                         f"supported: {sorted(FLOW_SIGMAS_PREDICTIONS)}")
+    return FlowProcess(shift=config.get("flow_shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000),
+                       prediction_type=FLOW_SIGMAS_PREDICTIONS[pred])
 
 
 def truncated_snr_weight(process: NoiseProcess, t) -> torch.Tensor:
@@ -272,6 +303,7 @@ __all__ = [
     "VPProcess",
     "FlowProcess",
     "process_from_scheduler_config",
+    "is_flow_scheduler",
     "truncated_snr_weight",
     "per_sample",
 ]

@@ -40,6 +40,7 @@ import yaml
 
 from ..config import PRECISIONS, torch_dtype
 from ..diffusion.denoiser import unwrap
+from ..diffusion.process import is_flow_scheduler
 from ..errors import ConfigError, ExportError, InputError
 from ..models.nets import time_frozen_copy
 from ..models.shipped import quiet_text_encoder_type
@@ -98,6 +99,9 @@ INTERFACE_KEYS = ("in_channels", "out_channels", "sample_size", "patch_size", "c
                   "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
                   "class_embed_type", "num_class_embeds", "num_embeds_ada_norm", "joint_attention_dim",
                   "pooled_projection_dim", "caption_channels")
+# keys of INTERFACE_KEYS that are a width inside these classes: Sana's cross-attention reads the output of its
+# own caption projection (caption_channels -> the inner width), so a narrower student narrows it too
+INTERNAL_KEYS = {"SanaTransformer2DModel": ("cross_attention_dim",)}
 
 
 def check_slot(spec: StudentSpec, network: dict, slot, scheduler, teacher: str) -> None:
@@ -107,11 +111,12 @@ def check_slot(spec: StudentSpec, network: dict, slot, scheduler, teacher: str) 
     if network.get("_class_name") != want:
         raise ExportError(f"the student is a {network.get('_class_name')} but {teacher}'s pipeline takes a {want}; "
                           f"export into the pipeline of the teacher it was distilled from")
-    diffs = [f"{k}: {network.get(k)!r} (student) vs {slot.config.get(k)!r}" for k in INTERFACE_KEYS
+    keys = [k for k in INTERFACE_KEYS if k not in INTERNAL_KEYS.get(want, ())]
+    diffs = [f"{k}: {network.get(k)!r} (student) vs {slot.config.get(k)!r}" for k in keys
              if k in slot.config and network.get(k) != slot.config.get(k)]
     if diffs:
         raise ExportError(f"the student's {want} does not fit {teacher}'s: {'; '.join(diffs)}")
-    kind = "flow" if "FlowMatch" in type(scheduler).__name__ else "vp"
+    kind = "flow" if is_flow_scheduler({**scheduler.config, "_class_name": type(scheduler).__name__}) else "vp"
     if spec.process["kind"] != kind:
         raise ExportError(f"the student was trained on a {spec.process['kind']} process but {teacher}'s scheduler "
                           f"({type(scheduler).__name__}) is {kind}")

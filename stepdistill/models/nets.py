@@ -9,7 +9,8 @@ import copy
 import functools
 
 import torch
-from diffusers import ConfigMixin, DiTTransformer2DModel, ModelMixin, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import (ConfigMixin, DiTTransformer2DModel, ModelMixin, PixArtTransformer2DModel, SanaTransformer2DModel,
+                       SD3Transformer2DModel)
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
@@ -22,8 +23,8 @@ def _guidance_conditioned(base: type) -> type:
     """``base`` (a diffusers transformer) with a guidance-scale input, built the way a UNet's
     ``time_cond_proj_dim`` works: a bias-free projection of the guidance sinusoid is added to the input
     of every timestep embedder (the ``TimestepEmbedding`` modules named ``timestep_embedder``: one per
-    DiT block, PixArt's ``adaln_single.emb``, SD3's ``time_text_embed``; not PixArt's size embedders).
-    Zero-initialised, the network is exactly ``base``. The constructor takes ``base``'s arguments, so
+    DiT block, PixArt's ``adaln_single.emb``, Sana's ``time_embed.emb``, SD3's ``time_text_embed``; not
+    PixArt's size embedders). Zero-initialised, the network is exactly ``base``. The constructor takes ``base``'s arguments, so
     configs and ``from_pretrained`` are unchanged."""
 
     class GuidanceConditioned(base):
@@ -62,6 +63,7 @@ def _guidance_conditioned(base: type) -> type:
 GuidedDiTTransformer2DModel = _guidance_conditioned(DiTTransformer2DModel)
 GuidedPixArtTransformer2DModel = _guidance_conditioned(PixArtTransformer2DModel)
 GuidedSD3Transformer2DModel = _guidance_conditioned(SD3Transformer2DModel)
+GuidedSanaTransformer2DModel = _guidance_conditioned(SanaTransformer2DModel)
 
 
 class _Block(nn.Module):

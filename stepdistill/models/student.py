@@ -48,13 +48,43 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module.to(dtype)
 
 
+# config entries that name layers of one of the network's layer lists, by index: (config key, the list, the config
+# key of its length). A student layer must be of the kind of the teacher layer it starts from, else its weights
+# would start fresh or go unused, so these follow the layer map instead of being copied.
+LAYER_INDEX_KEYS = {"SD3Transformer2DModel": [("dual_attention_layers", "transformer_blocks", "num_layers")]}
+
+
+def layer_index_config(src: nn.Module, config: dict, architecture: dict,
+                       layer_map: dict[str, list[int]] | None) -> dict:
+    """The student's values of ``LAYER_INDEX_KEYS`` (SD3.5's dual-attention blocks): student layer j is
+    listed iff the teacher layer it starts from (``layer_map``, default j) is. A value given in
+    ``architecture`` that says otherwise is refused."""
+    entries = next((LAYER_INDEX_KEYS[c.__name__] for c in type(src).__mro__ if c.__name__ in LAYER_INDEX_KEYS), [])
+    out = {}
+    for key, layers, count_key in entries:
+        if key not in config:
+            continue
+        n = int({**config, **architecture}[count_key])
+        picks = list((layer_map or {}).get(layers, range(n)))
+        teacher = sorted(int(i) for i in config[key])
+        derived = [j for j in range(min(n, len(picks))) if picks[j] in teacher]
+        if key in architecture and sorted(int(i) for i in architecture[key]) != derived:
+            raise ValueError(f"student.architecture.{key} {list(architecture[key])}: student {layers} j starts from "
+                             f"teacher layer {picks[:n]}[j] and the teacher's {key} are {teacher}, so the student's are "
+                             f"{derived} (another kind of layer would start with fresh or unused weights); leave "
+                             f"{key} out and it is derived")
+        out[key] = derived
+    return out
+
+
 def smaller_copy(model: nn.Module, architecture: dict, layer_map: dict[str, list[int]] | None = None,
                  cls: type | None = None, config_updates: dict | None = None) -> tuple[nn.Module, list[str]]:
     """A network of ``model``'s class (or ``cls``) with ``architecture`` changing its config (fewer
     blocks, fewer channels), initialised from ``model``'s weights: each tensor of the same name is cut to
     the new shape (its leading rows / channels, i.e. the first heads and channels), and layer i of a
     list named in ``layer_map`` starts from the teacher's layer ``layer_map[name][i]`` (default: layer
-    i, the first layers). Returns (network, names of the tensors the teacher had no source for)."""
+    i, the first layers), as a layer of its kind (:func:`layer_index_config`). Returns (network, names
+    of the tensors the teacher had no source for)."""
     src = unwrap(model)
     cls = cls or type(src)
     config = {k: v for k, v in dict(src.config).items() if not k.startswith("_")}
@@ -62,7 +92,8 @@ def smaller_copy(model: nn.Module, architecture: dict, layer_map: dict[str, list
     if unknown:
         raise ValueError(f"student.architecture: {unknown} are not config keys of {type(src).__name__} "
                          f"(its keys: {sorted(config)})")
-    new = cls.from_config({**config, **(config_updates or {}), **architecture})
+    new = cls.from_config({**config, **(config_updates or {}), **architecture,
+                           **layer_index_config(src, config, architecture, layer_map)})
     teacher_state = src.state_dict()
     layer_map = layer_map or {}
 

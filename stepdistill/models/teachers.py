@@ -7,6 +7,7 @@ pipeline class (how it encodes, what its unconditional branch is).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -90,6 +91,28 @@ def _encode_sd3(teacher: "Teacher", prompts):
     )
 
 
+def call_default(pipeline, name: str):
+    """The default of the pipeline ``__call__``'s argument ``name``: what a user's plain call encodes with."""
+    return inspect.signature(type(pipeline).__call__).parameters[name].default
+
+
+@register_pipeline("SanaPipeline")
+def _encode_sana(teacher: "Teacher", prompts):
+    """As SanaPipeline's ``__call__`` encodes by default, so that the exported student sees the states it
+    was trained on: its complex human instruction before each prompt (not before the empty negative
+    prompt: ``encode_prompt`` leaves it out there), ``max_sequence_length`` tokens with their mask."""
+    pipe = teacher.pipeline
+    pe, mask, npe, nmask = pipe.encode_prompt(
+        list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=teacher.encoder_device,
+        clean_caption=False, max_sequence_length=call_default(pipe, "max_sequence_length"),
+        complex_human_instruction=call_default(pipe, "complex_human_instruction"),
+    )
+    return (
+        Cond({"encoder_hidden_states": pe, "encoder_attention_mask": mask}),
+        Cond({"encoder_hidden_states": npe, "encoder_attention_mask": nmask}),
+    )
+
+
 def _encode_labels(teacher: "Teacher", labels):
     """Class-conditional teachers: 'prompts' are class indices (DiT also takes its label names)."""
     if teacher.null_label is None:
@@ -161,12 +184,17 @@ class Teacher:
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None,
                       noise: torch.Tensor | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> the denoiser's input space (scaled latents, or the images). The VAE's
-        latent sample draws from ``generator``, or is ``mean + std * noise`` when ``noise`` is given."""
+        latent sample draws from ``generator``, or is ``mean + std * noise`` when ``noise`` is given; a
+        deterministic encoder (Sana's DC-AE: ``.latent``, no distribution) uses neither."""
         vae = self.vae
         if vae is None:
             return images
-        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-        z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
+        encoded = vae.encode(images.to(vae.device, vae.dtype))
+        if not hasattr(encoded, "latent_dist"):
+            z = encoded.latent
+        else:
+            dist = encoded.latent_dist
+            z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * vae.config.scaling_factor).float()
 

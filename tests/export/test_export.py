@@ -46,8 +46,14 @@ CASES = [  # family, sampler, timesteps, guidance (w input)
     ("sd3", "deterministic", _flow([1.0, 0.5]), None),
     ("sd3", "renoise", _flow([1.0, 0.75, 0.5, 0.25]), None),
     ("pixel", "renoise", [999, 499], None),
+    ("sd35", "renoise", _flow([1.0]), None),  # SiD-style one step, through the dual-attention blocks
+    ("sd35", "renoise", _flow([1.0, 0.75, 0.5, 0.25]), None),
+    ("sana", "renoise", _flow([1.0]), None),  # Sana's own DPMSolver (flow sigmas) -> a stock flow scheduler
+    ("sana", "renoise", _flow([1.0, 0.75, 0.5, 0.25]), None),  # DMD2: FlowMatchLCMScheduler
+    ("sana", "deterministic", _flow([1.0, 0.5]), None),  # progressive: FlowMatchEulerDiscreteScheduler
     ("sd", "signal", [-1], None),  # BOOT: one step, the network's timestep input folded away
     ("sd3", "signal", [0.0], None),
+    ("sana", "signal", [0.0], None),
     ("dit", "signal", [-1], None),
     ("pixel", "signal", [-1], None),
 ]
@@ -80,7 +86,7 @@ def test_exported_pipeline_samples_like_the_toolkit(tmp_path, tiny_pipelines, fa
         prompts = ["a red cube", "two cats"]
         size = teacher.sample_shape[-1] * pipe.vae_scale_factor
         call.update(prompt=prompts, output_type="latent", height=size, width=size)
-        if pipe_name.startswith("PixArt"):
+        if pipe_name.startswith(("PixArt", "Sana")):
             call.update(use_resolution_binning=False)
         cond = teacher.encode(prompts)[0]
     torch.manual_seed(123)  # DiT / SD3 pipelines re-noise from the global generator
@@ -326,3 +332,36 @@ def test_smaller_student_exports_as_its_own_config(tmp_path, tiny_pipelines):
     noise = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(7))
     ref = Student.load(tmp_path / "student").sample(noise, teacher.encode(prompts)[0])
     torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,architecture,layer_map", [
+    ("sd35", {"num_layers": 2}, {"transformer_blocks": [1, 3]}),  # one dual-attention block of the two
+    # narrower: Sana's cross_attention_dim is its inner width (the caption projection's), not an input
+    ("sana", {"num_attention_heads": 1, "num_cross_attention_heads": 1, "cross_attention_dim": 16, "num_layers": 1},
+     None),
+])
+def test_smaller_sd35_and_sana_students_export(tmp_path, tiny_pipelines, family, architecture, layer_map):
+    from diffusers import DiffusionPipeline
+
+    teacher = load_teacher(tiny_pipelines[family])
+    net = copy_for_training(teacher.denoiser.model, architecture=architecture, layer_map=layer_map).eval()
+    proc = teacher.denoiser.process
+    spec = StudentSpec("test", "renoise", _flow([1.0, 0.5]), None, proc.describe(), teacher.denoiser.prediction_type)
+    Student(Denoiser(net, proc, teacher.denoiser.prediction_type), spec).save(tmp_path / "student")
+    out = export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines[family])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert {k: pipe.transformer.config[k] for k in architecture} == {k: v for k, v in architecture.items()}
+    if family == "sd35":
+        assert list(pipe.transformer.config.dual_attention_layers) == [0]
+    prompts = ["a red cube", "two cats"]
+    size = teacher.sample_shape[-1] * pipe.vae_scale_factor
+    extra = {"use_resolution_binning": False} if family == "sana" else {}
+    torch.manual_seed(5)
+    got = pipe(prompt=prompts, output_type="latent", height=size, width=size, generator=torch.Generator().manual_seed(7),
+               **sampling_kwargs(out), **extra).images
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(2, *teacher.sample_shape, generator=g)
+    torch.manual_seed(5)
+    ref = Student.load(tmp_path / "student").sample(noise, teacher.encode(prompts)[0],
+                                                    generator=g if family == "sana" else torch.default_generator)
+    torch.testing.assert_close(got.float(), ref, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@ from stepdistill.models.teachers import TeacherLoadError, load_teacher
     ("dit", (4, 8, 8), "vp", "epsilon"),
     ("pixart", (4, 8, 8), "vp", "epsilon"),
     ("sd3", (4, 8, 8), "flow", "flow"),
+    ("sd35", (4, 8, 8), "flow", "flow"),
+    ("sana", (4, 8, 8), "flow", "flow"),  # DPMSolverMultistepScheduler on flow sigmas
     ("pixel", (3, 16, 16), "vp", "epsilon"),
 ])
 def test_tiny_pipeline_loads_frozen(tiny_pipelines, family, shape, kind, pred):
@@ -20,7 +22,8 @@ def test_tiny_pipeline_loads_frozen(tiny_pipelines, family, shape, kind, pred):
     assert all(not p.requires_grad for p in teacher.denoiser.model.parameters())
     if teacher.vae is not None:
         assert all(not p.requires_grad for p in teacher.vae.parameters())
-        img = torch.rand(2, 3, 16, 16) * 2 - 1
+        size = 32 if family == "sana" else 16  # Sana's DC-AE downsamples by 4
+        img = torch.rand(2, 3, size, size) * 2 - 1
         z = teacher.encode_images(img, generator=torch.Generator().manual_seed(0))
         assert z.shape == (2, *shape)
         assert teacher.decode(z).shape == img.shape

@@ -11,6 +11,7 @@ from diffusers import (  # noqa: E402
     DiffusionPipeline,
     DiTPipeline,
     PixArtAlphaPipeline,
+    SanaPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -40,6 +41,10 @@ CASES = {
         (1, *IMG),
     ),
     "sd3": (StableDiffusion3Pipeline, "transformer", dict(prompt=PROMPT, max_sequence_length=16), (1, *IMG)),
+    "sd35": (StableDiffusion3Pipeline, "transformer", dict(prompt=PROMPT, max_sequence_length=16), (1, *IMG)),
+    # the default call: 1024px without binning's sizes, so height/width; the complex human instruction stays on
+    "sana": (SanaPipeline, "transformer", dict(prompt=PROMPT, use_resolution_binning=False, height=32, width=32),
+             (1, 3, 32, 32)),
     "pixel": (DDPMPipeline, "unet", dict(), (1, *IMG)),
 }
 
@@ -155,3 +160,23 @@ def test_pixel_class_conditional(tmp_path):
     out = pipe.unet(x, torch.tensor([5, 500]), class_labels=torch.tensor([0, 9])).sample
     assert out.shape == x.shape
     assert torch.isfinite(out).all()
+
+
+def test_sana_tokenizer_is_a_gemma_tokenizer_written_locally(tmp_path):
+    """A real GemmaTokenizer from a written vocabulary: <bos> first, known words one piece each, other text
+    through byte fallback, decoding back to the text; it saves and reloads with the pipeline."""
+    from transformers import GemmaTokenizer
+
+    from stepdistill.testing.tiny_pipelines import make_tiny_sana, tiny_gemma_tokenizer
+
+    tok = tiny_gemma_tokenizer()
+    assert type(tok) is GemmaTokenizer
+    ids = tok("a photo of a cat").input_ids
+    assert ids[0] == tok.bos_token_id and tok.convert_ids_to_tokens(ids[1:]) == ["a", "\u2581photo", "\u2581of", "\u2581a", "\u2581cat"]
+    text = "Enhanced: a 🐱 naïve prompt"
+    assert "<0xF0>" in tok.convert_ids_to_tokens(tok(text).input_ids)
+    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+    pipe = _load(make_tiny_sana(tmp_path / "sana"))
+    assert type(pipe.tokenizer) is GemmaTokenizer and pipe.tokenizer(text).input_ids == tok(text).input_ids
+    assert type(pipe.text_encoder).__name__ == "Gemma2Model" and type(pipe.vae).__name__ == "AutoencoderDC"
+    assert pipe.vae_scale_factor == 4 and pipe.scheduler.config.use_flow_sigmas

@@ -8,9 +8,9 @@ with ``save_pretrained(path)`` (safetensors) and returns ``pathlib.Path(path)``.
 The folder reloads with ``DiffusionPipeline.from_pretrained(path)`` under
 ``HF_HUB_OFFLINE=1`` and the pipeline's own ``__call__`` runs.
 
-Sizes: latents are 4x8x8 (images 3x16x16, VAE downsampling factor 2),
+Sizes: latents are 4x8x8 (images 3x16x16, VAE downsampling factor 2; Sana's 3x32x32),
 denoisers have 50K-270K parameters, text encoders have 2 layers (CLIP hidden
-32, T5 d_model 32/96), every saved folder is under 2 MB.
+32, T5 d_model 32/96, Gemma 2 hidden 32), every saved folder is under 2 MB.
 
 Seeding: the denoiser (unet/transformer) is created right after
 ``torch.manual_seed(seed)``; the VAE uses ``seed + 1`` and text encoders
@@ -34,6 +34,12 @@ Denoiser forward signatures (what a distillation loop has to pass):
   pooled_projections=[B, 64], timestep=t).sample`` (flow matching, ``t`` =
   sigma * 1000; 16 CLIP tokens + ``L = max_sequence_length`` T5 tokens;
   64 features instead of 96 with ``with_t5=False``).
+* ``sd35``: as ``sd3``, with 4 blocks, RMS QK-norm and dual attention (an image-only ``attn2``) in
+  blocks 0 and 1, the SD3.5 Medium layout scaled down.
+* ``sana``: ``transformer(x, encoder_hidden_states=[B, 300, 32], encoder_attention_mask=[B, 300],
+  timestep=t).sample`` (flow matching, ``t`` = sigma * 1000 * ``timestep_scale``; Gemma 2 states of the
+  prompt after the pipeline's complex human instruction). Latents 4x8x8 and images 3x32x32: its DC-AE
+  downsamples by 4, since SanaPipeline takes image sides in multiples of 32.
 * ``pixel``: ``unet(x, t).sample`` (+ ``class_labels=[B]`` when
   ``num_class_embeds`` is set).
 """
@@ -48,11 +54,13 @@ from .dit import make_tiny_dit
 from .pixart import make_tiny_pixart
 from .pixel import make_tiny_pixel
 from .sd import make_tiny_sd
-from .sd3 import make_tiny_sd3
+from .sana import make_tiny_sana, tiny_gemma_tokenizer
+from .sd3 import make_tiny_sd3, make_tiny_sd35
 from .sdxl import make_tiny_sdxl
 
-__all__ = ["TINY_FAMILIES", "make_tiny_dit", "make_tiny_pixart", "make_tiny_pixel", "make_tiny_sd", "make_tiny_sd3",
-           "make_tiny_sdxl", "tiny_clip_tokenizer", "tiny_t5_tokenizer"]
+__all__ = ["TINY_FAMILIES", "make_tiny_dit", "make_tiny_pixart", "make_tiny_pixel", "make_tiny_sana", "make_tiny_sd",
+           "make_tiny_sd3", "make_tiny_sd35", "make_tiny_sdxl", "tiny_clip_tokenizer", "tiny_gemma_tokenizer",
+           "tiny_t5_tokenizer"]
 
 TINY_FAMILIES: dict[str, Callable[..., pathlib.Path]] = {
     "sd": make_tiny_sd,
@@ -60,6 +68,8 @@ TINY_FAMILIES: dict[str, Callable[..., pathlib.Path]] = {
     "dit": make_tiny_dit,
     "pixart": make_tiny_pixart,
     "sd3": make_tiny_sd3,
+    "sd35": make_tiny_sd35,
+    "sana": make_tiny_sana,
     "pixel": make_tiny_pixel,
 }
 

@@ -27,6 +27,9 @@ def make_tiny_sd3(
     shift: float = 3.0,
     with_t5: bool = True,
     seed: int = 0,
+    num_layers: int = 2,
+    dual_attention_layers: tuple[int, ...] = (),
+    qk_norm: str | None = None,
 ) -> pathlib.Path:
     """Tiny ``StableDiffusion3Pipeline``.
 
@@ -43,8 +46,9 @@ def make_tiny_sd3(
       optional components, so a plain ``DiffusionPipeline.from_pretrained(path)``
       raises; reload with ``from_pretrained(path, text_encoder_3=None,
       tokenizer_3=None)``.
-    * SD3Transformer2DModel: 2 heads x 16 = 32 inner dim =
-      ``caption_projection_dim``; ``pos_embed_max_size=16`` (latents up to 32).
+    * SD3Transformer2DModel: ``num_layers`` blocks, 2 heads x 16 = 32 inner dim =
+      ``caption_projection_dim``; ``pos_embed_max_size=16`` (latents up to 32);
+      ``dual_attention_layers`` and ``qk_norm`` as in SD3.5 (:func:`make_tiny_sd35`).
     * AutoencoderKL with SD3-style ``scaling_factor=1.5305``,
       ``shift_factor=0.0609``, no quant convs, 4 latent channels (16 in SD3).
     * FlowMatchEulerDiscreteScheduler(shift=``shift``).
@@ -61,13 +65,15 @@ def make_tiny_sd3(
         patch_size=2,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        num_layers=2,
+        num_layers=num_layers,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=joint_attention_dim,
         caption_projection_dim=32,
         pooled_projection_dim=2 * TEXT_PROJ,
         pos_embed_max_size=16,
+        dual_attention_layers=tuple(dual_attention_layers),
+        qk_norm=qk_norm,
     ).eval()
     vae = tiny_vae(
         seed + 1,
@@ -94,3 +100,12 @@ def make_tiny_sd3(
         tokenizer_3=tokenizer_3,
     )
     return save_pipeline(pipe, path)
+
+
+def make_tiny_sd35(path: str | os.PathLike, *, shift: float = 3.0, seed: int = 0) -> pathlib.Path:
+    """Tiny SD3.5 ``StableDiffusion3Pipeline``: the SD3.5 Medium layout scaled down. Medium has 24
+    blocks, RMS QK-norm (``qk_norm="rms_norm"``) in every attention, and a second image-only attention
+    (``attn2``, MMDiT-X) in blocks 0-12, the first half; here 4 blocks with QK-norm, blocks 0 and 1
+    dual-attention, block 3 (the last, ``context_pre_only``) not. SD3.5 Large has QK-norm and no dual
+    blocks. Encoders, VAE and scheduler (shift 3.0, as both models ship) are :func:`make_tiny_sd3`'s."""
+    return make_tiny_sd3(path, shift=shift, seed=seed, num_layers=4, dual_attention_layers=(0, 1), qk_norm="rms_norm")
