@@ -7,8 +7,9 @@ Time conventions (docs/ARCHITECTURE.md):
 - ``VPProcess``: diffusers integer timesteps 0..T-1 (T = ``num_train_timesteps``). Non-integer times
   interpolate log(alphas_cumprod) linearly, so integer times are exact. ``t = -1`` is the clean end
   (alpha = 1, sigma = 0), matching DDIM's ``set_alpha_to_one`` final step.
-- ``FlowProcess``: continuous t in [0, 1], alpha = 1 - t, sigma = t (rectified flow / SD3). The
-  network sees ``t * num_train_timesteps`` as diffusers' FlowMatchEulerDiscreteScheduler does.
+- ``FlowProcess``: continuous t in [0, 1], alpha = 1 - t, sigma = t (rectified flow / SD3 / Wan). The
+  network sees ``t * num_train_timesteps`` as diffusers' FlowMatchEulerDiscreteScheduler does (UniPC on
+  flow sigmas, Wan's scheduler, passes the same value truncated to an integer).
 
 Prediction types: ``epsilon``, ``sample`` (x0), ``v_prediction`` (v = alpha eps - sigma x0,
 Salimans & Ho 2022) and ``flow`` (u = eps - x0, the rectified-flow velocity dx_t/dt).
@@ -226,6 +227,18 @@ class FlowProcess(NoiseProcess):
         return {**super().describe(), "shift": self.shift, "num_train_timesteps": self.num_train_timesteps}
 
 
+def is_flow_scheduler(class_name: str, config) -> bool:
+    """Whether a diffusers scheduler samples a flow-matching process: the FlowMatch* classes, and the
+    multistep solvers run on flow sigmas (``use_flow_sigmas``, e.g. Wan's UniPCMultistepScheduler)."""
+    return "FlowMatch" in class_name or bool(dict(config).get("use_flow_sigmas"))
+
+
+def _shift_key(class_name: str) -> str:
+    """The config key of a flow scheduler's time shift: FlowMatch* schedulers call it ``shift``, the
+    solvers with flow sigmas ``flow_shift``; both shift sigma as s t / (1 + (s - 1) t)."""
+    return "shift" if "FlowMatch" in class_name else "flow_shift"
+
+
 def process_from_scheduler_config(config: Any) -> NoiseProcess:
     """Build the process of a diffusers scheduler from the scheduler itself or its config dict
     (``scheduler_config.json``, with ``_class_name``). VP schedules come from the scheduler class,
@@ -243,13 +256,18 @@ def process_from_scheduler_config(config: Any) -> NoiseProcess:
         cls = getattr(diffusers, cls_name, None)
         if cls is None:
             raise ValueError(f"scheduler class {cls_name!r} is not in diffusers")
-    if "FlowMatch" in cls.__name__:
+    if is_flow_scheduler(cls.__name__, config):
         if config.get("use_dynamic_shifting"):
             raise ValueError(
                 f"{cls.__name__} with use_dynamic_shifting=True: the shift depends on the image size; "
-                "set a static 'shift' in the scheduler config to distill it"
+                f"set a static '{_shift_key(cls.__name__)}' in the scheduler config to distill it"
             )
-        proc = FlowProcess(shift=config.get("shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000))
+        pred = config.get("prediction_type")
+        if "FlowMatch" not in cls.__name__ and pred != "flow_prediction":
+            raise ValueError(f"{cls.__name__} with use_flow_sigmas and prediction_type {pred!r}: a flow-matching "
+                             f"network predicts the velocity (flow_prediction)")
+        proc = FlowProcess(shift=config.get(_shift_key(cls.__name__), 1.0),
+                           num_train_timesteps=config.get("num_train_timesteps", 1000))
     else:
         scheduler = cls.from_config(config)
         if not hasattr(scheduler, "alphas_cumprod"):
@@ -272,6 +290,7 @@ __all__ = [
     "VPProcess",
     "FlowProcess",
     "process_from_scheduler_config",
+    "is_flow_scheduler",
     "truncated_snr_weight",
     "per_sample",
 ]
