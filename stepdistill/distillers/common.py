@@ -143,6 +143,14 @@ class SamplePool:
         return self.x0[idx], pick(self.cond), pick(self.uncond)
 
 
+def check_x_source(ctx: Context, kind: str) -> None:
+    """x from the data needs real data, which a video teacher never has here (real data are still
+    images): refused when the method is built, not at its first loss."""
+    if kind == "data" and getattr(ctx.teacher, "video", False):
+        raise ValueError(f"method_args.x_source=data: teacher {ctx.teacher.name} makes videos and real data here are "
+                         f"still images; use x_source: teacher (a pool of the teacher's own samples)")
+
+
 def x0_source(kind: str, batch: Batch, pool: SamplePool | None):
     """(x0, cond, uncond) from the data (each real item with its own conditioning) or from the
     teacher-sample pool."""

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers.video import PROMPTS, VIDEO, sample_both
 from test_export import make_student_folder
 
 from stepdistill.errors import ExportError
@@ -14,26 +15,6 @@ from stepdistill.export.schedulers import flow_match_grid
 from stepdistill.models.nets import PhasedExperts, expert_at
 from stepdistill.models.student import Student, StudentSpec, copy_for_training
 from stepdistill.models.teachers import load_teacher
-
-VIDEO = (5, 16, 16)
-PROMPTS = ["a red cube", "two cats"]
-
-
-def _sample_both(folder, student_dir, teacher, kwargs):
-    """(the exported pipeline's latents, the toolkit's) for the same initial noise and re-noising stream."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder)  # no stepdistill from here
-    assert type(pipe).__name__ == "WanPipeline"
-    torch.manual_seed(123)  # the stochastic scheduler re-noises from torch's global generator
-    got = pipe(prompt=PROMPTS, num_frames=VIDEO[0], height=VIDEO[1], width=VIDEO[2], output_type="latent",
-               generator=torch.Generator().manual_seed(7), **kwargs).frames
-    noise = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(7))
-    student = Student.load(student_dir)  # (loading draws from the global generator: before the seed)
-    cond = teacher.encode(PROMPTS)[0]
-    torch.manual_seed(123)
-    return pipe, got, student.sample(noise, cond, generator=torch.default_generator)
-
 
 CASES = [  # family, sampler, timesteps
     ("wan", "deterministic", [1.0]),  # one step (SiD, VSD, DMD2 1-step)
@@ -57,7 +38,7 @@ def test_exported_wan_pipeline_samples_like_the_toolkit(tmp_path, tiny_pipelines
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     assert scheduler["stochastic_sampling"] == (sampler == "renoise" and len(timesteps) > 1)
-    pipe, got, ref = _sample_both(out, tmp_path / "student", teacher, kwargs)
+    pipe, got, ref = sample_both(out, tmp_path / "student", teacher, kwargs)
     assert pipe.transformer_2 is None and pipe.config.boundary_ratio is None  # the student alone
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ref, torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)), atol=1e-2)
@@ -85,7 +66,7 @@ def test_two_step_expert_student_exports_as_transformer_and_transformer_2(tmp_pa
     spec = StudentSpec("phased_dmd", "deterministic", times, None, proc.describe(), "flow")
     Student(Denoiser(model, proc, "flow"), spec).save(tmp_path / "student")
     out = export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines[family])
-    pipe, got, ref = _sample_both(out, tmp_path / "student", teacher, sampling_kwargs(out))
+    pipe, got, ref = sample_both(out, tmp_path / "student", teacher, sampling_kwargs(out))
     assert pipe.config.boundary_ratio == 0.875 and pipe.transformer_2 is not None
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     one = Student(Denoiser(experts[0], proc, "flow"), spec).sample(
