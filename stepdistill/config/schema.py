@@ -63,11 +63,16 @@ class TeacherConfig:
     dtype: typing.Literal["fp32", "bf16", "fp16"] = "fp32"  # precision the frozen teacher is held in
     null_label: int | None = None  # class index of the CFG null branch (class-conditional UNets)
     allow_remote_code: bool = False
+    # a video teacher's [frames, height, width] in pixels (Wan: 4k + 1 frames, sides multiples of 16);
+    # default: its pipeline's __call__ defaults (Wan: 81 x 480 x 832)
+    video_size: list[int] | None = None
 
     def __post_init__(self):
         self.path = expand_path("teacher.path", self.path)
         if (self.path is None) == (self.oracle is None):
             fail("teacher", "give exactly one of teacher.path (a diffusers pipeline) or teacher.oracle")
+        if self.video_size is not None and (len(self.video_size) != 3 or min(self.video_size) < 1):
+            fail("teacher.video_size", f"must be [frames, height, width], each >= 1, got {self.video_size}")
 
 
 @dataclass

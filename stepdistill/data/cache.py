@@ -39,7 +39,7 @@ from ..storage import (
     writing,
 )
 from .items import read_items
-from .loading import Decoded, InWorkers, collate, image_geometry, next_batch, worker_signals
+from .loading import Decoded, InWorkers, collate, image_geometry, next_batch, refuse_still_images, worker_signals
 from .seeds import TAGS, stream_seed
 from .sources import read_captions
 
@@ -227,11 +227,14 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
     if not str(out) or str(out) == ".":
         raise InputError("data.cache: name the cache folder (data.cache=<folder>)")
     teacher = load_teacher(cfg.teacher.path, dtype=torch_dtype(cfg.teacher.dtype), device=state.device,
-                           null_label=cfg.teacher.null_label, allow_remote_code=cfg.teacher.allow_remote_code)
+                           null_label=cfg.teacher.null_label, allow_remote_code=cfg.teacher.allow_remote_code,
+                           video_size=cfg.teacher.video_size)
     text = teacher.conditional and teacher.null_label is None
     captions = read_captions(cfg.data.prompts, cfg.data, cfg.data.skip_bad_items) if cfg.data.prompts and text else None
     items = None
     if cfg.data.images is not None:
+        if teacher.video:
+            refuse_still_images(teacher.name, "latents " + " x ".join(map(str, teacher.sample_shape)))
         items = read_items(cfg.data, text, teacher.null_label if teacher.conditional else None)
     if captions is None and items is None:
         raise InputError("data: nothing to cache (give data.prompts or data.images)")

@@ -26,6 +26,13 @@ IN_MEMORY_ITEMS = 4096  # sets up to this many images are encoded once at start 
 PREFETCH_STEPS = 4  # (step, micro) batches planned ahead of the one in use
 
 
+def refuse_still_images(teacher: str, what: str) -> None:
+    """Real data (folders, shards, datasets, data caches of items) are still images; a video teacher's
+    latents have frames, so they cannot train it."""
+    raise DataError(f"data.images: teacher {teacher} makes videos ({what}); real data here are still images, which "
+                    f"cannot train it: distill it from data.prompts alone")
+
+
 def image_geometry(teacher) -> tuple[int, int]:
     """(pixel size, channels) real images are cropped to: the teacher's sample size in pixels."""
     scale = getattr(teacher.pipeline, "vae_scale_factor", 1) if teacher.vae is not None else 1

@@ -1,7 +1,7 @@
 """One adapter over every denoising network: ``D(x_t, t, cond) -> x0`` (or eps / v / flow).
 
 Distillers only ever call a :class:`Denoiser`. How a family's ``forward`` is called (UNet vs DiT vs
-SD3 keyword names, learned-variance channels, guidance embeddings) lives in one small entry of
+SD3 vs Wan keyword names, image or video latents, learned-variance channels, guidance embeddings) lives in one small entry of
 ``MODEL_ADAPTERS``; adding a family is one ``@register_adapter`` function (k-diffusion's
 ``external.py`` shape).
 """
@@ -160,6 +160,7 @@ FEATURE_MODULES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "PixArtTransformer2DModel": lambda m: m.transformer_blocks[len(m.transformer_blocks) // 2],
     "SD3Transformer2DModel": lambda m: m.transformer_blocks[len(m.transformer_blocks) // 2],
     "SanaTransformer2DModel": lambda m: m.transformer_blocks[len(m.transformer_blocks) // 2],
+    "WanTransformer3DModel": lambda m: m.blocks[len(m.blocks) // 2],
     "MLPDenoiser": lambda m: m.blocks[-1],
 }
 
@@ -283,11 +284,28 @@ def _mlp(model, c: ModelCall):
     return model(c.x, c.model_t, class_labels=c.cond.get("class_labels"), guidance=c.guidance)
 
 
+@register_adapter("WanTransformer3DModel")
+def _wan(model, c: ModelCall):
+    """Video latents (B, C, F, H, W) and UMT5 text states, called as pipeline_wan.py calls it."""
+    return model(hidden_states=c.x, timestep=c.model_t, encoder_hidden_states=c.cond["encoder_hidden_states"],
+                 return_dict=False)[0]
+
+
 @register_adapter("PhasedExperts")
 def _phased_experts(model, c: ModelCall):
     """Each row goes to the expert of its time (one call per expert present in the batch)."""
-    experts = unwrap(model).experts
-    which = unwrap(model).expert_index(c.t.to(c.x.device))
+    return _route(unwrap(model).experts, unwrap(model).expert_index(c.t.to(c.x.device)), c)
+
+
+@register_adapter("NoiseLevelExperts")
+def _noise_level_experts(model, c: ModelCall):
+    """Each row goes to the expert of its network time: the first at times >= the boundary (high noise),
+    the second below, the comparison pipeline_wan.py makes between its timestep and boundary_ratio * T."""
+    return _route(unwrap(model).experts, unwrap(model).expert_index(c.model_t.to(c.x.device)), c)
+
+
+def _route(experts, which: torch.Tensor, c: ModelCall) -> torch.Tensor:
+    """Rows of ``c`` through ``experts[which[row]]``: one call per expert present in the batch."""
     present = which.unique().tolist()
     if len(present) == 1:
         expert = experts[present[0]]

@@ -7,9 +7,10 @@ Time conventions (docs/ARCHITECTURE.md):
 - ``VPProcess``: diffusers integer timesteps 0..T-1 (T = ``num_train_timesteps``). Non-integer times
   interpolate log(alphas_cumprod) linearly, so integer times are exact. ``t = -1`` is the clean end
   (alpha = 1, sigma = 0), matching DDIM's ``set_alpha_to_one`` final step.
-- ``FlowProcess``: continuous t in [0, 1], alpha = 1 - t, sigma = t (rectified flow / SD3). The
-  network sees ``t * num_train_timesteps`` as diffusers' FlowMatchEulerDiscreteScheduler does, and as
-  the multistep solvers on flow sigmas do (Sana's DPMSolverMultistepScheduler, ``use_flow_sigmas``).
+- ``FlowProcess``: continuous t in [0, 1], alpha = 1 - t, sigma = t (rectified flow / SD3 / Sana / Wan).
+  The network sees ``t * num_train_timesteps`` as diffusers' FlowMatchEulerDiscreteScheduler does; the
+  multistep solvers on flow sigmas (``use_flow_sigmas``: Sana's DPMSolverMultistepScheduler, Wan's
+  UniPCMultistepScheduler) pass the same value truncated to an integer.
 
 Prediction types: ``epsilon``, ``sample`` (x0), ``v_prediction`` (v = alpha eps - sigma x0,
 Salimans & Ho 2022) and ``flow`` (u = eps - x0, the rectified-flow velocity dx_t/dt).
@@ -263,10 +264,10 @@ def process_from_scheduler_config(config: Any) -> NoiseProcess:
     return proc
 
 
-def is_flow_scheduler(config: dict) -> bool:
-    """Whether a diffusers scheduler config (with ``_class_name``) samples a flow-matching process: the
-    FlowMatch schedulers, and the multistep solvers on flow sigmas (Sana's DPMSolverMultistepScheduler)."""
-    return "FlowMatch" in str(config.get("_class_name")) or bool(config.get("use_flow_sigmas"))
+def is_flow_scheduler(class_name: str, config) -> bool:
+    """Whether a diffusers scheduler samples a flow-matching process: the FlowMatch* classes, and the
+    multistep solvers run on flow sigmas (``use_flow_sigmas``: Sana's DPMSolver, Wan's UniPC)."""
+    return "FlowMatch" in class_name or bool(dict(config).get("use_flow_sigmas"))
 
 
 # what a multistep solver on flow sigmas computes x0 from (diffusers' ``convert_model_output``: x0 = x - t u,

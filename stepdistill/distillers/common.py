@@ -14,7 +14,7 @@ from ..data.batch import Batch, BatchSource
 from ..diffusion.denoiser import Cond, Denoiser, unwrap
 from ..diffusion.sampling import ode_sample
 from ..errors import ConfigError
-from ..models.nets import PhasedExperts, network_class
+from ..models.nets import NoiseLevelExperts, PhasedExperts, expert_at, network_class
 from ..models.sharding import plain_copy
 from ..models.student import Student, StudentSpec, copy_for_training
 from .base import Context, Trainable
@@ -29,20 +29,23 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
     (:class:`~stepdistill.models.nets.PhasedExperts`, each step served by its own network); with
     ``prediction_type``, its output read in that parameterisation instead of the teacher's; with
     ``student.architecture``, a smaller network of the teacher's class cut from its weights; with
-    ``student.init``, a copy of the network in that folder instead of the teacher's."""
+    ``student.init``, a copy of the network in that folder instead of the teacher's. Of a two-expert
+    teacher (Wan2.2's high- and low-noise networks) a student network is a copy of the expert serving its
+    t_init, and each per-step expert a copy of the expert serving its step's time."""
     sc = ctx.config.student
     source = ctx.init.model if sc.init is None else load_init_network(sc.init, ctx.init.model)
 
-    def trainable_copy():
-        return copy_for_training(source, lora_rank=sc.lora_rank, lora_alpha=sc.lora_alpha,
-                                 lora_targets=sc.lora_targets, w_conditioned=w_conditioned,
+    def trainable_copy(t: float):
+        # a two-expert teacher (Wan2.2): the copy starts from the expert that serves time t
+        return copy_for_training(expert_at(source, t, ctx.init.process), lora_rank=sc.lora_rank,
+                                 lora_alpha=sc.lora_alpha, lora_targets=sc.lora_targets, w_conditioned=w_conditioned,
                                  dtype=torch_dtype(ctx.config.train.trainable_dtype), architecture=sc.architecture,
                                  layer_map=sc.layer_map).to(ctx.device)
 
-    if experts:
-        model = PhasedExperts.from_experts([trainable_copy() for _ in timesteps], [float(t) for t in timesteps])
-    else:
-        model = trainable_copy()
+    if experts:  # expert k starts from the teacher's network at step k's time
+        model = PhasedExperts.from_experts([trainable_copy(t) for t in timesteps], [float(t) for t in timesteps])
+    else:  # one network for every step: the teacher's at t_init
+        model = trainable_copy(timesteps[0])
     pred = prediction_type or ctx.init.prediction_type
     spec = StudentSpec(method, sampler, [float(t) for t in timesteps], guidance_scale, ctx.init.process.describe(), pred)
     warning = ill_conditioned_start(ctx.init.process, pred, spec.timesteps[0])
@@ -69,7 +72,9 @@ def check_init_class(folder: str, teacher_class: str) -> str:
 
 def load_init_network(folder: str, teacher_model) -> torch.nn.Module:
     """``student.init``: the network saved in ``folder`` (e.g. a run's ``student/``)."""
-    name = check_init_class(folder, type(unwrap(teacher_model)).__name__)
+    net = unwrap(teacher_model)
+    net = net.experts[0] if isinstance(net, NoiseLevelExperts) else net  # the class of a two-expert teacher's networks
+    name = check_init_class(folder, type(net).__name__)
     return network_class(name).from_pretrained(folder).eval().requires_grad_(False)
 
 
@@ -136,6 +141,14 @@ class SamplePool:
         idx = batch.randint(0, len(self.x0)).to(self.x0.device)
         pick = (lambda c: None if c is None else c[idx])
         return self.x0[idx], pick(self.cond), pick(self.uncond)
+
+
+def check_x_source(ctx: Context, kind: str) -> None:
+    """x from the data needs real data, which a video teacher never has here (real data are still
+    images): refused when the method is built, not at its first loss."""
+    if kind == "data" and getattr(ctx.teacher, "video", False):
+        raise ValueError(f"method_args.x_source=data: teacher {ctx.teacher.name} makes videos and real data here are "
+                         f"still images; use x_source: teacher (a pool of the teacher's own samples)")
 
 
 def x0_source(kind: str, batch: Batch, pool: SamplePool | None):

@@ -37,12 +37,13 @@ import torch
 
 from ..config import check_range
 from ..data.batch import Batch
-from ..diffusion.denoiser import Denoiser, unwrap
+from ..diffusion.denoiser import W_CONDITIONED, Denoiser, unwrap
 from ..diffusion.process import per_sample
+from ..models.nets import expert_at
 from ..models.sharding import full, is_sharded
 from ..models.student import boundary_scalings, lcm_timesteps
 from .base import Context, Distiller, Trainable
-from .common import SamplePool, make_student, student_trainable, x0_source
+from .common import SamplePool, check_x_source, make_student, student_trainable, x0_source
 
 LCM_TIMESTEP_SCALING = 10.0  # LCM's timestep_scaling_factor
 
@@ -165,6 +166,12 @@ class Consistency(Distiller):
         lora = bool(sc.lora_rank)
         cfg_teacher = ctx.teacher.conditional and options.w_max > 1
         self.w_conditioned = (not lora if options.w_embedding is None else options.w_embedding) and cfg_teacher
+        check_x_source(ctx, options.x_source)
+        network = type(unwrap(expert_at(ctx.init.model, proc.t_max, proc))).__name__
+        if self.w_conditioned and network not in W_CONDITIONED:
+            raise ValueError(f"method_args.w_embedding: {network} has no guidance-scale input (supported: "
+                             f"{sorted(W_CONDITIONED)}); set method_args.w_embedding=false to distil the teacher's "
+                             f"guidance into a student without one")
         self.decay = (0.0 if lora else 0.95) if options.target_decay is None else options.target_decay
         self.scaling = options.timestep_scaling if proc.kind == "vp" else None
         if proc.kind == "vp":

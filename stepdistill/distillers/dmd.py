@@ -237,6 +237,10 @@ class DMD2(DMDBase):
         self.fake_guidance_scale = options.fake_guidance_scale
         self.head = None
         if options.gan:
+            if getattr(ctx.teacher, "video", False):
+                raise ValueError(f"method_args.gan=true: the GAN head tells real data from the student's, and teacher "
+                                 f"{ctx.teacher.name} makes videos, while real data here are still images; set "
+                                 f"method_args.gan=false")
             if not ctx.source.has_real:
                 raise ValueError("method_args.gan=true needs real images: set data.images (stepdistill/data/sources.py)")
             self.features = _Features(feature_module(unwrap(self.fake.model)))

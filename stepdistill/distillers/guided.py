@@ -22,6 +22,7 @@ from ..config import check_range
 from ..data.batch import Batch
 from ..diffusion.denoiser import W_CONDITIONED, unwrap
 from ..diffusion.process import truncated_snr_weight
+from ..models.nets import expert_at
 from .base import Context, Distiller, Trainable
 from .common import SamplePool, frozen_copy, make_student, student_trainable, x0_source
 from .losses import mse
@@ -56,7 +57,7 @@ class Guided(Distiller):
     def __init__(self, ctx: Context, options: GuidedOptions):
         if not ctx.teacher.conditional:
             raise ValueError("method guided: the teacher is unconditional; classifier-free guidance needs a conditional teacher")
-        name = type(unwrap(ctx.init.model)).__name__
+        name = type(unwrap(expert_at(ctx.init.model, ctx.init.process.t_max, ctx.init.process))).__name__
         if name not in W_CONDITIONED:
             raise ValueError(f"method guided: {name} has no guidance-scale input; supported: {sorted(W_CONDITIONED)}")
         super().__init__(ctx, options)

@@ -33,7 +33,7 @@ from ..data.batch import Batch
 from ..diffusion.denoiser import Denoiser, unwrap
 from ..diffusion.process import NoiseProcess, per_sample, truncated_snr_weight
 from .base import Context, Distiller, Trainable
-from .common import SamplePool, frozen_copy, make_student, student_trainable, x0_source
+from .common import SamplePool, check_x_source, frozen_copy, make_student, student_trainable, x0_source
 from .losses import guided_x0, mse
 
 
@@ -189,6 +189,7 @@ class Progressive(Distiller):
 
     def __init__(self, ctx: Context, options: ProgressiveOptions):
         super().__init__(ctx, options)
+        check_x_source(ctx, options.x_source)
         final = ctx.config.student.num_steps
         proc = ctx.init.process
         head = None if options.student_prediction == "teacher" else options.student_prediction

@@ -30,7 +30,7 @@ import torch
 from ..config import check_range
 from ..data.batch import Batch
 from .base import Context, Distiller, Trainable
-from .common import SamplePool, make_student, student_trainable, x0_source
+from .common import SamplePool, check_x_source, make_student, student_trainable, x0_source
 from .losses import mse, prompt_dropout
 from .score import regression_times
 
@@ -63,6 +63,7 @@ class TeacherScoreMatching(Distiller):
 
     def __init__(self, ctx: Context, options: TSMOptions):
         super().__init__(ctx, options)
+        check_x_source(ctx, options.x_source)
         sc = ctx.config.student
         proc = ctx.init.process
         self.student = make_student(ctx, "tsm", "deterministic", proc.grid(sc.num_steps).tolist())

@@ -20,6 +20,13 @@ stock diffusers scheduler configured so that the trained timesteps are used exac
   whose timestep input is folded away at that time (``nets.time_frozen_copy``) behind the one-step
   scheduler at t_max, which reads the output exactly so.
 
+A pipeline whose ``__call__`` passes no ``sigmas`` to its scheduler (WanPipeline) runs the scheduler's
+own grid: a flow student exports with ``FlowMatchEulerDiscreteScheduler`` (the teacher's shift, its
+``shift_terminal`` at the student's last time, ``stochastic_sampling`` for re-noising students) when
+that grid is the student's timesteps, and is refused naming a grid that is otherwise. Into WanPipeline
+a student goes as ``transformer`` with no ``transformer_2`` (a two-expert teacher's second network is
+dropped), or a 2-step per-step-expert student (Phased DMD) as both, switched between its two times.
+
 Every pipeline starts from unit Gaussian latents, as the toolkit's own sampler does. The call
 arguments that reproduce the trained sampler (steps, guidance scale, sigmas) are written to
 ``stepdistill_sampling.json`` and into the model card. A few-step BOOT student would read the initial
@@ -49,10 +56,10 @@ from ..models.teachers import find_denoiser, resolve_teacher_path
 from ..storage import recover_swap, remove_dead_temporaries, swap_in, temporary_name, writing
 from ..training.checkpoints import list_checkpoints
 from ..training.run_folder import RunLock
-from .schedulers import UNCONDITIONAL_PIPELINES, check_student_network, scheduler_for
+from .card import SAMPLING_FILE, model_card, teacher_license
+from .schedulers import UNCONDITIONAL_PIPELINES, check_student_network, scheduler_for, second_expert_slot
 
 logger = logging.getLogger("stepdistill")
-SAMPLING_FILE = "stepdistill_sampling.json"
 EXPORT_DIR = "pipeline"  # train.export: the final student as a diffusers pipeline folder in the run folder
 
 
@@ -98,7 +105,7 @@ def _resolve_source(source: Path, use_ema: bool, running_ok: bool = False) -> tu
 INTERFACE_KEYS = ("in_channels", "out_channels", "sample_size", "patch_size", "cross_attention_dim", "encoder_hid_dim",
                   "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
                   "class_embed_type", "num_class_embeds", "num_embeds_ada_norm", "joint_attention_dim",
-                  "pooled_projection_dim", "caption_channels")
+                  "pooled_projection_dim", "caption_channels", "text_dim", "image_dim", "added_kv_proj_dim")
 # keys of INTERFACE_KEYS that are a width inside these classes: Sana's cross-attention reads the output of its
 # own caption projection (caption_channels -> the inner width), so a narrower student narrows it too
 INTERNAL_KEYS = {"SanaTransformer2DModel": ("cross_attention_dim",)}
@@ -106,7 +113,10 @@ INTERNAL_KEYS = {"SanaTransformer2DModel": ("cross_attention_dim",)}
 
 def check_slot(spec: StudentSpec, network: dict, slot, scheduler, teacher: str) -> None:
     """The student must fit the pipeline it goes into: the network class of the pipeline's UNet /
-    transformer, the same interface (``INTERFACE_KEYS``), and a process of the scheduler's kind."""
+    transformer, the same interface (``INTERFACE_KEYS``), and a process of the scheduler's kind. A
+    two-expert student is checked by its experts' class and config."""
+    if network.get("_class_name") == "PhasedExperts":
+        network = {"_class_name": network.get("expert_class"), **(network.get("expert_config") or {})}
     want = type(slot).__name__
     if network.get("_class_name") != want:
         raise ExportError(f"the student is a {network.get('_class_name')} but {teacher}'s pipeline takes a {want}; "
@@ -116,68 +126,24 @@ def check_slot(spec: StudentSpec, network: dict, slot, scheduler, teacher: str) 
              if k in slot.config and network.get(k) != slot.config.get(k)]
     if diffs:
         raise ExportError(f"the student's {want} does not fit {teacher}'s: {'; '.join(diffs)}")
-    kind = "flow" if is_flow_scheduler({**scheduler.config, "_class_name": type(scheduler).__name__}) else "vp"
+    kind = "flow" if is_flow_scheduler(type(scheduler).__name__, scheduler.config) else "vp"
     if spec.process["kind"] != kind:
         raise ExportError(f"the student was trained on a {spec.process['kind']} process but {teacher}'s scheduler "
                           f"({type(scheduler).__name__}) is {kind}")
 
 
-def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict) -> dict:
+def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict, video_size=None) -> dict:
+    """The call that reproduces the trained sampler; a video student's ``video_size`` (frames, height, width)
+    from its run config."""
     name = type(pipe).__name__
+    if video_size is not None and getattr(pipe, "vae_scale_factor_temporal", None) is not None:
+        kwargs = {**kwargs, **dict(zip(("num_frames", "height", "width"), map(int, video_size)))}
     if name in UNCONDITIONAL_PIPELINES:
         if spec.guidance_scale is not None:
             raise ExportError(f"{name} has no guidance input for a w-conditioned student")
         return {k: v for k, v in kwargs.items() if k != "sigmas"}
     # the student is the whole sampler: no classifier-free guidance on top unless it takes w itself
     return {**kwargs, "guidance_scale": float(spec.guidance_scale) if spec.guidance_scale is not None else 1.0}
-
-
-def teacher_license(teacher: str) -> str | None:
-    """The ``license`` of a local teacher folder's model card (its README's YAML front matter), if any."""
-    card = Path(teacher) / "README.md"
-    if not card.is_file():
-        return None
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return None
-    try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except yaml.YAMLError:
-        return None
-    value = meta.get("license") if isinstance(meta, dict) else None
-    return str(value) if value else None
-
-
-def _model_card(pipe_cls: str, spec: StudentSpec, call: dict, teacher: str, lora: bool, metrics: dict | None,
-                license: str | None = None) -> str:
-    args = ", ".join(f"{k}={v!r}" for k, v in call.items())
-    prompt = "" if pipe_cls in UNCONDITIONAL_PIPELINES else ("class_labels=[0], " if pipe_cls == "DiTPipeline"
-                                                              else "\"a photo of a cat\", ")
-    meta = {"library_name": "diffusers", "base_model": teacher, **({"license": license} if license else {}),
-            "pipeline_tag": "unconditional-image-generation" if pipe_cls in UNCONDITIONAL_PIPELINES + ("DiTPipeline",)
-            else "text-to-image", "tags": ["stepdistill", "step-distillation", spec.method]}
-    if metrics:
-        meta["stepdistill_metrics"] = metrics
-    lines = [
-        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-        f"# {spec.method} student of `{teacher}` ({len(spec.timesteps)}-step)", "",
-        f"Distilled with stepdistill (method `{spec.method}`).", "",
-        f"- pipeline: `{pipe_cls}`",
-        f"- steps: {len(spec.timesteps)}; sampler: {spec.sampler}; timesteps (first = t_init): {spec.timesteps}",
-        f"- guidance: {'w = ' + str(spec.guidance_scale) + ' (an input of the network)' if spec.guidance_scale is not None else 'none (guidance_scale=1.0; the teacher guidance is distilled in)'}",
-        f"- metrics: {json.dumps(metrics) if metrics else 'not measured yet'}", "",
-        "```python", "import torch", "from diffusers import DiffusionPipeline", "",
-        "pipe = DiffusionPipeline.from_pretrained(\"<this folder>\")",
-        f"images = pipe({prompt}{args}, generator=torch.Generator().manual_seed(0)).images", "```", "",
-        f"These arguments ({SAMPLING_FILE}) reproduce the trained schedule exactly.",
-    ]
-    if lora:
-        lines += ["", "The student as a LoRA on the teacher (`lora/`):", "", "```python",
-                  f"pipe = DiffusionPipeline.from_pretrained(\"{teacher}\")",
-                  "pipe.load_lora_weights(\"<this folder>/lora\")",
-                  "pipe.scheduler = type(pipe.scheduler).from_pretrained(\"<this folder>\", subfolder=\"scheduler\")  # "
-                  "or the class in scheduler/", "```"]
-    return "\n".join(lines) + "\n"
 
 
 def _save_lora(pipe, component: str, student_folder: Path, out: Path):
@@ -223,10 +189,13 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
         spec = StudentSpec.parse(_read(folder / SPEC_FILE, "json"), folder / SPEC_FILE)
     except InputError as exc:
         raise ExportError(str(exc)) from None
-    network = _read(folder / "config.json", "json").get("_class_name")
+    net_config = _read(folder / "config.json", "json")
+    network = net_config.get("_class_name")
     if not isinstance(network, str):
         raise ExportError(f"'{folder / 'config.json'}' names no network class (_class_name)")
-    check_student_network(network)
+    check_student_network(network, net_config, two_slots=True)  # checked against the pipeline once loaded
+    if lora and network == "PhasedExperts":
+        raise ExportError("--lora: a two-expert student is exported fused (one LoRA file loads into one network)")
     if lora and spec.sampler == "signal":
         raise ExportError("--lora: a BOOT student is exported with its timestep input folded away, which a LoRA on the "
                           "teacher cannot express; export it without --lora")
@@ -244,7 +213,9 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     with quiet_text_encoder_type(teacher):
         pipe = DiffusionPipeline.from_pretrained(resolve_teacher_path(teacher), dtype=dtype)
     component, slot = find_denoiser(pipe)
-    check_slot(spec, _read(folder / "config.json", "json"), slot, pipe.scheduler, teacher)
+    two_slots = second_expert_slot(type(pipe))
+    check_student_network(network, net_config, two_slots)
+    check_slot(spec, net_config, slot, pipe.scheduler, teacher)
     student = Student.load(folder)
     model = student.model
     if spec.sampler == "signal":  # BOOT: the network reads its input at one fixed time
@@ -255,9 +226,13 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
             raise ExportError(f"BOOT student: {exc}") from None
     model = model.to(dtype) if dtype is not None else model
     pred = spec.prediction_type or student.process.prediction_type
-    sched, kwargs = scheduler_for(spec, pipe.scheduler.config, pred)
-    call = _call_kwargs(pipe, spec, kwargs)
-    pipe.register_modules(**{component: model, "scheduler": sched})
+    sched, kwargs = scheduler_for(spec, pipe.scheduler.config, pred, type(pipe).__name__, takes_sigmas(pipe))
+    call = _call_kwargs(pipe, spec, kwargs, tcfg.get("video_size"))
+    modules = {component: model, "scheduler": sched}
+    if two_slots:  # WanPipeline: the student's two experts, or one network (no teacher's transformer_2 left behind)
+        modules.update(expert_slots(model, spec, component))
+        pipe.register_to_config(boundary_ratio=modules.pop("boundary_ratio"))
+    pipe.register_modules(**modules)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temporaries(out)  # what an export killed while writing here left
     tmp = temporary_name(out)  # this process's own: nothing of the user's is written over or deleted
@@ -271,8 +246,9 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
         metrics = None
         if (folder.parent / "metrics.json").is_file():
             metrics = json.loads((folder.parent / "metrics.json").read_text())
-        card = _model_card(type(pipe).__name__, spec, call, str(teacher), lora, metrics,
-                           teacher_license(resolve_teacher_path(teacher)))
+        card = model_card(type(pipe).__name__, spec, call, str(teacher), lora, metrics,
+                          teacher_license(resolve_teacher_path(teacher)),
+                          video=getattr(pipe, "vae_scale_factor_temporal", None) is not None)
         (tmp / "README.md").write_text(card)
         if replace:
             swap_in(tmp, out)
@@ -281,6 +257,24 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def takes_sigmas(pipe) -> bool:
+    """Whether a pipeline's ``__call__`` passes ``sigmas`` to its scheduler (SD3 does, WanPipeline not)."""
+    return "sigmas" in inspect.signature(type(pipe).__call__).parameters
+
+
+def expert_slots(model, spec: StudentSpec, component: str) -> dict:
+    """What goes into a two-expert pipeline (WanPipeline): a 2-step per-step-expert student as ``transformer``
+    (step 0) and ``transformer_2`` (step 1) with the boundary between the two steps' times (the pipeline
+    runs ``transformer`` at timesteps >= boundary_ratio * T), or one network and no second expert."""
+    if type(unwrap(model)).__name__ != "PhasedExperts":
+        return {"transformer_2": None, "boundary_ratio": None}
+    if spec.process.get("kind") != "flow":
+        raise ExportError("a two-expert student exports into WanPipeline's two slots only from a flow teacher")
+    first, second = unwrap(model).experts
+    t0, t1 = spec.timesteps
+    return {component: first, "transformer_2": second, "boundary_ratio": (t0 + t1) / 2}
 
 
 def sampling_kwargs(folder: str | Path) -> dict:
@@ -292,9 +286,12 @@ def check_exportable(distiller, teacher) -> None:
     """``train.export``: fail before training when the student will have no pipeline form."""
     student = distiller.student
     spec = student.spec
+    net = unwrap(student.model)
     try:
-        check_student_network(type(unwrap(student.model)).__name__)
-        scheduler_for(spec, teacher.pipeline.scheduler.config, spec.prediction_type or teacher.process.prediction_type)
+        check_student_network(type(net).__name__, dict(net.config) if hasattr(net, "config") else None,
+                              second_expert_slot(type(teacher.pipeline)))
+        scheduler_for(spec, teacher.pipeline.scheduler.config, spec.prediction_type or teacher.process.prediction_type,
+                      type(teacher.pipeline).__name__, takes_sigmas(teacher.pipeline))
     except ExportError as exc:
         raise ConfigError(f"train.export: {exc}") from exc
 

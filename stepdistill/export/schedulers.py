@@ -40,8 +40,41 @@ def _lcm_for(base: dict, pred: str, times: list[int]):
                       f"export with LCM-style spacings such as [999, 749, 499, 249]")
 
 
-def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str):
-    """(scheduler, call kwargs) that make a diffusers pipeline sample exactly as ``spec`` says."""
+def flow_match_grid(n: int, shift: float, terminal: float | None = None, num_train_timesteps: int = 1000) -> list[float]:
+    """The n sigmas a ``FlowMatchEulerDiscreteScheduler`` samples by itself (``set_timesteps(n)`` without
+    sigmas): linear times from 1, shifted, and with ``terminal`` stretched to end there (float32 values)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift,
+                                            shift_terminal=terminal if n > 1 else None)
+    sched.set_timesteps(n)
+    return sched.sigmas[:n].tolist()
+
+
+def _flow_without_sigmas(spec: StudentSpec, shift: float, total: int, pipeline: str):
+    """A pipeline whose ``__call__`` takes no sigmas (WanPipeline) runs its scheduler's own n-step grid, so
+    the student's timesteps must be a grid a stock scheduler makes by itself: FlowMatchEulerDiscreteScheduler's
+    with the teacher's shift, optionally stretched to end at the student's last time (``shift_terminal``);
+    re-noising students sample it with ``stochastic_sampling`` (x0, then fresh noise at the next sigma)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    n, times = len(spec.timesteps), spec.timesteps
+    for terminal in ([None] if n == 1 else [None, times[-1]]):
+        grid = flow_match_grid(n, shift, terminal, total)
+        if max(abs(a - b) for a, b in zip(grid, times)) <= 1e-6:
+            cfg = {"num_train_timesteps": total, "shift": shift, "use_dynamic_shifting": False,
+                   "shift_terminal": terminal, "stochastic_sampling": spec.sampler == "renoise" and n > 1}
+            return FlowMatchEulerDiscreteScheduler.from_config(cfg), {"num_inference_steps": n}
+    hint = flow_match_grid(n, shift, None if n == 1 else float(shift * (1 / n) / (1 + (shift - 1) / n)), total)
+    raise ExportError(f"{pipeline} passes no sigmas to its scheduler, so it runs the scheduler's own {n}-step grid; "
+                      f"student timesteps [{', '.join(f'{t:.6g}' for t in times)}] are none a stock scheduler makes (FlowMatchEulerDiscreteScheduler, "
+                      f"shift {shift:g}, ending at t_{n - 1} or not); train with student.timesteps={hint}")
+
+
+def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str, pipeline: str | None = None,
+                  takes_sigmas: bool = True):
+    """(scheduler, call kwargs) that make a diffusers pipeline (class name ``pipeline``) sample exactly as
+    ``spec`` says; ``takes_sigmas``: whether its ``__call__`` takes a ``sigmas`` argument."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
 
     base = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
@@ -56,6 +89,8 @@ def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str):
         spec = dataclasses.replace(spec, sampler="deterministic", timesteps=[t_max])
     if kind == "flow":
         shift = float(spec.process.get("shift", base.get("shift", 1.0)))
+        if not takes_sigmas:
+            return _flow_without_sigmas(spec, shift, int(spec.process.get("num_train_timesteps", 1000)), pipeline)
         # the pipeline shifts the sigmas it is given, so it gets the unshifted ones
         sigmas = [t / (shift - (shift - 1) * t) for t in spec.timesteps]
         cfg = {"num_train_timesteps": int(spec.process.get("num_train_timesteps", 1000)), "shift": shift,
@@ -100,18 +135,30 @@ def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str):
 
 NON_DIFFUSERS_STUDENTS = {
     "PhasedExperts": "one expert network per step (Phased DMD with method_args.experts=true), which no stock "
-                     "diffusers pipeline switches between; train with method_args.experts=false for one exportable "
+                     "diffusers pipeline switches between, except a 2-step student in a pipeline with a second expert "
+                     "slot (WanPipeline's transformer_2); train with method_args.experts=false for one exportable "
                      "network",
 }
 
 
-def check_student_network(name: str) -> None:
-    """The student network (its class name) must be a diffusers class. The guidance-conditioned
-    transformers of ``stepdistill.models.nets`` (guided distillation of DiT / PixArt / SD3) have no stock
-    pipeline that feeds them the guidance scale, and Phased DMD's per-phase experts none that routes
-    steps to experts."""
+def second_expert_slot(pipeline_class: type) -> bool:
+    """Whether a pipeline class runs a second network below a boundary time (WanPipeline's ``transformer_2``
+    at ``boundary_ratio``)."""
+    import inspect
+
+    return {"transformer_2", "boundary_ratio"} <= set(inspect.signature(pipeline_class.__init__).parameters)
+
+
+def check_student_network(name: str, config: dict | None = None, two_slots: bool = False) -> None:
+    """The student network (its class name, its ``config``) must be a diffusers class. The
+    guidance-conditioned transformers of ``stepdistill.models.nets`` (guided distillation of DiT / PixArt /
+    SD3) have no stock pipeline that feeds them the guidance scale, and Phased DMD's per-phase experts none
+    that routes steps to experts, unless there are two and the pipeline has a second expert slot
+    (``two_slots``)."""
     import diffusers
 
+    if name == "PhasedExperts" and two_slots and len((config or {}).get("boundaries", ())) == 2:
+        return
     if not hasattr(diffusers, name):
         why = NON_DIFFUSERS_STUDENTS.get(name, "a guidance-conditioned network that no stock diffusers pipeline feeds "
                                                "the guidance scale")

@@ -16,7 +16,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from torch import nn
 
-from ..diffusion.denoiser import GUIDANCE_EMBED_DIM, guidance_sinusoid
+from ..diffusion.denoiser import GUIDANCE_EMBED_DIM, guidance_sinusoid, unwrap
 
 
 def _guidance_conditioned(base: type) -> type:
@@ -158,6 +158,52 @@ class PhasedExperts(ModelMixin, ConfigMixin):
 
     def forward(self, *args, **kwargs):
         raise TypeError("PhasedExperts is called through stepdistill.diffusion.denoiser.Denoiser, which routes rows to experts")
+
+
+class NoiseLevelExperts(ModelMixin, ConfigMixin):
+    """A teacher made of two networks that split the noise range (Wan2.2's mixture of experts): expert 0
+    serves network times >= ``boundary_timestep`` (high noise), expert 1 the times below, as
+    pipeline_wan.py runs ``transformer`` at timesteps >= ``boundary_ratio * num_train_timesteps`` and
+    ``transformer_2`` below. The Denoiser adapter routes each row; copies of it (a fake score) copy both."""
+
+    @register_to_config
+    def __init__(self, boundary_timestep: float, expert_class: str, expert_config: dict):
+        super().__init__()
+        cls = network_class(expert_class)
+        self.experts = nn.ModuleList(cls.from_config(expert_config) for _ in range(2))
+
+    @classmethod
+    def from_experts(cls, experts: list[nn.Module], boundary_timestep: float) -> "NoiseLevelExperts":
+        """Wrap the pipeline's two networks (high noise first), which are used as they are."""
+        from accelerate import init_empty_weights
+
+        configs = [{k: v for k, v in dict(e.config).items() if not k.startswith("_")} for e in experts]
+        if len(experts) != 2 or type(experts[0]) is not type(experts[1]) or configs[0] != configs[1]:
+            raise ValueError("NoiseLevelExperts: two networks of one class and config (Wan2.2's transformer and "
+                             "transformer_2), got " + ", ".join(type(e).__name__ for e in experts))
+        with init_empty_weights():  # placeholders, replaced at once
+            model = cls(float(boundary_timestep), type(experts[0]).__name__, configs[0])
+        model.experts = nn.ModuleList(experts)
+        return model
+
+    def expert_index(self, model_t: torch.Tensor) -> torch.Tensor:
+        """The expert serving each network time in ``model_t`` (B,): 0 at or above the boundary, else 1."""
+        return (model_t < self.config.boundary_timestep).long()
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("NoiseLevelExperts is called through stepdistill.diffusion.denoiser.Denoiser, which routes "
+                        "rows to experts")
+
+
+def expert_at(model: nn.Module, t: float, process) -> nn.Module:
+    """The network of ``model`` that serves process time ``t``: the expert of a :class:`NoiseLevelExperts`
+    teacher (how a student copied from a two-expert teacher picks its start: the expert of its t_init, or
+    of each step's time for per-step experts), else the model itself."""
+    net = unwrap(model)
+    if not isinstance(net, NoiseLevelExperts):
+        return model
+    which = net.expert_index(process.model_time(torch.tensor([float(t)], dtype=torch.float32)))
+    return net.experts[int(which[0])]
 
 
 def network_class(name: str) -> type:

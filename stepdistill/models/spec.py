@@ -100,7 +100,7 @@ def _check_process(process, need_scheduler: bool = False) -> None:
         return
     if not isinstance(name, str):
         raise ValueError("process.scheduler must be a diffusers scheduler config with its _class_name")
-    if is_flow_scheduler(scheduler) != (process["kind"] == "flow"):
+    if is_flow_scheduler(name, scheduler) != (process["kind"] == "flow"):
         raise ValueError(f"process.kind {process['kind']!r} does not match its scheduler {name}")
     pred = process.get("prediction_type")
     if pred is not None and pred not in PREDICTION_TYPES:

@@ -130,8 +130,15 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
     ``train.trainable_dtype``): all weights, or LoRA adapters only (peft, through diffusers'
     ``add_adapter``). ``w_conditioned`` rebuilds the network with a guidance-scale input
     (:func:`w_conditioned_class`); weights it did not have are zero-initialised, so the copy starts as
-    the teacher. ``architecture`` makes a smaller network of the same class (:func:`smaller_copy`)."""
+    the teacher. ``architecture`` makes a smaller network of the same class (:func:`smaller_copy`). A
+    two-expert network (:class:`~stepdistill.models.nets.NoiseLevelExperts`, e.g. a fake score initialised
+    as a Wan2.2 teacher) is copied expert by expert, both trainable."""
     src = unwrap(model)
+    if isinstance(src, nets.NoiseLevelExperts):
+        experts = [copy_for_training(e, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                                     w_conditioned=w_conditioned, dtype=dtype, architecture=architecture,
+                                     layer_map=layer_map) for e in src.experts]
+        return nets.NoiseLevelExperts.from_experts(experts, src.config.boundary_timestep).train()
     if architecture is not None:  # a smaller network of the same class (w-conditioned: with its new input)
         cls, updates = w_conditioned_class(src) if w_conditioned else (type(src), {})
         new, fresh = smaller_copy(src, architecture, layer_map, cls, updates)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ from torch import nn
 from ..diffusion.denoiser import MODEL_ADAPTERS, Cond, Denoiser, find_adapter, unwrap
 from ..diffusion.process import NoiseProcess, process_from_scheduler_config
 from ..errors import TeacherLoadError
+from .nets import NoiseLevelExperts
 from .oracle import OracleNet
 from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
 
 DENOISER_COMPONENTS = ("unet", "transformer")
+VIDEO_DENOISERS = ("WanTransformer3DModel",)  # networks of video latents (C, F, H, W), known before loading
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
@@ -113,6 +116,17 @@ def _encode_sana(teacher: "Teacher", prompts):
     )
 
 
+@register_pipeline("WanPipeline")
+def _encode_wan(teacher: "Teacher", prompts):
+    """UMT5 states padded with zeros to the length ``__call__`` encodes with (its max_sequence_length
+    default, 512), so that the exported pipeline's default call conditions the student identically."""
+    pipe = teacher.pipeline
+    pe, npe = pipe.encode_prompt(list(prompts), negative_prompt=None, do_classifier_free_guidance=True,
+                                 max_sequence_length=call_default(pipe, "max_sequence_length"),
+                                 device=teacher.encoder_device)
+    return Cond({"encoder_hidden_states": pe}), Cond({"encoder_hidden_states": npe})
+
+
 def _encode_labels(teacher: "Teacher", labels):
     """Class-conditional teachers: 'prompts' are class indices (DiT also takes its label names)."""
     if teacher.null_label is None:
@@ -142,6 +156,12 @@ class Teacher:
     pipeline: Any = None  # the diffusers pipeline (None for the oracle)
     family: str = "oracle"
     null_label: int | None = None  # for class-conditional teachers: the label of the null branch
+    video_size: tuple[int, int, int] | None = None  # a video teacher's (frames, height, width) in pixels
+
+    @property
+    def video(self) -> bool:
+        """Whether the teacher makes videos: latents (C, F, H, W)."""
+        return self.video_size is not None
 
     @property
     def device(self) -> torch.device:
@@ -190,11 +210,14 @@ class Teacher:
         if vae is None:
             return images
         encoded = vae.encode(images.to(vae.device, vae.dtype))
-        if not hasattr(encoded, "latent_dist"):
+        if not hasattr(encoded, "latent_dist"):  # a deterministic autoencoder (Sana's DC-AE)
             z = encoded.latent
         else:
             dist = encoded.latent_dist
             z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
+        stats = _channel_stats(vae, z)
+        if stats is not None:
+            return ((z - stats[0]) * stats[1]).float()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * vae.config.scaling_factor).float()
 
@@ -204,8 +227,13 @@ class Teacher:
         vae = self.vae
         if vae is None:
             return x
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        z = x.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+        x = x.to(vae.device, vae.dtype)
+        stats = _channel_stats(vae, x)
+        if stats is not None:
+            z = x / stats[1] + stats[0]
+        else:
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            z = x / vae.config.scaling_factor + shift
         return vae.decode(z).sample.float().clamp(-1, 1)
 
     @classmethod
@@ -213,6 +241,47 @@ class Teacher:
         net = OracleNet.from_mixture(gmm, process)
         return cls(Denoiser(net, process).requires_grad_(False), process, (gmm.dim,), name, None, "oracle",
                    null_label=gmm.num_components)
+
+
+def _channel_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, 1 / std) of each latent channel for a VAE that normalises its latents per channel instead
+    of by a scaling factor (AutoencoderKLWan: latents = (z - mean) / std, undone as pipeline_wan.py
+    does, x / (1 / std) + mean), shaped to broadcast over ``like``; None for the image VAEs."""
+    cfg = vae.config
+    if getattr(cfg, "scaling_factor", None) is not None or getattr(cfg, "latents_mean", None) is None:
+        return None
+    shape = (1, -1) + (1,) * (like.ndim - 2)
+    mean = torch.tensor(cfg.latents_mean).view(shape).to(like.device, like.dtype)
+    return mean, 1.0 / torch.tensor(cfg.latents_std).view(shape).to(like.device, like.dtype)
+
+
+def video_size_of(pipe, video_size=None) -> tuple[int, int, int] | None:
+    """A video pipeline's (frames, height, width) in pixels: ``video_size``, or its ``__call__``'s defaults
+    (Wan: 81 x 480 x 832); None for an image pipeline (it has no temporal VAE factor)."""
+    if getattr(pipe, "vae_scale_factor_temporal", None) is None:
+        if video_size is not None:
+            raise TeacherLoadError(f"teacher.video_size: {type(pipe).__name__} makes images, not videos")
+        return None
+    if video_size is None:
+        params = inspect.signature(type(pipe).__call__).parameters
+        video_size = [params[k].default for k in ("num_frames", "height", "width")]
+    return tuple(int(v) for v in video_size)
+
+
+def video_sample_shape(pipe, model, video_size: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """The latents (C, F, H, W) of a video pipeline at ``video_size``: (frames - 1) / temporal factor + 1
+    latent frames (the VAE encodes the first frame alone, then groups), height and width over the spatial
+    factor. Sizes the pipeline would round are refused."""
+    frames, height, width = video_size
+    tf, sf = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    patch = model.config.patch_size
+    patch = tuple(patch) if isinstance(patch, (list, tuple)) else (1, patch, patch)
+    # the pipeline rounds a size that its patches do not tile; pipeline_wan.py also wants multiples of 16
+    hw = (math.lcm(16, sf * patch[1]), math.lcm(16, sf * patch[2]))
+    if frames < 1 or (frames - 1) % tf or height % hw[0] or width % hw[1] or min(height, width) < 1:
+        raise TeacherLoadError(f"teacher.video_size [{frames}, {height}, {width}]: {type(pipe).__name__} takes "
+                               f"{tf}k + 1 frames and heights of multiples of {hw[0]}, widths of multiples of {hw[1]}")
+    return (model.config.in_channels, (frames - 1) // tf + 1, height // sf, width // sf)
 
 
 def resolve_teacher_path(path: str | os.PathLike) -> str:
@@ -270,12 +339,15 @@ def load_teacher(
     device: torch.device | str | None = None,
     null_label: int | None = None,
     allow_remote_code: bool = False,
+    video_size: tuple[int, int, int] | None = None,
 ) -> Teacher:
     """Load a diffusers pipeline folder or hub id as a frozen teacher.
 
     ``dtype`` holds the frozen networks in lower precision (bf16/fp16); ``null_label`` is the class
     index of the unconditional branch for class-conditional pixel UNets (DiT uses its
-    ``num_embeds_ada_norm``)."""
+    ``num_embeds_ada_norm``); ``video_size`` is a video teacher's (frames, height, width) in pixels
+    (default: its pipeline's). A pipeline with a second network for low noise (Wan2.2's
+    ``transformer_2`` and ``boundary_ratio``) is one denoiser of two experts (``NoiseLevelExperts``)."""
     from diffusers import DiffusionPipeline
 
     src = resolve_teacher_path(path)
@@ -296,9 +368,16 @@ def load_teacher(
         pipe.to(device)
     process = process_from_scheduler_config(pipe.scheduler)
     cfg = model.config
-    size = cfg.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (cfg.in_channels, *size)
+    video_size = video_size_of(pipe, video_size)
+    if video_size is not None:
+        shape = video_sample_shape(pipe, model, video_size)
+    else:
+        size = cfg.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (cfg.in_channels, *size)
+    second, ratio = getattr(pipe, "transformer_2", None), pipe.config.get("boundary_ratio")
+    if isinstance(second, nn.Module) and ratio is not None:  # the boundary pipeline_wan.py compares timesteps with
+        model = NoiseLevelExperts.from_experts([model, second], ratio * pipe.scheduler.config.num_train_timesteps)
     family = type(pipe).__name__
     if null_label is None:
         if getattr(cfg, "num_embeds_ada_norm", None) and type(model).__name__ == "DiTTransformer2DModel":
@@ -307,4 +386,4 @@ def load_teacher(
             null_label = int(cfg.num_class_embeds) - 1
     if family not in PIPELINE_FAMILIES:
         family = "unconditional" if null_label is None else "labels"
-    return Teacher(Denoiser(model, process), process, shape, str(path), pipe, family, null_label)
+    return Teacher(Denoiser(model, process), process, shape, str(path), pipe, family, null_label, video_size)

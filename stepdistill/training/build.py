@@ -15,7 +15,7 @@ from ..data.batch import BatchSource
 from ..data.cache import DataCache, cache_key
 from ..data.files import folder_labels, load_images
 from ..data.items import FileItems, read_items
-from ..data.loading import IN_MEMORY_ITEMS, RealData, image_geometry
+from ..data.loading import IN_MEMORY_ITEMS, RealData, image_geometry, refuse_still_images
 from ..data.sources import check_images, read_captions
 from ..data.streaming import Stream, StreamData
 from ..diffusion.denoiser import Denoiser, unwrap
@@ -27,7 +27,7 @@ from ..errors import ConfigError, InputError
 from ..models.nets import MLPDenoiser
 from ..models.oracle import GaussianMixture, fit_network
 from ..models.student import networks
-from ..models.teachers import Teacher, denoiser_class_name, load_teacher, resolve_teacher_path
+from ..models.teachers import VIDEO_DENOISERS, Teacher, denoiser_class_name, load_teacher, resolve_teacher_path
 from ..storage import load_or_make
 from .distributed import broadcast_from_main
 from .parallel import Parallel
@@ -76,6 +76,9 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
     if cfg.data.prompts is not None:
         read_captions(cfg.data.prompts, cfg.data, cfg.data.skip_bad_items)
     if cfg.data.images is not None:
+        name = denoiser_class_name(pipeline) if pipeline is not None else None
+        if name in VIDEO_DENOISERS:
+            refuse_still_images(tc.path, f"its network is a {name}")
         check_images(cfg.data)
     if cfg.train.export and tc.path is None:
         raise ConfigError("train.export: the Gaussian-mixture oracle (teacher.oracle) has no diffusers pipeline to "
@@ -102,7 +105,7 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) ->
     tc = cfg.teacher
     if tc.oracle is None:
         teacher = load_teacher(tc.path, dtype=torch_dtype(tc.dtype), device=device, null_label=tc.null_label,
-                               allow_remote_code=tc.allow_remote_code)
+                               allow_remote_code=tc.allow_remote_code, video_size=tc.video_size)
         return teacher, teacher.denoiser, None
     spec = tc.oracle
     gmm = getattr(GaussianMixture, spec.layout)(spec.components, spec.dim, spec.radius, spec.std)
@@ -130,6 +133,8 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
     text = teacher.conditional and teacher.null_label is None
     classes = teacher.null_label if teacher.conditional and teacher.null_label is not None else None
     d = cfg.data
+    if d.images is not None and teacher.video:
+        refuse_still_images(teacher.name, "latents " + " x ".join(map(str, teacher.sample_shape)))
     prompts = read_captions(d.prompts, d, d.skip_bad_items) if d.prompts is not None else None
     items = read_items(d, text, classes) if d.images is not None and not d.streaming else None
     size, channels = image_geometry(teacher)

@@ -9,11 +9,19 @@ import torch
 
 
 def save_sample_figure(x: torch.Tensor, path: str | Path, oracle=None, labels: Sequence | None = None) -> Path:
-    """Images in [-1, 1] (N, C, H, W) as a PNG grid; vector samples (N, d) as a scatter plot of the
-    first two coordinates over the true distribution when the oracle is known."""
+    """Images in [-1, 1] (N, C, H, W) as a PNG grid, videos (N, C, F, H, W) as a grid of one row of frames
+    per sample; vector samples (N, d) as a scatter plot of the first two coordinates over the true
+    distribution when the oracle is known."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = x.detach().float().cpu()
+    if x.ndim == 5:  # videos (N, C, F, H, W): one row of frames per sample
+        n, c, f = x.shape[:3]
+        x = x.transpose(1, 2).reshape(n * f, c, *x.shape[-2:])
+        from torchvision.utils import save_image
+
+        save_image((x + 1) / 2, path, nrow=f, padding=1)
+        return path
     if x.ndim == 4:
         from torchvision.utils import save_image
 
@@ -35,6 +43,32 @@ def save_sample_figure(x: torch.Tensor, path: str | Path, oracle=None, labels: S
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def save_sample_video(x: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
+    """Videos in [-1, 1] (N, C, F, H, W) as one clip whose frame k shows every sample's frame k in a grid:
+    an mp4 through diffusers' ``export_to_video`` where imageio and imageio-ffmpeg are installed, otherwise
+    an animated GIF written by PIL (no video encoder needed). ``path`` is given without a suffix; returns
+    the file written (16 fps: Wan's frame rate)."""
+    import importlib.util
+
+    from torchvision.utils import make_grid
+
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).transpose(1, 2)  # (N, F, C, H, W) in [0, 1]
+    n, f = x.shape[:2]
+    frames = [make_grid(x[:, k], nrow=max(1, int(n**0.5)), padding=1).permute(1, 2, 0).numpy() for k in range(f)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if all(importlib.util.find_spec(m) is not None for m in ("imageio", "imageio_ffmpeg")):
+        from diffusers.utils import export_to_video
+
+        return Path(export_to_video(frames, str(path.with_suffix(".mp4")), fps=fps, macro_block_size=1))
+    from PIL import Image
+
+    images = [Image.fromarray((frame * 255).round().astype("uint8")) for frame in frames]
+    out = path.with_suffix(".gif")
+    images[0].save(out, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return out
 
 
 SEGMENT_KEYS = ("round", "stage", "phase")  # logged by progressive, guided and Phased DMD

@@ -10,7 +10,7 @@ import torch
 
 from ..diffusion.denoiser import Denoiser, unwrap
 from ..models.student import Student, fused_copy, save_lora_adapters
-from .figures import plot_losses, save_sample_figure
+from .figures import plot_losses, save_sample_figure, save_sample_video
 
 
 @torch.no_grad()
@@ -25,14 +25,18 @@ def validation_samples(student: Student, teacher, source, n: int, seed: int):
 
 @torch.no_grad()
 def save_samples(x: torch.Tensor, batch, teacher, oracle, path: Path) -> dict:
-    """The samples as a PNG grid (images) or scatter plot (vector data) at ``path``; with the oracle,
-    their metrics."""
+    """The samples as a PNG grid (images; videos: a row of frames per sample, and beside it the clip,
+    ``figures.save_sample_video``) or scatter plot (vector data) at ``path``; with the oracle, their
+    metrics."""
     metrics = {}
     if oracle is not None:
         ev = oracle.evaluate(x, labels=batch.labels)
         metrics = {"val/energy": ev["energy"], "val/floor": ev["floor"], "val/min_mode_mass": ev["min_mode_mass"]}
     labels = batch.prompts or (None if batch.labels is None else batch.labels.tolist())
-    save_sample_figure(teacher.decode(x), path, oracle=oracle, labels=labels)
+    images = teacher.decode(x)
+    save_sample_figure(images, path, oracle=oracle, labels=labels)
+    if images.ndim == 5:  # videos: the clip beside the grid of their frames
+        save_sample_video(images, path.with_suffix(""))
     return metrics
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, dump_config, from_dict, to_dict
-from ..diffusion.denoiser import unwrap
 from ..distillers.base import Context
 from ..errors import ConfigError, Interrupted, NonFiniteError
 from ..models.sharding import is_sharded, plain_copy
+from ..models.student import networks
 from ..storage import claim_folder, mark_folder, writing
 from . import outputs
 from .build import build_distiller, build_source, build_teacher, build_trainables, validate_inputs
@@ -110,9 +110,9 @@ class Trainer:
             ctx = Context(self.teacher, init, self.source, cfg, acc.device)
             self.distiller = build_distiller(method, ctx, self.options)
             self.states = build_trainables(acc, self.distiller, cfg, self.parallel, self.teacher)
-            teacher_net = unwrap(self.teacher.denoiser.model)
-            if tcfg.gradient_checkpointing and getattr(teacher_net, "_supports_gradient_checkpointing", False):
-                teacher_net.enable_gradient_checkpointing()  # SiD back-propagates through the teacher too
+            for teacher_net in networks(self.teacher.denoiser.model):  # (both experts of a two-expert teacher)
+                if tcfg.gradient_checkpointing and getattr(teacher_net, "_supports_gradient_checkpointing", False):
+                    teacher_net.enable_gradient_checkpointing()  # SiD back-propagates through the teacher too
         except BaseException:
             self.lock.release()
             raise

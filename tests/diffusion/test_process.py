@@ -75,6 +75,39 @@ def test_flow_matches_flowmatch_scheduler():
                                        "use_dynamic_shifting": True})
 
 
+@pytest.mark.parametrize("flow_shift", [3.0, 5.0])
+def test_flow_matches_wan_unipc_scheduler(flow_shift):
+    """Wan's scheduler (UniPC on flow sigmas): its flow_shift is the process's shift, its sigmas the
+    process's sigma (alpha = 1 - sigma), its timesteps the network time sigma * 1000 truncated."""
+    from diffusers import UniPCMultistepScheduler
+
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
+    proc = process_from_scheduler_config({**sched.config, "_class_name": "UniPCMultistepScheduler"})
+    assert isinstance(proc, FlowProcess) and proc.shift == flow_shift and proc.prediction_type == "flow"
+    assert proc.scheduler_config["_class_name"] == "UniPCMultistepScheduler" and proc.num_train_timesteps == 1000
+    sched.set_timesteps(8)
+    sig = sched.sigmas[:-1]
+    assert torch.equal(proc.model_time(sig).long(), sched.timesteps)
+    alpha, sigma = sched._sigma_to_alpha_sigma_t(sig)
+    torch.testing.assert_close(proc.alpha_sigma(sig), (alpha.float(), sigma.float()))
+    # the grid: the same shift of the same linear times, from t = 1 (UniPC starts at 1 - 1/1000)
+    u = torch.linspace(1, 1 / 1000, 9, dtype=torch.float64)[:-1]
+    torch.testing.assert_close(proc.shift_time(u)[1:].float(), sig[1:], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="use_dynamic_shifting.*static 'flow_shift'"):
+        process_from_scheduler_config({**sched.config, "_class_name": "UniPCMultistepScheduler",
+                                       "use_dynamic_shifting": True})
+    # the solver's own x0 readings on flow sigmas: epsilon is one, its v_prediction has no counterpart here
+    eps = process_from_scheduler_config({**sched.config, "_class_name": "UniPCMultistepScheduler",
+                                         "prediction_type": "epsilon"})
+    assert eps.kind == "flow" and eps.prediction_type == "epsilon"
+    with pytest.raises(ValueError, match="prediction_type 'v_prediction'.*supported: \\['epsilon', 'flow_prediction'"):
+        process_from_scheduler_config({**sched.config, "_class_name": "UniPCMultistepScheduler",
+                                       "prediction_type": "v_prediction"})
+    vp = process_from_scheduler_config({**sched.config, "_class_name": "UniPCMultistepScheduler",
+                                        "use_flow_sigmas": False, "prediction_type": "epsilon"})
+    assert vp.kind == "vp"  # the same class on its VP schedule
+
+
 @pytest.mark.parametrize("proc", [process_from_scheduler_config(DDIMScheduler(beta_schedule="scaled_linear")),
                                   FlowProcess(shift=3.0)], ids=["vp", "flow"])
 def test_every_conversion_round_trips(proc):

@@ -71,8 +71,11 @@ def _run(pipe, expected_shape, **kwargs):
     return img
 
 
+VIDEO = ("wan", "wan22")  # text-to-video: WanPipeline, frames instead of images
+
+
 def test_families_registry():
-    assert set(TINY_FAMILIES) == set(CASES)
+    assert set(TINY_FAMILIES) == set(CASES) | set(VIDEO)
 
 
 @pytest.mark.parametrize("family", list(CASES))
@@ -180,3 +183,30 @@ def test_sana_tokenizer_is_a_gemma_tokenizer_written_locally(tmp_path):
     assert type(pipe.tokenizer) is GemmaTokenizer and pipe.tokenizer(text).input_ids == tok(text).input_ids
     assert type(pipe.text_encoder).__name__ == "Gemma2Model" and type(pipe.vae).__name__ == "AutoencoderDC"
     assert pipe.vae_scale_factor == 4 and pipe.scheduler.config.use_flow_sigmas
+
+
+@pytest.mark.parametrize("family", VIDEO)
+def test_wan_build_reload_and_call(family, tmp_path_factory):
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    rng_before = torch.random.get_rng_state()
+    path = TINY_FAMILIES[family](tmp_path_factory.mktemp(family) / "pipe")
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert not list(path.rglob("*.bin"))
+    pipe = _load(path)
+    assert type(pipe) is WanPipeline and type(pipe.scheduler) is UniPCMultistepScheduler
+    assert pipe.scheduler.config.use_flow_sigmas and pipe.scheduler.config.prediction_type == "flow_prediction"
+    experts = [pipe.transformer] + ([pipe.transformer_2] if family == "wan22" else [])
+    assert (pipe.transformer_2 is None) == (family == "wan") and (pipe.config.boundary_ratio == 0.875) == (family == "wan22")
+    torch.manual_seed(0)
+    _assert_same_state(pipe.transformer, type(pipe.transformer).from_config(pipe.transformer.config))
+    if family == "wan22":
+        torch.manual_seed(3)
+        _assert_same_state(pipe.transformer_2, type(pipe.transformer_2).from_config(pipe.transformer_2.config))
+        assert not torch.equal(pipe.transformer.proj_out.weight, pipe.transformer_2.proj_out.weight)
+    assert all(sum(p.numel() for p in e.parameters()) < 400_000 for e in experts)
+    latents = pipe(prompt=[PROMPT, "a dog"], num_frames=5, height=16, width=16, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    assert latents.shape == (2, 4, 2, 4, 4) and torch.isfinite(latents).all()
+    video = pipe(prompt=PROMPT, num_frames=5, height=16, width=16, num_inference_steps=2, output_type="pt").frames
+    assert video.shape == (1, 5, 3, 16, 16) and torch.isfinite(video).all()

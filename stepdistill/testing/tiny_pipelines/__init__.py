@@ -42,6 +42,10 @@ Denoiser forward signatures (what a distillation loop has to pass):
   downsamples by 4, since SanaPipeline takes image sides in multiples of 32.
 * ``pixel``: ``unet(x, t).sample`` (+ ``class_labels=[B]`` when
   ``num_class_embeds`` is set).
+* ``wan`` / ``wan22`` (text-to-video): ``transformer(hidden_states=[B, 4, F, H, W],
+  timestep=t, encoder_hidden_states=[B, 512, 32]).sample`` (flow matching, ``t`` = sigma *
+  1000; latents 4 x 2 x 4 x 4 for 5 frames of 16 x 16); ``wan22`` adds ``transformer_2``
+  for timesteps below ``boundary_ratio * 1000`` (Wan2.2's two experts).
 """
 
 from __future__ import annotations
@@ -57,10 +61,11 @@ from .sd import make_tiny_sd
 from .sana import make_tiny_sana, tiny_gemma_tokenizer
 from .sd3 import make_tiny_sd3, make_tiny_sd35
 from .sdxl import make_tiny_sdxl
+from .wan import make_tiny_wan, make_tiny_wan22
 
 __all__ = ["TINY_FAMILIES", "make_tiny_dit", "make_tiny_pixart", "make_tiny_pixel", "make_tiny_sana", "make_tiny_sd",
-           "make_tiny_sd3", "make_tiny_sd35", "make_tiny_sdxl", "tiny_clip_tokenizer", "tiny_gemma_tokenizer",
-           "tiny_t5_tokenizer"]
+           "make_tiny_sd3", "make_tiny_sd35", "make_tiny_sdxl", "make_tiny_wan", "make_tiny_wan22", "tiny_clip_tokenizer",
+           "tiny_gemma_tokenizer", "tiny_t5_tokenizer"]
 
 TINY_FAMILIES: dict[str, Callable[..., pathlib.Path]] = {
     "sd": make_tiny_sd,
@@ -71,6 +76,8 @@ TINY_FAMILIES: dict[str, Callable[..., pathlib.Path]] = {
     "sd35": make_tiny_sd35,
     "sana": make_tiny_sana,
     "pixel": make_tiny_pixel,
+    "wan": make_tiny_wan,
+    "wan22": make_tiny_wan22,
 }
 
 
