@@ -1,8 +1,13 @@
 """Load a frozen teacher from a diffusers pipeline folder or hub id (or the exact oracle).
 
 The pipeline's own ``encode_prompt`` does the text encoding, so every family encodes prompts exactly
-as its diffusers pipeline does at sampling time; ``PIPELINE_FAMILIES`` holds one small entry per
-pipeline class (how it encodes, what its unconditional branch is).
+as its diffusers pipeline does at sampling time; ``encoders.PIPELINE_FAMILIES`` holds one small entry
+per pipeline class (how it encodes, what its unconditional branch is).
+
+Networks that take any size (Flux, Qwen-Image: packed latent tokens) have no ``sample_size``: the
+teacher's latent size is ``teacher.sample_size`` (default: the pipeline's ``default_sample_size``), and
+their schedulers' resolution-dependent shift is made static at that size. A network with a guidance
+input (FLUX.1-dev) is fed ``teacher.guidance`` (default 3.5) by its Denoiser.
 """
 
 from __future__ import annotations
@@ -12,97 +17,21 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ..diffusion.denoiser import MODEL_ADAPTERS, Cond, Denoiser, find_adapter, unwrap
+from ..diffusion.packed import DEFAULT_EMBEDDED_GUIDANCE, PACKED_NETWORKS, guidance_embedded, is_packed, latent_channels
 from ..diffusion.process import NoiseProcess, process_from_scheduler_config
 from ..errors import TeacherLoadError
+from .encoders import PIPELINE_FAMILIES, TEXT_FAMILIES, encode_labels, register_pipeline  # noqa: F401
 from .oracle import OracleNet
 from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
 
 DENOISER_COMPONENTS = ("unet", "transformer")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
-
-
-# ------------------------------------------------------------------------------------------------
-# pipeline families: how each pipeline class turns prompts into (cond, uncond)
-# ------------------------------------------------------------------------------------------------
-EncodeFn = Callable[["Teacher", Sequence[Any]], tuple[Cond, Cond]]
-PIPELINE_FAMILIES: dict[str, EncodeFn] = {}
-TEXT_FAMILIES: set[str] = set()  # pipelines whose conditioning is a text prompt
-
-
-def register_pipeline(*class_names: str, text: bool = True) -> Callable[[EncodeFn], EncodeFn]:
-    def deco(fn: EncodeFn) -> EncodeFn:
-        for name in class_names:
-            PIPELINE_FAMILIES[name] = fn
-            if text:
-                TEXT_FAMILIES.add(name)
-        return fn
-
-    return deco
-
-
-@register_pipeline("StableDiffusionPipeline")
-def _encode_sd(teacher: "Teacher", prompts):
-    pe, npe = teacher.pipeline.encode_prompt(list(prompts), teacher.encoder_device, 1, True, negative_prompt=None)
-    return Cond({"encoder_hidden_states": pe}), Cond({"encoder_hidden_states": npe})
-
-
-@register_pipeline("StableDiffusionXLPipeline")
-def _encode_sdxl(teacher: "Teacher", prompts):
-    pipe = teacher.pipeline
-    pe, npe, pooled, npooled = pipe.encode_prompt(list(prompts), device=teacher.encoder_device, do_classifier_free_guidance=True)
-    size = tuple(teacher.sample_shape[-2:])
-    size = (size[0] * pipe.vae_scale_factor, size[1] * pipe.vae_scale_factor)
-    proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
-    ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj)
-    ids = ids.to(teacher.encoder_device).repeat(len(prompts), 1)
-    return (
-        Cond({"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}),
-        Cond({"encoder_hidden_states": npe, "added_cond_kwargs": {"text_embeds": npooled, "time_ids": ids}}),
-    )
-
-
-@register_pipeline("PixArtAlphaPipeline", "PixArtSigmaPipeline")
-def _encode_pixart(teacher: "Teacher", prompts):
-    pe, mask, npe, nmask = teacher.pipeline.encode_prompt(
-        list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=teacher.encoder_device, clean_caption=False
-    )
-    return (
-        Cond({"encoder_hidden_states": pe, "encoder_attention_mask": mask}),
-        Cond({"encoder_hidden_states": npe, "encoder_attention_mask": nmask}),
-    )
-
-
-@register_pipeline("StableDiffusion3Pipeline")
-def _encode_sd3(teacher: "Teacher", prompts):
-    prompts = list(prompts)
-    pe, npe, pooled, npooled = teacher.pipeline.encode_prompt(
-        prompts, prompt_2=None, prompt_3=None, device=teacher.encoder_device, do_classifier_free_guidance=True
-    )
-    return (
-        Cond({"encoder_hidden_states": pe, "pooled_projections": pooled}),
-        Cond({"encoder_hidden_states": npe, "pooled_projections": npooled}),
-    )
-
-
-def _encode_labels(teacher: "Teacher", labels):
-    """Class-conditional teachers: 'prompts' are class indices (DiT also takes its label names)."""
-    if teacher.null_label is None:
-        raise ValueError(f"teacher {teacher.name} is unconditional; it takes no prompts or labels")
-    if teacher.pipeline is not None and hasattr(teacher.pipeline, "get_label_ids") and any(isinstance(p, str) for p in labels):
-        labels = teacher.pipeline.get_label_ids(list(labels))
-    labels = torch.as_tensor(list(labels) if not torch.is_tensor(labels) else labels, dtype=torch.long, device=teacher.device)
-    if torch.any(labels < 0) or torch.any(labels >= teacher.null_label):
-        raise ValueError(f"class labels must be in [0, {teacher.null_label}), got {labels.tolist()}")
-    return Cond({"class_labels": labels}), Cond({"class_labels": torch.full_like(labels, teacher.null_label)})
-
-
-register_pipeline("DiTPipeline", "DDPMPipeline", "DDIMPipeline", "oracle", text=False)(_encode_labels)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,7 +77,7 @@ class Teacher:
         device; the uncond branch is the empty prompt / null label, as the pipeline itself builds it."""
         if not self.conditional:
             raise ValueError(f"teacher {self.name} ({self.family}) is unconditional; it takes no prompts")
-        fn = PIPELINE_FAMILIES.get(self.family, _encode_labels)
+        fn = PIPELINE_FAMILIES.get(self.family, encode_labels)
         cond, uncond = fn(self, prompts)
         return cond.to(self.device), uncond.to(self.device)
 
@@ -165,10 +94,15 @@ class Teacher:
         vae = self.vae
         if vae is None:
             return images
-        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-        z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * vae.config.scaling_factor).float()
+        shift, scale, frames = _latent_scaling(vae)
+        x = images.to(vae.device, vae.dtype)
+        dist = vae.encode(x.unsqueeze(2) if frames else x).latent_dist
+        if frames:  # one frame of a video VAE: its sample drawn as the VAE draws it, then the frame taken
+            z = dist.sample(generator)[:, :, 0] if noise is None else \
+                dist.mean[:, :, 0] + dist.std[:, :, 0] * noise.to(dist.mean.device, dist.mean.dtype)
+        else:
+            z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
+        return ((z - shift) * scale).float()
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,8 +110,10 @@ class Teacher:
         vae = self.vae
         if vae is None:
             return x
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        z = x.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+        shift, scale, frames = _latent_scaling(vae)
+        z = x.to(vae.device, vae.dtype) / scale + shift
+        if frames:
+            return vae.decode(z.unsqueeze(2)).sample[:, :, 0].float().clamp(-1, 1)
         return vae.decode(z).sample.float().clamp(-1, 1)
 
     @classmethod
@@ -185,6 +121,20 @@ class Teacher:
         net = OracleNet.from_mixture(gmm, process)
         return cls(Denoiser(net, process).requires_grad_(False), process, (gmm.dim,), name, None, "oracle",
                    null_label=gmm.num_components)
+
+
+def _latent_scaling(vae) -> tuple[Any, Any, bool]:
+    """(shift, scale, frames): the denoiser sees (z - shift) * scale of the VAE's latents z. An
+    AutoencoderKL scales by its ``scaling_factor`` after its ``shift_factor``; Qwen-Image's video VAE
+    (``latents_mean`` / ``latents_std`` per channel, images as one frame: ``frames``) by 1 / std after the
+    mean, the factors its pipeline decodes with."""
+    cfg = vae.config
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "z_dim", None) is not None:
+        param = next(vae.parameters())
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1).to(param.device, param.dtype)
+        scale = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1).to(param.device, param.dtype)
+        return mean, scale, True
+    return getattr(cfg, "shift_factor", None) or 0.0, cfg.scaling_factor, False
 
 
 def resolve_teacher_path(path: str | os.PathLike) -> str:
@@ -242,12 +192,15 @@ def load_teacher(
     device: torch.device | str | None = None,
     null_label: int | None = None,
     allow_remote_code: bool = False,
+    sample_size: int | None = None,
+    guidance: float | None = None,
 ) -> Teacher:
     """Load a diffusers pipeline folder or hub id as a frozen teacher.
 
     ``dtype`` holds the frozen networks in lower precision (bf16/fp16); ``null_label`` is the class
     index of the unconditional branch for class-conditional pixel UNets (DiT uses its
-    ``num_embeds_ada_norm``)."""
+    ``num_embeds_ada_norm``). ``sample_size`` (latent height = width) and ``guidance`` (the embedded
+    guidance scale) are for the networks that take them (:func:`packed_geometry`)."""
     from diffusers import DiffusionPipeline
 
     src = resolve_teacher_path(path)
@@ -266,11 +219,16 @@ def load_teacher(
             comp.requires_grad_(False).eval()
     if device is not None:
         pipe.to(device)
-    process = process_from_scheduler_config(pipe.scheduler)
     cfg = model.config
-    size = cfg.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (cfg.in_channels, *size)
+    try:
+        shape, seq_len, guidance = packed_geometry(model, pipe, sample_size, guidance)
+    except ValueError as exc:
+        raise TeacherLoadError(f"teacher '{path}': {exc}") from None
+    if shape is None:
+        size = cfg.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (cfg.in_channels, *size)
+    process = process_from_scheduler_config(pipe.scheduler, image_seq_len=seq_len)
     family = type(pipe).__name__
     if null_label is None:
         if getattr(cfg, "num_embeds_ada_norm", None) and type(model).__name__ == "DiTTransformer2DModel":
@@ -279,4 +237,40 @@ def load_teacher(
             null_label = int(cfg.num_class_embeds) - 1
     if family not in PIPELINE_FAMILIES:
         family = "unconditional" if null_label is None else "labels"
-    return Teacher(Denoiser(model, process), process, shape, str(path), pipe, family, null_label)
+    return Teacher(Denoiser(model, process, embedded_guidance=guidance), process, shape, str(path), pipe, family,
+                   null_label)
+
+
+def packed_geometry(model: nn.Module, pipe, sample_size: int | None, guidance: float | None):
+    """(sample shape, image sequence length, embedded guidance) of a network that reads packed latent
+    tokens (``diffusion/packed.py``): latents of ``sample_size`` (default: the pipeline's
+    ``default_sample_size``), and ``guidance`` (default 3.5) for a network with a guidance input.
+    (None, None, None) for the other networks, which take neither option."""
+    name = type(unwrap(model)).__name__
+    if not is_packed(model):
+        for key, value in (("sample_size", sample_size), ("guidance", guidance)):
+            if value is not None:
+                raise ValueError(f"teacher.{key}: {name} takes no {key} option (it is for networks of any size, "
+                                 f"Flux and Qwen-Image; the embedded guidance of FLUX.1-dev)")
+        return None, None, None
+    size = int(sample_size if sample_size is not None else pipe.default_sample_size)
+    if size < 2 or size % 2:
+        raise ValueError(f"teacher.sample_size: {size} is not an even number >= 2; {name} packs 2x2 latent patches")
+    if guidance_embedded(model):
+        guidance = DEFAULT_EMBEDDED_GUIDANCE if guidance is None else float(guidance)
+    elif guidance is not None:
+        raise ValueError(f"teacher.guidance: {name} has no guidance input (guidance_embeds is false); classifier-free "
+                         f"guidance is a method option (method_args)")
+    return (latent_channels(model), size, size), (size // 2) ** 2, guidance
+
+
+def guidance_embedded_folder(path: str) -> bool | None:
+    """Whether a local pipeline folder's network takes the guidance scale as an input (its
+    ``transformer/config.json`` says ``guidance_embeds: true``), read before loading; None for a hub id."""
+    config = Path(path) / "transformer" / "config.json"
+    if not (Path(path) / "model_index.json").is_file():
+        return None
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return bool(data.get("guidance_embeds")) and data.get("_class_name") in PACKED_NETWORKS
