@@ -154,7 +154,7 @@ def test_gan_features_are_the_image_tokens(teachers):
 
     for family, teacher in teachers.items():
         seen = []
-        hook = feature_module(teacher.denoiser.model).register_forward_hook(lambda m, i, o: seen.append(o[-1]))
+        hook = feature_module(teacher.denoiser.model).register_forward_hook(lambda m, i, o, seen=seen: seen.append(o[-1]))
         x, t, cond, _ = _inputs(teacher)
         with torch.no_grad():
             teacher.denoiser(x, t, cond)
