@@ -6,7 +6,8 @@ sampling time, and what its unconditional branch is (the empty prompt, the null 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
