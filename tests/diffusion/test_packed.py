@@ -160,3 +160,38 @@ def test_gan_features_are_the_image_tokens(teachers):
             teacher.denoiser(x, t, cond)
         hook.remove()
         assert seen[0].shape[:2] == (2, 16), family  # (B, 4x4 image tokens, width)
+
+
+def test_loading_a_family_without_an_adapter_is_one_line(tiny_pipelines, monkeypatch):
+    from stepdistill.diffusion.denoiser import MODEL_ADAPTERS
+
+    monkeypatch.delitem(MODEL_ADAPTERS, "QwenImageTransformer2DModel")
+    with pytest.raises(TeacherLoadError, match=r"^teacher '.*': no denoiser adapter for QwenImageTransformer2DModel; "
+                                               r"supported: \[.*'FluxTransformer2DModel'.*\] \(add one with "
+                                               r"stepdistill.diffusion.denoiser.register_adapter\)$"):
+        load_teacher(tiny_pipelines["qwenimage"], sample_size=8)
+
+
+@pytest.mark.parametrize("family", ["flux", "qwenimage"])
+def test_latents_are_scaled_as_the_pipeline_decodes_them(teachers, family):
+    """Teacher.decode is the pipeline's own decoding of its latents (Flux: AutoencoderKL's scaling and
+    shift factors; Qwen-Image: its video VAE's per-channel mean and std, one frame), and encode_images
+    is its inverse up to the VAE's round trip."""
+    from stepdistill.data.loading import image_geometry
+
+    teacher = teachers[family]
+    pipe, vae = teacher.pipeline, teacher.pipeline.vae
+    x = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        if family == "flux":  # FluxPipeline.__call__'s lines after the loop
+            image = vae.decode(x / vae.config.scaling_factor + vae.config.shift_factor).sample
+        else:  # QwenImagePipeline.__call__'s
+            mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
+            std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
+            image = vae.decode(x.unsqueeze(2) / std + mean).sample[:, :, 0]
+        ours = teacher.decode(x)
+        torch.testing.assert_close(ours, image.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+        z = teacher.encode_images(ours, noise=torch.zeros_like(x))  # the posterior mean
+        drawn = teacher.encode_images(ours, torch.Generator().manual_seed(0))
+    assert z.shape == drawn.shape == x.shape and torch.isfinite(drawn).all()
+    assert image_geometry(teacher) == (16, 3)  # 16 px images, 3 channels (Qwen's VAE: input_channels)
