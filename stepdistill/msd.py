@@ -85,7 +85,8 @@ def train_students(config: str | Path, k: int, out: Path, overrides=()) -> Path:
     check_partition(captions, k)
     claim_folder(out, "msd", {"config": str(config), "students": k, "overrides": list(overrides)},
                  legacy=lambda folder: (folder / ROUTER_FILE).is_file() or (folder / "prompts_0.txt").is_file())
-    teacher = load_teacher(cfg.teacher.path, video_size=cfg.teacher.video_size)
+    teacher = load_teacher(cfg.teacher.path, video_size=cfg.teacher.video_size, sample_size=cfg.teacher.sample_size,
+                           guidance=cfg.teacher.guidance)
     assignment, centroids = partition_captions(teacher, captions, k, cfg.train.seed)
     names = []
     for j in range(k):

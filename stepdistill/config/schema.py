@@ -66,9 +66,17 @@ class TeacherConfig:
     # a video teacher's [frames, height, width] in pixels (Wan: 4k + 1 frames, sides multiples of 16);
     # default: its pipeline's __call__ defaults (Wan: 81 x 480 x 832)
     video_size: list[int] | None = None
+    # networks of any size (Flux, Qwen-Image): the latent height = width distilled at (even; default: the
+    # pipeline's default_sample_size, 128 latents = 1024 px), which also fixes their resolution-dependent shift
+    sample_size: int | None = None
+    # a network whose guidance scale is an input (FLUX.1-dev, guidance_embeds): the scale fed to the teacher,
+    # the student and fake scores, and the one the student exports with (default 3.5, FluxPipeline's); not CFG
+    guidance: float | None = None
 
     def __post_init__(self):
         self.path = expand_path("teacher.path", self.path)
+        check_range("teacher.sample_size", self.sample_size, ge=2)
+        check_range("teacher.guidance", self.guidance, ge=0)
         if (self.path is None) == (self.oracle is None):
             fail("teacher", "give exactly one of teacher.path (a diffusers pipeline) or teacher.oracle")
         if self.video_size is not None and (len(self.video_size) != 3 or min(self.video_size) < 1):

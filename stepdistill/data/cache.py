@@ -228,7 +228,8 @@ def build_cache(cfg, out: Path | None = None, shard_rows: int = SHARD_ROWS) -> P
         raise InputError("data.cache: name the cache folder (data.cache=<folder>)")
     teacher = load_teacher(cfg.teacher.path, dtype=torch_dtype(cfg.teacher.dtype), device=state.device,
                            null_label=cfg.teacher.null_label, allow_remote_code=cfg.teacher.allow_remote_code,
-                           video_size=cfg.teacher.video_size)
+                           video_size=cfg.teacher.video_size, sample_size=cfg.teacher.sample_size,
+                           guidance=cfg.teacher.guidance)
     text = teacher.conditional and teacher.null_label is None
     captions = read_captions(cfg.data.prompts, cfg.data, cfg.data.skip_bad_items) if cfg.data.prompts and text else None
     items = None

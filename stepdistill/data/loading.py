@@ -36,7 +36,9 @@ def refuse_still_images(teacher: str, what: str) -> None:
 def image_geometry(teacher) -> tuple[int, int]:
     """(pixel size, channels) real images are cropped to: the teacher's sample size in pixels."""
     scale = getattr(teacher.pipeline, "vae_scale_factor", 1) if teacher.vae is not None else 1
-    channels = teacher.vae.config.in_channels if teacher.vae is not None else teacher.sample_shape[0]
+    # AutoencoderKL's in_channels; Qwen-Image's video VAE names them input_channels
+    channels = (getattr(teacher.vae.config, "in_channels", None) or teacher.vae.config.input_channels) \
+        if teacher.vae is not None else teacher.sample_shape[0]
     return teacher.sample_shape[-1] * scale, channels
 
 

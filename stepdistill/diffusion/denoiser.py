@@ -3,7 +3,8 @@
 Distillers only ever call a :class:`Denoiser`. How a family's ``forward`` is called (UNet vs DiT vs
 SD3 vs Wan keyword names, image or video latents, learned-variance channels, guidance embeddings) lives in one small entry of
 ``MODEL_ADAPTERS``; adding a family is one ``@register_adapter`` function (k-diffusion's
-``external.py`` shape).
+``external.py`` shape). The families whose networks read packed latent tokens (Flux, Qwen-Image) are
+in ``packed.py``, registered when the ``stepdistill.diffusion`` package is imported.
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ FEATURE_MODULES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "WanTransformer3DModel": lambda m: m.blocks[len(m.blocks) // 2],
     "MLPDenoiser": lambda m: m.blocks[-1],
 }
+
+
+# how a family draws unit Gaussian latents of a (B, C, H, W) shape when its pipeline draws them in another
+# layout (packed tokens, packed.py), so that re-noising matches the exported pipeline's draws; others: torch.randn
+NOISE_LAYOUTS: dict[str, Callable[[tuple[int, ...], torch.Generator | None], torch.Tensor]] = {}
 
 
 def feature_module(model: nn.Module) -> nn.Module:
@@ -331,9 +337,14 @@ class Denoiser(nn.Module):
     ``u + w (c - u)`` with one batched forward of [uncond, cond]; ``guidance`` feeds the guidance
     scale to a w-conditioned network (``timestep_cond``). ``output`` picks the parameterisation
     returned: ``x0`` (alias ``sample``), ``epsilon``, ``v_prediction`` or ``flow``.
+
+    ``embedded_guidance`` is the guidance scale fed to a network that takes it as an input
+    (FLUX.1-dev's ``guidance_embeds``, ``packed.py``) whenever a call gives no ``guidance``; such a
+    network's guidance is not classifier-free, and ``guidance_scale`` other than 1 is refused.
     """
 
-    def __init__(self, model: nn.Module, process: NoiseProcess, prediction_type: str | None = None):
+    def __init__(self, model: nn.Module, process: NoiseProcess, prediction_type: str | None = None,
+                 embedded_guidance: float | None = None):
         super().__init__()
         self.model = model
         self.process = process
@@ -341,6 +352,7 @@ class Denoiser(nn.Module):
         if prediction_type is None:
             prediction_type = "sample" if type(unwrap(model)).__name__ == "OracleNet" else process.prediction_type
         self.prediction_type = prediction_type
+        self.embedded_guidance = None if embedded_guidance is None else float(embedded_guidance)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -349,6 +361,8 @@ class Denoiser(nn.Module):
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None, guidance: torch.Tensor | None = None) -> torch.Tensor:
         """The network's own prediction (its prediction type), float32."""
         dtype = self.dtype
+        if guidance is None and self.embedded_guidance is not None:
+            guidance = torch.full((x_t.shape[0],), self.embedded_guidance, dtype=torch.float32, device=x_t.device)
         call = ModelCall(
             x=x_t.to(dtype),
             t=t,
@@ -380,6 +394,10 @@ class Denoiser(nn.Module):
         else:
             if uncond is None or cond is None:
                 raise ValueError("guidance_scale needs both cond and uncond")
+            if self.embedded_guidance is not None and not bool(torch.all(torch.as_tensor(guidance_scale) == 1)):
+                raise ValueError(f"classifier-free guidance (scale {guidance_scale}) on {type(unwrap(self.model)).__name__}, "
+                                 f"whose guidance scale is a network input (embedded guidance "
+                                 f"{self.embedded_guidance:g}); use a scale of 1")
             both = Cond.cat(uncond.expand_to(b), cond.expand_to(b))
             g2 = None if guidance is None else torch.cat([guidance, guidance])
             pred = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), both, g2)
@@ -394,6 +412,14 @@ class Denoiser(nn.Module):
         if eps is None:
             eps = self.process.to_x0_eps(x0, x32, t, "sample")[1]
         return self.process.from_x0_eps(x0, eps, t, output)
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unit Gaussian latents of ``shape``, drawn on the CPU from ``generator`` in the layout the network's
+        pipeline draws them in (``NOISE_LAYOUTS``; plain ``torch.randn`` for most families)."""
+        layout = NOISE_LAYOUTS.get(type(unwrap(self.model)).__name__)
+        if layout is None:
+            return torch.randn(tuple(shape), generator=generator, device="cpu")
+        return layout(tuple(shape), generator)
 
     def requires_grad_(self, requires_grad: bool = True) -> "Denoiser":
         self.model.requires_grad_(requires_grad)

@@ -7,10 +7,12 @@ Time conventions (docs/ARCHITECTURE.md):
 - ``VPProcess``: diffusers integer timesteps 0..T-1 (T = ``num_train_timesteps``). Non-integer times
   interpolate log(alphas_cumprod) linearly, so integer times are exact. ``t = -1`` is the clean end
   (alpha = 1, sigma = 0), matching DDIM's ``set_alpha_to_one`` final step.
-- ``FlowProcess``: continuous t in [0, 1], alpha = 1 - t, sigma = t (rectified flow / SD3 / Sana / Wan).
-  The network sees ``t * num_train_timesteps`` as diffusers' FlowMatchEulerDiscreteScheduler does; the
-  multistep solvers on flow sigmas (``use_flow_sigmas``: Sana's DPMSolverMultistepScheduler, Wan's
-  UniPCMultistepScheduler) pass the same value truncated to an integer.
+- ``FlowProcess``: continuous t in [0, 1], alpha = 1 - t, sigma = t (rectified flow / SD3 / Flux / Sana /
+  Wan). The network sees ``t * num_train_timesteps`` as diffusers' FlowMatchEulerDiscreteScheduler does;
+  the multistep solvers on flow sigmas (``use_flow_sigmas``: Sana's DPMSolverMultistepScheduler, Wan's
+  UniPCMultistepScheduler) pass the same value truncated to an integer. A scheduler with
+  ``use_dynamic_shifting`` (Flux, Qwen-Image) shifts by a resolution-dependent mu; at the one resolution
+  a teacher is distilled at, that is a static shift (``dynamic_shift``).
 
 Prediction types: ``epsilon``, ``sample`` (x0), ``v_prediction`` (v = alpha eps - sigma x0,
 Salimans & Ho 2022) and ``flow`` (u = eps - x0, the rectified-flow velocity dx_t/dt).
@@ -195,7 +197,8 @@ class FlowProcess(NoiseProcess):
 
     kind = "flow"
 
-    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, prediction_type: str = "flow"):
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, prediction_type: str = "flow",
+                 shift_terminal: float | None = None):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"flow process: unknown prediction_type {prediction_type!r}")
         if shift <= 0:
@@ -205,6 +208,8 @@ class FlowProcess(NoiseProcess):
         self.prediction_type = prediction_type
         self.t_max = 1.0
         self.t_clean = 0.0
+        self.shift_terminal = shift_terminal  # the last of a grid's times, stretched to it (Qwen-Image: 0.02)
+        self.dynamic_shift: dict | None = None  # {"image_seq_len", "mu"} the shift was resolved from
         self.scheduler_config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": self.shift,
                                  "num_train_timesteps": self.num_train_timesteps}
 
@@ -222,17 +227,44 @@ class FlowProcess(NoiseProcess):
     def grid(self, n: int) -> torch.Tensor:
         if n < 1:
             raise ValueError(f"number of steps must be >= 1, got {n}")
-        return self.shift_time(torch.linspace(1, 0, n + 1, dtype=torch.float64)[:n]).float()
+        t = self.shift_time(torch.linspace(1, 0, n + 1, dtype=torch.float64)[:n])
+        if self.shift_terminal and n > 1:  # the scheduler's stretch_shift_to_terminal (for one step it is 0 / 0)
+            one_minus = 1 - t
+            t = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        return t.float()
 
     def describe(self):
-        return {**super().describe(), "shift": self.shift, "num_train_timesteps": self.num_train_timesteps}
+        out = {**super().describe(), "shift": self.shift, "num_train_timesteps": self.num_train_timesteps}
+        return {**out, **self.dynamic_shift} if self.dynamic_shift else out
 
 
-def process_from_scheduler_config(config: Any) -> NoiseProcess:
+def dynamic_shift(config: dict, image_seq_len: int) -> tuple[float, float]:
+    """(mu, static shift) of a ``use_dynamic_shifting`` scheduler config for images of ``image_seq_len``
+    packed tokens: mu from the pipelines' own ``calculate_shift`` with the config's base / max shift and
+    sequence lengths (the defaults FluxPipeline and QwenImagePipeline read them with), and the shift that
+    ``time_shift(mu, 1, t)`` equals: exp(mu) for the exponential type, mu for the linear one."""
+    import math
+
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # QwenImagePipeline's is a copy of it
+
+    mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    kind = config.get("time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+        raise ValueError(f"scheduler time_shift_type {kind!r} is not exponential or linear")
+    return float(mu), (math.exp(mu) if kind == "exponential" else float(mu))
+
+
+def process_from_scheduler_config(config: Any, image_seq_len: int | None = None) -> NoiseProcess:
     """Build the process of a diffusers scheduler from the scheduler itself or its config dict
     (``scheduler_config.json``, with ``_class_name``). VP schedules come from the scheduler class,
     so every beta schedule diffusers knows (linear, scaled_linear, squaredcos_cap_v2, zero-SNR
-    rescaling) is computed by diffusers, not re-implemented here."""
+    rescaling) is computed by diffusers, not re-implemented here.
+
+    A flow scheduler with ``use_dynamic_shifting`` needs ``image_seq_len`` (the packed tokens of the
+    teacher's sample size): its shift there is made static (:func:`dynamic_shift`) and the process's
+    scheduler config records it (``use_dynamic_shifting: false``, that ``shift``), so that a student
+    reloads, and exports, with the same schedule."""
     import diffusers
 
     if hasattr(config, "config") and hasattr(config, "step"):  # a scheduler instance
@@ -246,12 +278,19 @@ def process_from_scheduler_config(config: Any) -> NoiseProcess:
         if cls is None:
             raise ValueError(f"scheduler class {cls_name!r} is not in diffusers")
     if "FlowMatch" in cls.__name__:
+        resolved = None
         if config.get("use_dynamic_shifting"):
-            raise ValueError(
-                f"{cls.__name__} with use_dynamic_shifting=True: the shift depends on the image size; "
-                "set a static 'shift' in the scheduler config to distill it"
-            )
-        proc = FlowProcess(shift=config.get("shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000))
+            if image_seq_len is None:
+                raise ValueError(
+                    f"{cls.__name__} with use_dynamic_shifting=True: the shift depends on the image size; give the "
+                    "image's sequence length (the teacher's sample size) or set a static 'shift' in the scheduler config"
+                )
+            mu, shift = dynamic_shift(config, int(image_seq_len))
+            config = {**config, "use_dynamic_shifting": False, "shift": shift}
+            resolved = {"image_seq_len": int(image_seq_len), "mu": mu}
+        proc = FlowProcess(shift=config.get("shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000),
+                           shift_terminal=config.get("shift_terminal"))
+        proc.dynamic_shift = resolved
     elif config.get("use_flow_sigmas"):
         proc = _flow_sigmas_process(cls.__name__, config)
     else:
@@ -305,6 +344,7 @@ __all__ = [
     "FlowProcess",
     "process_from_scheduler_config",
     "is_flow_scheduler",
+    "dynamic_shift",
     "truncated_snr_weight",
     "per_sample",
 ]

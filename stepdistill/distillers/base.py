@@ -76,6 +76,16 @@ class Distiller:
         """Checks of the method's options against the rest of the config, made before the teacher is
         loaded or anything is written; raise ``ValueError`` naming the key. Default: none."""
 
+    @classmethod
+    def cfg_options(cls, options) -> dict[str, Any]:
+        """The options (``method_args`` names, their values) that apply classifier-free guidance, so that
+        they can be refused on a teacher whose guidance scale is a network input (FLUX.1-dev's
+        ``guidance_embeds``): such a teacher was distilled from CFG into that input and is used with its
+        embedded guidance (``teacher.guidance``). On it every method feeds the teacher, the student and
+        any fake score that guidance and applies no CFG; the student samples and exports with it. A
+        value of None or 1 means no CFG. Default: none."""
+        return {}
+
     def trainables(self) -> dict[str, Trainable]:
         """The modules the method trains, by name, with their learning rates."""
         raise NotImplementedError

@@ -51,6 +51,11 @@ class Boot(Distiller):
     name = "boot"
     Options = BootOptions
 
+    @classmethod
+    def cfg_options(cls, options):
+        """CFG in the bootstrap target; with embedded guidance the teacher reads its guidance instead."""
+        return {"guidance_scale": options.guidance_scale}
+
     def __init__(self, ctx: Context, options: BootOptions):
         if ctx.config.student.num_steps != 1:
             raise ValueError("method boot: the BOOT student samples in one step; set student.num_steps=1")

@@ -47,11 +47,14 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
     else:  # one network for every step: the teacher's at t_init
         model = trainable_copy(timesteps[0])
     pred = prediction_type or ctx.init.prediction_type
+    embedded = ctx.init.embedded_guidance  # a copy of a network with a guidance input (FLUX.1-dev) reads the teacher's
+    if embedded is not None and guidance_scale is None:
+        guidance_scale = embedded  # ... and samples and exports with it
     spec = StudentSpec(method, sampler, [float(t) for t in timesteps], guidance_scale, ctx.init.process.describe(), pred)
     warning = ill_conditioned_start(ctx.init.process, pred, spec.timesteps[0])
     if warning:
         logger.warning(warning)
-    return Student(Denoiser(model, ctx.init.process, pred), spec)
+    return Student(Denoiser(model, ctx.init.process, pred, embedded), spec)
 
 
 def init_network_class(folder: str) -> str:
@@ -76,6 +79,17 @@ def load_init_network(folder: str, teacher_model) -> torch.nn.Module:
     net = net.experts[0] if isinstance(net, NoiseLevelExperts) else net  # the class of a two-expert teacher's networks
     name = check_init_class(folder, type(net).__name__)
     return network_class(name).from_pretrained(folder).eval().requires_grad_(False)
+
+
+def refuse_cfg_on_embedded_guidance(method, options, network: str) -> None:
+    """A method option asking for classifier-free guidance (``Distiller.cfg_options``) on a teacher whose
+    guidance scale is a network input is refused, naming the option."""
+    for name, value in method.cfg_options(options).items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if any(v is not None and v != 1 for v in values):
+            raise ConfigError(f"method_args.{name}={value}: classifier-free guidance on {network}, whose guidance scale "
+                              f"is a network input (guidance_embeds: the teacher is fed teacher.guidance instead); "
+                              f"set method_args.{name} to 1 (or null)")
 
 
 EPS_AMPLIFICATION_LIMIT = 50.0
@@ -106,7 +120,7 @@ def frozen_copy(den: Denoiser) -> Denoiser:
     """A frozen snapshot of a denoiser's current weights (e.g. the teacher of a progressive round); of a
     sharded network, an unsharded copy on every rank (``stepdistill.models.sharding``)."""
     model = plain_copy(den.model).eval().requires_grad_(False)
-    return Denoiser(model, den.process, den.prediction_type)
+    return Denoiser(model, den.process, den.prediction_type, den.embedded_guidance)
 
 
 def student_timesteps(ctx: Context, num_steps: int | None = None) -> list[float]:

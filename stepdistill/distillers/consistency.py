@@ -116,7 +116,7 @@ class TargetNetwork:
         model = unwrap(den.model)
         named = self._named()
         if not is_sharded(model):
-            inner = Denoiser(model, den.process, den.prediction_type)
+            inner = Denoiser(model, den.process, den.prediction_type, den.embedded_guidance)
             swap = {f"model.{n}": avg.to(p.dtype) for (n, p), avg in zip(named, self.shadow)}
             return torch.func.functional_call(inner, swap, (x, t, cond), {"guidance": guidance})
         kept = [p.detach().clone() for _, p in named]
@@ -158,6 +158,12 @@ class Consistency(Distiller):
 
     name = "lcm"
     Options = ConsistencyOptions
+
+    @classmethod
+    def cfg_options(cls, options):
+        """The teacher's CFG range in the solver step; with embedded guidance the teacher and the student
+        read the teacher's guidance (w_min = w_max = 1: no guidance-scale embedding is added)."""
+        return {"w_min": options.w_min, "w_max": options.w_max}
 
     def __init__(self, ctx: Context, options: ConsistencyOptions):
         super().__init__(ctx, options)

@@ -67,6 +67,12 @@ class DisBack(DMDBase):
     Options = DisBackOptions
 
     @classmethod
+    def cfg_options(cls, options):
+        """CFG of the path's scores; with embedded guidance the nodes, the teacher and the student read the
+        teacher's guidance instead."""
+        return {"guidance_scale": options.guidance_scale}
+
+    @classmethod
     def check_config(cls, config, options: DisBackOptions) -> None:
         if options.path_nodes >= options.degradation_steps:
             raise ValueError(f"method_args.path_nodes ({options.path_nodes}) must be below method_args.degradation_steps "

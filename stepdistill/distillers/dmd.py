@@ -113,6 +113,12 @@ class DMD(DMDBase):
     name = "dmd"
     Options = DMDOptions
 
+    @classmethod
+    def cfg_options(cls, options):
+        """CFG of the real score (and of the regression pairs' teacher ODE); with embedded guidance the
+        teacher, the fake score and the student read the teacher's guidance instead."""
+        return {"guidance_scale": options.guidance_scale}
+
     def __init__(self, ctx: Context, options: DMDOptions):
         if ctx.config.student.num_steps != 1:
             raise ValueError("method dmd: DMD trains one-step students; use dmd2 for few-step students")
@@ -231,6 +237,12 @@ class DMD2(DMDBase):
 
     name = "dmd2"
     Options = DMD2Options
+
+    @classmethod
+    def cfg_options(cls, options):
+        """CFG of the real and the fake score; with embedded guidance the teacher, the fake score (and its
+        GAN features) and the student read the teacher's guidance instead."""
+        return {"guidance_scale": options.guidance_scale, "fake_guidance_scale": options.fake_guidance_scale}
 
     def __init__(self, ctx: Context, options: DMD2Options):
         super().__init__(ctx, options)

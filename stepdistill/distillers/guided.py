@@ -54,6 +54,12 @@ class Guided(Distiller):
     name = "guided"
     Options = GuidedOptions
 
+    @classmethod
+    def cfg_options(cls, options):
+        """Guided distillation distils CFG over [w_min, w_max] into a guidance input: a teacher with
+        embedded guidance has no CFG to distil (it needs w_min = w_max = 1, and then has nothing to do)."""
+        return {"w_min": options.w_min, "w_max": options.w_max}
+
     def __init__(self, ctx: Context, options: GuidedOptions):
         if not ctx.teacher.conditional:
             raise ValueError("method guided: the teacher is unconditional; classifier-free guidance needs a conditional teacher")

@@ -78,6 +78,12 @@ class PhasedDMD(Distiller):
     name = "phased_dmd"
     Options = PhasedDMDOptions
 
+    @classmethod
+    def cfg_options(cls, options):
+        """CFG of the teacher in every phase; with embedded guidance the teacher, the fake scores and the
+        student read the teacher's guidance instead."""
+        return {"guidance_scale": options.guidance_scale}
+
     def __init__(self, ctx: Context, options: PhasedDMDOptions):
         super().__init__(ctx, options)
         proc = ctx.init.process

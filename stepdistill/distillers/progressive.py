@@ -187,6 +187,12 @@ class Progressive(Distiller):
     name = "progressive"
     Options = ProgressiveOptions
 
+    @classmethod
+    def cfg_options(cls, options):
+        """CFG of the original teacher (round 0); with embedded guidance every round's teacher and the
+        student read the teacher's guidance."""
+        return {"guidance_scale": options.guidance_scale}
+
     def __init__(self, ctx: Context, options: ProgressiveOptions):
         super().__init__(ctx, options)
         check_x_source(ctx, options.x_source)

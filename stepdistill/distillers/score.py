@@ -48,7 +48,7 @@ def make_fake(ctx: Context, opt: FakeScoreOptions) -> Denoiser:
     model = copy_for_training(ctx.init.model, lora_rank=opt.fake_lora_rank, lora_alpha=opt.fake_lora_alpha,
                               lora_targets=opt.fake_lora_targets or ctx.config.student.lora_targets,
                               dtype=torch_dtype(ctx.config.train.trainable_dtype)).to(ctx.device)
-    return Denoiser(model, ctx.init.process, ctx.init.prediction_type)
+    return Denoiser(model, ctx.init.process, ctx.init.prediction_type, ctx.init.embedded_guidance)
 
 
 def score_time_range(process, lo: float, hi: float) -> tuple[float, float]:

@@ -94,6 +94,17 @@ class SiD(ScoreDistiller):
     name = "sid"
     Options = SiDOptions
 
+    @classmethod
+    def cfg_options(cls, options):
+        """SiD-LSG's kappas (``guidance_mode`` or the explicit ones); with embedded guidance the teacher,
+        the fake score and the student read the teacher's guidance and ``guidance_mode`` none or zero
+        applies (zero only drops prompts from the fake score's training)."""
+        keys = ("real_guidance", "fake_guidance", "fake_train_guidance")
+        out = {key: getattr(options, key) for key in keys}
+        if any(v != 1 for key, v in zip(keys, options.scales()[:3]) if out[key] is None):
+            out["guidance_mode"] = options.guidance_mode  # a kappa the mode sets
+        return out
+
     def __init__(self, ctx: Context, options: SiDOptions):
         super().__init__(ctx, options)
         self.real_s, self.fake_s, self.train_s, self.fake_conditioned = options.scales()

@@ -66,6 +66,13 @@ class VSD(ScoreDistiller):
     name = "vsd"
     Options = VSDOptions
 
+    @classmethod
+    def cfg_options(cls, options):
+        """CFG of the teacher and the LoRA fake score (or SNOOPI's per-sample range); with embedded
+        guidance both read the teacher's guidance instead."""
+        return {"guidance_scale": options.guidance_scale, "fake_guidance_scale": options.fake_guidance_scale,
+                "guidance_range": options.guidance_range}
+
     def __init__(self, ctx: Context, options: VSDOptions):
         if ctx.config.student.num_steps != 1:
             raise ValueError("method vsd: SwiftBrush trains one-step students; set student.num_steps=1")

@@ -14,7 +14,11 @@ stock diffusers scheduler configured so that the trained timesteps are used exac
   ``original_inference_steps`` and its boundary scalings (VP), so ``num_inference_steps`` 1 to 8 all
   sample as the toolkit's ``Student.at_steps`` does; ``FlowMatchLCMScheduler`` with the sigmas (flow);
 - deterministic few-step (progressive, guided): ``DDIMScheduler`` with "trailing" spacing (VP), or
-  ``FlowMatchEulerDiscreteScheduler`` with the list as ``sigmas`` (flow);
+  ``FlowMatchEulerDiscreteScheduler`` with the list as ``sigmas`` (flow). A flow teacher with
+  resolution-dependent shifting (Flux, Qwen-Image) was distilled at one static shift
+  (``diffusion/process.py``): the exported scheduler has that shift and ``use_dynamic_shifting`` off, so
+  the ``mu`` their pipelines pass is not used, and the call arguments carry the trained height and width
+  (and, for a network with a guidance input, the embedded ``guidance_scale`` it was distilled with);
 - BOOT's one-step signal student: its network reads the noise at the clean end's time and its output
   is read as an x0 prediction at t_max (``models.student.signal_prediction``). It is exported as a network
   whose timestep input is folded away at that time (``nets.time_frozen_copy``) behind the one-step
@@ -38,6 +42,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -48,6 +53,7 @@ import yaml
 from ..config import PRECISIONS, torch_dtype
 from ..diffusion.denoiser import unwrap
 from ..diffusion.process import is_flow_scheduler
+from ..diffusion.packed import guidance_embedded, is_packed
 from ..errors import ConfigError, ExportError, InputError
 from ..models.nets import time_frozen_copy
 from ..models.shipped import quiet_text_encoder_type
@@ -105,7 +111,8 @@ def _resolve_source(source: Path, use_ema: bool, running_ok: bool = False) -> tu
 INTERFACE_KEYS = ("in_channels", "out_channels", "sample_size", "patch_size", "cross_attention_dim", "encoder_hid_dim",
                   "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
                   "class_embed_type", "num_class_embeds", "num_embeds_ada_norm", "joint_attention_dim",
-                  "pooled_projection_dim", "caption_channels", "text_dim", "image_dim", "added_kv_proj_dim")
+                  "pooled_projection_dim", "caption_channels", "text_dim", "image_dim", "added_kv_proj_dim",
+                  "guidance_embeds")
 # keys of INTERFACE_KEYS that are a width inside these classes: Sana's cross-attention reads the output of its
 # own caption projection (caption_channels -> the inner width), so a narrower student narrows it too
 INTERNAL_KEYS = {"SanaTransformer2DModel": ("cross_attention_dim",)}
@@ -142,6 +149,19 @@ def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict, video_size=None) -> dict
         if spec.guidance_scale is not None:
             raise ExportError(f"{name} has no guidance input for a w-conditioned student")
         return {k: v for k, v in kwargs.items() if k != "sigmas"}
+    _, slot = find_denoiser(pipe)
+    if is_packed(slot):  # Flux, Qwen-Image: any size; the student's (and its static shift's) is recorded
+        seq = spec.process.get("image_seq_len")
+        side = math.isqrt(int(seq)) if seq is not None else None
+        size = {"height": 2 * side * pipe.vae_scale_factor, "width": 2 * side * pipe.vae_scale_factor} \
+            if side is not None and side * side == seq else {}
+        size["true_cfg_scale"] = 1.0  # their CFG (with a negative prompt) off: the student is the whole sampler
+        if not guidance_embedded(slot):  # their pipelines' guidance_scale is the embedded one only
+            return {**kwargs, **size}
+        if spec.guidance_scale is None:
+            raise ExportError(f"the student of a {type(slot).__name__} with a guidance input records no guidance scale "
+                              f"to sample with (student_config.json: guidance_scale)")
+        return {**kwargs, **size, "guidance_scale": float(spec.guidance_scale)}
     # the student is the whole sampler: no classifier-free guidance on top unless it takes w itself
     return {**kwargs, "guidance_scale": float(spec.guidance_scale) if spec.guidance_scale is not None else 1.0}
 

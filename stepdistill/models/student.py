@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..diffusion.denoiser import W_CONDITIONED, Cond, Denoiser, unwrap
+from ..diffusion.packed import guidance_embedded
 from ..diffusion.process import NoiseProcess, process_from_scheduler_config
 from . import nets
 from .nets import network_class
@@ -309,7 +310,7 @@ class Student:
             if self.spec.sampler == "deterministic":
                 x = proc.ode_step(x, x0, t, s)
             else:
-                eps = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
+                eps = den.noise(x0.shape, generator).to(x0.device)  # in the layout the pipeline draws it
                 x = proc.add_noise(x0, eps, s.expand(noise.shape[0]))
         return x
 
@@ -340,7 +341,9 @@ class Student:
         model_cls = network_class(json.loads((Path(folder) / "config.json").read_text())["_class_name"])
         model = model_cls.from_pretrained(folder).to(device).eval().requires_grad_(False)
         process = process_from_scheduler_config(spec.process["scheduler"])
-        return cls(Denoiser(model, process, spec.prediction_type), spec)
+        # a network with a guidance input (FLUX.1-dev) samples with the guidance it was distilled with
+        embedded = spec.guidance_scale if guidance_embedded(model) else None
+        return cls(Denoiser(model, process, spec.prediction_type, embedded), spec)
 
     @classmethod
     def load_run(cls, run_dir: str | Path, device=None) -> "Student":

@@ -1,8 +1,13 @@
 """Load a frozen teacher from a diffusers pipeline folder or hub id (or the exact oracle).
 
 The pipeline's own ``encode_prompt`` does the text encoding, so every family encodes prompts exactly
-as its diffusers pipeline does at sampling time; ``PIPELINE_FAMILIES`` holds one small entry per
-pipeline class (how it encodes, what its unconditional branch is).
+as its diffusers pipeline does at sampling time; ``encoders.PIPELINE_FAMILIES`` holds one small entry
+per pipeline class (how it encodes, what its unconditional branch is).
+
+Networks that take any size (Flux, Qwen-Image: packed latent tokens) have no ``sample_size``: the
+teacher's latent size is ``teacher.sample_size`` (default: the pipeline's ``default_sample_size``), and
+their schedulers' resolution-dependent shift is made static at that size. A network with a guidance
+input (FLUX.1-dev) is fed ``teacher.guidance`` (default 3.5) by its Denoiser.
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ..diffusion.denoiser import MODEL_ADAPTERS, Cond, Denoiser, find_adapter, unwrap
+from ..diffusion.packed import DEFAULT_EMBEDDED_GUIDANCE, PACKED_NETWORKS, guidance_embedded, is_packed, latent_channels
 from ..diffusion.process import NoiseProcess, process_from_scheduler_config
 from ..errors import TeacherLoadError
+from .encoders import PIPELINE_FAMILIES, TEXT_FAMILIES, encode_labels, register_pipeline  # noqa: F401
 from .nets import NoiseLevelExperts
 from .oracle import OracleNet
 from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
@@ -29,117 +36,6 @@ from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
 DENOISER_COMPONENTS = ("unet", "transformer")
 VIDEO_DENOISERS = ("WanTransformer3DModel",)  # networks of video latents (C, F, H, W), known before loading
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
-
-
-# ------------------------------------------------------------------------------------------------
-# pipeline families: how each pipeline class turns prompts into (cond, uncond)
-# ------------------------------------------------------------------------------------------------
-EncodeFn = Callable[["Teacher", Sequence[Any]], tuple[Cond, Cond]]
-PIPELINE_FAMILIES: dict[str, EncodeFn] = {}
-TEXT_FAMILIES: set[str] = set()  # pipelines whose conditioning is a text prompt
-
-
-def register_pipeline(*class_names: str, text: bool = True) -> Callable[[EncodeFn], EncodeFn]:
-    def deco(fn: EncodeFn) -> EncodeFn:
-        for name in class_names:
-            PIPELINE_FAMILIES[name] = fn
-            if text:
-                TEXT_FAMILIES.add(name)
-        return fn
-
-    return deco
-
-
-@register_pipeline("StableDiffusionPipeline")
-def _encode_sd(teacher: "Teacher", prompts):
-    pe, npe = teacher.pipeline.encode_prompt(list(prompts), teacher.encoder_device, 1, True, negative_prompt=None)
-    return Cond({"encoder_hidden_states": pe}), Cond({"encoder_hidden_states": npe})
-
-
-@register_pipeline("StableDiffusionXLPipeline")
-def _encode_sdxl(teacher: "Teacher", prompts):
-    pipe = teacher.pipeline
-    pe, npe, pooled, npooled = pipe.encode_prompt(list(prompts), device=teacher.encoder_device, do_classifier_free_guidance=True)
-    size = tuple(teacher.sample_shape[-2:])
-    size = (size[0] * pipe.vae_scale_factor, size[1] * pipe.vae_scale_factor)
-    proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
-    ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj)
-    ids = ids.to(teacher.encoder_device).repeat(len(prompts), 1)
-    return (
-        Cond({"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}),
-        Cond({"encoder_hidden_states": npe, "added_cond_kwargs": {"text_embeds": npooled, "time_ids": ids}}),
-    )
-
-
-@register_pipeline("PixArtAlphaPipeline", "PixArtSigmaPipeline")
-def _encode_pixart(teacher: "Teacher", prompts):
-    pe, mask, npe, nmask = teacher.pipeline.encode_prompt(
-        list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=teacher.encoder_device, clean_caption=False
-    )
-    return (
-        Cond({"encoder_hidden_states": pe, "encoder_attention_mask": mask}),
-        Cond({"encoder_hidden_states": npe, "encoder_attention_mask": nmask}),
-    )
-
-
-@register_pipeline("StableDiffusion3Pipeline")
-def _encode_sd3(teacher: "Teacher", prompts):
-    prompts = list(prompts)
-    pe, npe, pooled, npooled = teacher.pipeline.encode_prompt(
-        prompts, prompt_2=None, prompt_3=None, device=teacher.encoder_device, do_classifier_free_guidance=True
-    )
-    return (
-        Cond({"encoder_hidden_states": pe, "pooled_projections": pooled}),
-        Cond({"encoder_hidden_states": npe, "pooled_projections": npooled}),
-    )
-
-
-def call_default(pipeline, name: str):
-    """The default of the pipeline ``__call__``'s argument ``name``: what a user's plain call encodes with."""
-    return inspect.signature(type(pipeline).__call__).parameters[name].default
-
-
-@register_pipeline("SanaPipeline")
-def _encode_sana(teacher: "Teacher", prompts):
-    """As SanaPipeline's ``__call__`` encodes by default, so that the exported student sees the states it
-    was trained on: its complex human instruction before each prompt (not before the empty negative
-    prompt: ``encode_prompt`` leaves it out there), ``max_sequence_length`` tokens with their mask."""
-    pipe = teacher.pipeline
-    pe, mask, npe, nmask = pipe.encode_prompt(
-        list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=teacher.encoder_device,
-        clean_caption=False, max_sequence_length=call_default(pipe, "max_sequence_length"),
-        complex_human_instruction=call_default(pipe, "complex_human_instruction"),
-    )
-    return (
-        Cond({"encoder_hidden_states": pe, "encoder_attention_mask": mask}),
-        Cond({"encoder_hidden_states": npe, "encoder_attention_mask": nmask}),
-    )
-
-
-@register_pipeline("WanPipeline")
-def _encode_wan(teacher: "Teacher", prompts):
-    """UMT5 states padded with zeros to the length ``__call__`` encodes with (its max_sequence_length
-    default, 512), so that the exported pipeline's default call conditions the student identically."""
-    pipe = teacher.pipeline
-    pe, npe = pipe.encode_prompt(list(prompts), negative_prompt=None, do_classifier_free_guidance=True,
-                                 max_sequence_length=call_default(pipe, "max_sequence_length"),
-                                 device=teacher.encoder_device)
-    return Cond({"encoder_hidden_states": pe}), Cond({"encoder_hidden_states": npe})
-
-
-def _encode_labels(teacher: "Teacher", labels):
-    """Class-conditional teachers: 'prompts' are class indices (DiT also takes its label names)."""
-    if teacher.null_label is None:
-        raise ValueError(f"teacher {teacher.name} is unconditional; it takes no prompts or labels")
-    if teacher.pipeline is not None and hasattr(teacher.pipeline, "get_label_ids") and any(isinstance(p, str) for p in labels):
-        labels = teacher.pipeline.get_label_ids(list(labels))
-    labels = torch.as_tensor(list(labels) if not torch.is_tensor(labels) else labels, dtype=torch.long, device=teacher.device)
-    if torch.any(labels < 0) or torch.any(labels >= teacher.null_label):
-        raise ValueError(f"class labels must be in [0, {teacher.null_label}), got {labels.tolist()}")
-    return Cond({"class_labels": labels}), Cond({"class_labels": torch.full_like(labels, teacher.null_label)})
-
-
-register_pipeline("DiTPipeline", "DDPMPipeline", "DDIMPipeline", "oracle", text=False)(_encode_labels)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +87,7 @@ class Teacher:
         device; the uncond branch is the empty prompt / null label, as the pipeline itself builds it."""
         if not self.conditional:
             raise ValueError(f"teacher {self.name} ({self.family}) is unconditional; it takes no prompts")
-        fn = PIPELINE_FAMILIES.get(self.family, _encode_labels)
+        fn = PIPELINE_FAMILIES.get(self.family, encode_labels)
         cond, uncond = fn(self, prompts)
         return cond.to(self.device), uncond.to(self.device)
 
@@ -209,17 +105,18 @@ class Teacher:
         vae = self.vae
         if vae is None:
             return images
-        encoded = vae.encode(images.to(vae.device, vae.dtype))
+        x = images.to(vae.device, vae.dtype)
+        frames = _one_frame(vae, x)
+        encoded = vae.encode(x.unsqueeze(2) if frames else x)
         if not hasattr(encoded, "latent_dist"):  # a deterministic autoencoder (Sana's DC-AE)
             z = encoded.latent
-        else:
+        else:  # drawn as the VAE draws it (a video VAE: over the one frame), then the frame taken
             dist = encoded.latent_dist
-            z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
-        stats = _channel_stats(vae, z)
-        if stats is not None:
-            return ((z - stats[0]) * stats[1]).float()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * vae.config.scaling_factor).float()
+            z = dist.sample(generator) if noise is None else \
+                dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype).reshape(dist.mean.shape)
+        z = z[:, :, 0] if frames else z
+        shift, scale = _latent_scaling(vae, z)
+        return ((z - shift) * scale).float()
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,12 +125,10 @@ class Teacher:
         if vae is None:
             return x
         x = x.to(vae.device, vae.dtype)
-        stats = _channel_stats(vae, x)
-        if stats is not None:
-            z = x / stats[1] + stats[0]
-        else:
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            z = x / vae.config.scaling_factor + shift
+        shift, scale = _latent_scaling(vae, x)
+        z = x / scale + shift
+        if _one_frame(vae, z):
+            return vae.decode(z.unsqueeze(2)).sample[:, :, 0].float().clamp(-1, 1)
         return vae.decode(z).sample.float().clamp(-1, 1)
 
     @classmethod
@@ -243,13 +138,26 @@ class Teacher:
                    null_label=gmm.num_components)
 
 
-def _channel_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, 1 / std) of each latent channel for a VAE that normalises its latents per channel instead
-    of by a scaling factor (AutoencoderKLWan: latents = (z - mean) / std, undone as pipeline_wan.py
-    does, x / (1 / std) + mean), shaped to broadcast over ``like``; None for the image VAEs."""
+def _per_channel(vae) -> bool:
+    """Whether a VAE normalises its latents per channel (``latents_mean`` / ``latents_std``, no scaling
+    factor): the video VAEs, AutoencoderKLWan and Qwen-Image's AutoencoderKLQwenImage."""
     cfg = vae.config
-    if getattr(cfg, "scaling_factor", None) is not None or getattr(cfg, "latents_mean", None) is None:
-        return None
+    return getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "scaling_factor", None) is None
+
+
+def _one_frame(vae, x: torch.Tensor) -> bool:
+    """Whether ``x`` are images (B, C, H, W) for a video VAE, which codes them as videos of one frame."""
+    return _per_channel(vae) and x.ndim == 4
+
+
+def _latent_scaling(vae, like: torch.Tensor) -> tuple[Any, Any]:
+    """(shift, scale): the denoiser sees (z - shift) * scale of the VAE's latents z, as its pipeline decodes
+    them. An AutoencoderKL scales by its ``scaling_factor`` after its ``shift_factor``; a video VAE by
+    1 / std after the mean of each channel (pipeline_wan.py, pipeline_qwenimage.py), shaped to broadcast
+    over ``like``."""
+    cfg = vae.config
+    if not _per_channel(vae):
+        return getattr(cfg, "shift_factor", None) or 0.0, cfg.scaling_factor
     shape = (1, -1) + (1,) * (like.ndim - 2)
     mean = torch.tensor(cfg.latents_mean).view(shape).to(like.device, like.dtype)
     return mean, 1.0 / torch.tensor(cfg.latents_std).view(shape).to(like.device, like.dtype)
@@ -340,6 +248,8 @@ def load_teacher(
     null_label: int | None = None,
     allow_remote_code: bool = False,
     video_size: tuple[int, int, int] | None = None,
+    sample_size: int | None = None,
+    guidance: float | None = None,
 ) -> Teacher:
     """Load a diffusers pipeline folder or hub id as a frozen teacher.
 
@@ -347,7 +257,9 @@ def load_teacher(
     index of the unconditional branch for class-conditional pixel UNets (DiT uses its
     ``num_embeds_ada_norm``); ``video_size`` is a video teacher's (frames, height, width) in pixels
     (default: its pipeline's). A pipeline with a second network for low noise (Wan2.2's
-    ``transformer_2`` and ``boundary_ratio``) is one denoiser of two experts (``NoiseLevelExperts``)."""
+    ``transformer_2`` and ``boundary_ratio``) is one denoiser of two experts (``NoiseLevelExperts``).
+    ``sample_size`` (latent height = width) and ``guidance`` (the embedded guidance scale) are for the
+    networks that take them (:func:`packed_geometry`)."""
     from diffusers import DiffusionPipeline
 
     src = resolve_teacher_path(path)
@@ -366,15 +278,19 @@ def load_teacher(
             comp.requires_grad_(False).eval()
     if device is not None:
         pipe.to(device)
-    process = process_from_scheduler_config(pipe.scheduler)
     cfg = model.config
+    try:
+        shape, seq_len, guidance = packed_geometry(model, pipe, sample_size, guidance)
+    except ValueError as exc:
+        raise TeacherLoadError(f"teacher '{path}': {exc}") from None
     video_size = video_size_of(pipe, video_size)
     if video_size is not None:
         shape = video_sample_shape(pipe, model, video_size)
-    else:
+    elif shape is None:
         size = cfg.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (cfg.in_channels, *size)
+    process = process_from_scheduler_config(pipe.scheduler, image_seq_len=seq_len)
     second, ratio = getattr(pipe, "transformer_2", None), pipe.config.get("boundary_ratio")
     if isinstance(second, nn.Module) and ratio is not None:  # the boundary pipeline_wan.py compares timesteps with
         model = NoiseLevelExperts.from_experts([model, second], ratio * pipe.scheduler.config.num_train_timesteps)
@@ -386,4 +302,40 @@ def load_teacher(
             null_label = int(cfg.num_class_embeds) - 1
     if family not in PIPELINE_FAMILIES:
         family = "unconditional" if null_label is None else "labels"
-    return Teacher(Denoiser(model, process), process, shape, str(path), pipe, family, null_label, video_size)
+    return Teacher(Denoiser(model, process, embedded_guidance=guidance), process, shape, str(path), pipe, family,
+                   null_label, video_size)
+
+
+def packed_geometry(model: nn.Module, pipe, sample_size: int | None, guidance: float | None):
+    """(sample shape, image sequence length, embedded guidance) of a network that reads packed latent
+    tokens (``diffusion/packed.py``): latents of ``sample_size`` (default: the pipeline's
+    ``default_sample_size``), and ``guidance`` (default 3.5) for a network with a guidance input.
+    (None, None, None) for the other networks, which take neither option."""
+    name = type(unwrap(model)).__name__
+    if not is_packed(model):
+        for key, value in (("sample_size", sample_size), ("guidance", guidance)):
+            if value is not None:
+                raise ValueError(f"teacher.{key}: {name} takes no {key} option (it is for networks of any size, "
+                                 f"Flux and Qwen-Image; the embedded guidance of FLUX.1-dev)")
+        return None, None, None
+    size = int(sample_size if sample_size is not None else pipe.default_sample_size)
+    if size < 2 or size % 2:
+        raise ValueError(f"teacher.sample_size: {size} is not an even number >= 2; {name} packs 2x2 latent patches")
+    if guidance_embedded(model):
+        guidance = DEFAULT_EMBEDDED_GUIDANCE if guidance is None else float(guidance)
+    elif guidance is not None:
+        raise ValueError(f"teacher.guidance: {name} has no guidance input (guidance_embeds is false); classifier-free "
+                         f"guidance is a method option (method_args)")
+    return (latent_channels(model), size, size), (size // 2) ** 2, guidance
+
+
+def guidance_embedded_folder(path: str) -> bool | None:
+    """Whether a local pipeline folder's network takes the guidance scale as an input (its
+    ``transformer/config.json`` says ``guidance_embeds: true``), read before loading; None for a hub id."""
+    config = Path(path) / "transformer" / "config.json"
+    if not (Path(path) / "model_index.json").is_file():
+        return None
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return bool(data.get("guidance_embeds")) and data.get("_class_name") in PACKED_NETWORKS

@@ -21,13 +21,14 @@ from ..data.streaming import Stream, StreamData
 from ..diffusion.denoiser import Denoiser, unwrap
 from ..diffusion.process import FlowProcess, process_from_scheduler_config
 from ..distillers.base import Context, Distiller
-from ..distillers.common import check_init_class, init_network_class
+from ..distillers.common import check_init_class, init_network_class, refuse_cfg_on_embedded_guidance
 from ..distillers.registry import get_method
 from ..errors import ConfigError, InputError
 from ..models.nets import MLPDenoiser
 from ..models.oracle import GaussianMixture, fit_network
 from ..models.student import networks
-from ..models.teachers import VIDEO_DENOISERS, Teacher, denoiser_class_name, load_teacher, resolve_teacher_path
+from ..models.teachers import (VIDEO_DENOISERS, Teacher, denoiser_class_name, guidance_embedded_folder, load_teacher,
+                               resolve_teacher_path)
 from ..storage import load_or_make
 from .distributed import broadcast_from_main
 from .parallel import Parallel
@@ -67,6 +68,8 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
         method.check_config(cfg, options)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if pipeline is not None and guidance_embedded_folder(pipeline):  # a hub id: checked once it is loaded
+        refuse_cfg_on_embedded_guidance(method, options, denoiser_class_name(pipeline))
     if cfg.student.init is not None:
         teacher_class = MLPDenoiser.__name__ if pipeline is None else denoiser_class_name(pipeline)
         if teacher_class is None:  # a hub id: checked once the teacher is loaded
@@ -105,7 +108,8 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) ->
     tc = cfg.teacher
     if tc.oracle is None:
         teacher = load_teacher(tc.path, dtype=torch_dtype(tc.dtype), device=device, null_label=tc.null_label,
-                               allow_remote_code=tc.allow_remote_code, video_size=tc.video_size)
+                               allow_remote_code=tc.allow_remote_code, video_size=tc.video_size, sample_size=tc.sample_size,
+                               guidance=tc.guidance)
         return teacher, teacher.denoiser, None
     spec = tc.oracle
     gmm = getattr(GaussianMixture, spec.layout)(spec.components, spec.dim, spec.radius, spec.std)
@@ -187,6 +191,8 @@ def check_timesteps(timesteps, process) -> None:
 def build_distiller(method: type[Distiller], ctx: Context, options) -> Distiller:
     """The method's distiller; the checks its constructor makes become one-line config errors."""
     check_timesteps(ctx.config.student.timesteps, ctx.init.process)
+    if ctx.init.embedded_guidance is not None:
+        refuse_cfg_on_embedded_guidance(method, options, type(unwrap(ctx.init.model)).__name__)
     try:
         return method(ctx, options)
     except InputError:

@@ -17,7 +17,8 @@ from .figures import plot_losses, save_sample_figure, save_sample_video
 def validation_samples(student: Student, teacher, source, n: int, seed: int):
     """(samples, batch): ``n`` samples of the student on the validation stream, so every validation
     shows the same prompts and noise."""
-    den = Denoiser(unwrap(student.model), student.process, student.denoiser.prediction_type)
+    den = Denoiser(unwrap(student.model), student.process, student.denoiser.prediction_type,
+                   student.denoiser.embedded_guidance)
     b = source.draw("validation", n)
     noise = b.randn(n, *teacher.sample_shape)
     return student.sample(noise, b.cond, generator=torch.Generator().manual_seed(seed), denoiser=den), b

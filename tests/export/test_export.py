@@ -25,8 +25,10 @@ def make_student_folder(folder: Path, teacher, sampler: str, timesteps, guidance
         for p in net.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     proc = teacher.denoiser.process
-    spec = StudentSpec("test", sampler, [float(t) for t in timesteps], guidance, proc.describe(), teacher.denoiser.prediction_type)
-    student = Student(Denoiser(net, proc, teacher.denoiser.prediction_type), spec)
+    embedded = teacher.denoiser.embedded_guidance  # a guidance input (FLUX.1-dev): the student reads the teacher's
+    spec = StudentSpec("test", sampler, [float(t) for t in timesteps], guidance if guidance is not None else embedded,
+                       proc.describe(), teacher.denoiser.prediction_type)
+    student = Student(Denoiser(net, proc, teacher.denoiser.prediction_type, embedded), spec)
     student.save(folder)
     return student
 
@@ -56,15 +58,29 @@ CASES = [  # family, sampler, timesteps, guidance (w input)
     ("sana", "signal", [0.0], None),
     ("dit", "signal", [-1], None),
     ("pixel", "signal", [-1], None),
+    # packed-token families (an int: the teacher's own n-step grid, at its static shift for 8x8 latents)
+    ("flux", "renoise", 1, None),  # one step (SiD); FLUX.1-dev's guidance input fed the teacher's 3.5
+    ("flux", "renoise", 4, None),  # DMD2-style few-step, re-noised in the packed layout
+    ("flux", "deterministic", 2, None),  # progressive
+    ("qwenimage", "renoise", [0.9], None),
+    ("qwenimage", "renoise", 4, None),  # the grid's last time is Qwen-Image's shift_terminal, 0.02
 ]
+PACKED = {"flux", "qwenimage"}  # any size: their tiny teachers are distilled at 8x8 latents (teacher.sample_size)
+
+
+def _teacher(tiny_pipelines, family):
+    return load_teacher(tiny_pipelines[family], sample_size=8 if family in PACKED else None)
 
 
 @pytest.mark.parametrize("family,sampler,timesteps,guidance", CASES,
-                         ids=[f"{c[0]}-{c[1]}-{len(c[2])}step" + ("-w" if c[3] else "") for c in CASES])
+                         ids=[f"{c[0]}-{c[1]}-{c[2] if isinstance(c[2], int) else len(c[2])}step" + ("-w" if c[3] else "")
+                              for c in CASES])
 def test_exported_pipeline_samples_like_the_toolkit(tmp_path, tiny_pipelines, family, sampler, timesteps, guidance):
     from diffusers import DiffusionPipeline
 
-    teacher = load_teacher(tiny_pipelines[family])
+    teacher = _teacher(tiny_pipelines, family)
+    if isinstance(timesteps, int):
+        timesteps = teacher.process.grid(timesteps).tolist()
     student = make_student_folder(tmp_path / "student", teacher, sampler, timesteps, guidance)
     out = export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines[family])
     kwargs = sampling_kwargs(out)
@@ -89,14 +105,17 @@ def test_exported_pipeline_samples_like_the_toolkit(tmp_path, tiny_pipelines, fa
         if pipe_name.startswith(("PixArt", "Sana")):
             call.update(use_resolution_binning=False)
         cond = teacher.encode(prompts)[0]
-    torch.manual_seed(123)  # DiT / SD3 pipelines re-noise from the global generator
+    torch.manual_seed(123)  # DiT / SD3 / Flux / Qwen-Image pipelines re-noise from the global generator
     got = pipe(**call).images
     got = torch.as_tensor(got)
+    if family in PACKED:  # their latent output is the packed tokens: unpacked by the pipeline's own method
+        got = pipe._unpack_latents(got, size, size, pipe.vae_scale_factor).reshape(shape)
     # the toolkit: same initial noise (first draw of the seeded generator), same re-noising stream
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(shape, generator=g)
     torch.manual_seed(123)
-    renoise = torch.default_generator if pipe_name in ("DiTPipeline", "StableDiffusion3Pipeline") else g
+    renoise = torch.default_generator if pipe_name in ("DiTPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+                                                       "QwenImagePipeline") else g
     ref = Student.load(tmp_path / "student").sample(noise, cond, generator=renoise)
     # BOOT's folded time embedding is computed once for a batch of one, not per row: last-bit differences,
     # which its x0 reading at t_max multiplies by sigma / alpha (14 for SD's schedule)

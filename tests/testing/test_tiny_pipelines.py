@@ -10,7 +10,9 @@ from diffusers import (  # noqa: E402
     DDPMPipeline,
     DiffusionPipeline,
     DiTPipeline,
+    FluxPipeline,
     PixArtAlphaPipeline,
+    QwenImagePipeline,
     SanaPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -20,10 +22,12 @@ from diffusers import (  # noqa: E402
 from stepdistill.testing.tiny_pipelines import (
     TINY_FAMILIES,
     make_tiny_dit,
+    make_tiny_flux,
     make_tiny_pixart,
     make_tiny_pixel,
     make_tiny_sd,
     make_tiny_sd3,
+    tiny_qwen2_tokenizer,
 )
 
 PROMPT = "a photo of a cat"
@@ -46,6 +50,9 @@ CASES = {
     "sana": (SanaPipeline, "transformer", dict(prompt=PROMPT, use_resolution_binning=False, height=32, width=32),
              (1, 3, 32, 32)),
     "pixel": (DDPMPipeline, "unet", dict(), (1, *IMG)),
+    # any size: diffusers' default_sample_size (128 latents) is too large for a tiny pipeline
+    "flux": (FluxPipeline, "transformer", dict(prompt=PROMPT, height=16, width=16), (1, *IMG)),
+    "qwenimage": (QwenImagePipeline, "transformer", dict(prompt=PROMPT, height=16, width=16), (1, *IMG)),
 }
 
 
@@ -210,3 +217,18 @@ def test_wan_build_reload_and_call(family, tmp_path_factory):
     assert latents.shape == (2, 4, 2, 4, 4) and torch.isfinite(latents).all()
     video = pipe(prompt=PROMPT, num_frames=5, height=16, width=16, num_inference_steps=2, output_type="pt").frames
     assert video.shape == (1, 5, 3, 16, 16) and torch.isfinite(video).all()
+
+
+def test_flux_schnell_layout_has_no_guidance_input(tmp_path):
+    pipe = _load(make_tiny_flux(tmp_path / "schnell", guidance_embeds=False))
+    assert pipe.transformer.config.guidance_embeds is False
+    assert pipe.scheduler.config.use_dynamic_shifting
+    _run(pipe, (1, *IMG), prompt=PROMPT, height=16, width=16, guidance_scale=0.0)
+
+
+def test_qwen2_tokenizer_is_byte_level_bpe_with_the_chat_markers():
+    tok = tiny_qwen2_tokenizer()
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    assert tok.tokenize("<|im_start|>user\na photo of a cat<|im_end|>") == [
+        "<|im_start|>", "u", "s", "e", "r", "\u010a", "a", "\u0120photo", "\u0120of", "\u0120a", "\u0120cat", "<|im_end|>"]
+    assert tok.decode(tok("two dogs!")["input_ids"]) == "two dogs!"  # any text, byte by byte

@@ -8,9 +8,10 @@ with ``save_pretrained(path)`` (safetensors) and returns ``pathlib.Path(path)``.
 The folder reloads with ``DiffusionPipeline.from_pretrained(path)`` under
 ``HF_HUB_OFFLINE=1`` and the pipeline's own ``__call__`` runs.
 
-Sizes: latents are 4x8x8 (images 3x16x16, VAE downsampling factor 2; Sana's 3x32x32),
-denoisers have 50K-270K parameters, text encoders have 2 layers (CLIP hidden
-32, T5 d_model 32/96, Gemma 2 hidden 32), every saved folder is under 2 MB.
+Sizes: latents are 4x8x8 (16x8x8 for flux and qwenimage; images 3x16x16, VAE
+downsampling factor 2; Sana's 3x32x32), denoisers have 50K-270K parameters, text
+encoders have 2 layers (CLIP hidden 32, T5 d_model 32/96, Qwen2.5-VL hidden 32,
+Gemma 2 hidden 32), every saved folder is under 2 MB.
 
 Seeding: the denoiser (unet/transformer) is created right after
 ``torch.manual_seed(seed)``; the VAE uses ``seed + 1`` and text encoders
@@ -46,6 +47,18 @@ Denoiser forward signatures (what a distillation loop has to pass):
   timestep=t, encoder_hidden_states=[B, 512, 32]).sample`` (flow matching, ``t`` = sigma *
   1000; latents 4 x 2 x 4 x 4 for 5 frames of 16 x 16); ``wan22`` adds ``transformer_2``
   for timesteps below ``boundary_ratio * 1000`` (Wan2.2's two experts).
+* ``flux``: ``transformer(hidden_states=[B, 16, 64], timestep=t / 1000,
+  guidance=[B], pooled_projections=[B, 32], encoder_hidden_states=[B, 512, 32],
+  txt_ids=[512, 3], img_ids=[16, 3]).sample`` -> ``[B, 16, 64]``: 16x8x8
+  latents packed into 16 tokens of 2x2 patches (``stepdistill.diffusion.packed``);
+  ``guidance`` only with ``guidance_embeds`` (the default, FLUX.1-dev's layout).
+* ``qwenimage``: ``transformer(hidden_states=[B, 16, 64], timestep=t / 1000,
+  encoder_hidden_states=[B, L, 32], encoder_hidden_states_mask=[B, L],
+  img_shapes=[[(1, 4, 4)]] * B).sample`` -> ``[B, 16, 64]``.
+
+The ``flux`` and ``qwenimage`` pipelines take any size; their ``default_sample_size``
+is diffusers' 128 latents, so call them with ``height=width=16`` (the tiny configs
+set ``teacher.sample_size: 8``).
 """
 
 from __future__ import annotations
@@ -55,17 +68,20 @@ from collections.abc import Callable
 
 from .common import tiny_clip_tokenizer, tiny_t5_tokenizer
 from .dit import make_tiny_dit
+from .flux import make_tiny_flux
 from .pixart import make_tiny_pixart
 from .pixel import make_tiny_pixel
+from .qwenimage import make_tiny_qwenimage, tiny_qwen2_tokenizer
 from .sd import make_tiny_sd
 from .sana import make_tiny_sana, tiny_gemma_tokenizer
 from .sd3 import make_tiny_sd3, make_tiny_sd35
 from .sdxl import make_tiny_sdxl
 from .wan import make_tiny_wan, make_tiny_wan22
 
-__all__ = ["TINY_FAMILIES", "make_tiny_dit", "make_tiny_pixart", "make_tiny_pixel", "make_tiny_sana", "make_tiny_sd",
-           "make_tiny_sd3", "make_tiny_sd35", "make_tiny_sdxl", "make_tiny_wan", "make_tiny_wan22", "tiny_clip_tokenizer",
-           "tiny_gemma_tokenizer", "tiny_t5_tokenizer"]
+__all__ = ["TINY_FAMILIES", "make_tiny_dit", "make_tiny_flux", "make_tiny_pixart", "make_tiny_pixel",
+           "make_tiny_qwenimage", "make_tiny_sana", "make_tiny_sd", "make_tiny_sd3", "make_tiny_sd35", "make_tiny_sdxl",
+           "make_tiny_wan", "make_tiny_wan22", "tiny_clip_tokenizer", "tiny_gemma_tokenizer", "tiny_qwen2_tokenizer",
+           "tiny_t5_tokenizer"]
 
 TINY_FAMILIES: dict[str, Callable[..., pathlib.Path]] = {
     "sd": make_tiny_sd,
@@ -78,6 +94,8 @@ TINY_FAMILIES: dict[str, Callable[..., pathlib.Path]] = {
     "pixel": make_tiny_pixel,
     "wan": make_tiny_wan,
     "wan22": make_tiny_wan22,
+    "flux": make_tiny_flux,
+    "qwenimage": make_tiny_qwenimage,
 }
 
 
