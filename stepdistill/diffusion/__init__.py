@@ -1,3 +1,3 @@
 """The math apart from any network: noise processes, the denoiser adapters, ODE sampling."""
 
-from . import packed  # noqa: F401  (registers the packed-token families: Flux, Qwen-Image)
+from . import adapters, packed  # noqa: F401  (register the network adapters; packed: Flux, Qwen-Image)
