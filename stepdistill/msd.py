@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from .config import load_config, torch_dtype
 from .data.sources import read_captions
 from .diffusion.denoiser import Cond
 from .distill import train
@@ -85,8 +85,10 @@ def train_students(config: str | Path, k: int, out: Path, overrides=()) -> Path:
     check_partition(captions, k)
     claim_folder(out, "msd", {"config": str(config), "students": k, "overrides": list(overrides)},
                  legacy=lambda folder: (folder / ROUTER_FILE).is_file() or (folder / "prompts_0.txt").is_file())
-    teacher = load_teacher(cfg.teacher.path, video_size=cfg.teacher.video_size, sample_size=cfg.teacher.sample_size,
-                           guidance=cfg.teacher.guidance)
+    tc = cfg.teacher  # loaded as distill loads it (its encoders embed the captions)
+    teacher = load_teacher(tc.path, dtype=torch_dtype(tc.dtype), null_label=tc.null_label,
+                           allow_remote_code=tc.allow_remote_code, video_size=tc.video_size, sample_size=tc.sample_size,
+                           guidance=tc.guidance)
     assignment, centroids = partition_captions(teacher, captions, k, cfg.train.seed)
     names = []
     for j in range(k):

@@ -131,6 +131,16 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def base_network(model: nn.Module) -> nn.Module:
+    """The diffusers network inside ``model``: unwrapped, and the first expert of a network made of experts
+    of one class (per-phase ``PhasedExperts``, per-noise-level ``NoiseLevelExperts``), which share its
+    class, interface and config."""
+    net = unwrap(model)
+    while isinstance(getattr(net, "experts", None), nn.ModuleList) and len(net.experts):
+        net = unwrap(net.experts[0])
+    return net
+
+
 def find_adapter(model: nn.Module) -> AdapterFn:
     for cls in type(unwrap(model)).__mro__:
         if cls.__name__ in MODEL_ADAPTERS:
@@ -282,7 +292,7 @@ class Denoiser(nn.Module):
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
         """Unit Gaussian latents of ``shape``, drawn on the CPU from ``generator`` in the layout the network's
         pipeline draws them in (``NOISE_LAYOUTS``; plain ``torch.randn`` for most families)."""
-        layout = NOISE_LAYOUTS.get(type(unwrap(self.model)).__name__)
+        layout = NOISE_LAYOUTS.get(type(base_network(self.model)).__name__)
         if layout is None:
             return torch.randn(tuple(shape), generator=generator, device="cpu")
         return layout(tuple(shape), generator)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .denoiser import FEATURE_MODULES, NOISE_LAYOUTS, ModelCall, register_adapter, unwrap
+from .denoiser import FEATURE_MODULES, NOISE_LAYOUTS, ModelCall, base_network, register_adapter, unwrap
 
 PACKED_NETWORKS = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
 DEFAULT_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline.__call__'s default guidance_scale
@@ -54,17 +54,19 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 
 def is_packed(model: nn.Module) -> bool:
-    return type(unwrap(model)).__name__ in PACKED_NETWORKS
+    """Whether the network (or each of its experts) reads packed latent tokens."""
+    return type(base_network(model)).__name__ in PACKED_NETWORKS
 
 
 def guidance_embedded(model: nn.Module) -> bool:
-    """Whether the network takes the guidance scale as an input (FLUX.1-dev's ``guidance_embeds``)."""
-    return bool(getattr(unwrap(model).config, "guidance_embeds", False)) if is_packed(model) else False
+    """Whether the network (or each of its experts) takes the guidance scale as an input (FLUX.1-dev's
+    ``guidance_embeds``)."""
+    return bool(getattr(base_network(model).config, "guidance_embeds", False)) if is_packed(model) else False
 
 
 def latent_channels(model: nn.Module) -> int:
     """Latent channels of a packed network: its input features are 2x2 patches of them."""
-    return int(unwrap(model).config.in_channels) // 4
+    return int(base_network(model).config.in_channels) // 4
 
 
 def _guidance(model: nn.Module, c: ModelCall) -> torch.Tensor | None:

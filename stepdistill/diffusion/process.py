@@ -327,8 +327,12 @@ def _flow_sigmas_process(name: str, config: dict) -> "FlowProcess":
     if pred not in FLOW_SIGMAS_PREDICTIONS:
         raise ValueError(f"{name} on flow sigmas with prediction_type {pred!r}: its x0 reading has no counterpart here; "
                          f"supported: {sorted(FLOW_SIGMAS_PREDICTIONS)}")
+    spacing = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if config.get(k)]
+    if spacing:
+        raise ValueError(f"{name} on flow sigmas with {spacing[0]}=True: its sigmas are not the shifted linear flow "
+                         f"times this toolkit samples; set it to false to distill it")
     return FlowProcess(shift=config.get("flow_shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000),
-                       prediction_type=FLOW_SIGMAS_PREDICTIONS[pred])
+                       prediction_type=FLOW_SIGMAS_PREDICTIONS[pred], shift_terminal=config.get("shift_terminal"))
 
 
 def truncated_snr_weight(process: NoiseProcess, t) -> torch.Tensor:

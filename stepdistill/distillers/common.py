@@ -50,7 +50,8 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
     embedded = ctx.init.embedded_guidance  # a copy of a network with a guidance input (FLUX.1-dev) reads the teacher's
     if embedded is not None and guidance_scale is None:
         guidance_scale = embedded  # ... and samples and exports with it
-    spec = StudentSpec(method, sampler, [float(t) for t in timesteps], guidance_scale, ctx.init.process.describe(), pred)
+    spec = StudentSpec(method, sampler, [float(t) for t in timesteps], guidance_scale, ctx.init.process.describe(), pred,
+                       sample_shape=[int(v) for v in ctx.teacher.sample_shape])
     warning = ill_conditioned_start(ctx.init.process, pred, spec.timesteps[0])
     if warning:
         logger.warning(warning)

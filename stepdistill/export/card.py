@@ -31,9 +31,10 @@ def teacher_license(teacher: str) -> str | None:
 
 
 def model_card(pipe_cls: str, spec: StudentSpec, call: dict, teacher: str, lora: bool, metrics: dict | None,
-               license: str | None = None, video: bool = False) -> str:
+               license: str | None = None, video: bool = False, scheduler: str = "DDIMScheduler") -> str:
     """README.md of an exported folder; ``video``: a text-to-video pipeline, whose frames the example
-    writes with diffusers' ``export_to_video``."""
+    writes with diffusers' ``export_to_video``; ``scheduler``: the class of the exported scheduler (the LoRA
+    recipe loads it by name: the teacher's own class may be another, e.g. Sana's or Wan's solver)."""
     args = ", ".join(f"{k}={v!r}" for k, v in call.items())
     prompt = "" if pipe_cls in UNCONDITIONAL_PIPELINES else ("class_labels=[0], " if pipe_cls == "DiTPipeline"
                                                               else "\"a photo of a cat\", ")
@@ -65,6 +66,6 @@ def model_card(pipe_cls: str, spec: StudentSpec, call: dict, teacher: str, lora:
         lines += ["", "The student as a LoRA on the teacher (`lora/`):", "", "```python",
                   f"pipe = DiffusionPipeline.from_pretrained(\"{teacher}\")",
                   "pipe.load_lora_weights(\"<this folder>/lora\")",
-                  "pipe.scheduler = type(pipe.scheduler).from_pretrained(\"<this folder>\", subfolder=\"scheduler\")  # "
-                  "or the class in scheduler/", "```"]
+                  f"from diffusers import {scheduler}",
+                  f"pipe.scheduler = {scheduler}.from_pretrained(\"<this folder>\", subfolder=\"scheduler\")", "```"]
     return "\n".join(lines) + "\n"

@@ -143,18 +143,26 @@ def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict, video_size=None) -> dict
     """The call that reproduces the trained sampler; a video student's ``video_size`` (frames, height, width)
     from its run config."""
     name = type(pipe).__name__
-    if video_size is not None and getattr(pipe, "vae_scale_factor_temporal", None) is not None:
-        kwargs = {**kwargs, **dict(zip(("num_frames", "height", "width"), map(int, video_size)))}
+    shape = spec.sample_shape
+    if getattr(pipe, "vae_scale_factor_temporal", None) is not None:
+        if video_size is None and shape is not None and len(shape) == 4:  # the video's pixels, from its latents
+            tf, sf = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+            video_size = ((shape[1] - 1) * tf + 1, shape[2] * sf, shape[3] * sf)
+        if video_size is not None:
+            kwargs = {**kwargs, **dict(zip(("num_frames", "height", "width"), map(int, video_size)))}
     if name in UNCONDITIONAL_PIPELINES:
         if spec.guidance_scale is not None:
             raise ExportError(f"{name} has no guidance input for a w-conditioned student")
         return {k: v for k, v in kwargs.items() if k != "sigmas"}
     _, slot = find_denoiser(pipe)
     if is_packed(slot):  # Flux, Qwen-Image: any size; the student's (and its static shift's) is recorded
-        seq = spec.process.get("image_seq_len")
-        side = math.isqrt(int(seq)) if seq is not None else None
-        size = {"height": 2 * side * pipe.vae_scale_factor, "width": 2 * side * pipe.vae_scale_factor} \
-            if side is not None and side * side == seq else {}
+        if shape is not None and len(shape) == 3:  # latents (C, H, W) -> pixels
+            size = {"height": shape[1] * pipe.vae_scale_factor, "width": shape[2] * pipe.vae_scale_factor}
+        else:  # a folder from before the shape was recorded: the side its dynamic shift was resolved at
+            seq = spec.process.get("image_seq_len")
+            side = math.isqrt(int(seq)) if seq is not None else None
+            size = {"height": 2 * side * pipe.vae_scale_factor, "width": 2 * side * pipe.vae_scale_factor} \
+                if side is not None and side * side == seq else {}
         size["true_cfg_scale"] = 1.0  # their CFG (with a negative prompt) off: the student is the whole sampler
         if not guidance_embedded(slot):  # their pipelines' guidance_scale is the embedded one only
             return {**kwargs, **size}
@@ -234,6 +242,10 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
         pipe = DiffusionPipeline.from_pretrained(resolve_teacher_path(teacher), dtype=dtype)
     component, slot = find_denoiser(pipe)
     two_slots = second_expert_slot(type(pipe))
+    if lora and two_slots and getattr(pipe, "transformer_2", None) is not None:
+        raise ExportError(f"--lora: {teacher} has two experts ({component} and transformer_2); a LoRA file loads into "
+                          f"one of them, so the teacher's pipeline with it would not sample as the student; export "
+                          f"without --lora")
     check_student_network(network, net_config, two_slots)
     check_slot(spec, net_config, slot, pipe.scheduler, teacher)
     student = Student.load(folder)
@@ -268,7 +280,8 @@ def export(source: str | Path, out: str | Path, *, teacher: str | None = None, u
             metrics = json.loads((folder.parent / "metrics.json").read_text())
         card = model_card(type(pipe).__name__, spec, call, str(teacher), lora, metrics,
                           teacher_license(resolve_teacher_path(teacher)),
-                          video=getattr(pipe, "vae_scale_factor_temporal", None) is not None)
+                          video=getattr(pipe, "vae_scale_factor_temporal", None) is not None,
+                          scheduler=type(sched).__name__)
         (tmp / "README.md").write_text(card)
         if replace:
             swap_in(tmp, out)

@@ -88,6 +88,10 @@ def scheduler_for(spec: StudentSpec, base_config: dict, pred_type: str, pipeline
         t_max = 1.0 if kind == "flow" else float(int(base.get("num_train_timesteps", 1000)) - 1)
         spec = dataclasses.replace(spec, sampler="deterministic", timesteps=[t_max])
     if kind == "flow":
+        if pred_type != "flow":  # every stock flow scheduler reads the network's output as the velocity
+            raise ExportError(f"the student predicts {pred_type!r} on a flow process, but the stock flow schedulers "
+                              f"(FlowMatchEuler, FlowMatchLCM) read the network's output as the velocity "
+                              f"(prediction 'flow'); train it to predict 'flow' to export it")
         shift = float(spec.process.get("shift", base.get("shift", 1.0)))
         if not takes_sigmas:
             return _flow_without_sigmas(spec, shift, int(spec.process.get("num_train_timesteps", 1000)), pipeline)

@@ -76,7 +76,7 @@ def _encode_sd3(teacher, prompts):
     )
 
 
-def _call_default(pipe, name: str):
+def call_default(pipe, name: str):
     """The default of the pipeline's own ``__call__`` argument ``name``: what a stock pipeline (an exported
     student's) encodes with when not told otherwise."""
     return inspect.signature(type(pipe).__call__).parameters[name].default
@@ -95,7 +95,7 @@ def _encode_flux(teacher, prompts):
     ``negative_prompt`` default), used only by methods whose options ask for CFG (refused on a
     guidance-embedded teacher)."""
     pipe = teacher.pipeline
-    length = _call_default(pipe, "max_sequence_length")
+    length = call_default(pipe, "max_sequence_length")
 
     def encode(texts):
         pe, pooled, _ = pipe.encode_prompt(texts, prompt_2=None, device=teacher.encoder_device, max_sequence_length=length)
@@ -113,7 +113,7 @@ def _encode_qwenimage(teacher, prompts):
     masks the padding out of its attention, and text positions do not depend on the text length (RoPE
     starts them after the image's), so the padding changes its output only by rounding."""
     pipe = teacher.pipeline
-    length = _call_default(pipe, "max_sequence_length")
+    length = call_default(pipe, "max_sequence_length")
 
     def encode(texts):
         pe, mask = pipe.encode_prompt(texts, device=teacher.encoder_device, max_sequence_length=length)
@@ -135,8 +135,8 @@ def _encode_sana(teacher, prompts):
     pipe = teacher.pipeline
     pe, mask, npe, nmask = pipe.encode_prompt(
         list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=teacher.encoder_device,
-        clean_caption=False, max_sequence_length=_call_default(pipe, "max_sequence_length"),
-        complex_human_instruction=_call_default(pipe, "complex_human_instruction"),
+        clean_caption=False, max_sequence_length=call_default(pipe, "max_sequence_length"),
+        complex_human_instruction=call_default(pipe, "complex_human_instruction"),
     )
     return (
         Cond({"encoder_hidden_states": pe, "encoder_attention_mask": mask}),
@@ -150,7 +150,7 @@ def _encode_wan(teacher, prompts):
     default, 512), so that the exported pipeline's default call conditions the student identically."""
     pipe = teacher.pipeline
     pe, npe = pipe.encode_prompt(list(prompts), negative_prompt=None, do_classifier_free_guidance=True,
-                                 max_sequence_length=_call_default(pipe, "max_sequence_length"),
+                                 max_sequence_length=call_default(pipe, "max_sequence_length"),
                                  device=teacher.encoder_device)
     return Cond({"encoder_hidden_states": pe}), Cond({"encoder_hidden_states": npe})
 

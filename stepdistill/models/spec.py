@@ -26,6 +26,9 @@ class StudentSpec:
     # a consistency student's sampling: {"solver_steps": N, "timestep_scaling": s or None} (LCM's skipping-step
     # grid and boundary scalings; ``None`` scaling: c_skip = 0, c_out = 1, the flow case)
     consistency: dict | None = None
+    # the latent shape sampled at, (C, H, W) or a video's (C, F, H, W): what a pipeline of any size (Flux,
+    # Qwen-Image, Wan) is told to sample at on export (absent in folders written before it was recorded)
+    sample_shape: list[int] | None = None
 
     def __post_init__(self):
         """Every field checked, so that a hand-edited or damaged file fails here, naming the field,
@@ -43,6 +46,10 @@ class StudentSpec:
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
         _check_process(self.process)
+        if self.sample_shape is not None and (not isinstance(self.sample_shape, list) or not 1 <= len(self.sample_shape) <= 4
+                                              or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                         for v in self.sample_shape)):
+            raise ValueError(f"sample_shape must be a list of 1 to 4 positive integers or null, got {self.sample_shape!r}")
         if self.consistency is not None:
             steps, scaling = (self.consistency.get(k) if isinstance(self.consistency, dict) else None
                               for k in ("solver_steps", "timestep_scaling"))

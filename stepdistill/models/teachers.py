@@ -12,7 +12,6 @@ input (FLUX.1-dev) is fed ``teacher.guidance`` (default 3.5) by its Denoiser.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from ..diffusion.denoiser import MODEL_ADAPTERS, Cond, Denoiser, find_adapter, u
 from ..diffusion.packed import DEFAULT_EMBEDDED_GUIDANCE, PACKED_NETWORKS, guidance_embedded, is_packed, latent_channels
 from ..diffusion.process import NoiseProcess, process_from_scheduler_config
 from ..errors import TeacherLoadError
-from .encoders import PIPELINE_FAMILIES, TEXT_FAMILIES, encode_labels, register_pipeline  # noqa: F401
+from .encoders import PIPELINE_FAMILIES, TEXT_FAMILIES, call_default, encode_labels, register_pipeline  # noqa: F401
 from .nets import NoiseLevelExperts
 from .oracle import OracleNet
 from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
@@ -171,8 +170,7 @@ def video_size_of(pipe, video_size=None) -> tuple[int, int, int] | None:
             raise TeacherLoadError(f"teacher.video_size: {type(pipe).__name__} makes images, not videos")
         return None
     if video_size is None:
-        params = inspect.signature(type(pipe).__call__).parameters
-        video_size = [params[k].default for k in ("num_frames", "height", "width")]
+        video_size = [call_default(pipe, k) for k in ("num_frames", "height", "width")]
     return tuple(int(v) for v in video_size)
 
 

@@ -178,3 +178,23 @@ def test_timestep_sampling_helpers():
     assert counts.min() > 900
     with pytest.raises(ValueError, match="outside the process range"):
         proc.sample_uniform(4, 0, 2000)
+
+
+def test_a_solver_on_flow_sigmas_keeps_its_terminal_and_refuses_other_spacings():
+    """UniPC on flow sigmas with ``shift_terminal``: the process grid is the scheduler's sigmas (it starts at
+    1 - 1/1000 where the process starts at 1); Karras / exponential / beta spacings are not flow times."""
+    from diffusers import UniPCMultistepScheduler
+
+    for terminal in (0.1, 0.3):
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        shift_terminal=terminal)
+        proc = process_from_scheduler_config(sched)
+        sched.set_timesteps(4)
+        assert proc.shift_terminal == terminal
+        torch.testing.assert_close(proc.grid(4)[1:], sched.sigmas[1:4].float(), rtol=0, atol=5e-4)  # its 1 - 1/1000 start
+        assert proc.grid(4)[-1].item() == pytest.approx(terminal)
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+        config = {**UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True).config,
+                  "_class_name": "UniPCMultistepScheduler", key: True}
+        with pytest.raises(ValueError, match=f"{key}=True: its sigmas are not the shifted linear flow times"):
+            process_from_scheduler_config(config)

@@ -27,7 +27,7 @@ def make_student_folder(folder: Path, teacher, sampler: str, timesteps, guidance
     proc = teacher.denoiser.process
     embedded = teacher.denoiser.embedded_guidance  # a guidance input (FLUX.1-dev): the student reads the teacher's
     spec = StudentSpec("test", sampler, [float(t) for t in timesteps], guidance if guidance is not None else embedded,
-                       proc.describe(), teacher.denoiser.prediction_type)
+                       proc.describe(), teacher.denoiser.prediction_type, sample_shape=list(teacher.sample_shape))
     student = Student(Denoiser(net, proc, teacher.denoiser.prediction_type, embedded), spec)
     student.save(folder)
     return student

@@ -34,7 +34,9 @@ def test_exported_wan_pipeline_samples_like_the_toolkit(tmp_path, tiny_pipelines
     make_student_folder(tmp_path / "student", teacher, sampler, timesteps)
     out = export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines[family])
     kwargs = sampling_kwargs(out)
-    assert kwargs == {"num_inference_steps": len(timesteps), "guidance_scale": 1.0}  # no sigmas: WanPipeline takes none
+    # no sigmas (WanPipeline takes none); the frames and size the student was trained at, from its latents
+    assert kwargs == {"num_inference_steps": len(timesteps), "guidance_scale": 1.0,
+                      **dict(zip(("num_frames", "height", "width"), VIDEO))}
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     assert scheduler["stochastic_sampling"] == (sampler == "renoise" and len(timesteps) > 1)
