@@ -3,19 +3,18 @@
 Wan2.1-14B, Wan2.2-A14B) under FSDP over 8 GPUs, projected from CPU measurements (no GPU, no weights).
 
     python eval/memory_projection.py [--out runs/memory-projection] [--families flux,qwenimage,wan]
-    python eval/memory_projection.py --validate flux     # a real full-width 1+1-block run: RSS against the count
+    python eval/memory_projection.py --validate flux --grid 64x64   # a real full-width 1-block run: RSS vs count
 
 Model state is exact arithmetic on the public transformer configs built on the meta device (the
 parameter counts are checked against the published sizes). Activations are measured: each network is
-built at full width with 1-2 blocks of each kind (random bf16 weights, CPU) and run forward at two
+built at full width with 2-3 blocks of each kind (random bf16 weights, CPU) and run forward at two
 reduced sequence lengths; a ``saved_tensors_hooks`` pair counts the distinct storage bytes autograd
 keeps for the backward (parameters excluded: they are model state), with and without diffusers'
 gradient checkpointing, full weights trainable or LoRA adapters only. The bytes are fitted linearly in
 the number of blocks of each kind and in the number of tokens, and evaluated at full depth and
 sequence. Attention is SDPA, which on the GPU (flash / memory-efficient kernels) and here (the CPU's
-flash kernel) keeps O(tokens) bytes, so the fit is linear; ``linearity`` in the output checks it at a
-third length. What it does not measure (stated in docs/RESULTS.md): allocator fragmentation, the CUDA
-context, NCCL buffers, the text encoders (assumed cached) and the VAE.
+flash kernel) keeps O(tokens) bytes, so the fit is linear; ``linearity`` checks it at a third length.
+What it leaves out (CUDA context, NCCL buffers, fragmentation, text encoders, VAE): docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ FAMILIES = {
     "qwenimage": dict(cls="QwenImageTransformer2DModel", config=QWEN_IMAGE, published=20.4e9,
                       blocks={"transformer_blocks": "num_layers"}, full=dict(grid=(64, 64), text=512), cfg_batch=2),
     "wan": dict(cls="WanTransformer3DModel", config=WAN21_14B, published=14.0e9, blocks={"blocks": "num_layers"},
-                full=dict(grid=(21, 30, 52), text=512), cfg_batch=2),  # 81 x 480 x 832: latents 21 x 60 x 104, patches 1x2x2
+                full=dict(grid=(21, 30, 52), text=512), cfg_batch=2),  # 81 x 480 x 832: 21 x 60 x 104 latents, 1x2x2
 }
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # student.lora_targets' default
 
@@ -63,7 +62,7 @@ def model_class(family: str):
     return getattr(diffusers, FAMILIES[family]["cls"])
 
 
-def build(family: str, depth: dict | None = None, device: str = "meta", dtype=torch.bfloat16, config: dict | None = None):
+def build(family: str, depth: dict | None = None, device="meta", dtype=torch.bfloat16, config: dict | None = None):
     """The transformer of ``family`` (its public config, or ``config``), with ``depth`` blocks per block
     list ({list name: n}) in place of the config's."""
     fam = FAMILIES[family]
@@ -100,7 +99,7 @@ def add_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
     return model
 
 
-def inputs(family: str, grid: tuple, text: int, batch: int = 1, dtype=torch.bfloat16, config: dict | None = None) -> dict:
+def inputs(family: str, grid: tuple, text: int, batch=1, dtype=torch.bfloat16, config: dict | None = None) -> dict:
     """Random inputs for a sample of ``grid`` tokens (Flux / Qwen-Image: packed latent rows x columns;
     Wan: latent frames x height x width) and ``text`` text tokens."""
     c = config or FAMILIES[family]["config"]
@@ -109,11 +108,12 @@ def inputs(family: str, grid: tuple, text: int, batch: int = 1, dtype=torch.bflo
     t = torch.full((batch,), 0.5)
     if family == "flux":
         h, w = grid
-        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1).reshape(-1, 3)
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(),
+                                         indexing="ij"), -1).reshape(-1, 3)
         return dict(hidden_states=rnd(batch, h * w, c["in_channels"]),
                     encoder_hidden_states=rnd(batch, text, c["joint_attention_dim"]),
-                    pooled_projections=rnd(batch, c["pooled_projection_dim"]), timestep=t, img_ids=ids, txt_ids=torch.zeros(text, 3),
-                    guidance=torch.full((batch,), 3.5))
+                    pooled_projections=rnd(batch, c["pooled_projection_dim"]), timestep=t, img_ids=ids,
+                    txt_ids=torch.zeros(text, 3), guidance=torch.full((batch,), 3.5))
     if family == "qwenimage":
         h, w = grid
         return dict(hidden_states=rnd(batch, h * w, c["in_channels"]),
@@ -127,11 +127,7 @@ def inputs(family: str, grid: tuple, text: int, batch: int = 1, dtype=torch.bflo
 
 
 def tokens(family: str, grid: tuple) -> int:
-    n = 1
-    for s in grid:
-        n *= s
-    return n
-
+    return int(torch.tensor(grid).prod())
 
 def saved_bytes(model: torch.nn.Module, kwargs: dict) -> int:
     """Distinct storage bytes that autograd keeps for the backward of one forward pass (parameters
@@ -235,7 +231,6 @@ def project(f: dict, depth: dict, n_tokens: int, batch: int = 1) -> float:
     return batch * total
 
 
-# -- model state ---------------------------------------------------------------------------------------
 def state_bytes(counts: dict, networks: list[dict], world: int = 8) -> dict:
     """Per-rank model state under FSDP2 (every parameter sharded over ``world``): each network is
     {"params": n, "dtype_bytes": weights, "trained": n trained, "grad_bytes", "optim_bytes" per trained param,
@@ -246,93 +241,88 @@ def state_bytes(counts: dict, networks: list[dict], world: int = 8) -> dict:
     return dict(weights=w, grads=g, optim=o)
 
 
-def recipes(counts: dict, lora: dict, trainable: int) -> list[dict]:
-    """The cases of the table. ``trainable``: bytes of a trainable weight (2: bf16, 4: fp32); its gradient the
-    same, AdamW's two moments the same dtype as the weight (torch / torchao)."""
-    t = trainable
+def recipes(counts: dict, lora: dict, t: int) -> list[dict]:
+    """The cases. ``t``: bytes of a trainable weight (2: bf16, 4: fp32); its gradient the same, AdamW's two
+    moments in the weight's dtype (torch's AdamW; torchao's for bf16). The teacher is bf16 and frozen."""
+    def net(p, dtype, trained):
+        return dict(params=p, dtype_bytes=dtype, trained=trained, grad_bytes=t, optim_bytes=2 * t)
 
-    def teacher(p):
-        return dict(name="teacher", params=p, dtype_bytes=2, trained=0, grad_bytes=0, optim_bytes=0)
-
-    def full(name, p):
-        return dict(name=name, params=p, dtype_bytes=t, trained=p, grad_bytes=t, optim_bytes=2 * t)
-
-    def lora_net(name, p, r):  # copy_for_training: its own base copy in the trainable dtype, plus the adapters
-        return dict(name=name, params=p + r, dtype_bytes=t, trained=r, grad_bytes=t, optim_bytes=2 * t)
+    def lora_copy(p, r):  # copy_for_training: its own base copy in the trainable dtype, plus the adapters
+        return net(p + r, t, r)
 
     f, q, w = counts["flux"], counts["qwenimage"], counts["wan"]
-    return [
-        dict(case="Flux.1-dev DMD2, LoRA student + LoRA fake", family="flux", passes=1,
-             nets=[teacher(f), lora_net("student", f, lora["flux"]), lora_net("fake", f, lora["flux"])], lora=True),
-        dict(case="Flux.1-dev DMD2, full student + full fake", family="flux", passes=1,
-             nets=[teacher(f), full("student", f), full("fake", f)], lora=False),
-        dict(case="Qwen-Image DMD2, LoRA student + LoRA fake", family="qwenimage", passes=1,
-             nets=[teacher(q), lora_net("student", q, lora["qwenimage"]), lora_net("fake", q, lora["qwenimage"])], lora=True),
-        dict(case="Wan2.1-14B DMD2, full student + LoRA fake", family="wan", passes=1,
-             nets=[teacher(w), full("student", w), lora_net("fake", w, lora["wan"])], lora=False),
-        dict(case="Wan2.1-14B DMD2, full student + full fake", family="wan", passes=1,
-             nets=[teacher(w), full("student", w), full("fake", w)], lora=False),
-        # two phases, one 14B expert each; the teacher and the fake score both of Wan2.2's experts; the fake
-        # score's initial weights (PhasedDMD._fake_init) cloned whole before sharding: 2 x 14B unsharded
-        dict(case="Wan2.2-A14B Phased DMD (2 phases), full experts + full fake", family="wan", passes=1,
-             nets=[teacher(2 * w), full("expert0", w), full("expert1", w), full("fake", 2 * w)], lora=False,
-             unsharded=2 * w * t),
-    ]
+    rf, rq, rw = lora["flux"], lora["qwenimage"], lora["wan"]
+    shared, own = "LoRA + LoRA on the teacher's base", "LoRA student + LoRA fake"
+    cases = [(f"Flux.1-dev DMD2, {own}", "flux", [net(f, 2, 0), lora_copy(f, rf), lora_copy(f, rf)]),
+             (f"Flux.1-dev DMD2, {shared}", "flux", [net(f, 2, 0), net(rf, t, rf), net(rf, t, rf)]),
+             ("Flux.1-dev DMD2, full student + full fake", "flux", [net(f, 2, 0), net(f, t, f), net(f, t, f)]),
+             (f"Qwen-Image DMD2, {own}", "qwenimage", [net(q, 2, 0), lora_copy(q, rq), lora_copy(q, rq)]),
+             (f"Qwen-Image DMD2, {shared}", "qwenimage", [net(q, 2, 0), net(rq, t, rq), net(rq, t, rq)]),
+             (f"Wan2.1-14B DMD2, {shared}", "wan", [net(w, 2, 0), net(rw, t, rw), net(rw, t, rw)]),
+             ("Wan2.1-14B DMD2, full student + LoRA fake", "wan", [net(w, 2, 0), net(w, t, w), lora_copy(w, rw)]),
+             ("Wan2.1-14B DMD2, full student + full fake", "wan", [net(w, 2, 0), net(w, t, w), net(w, t, w)]),
+             # two phases, one 14B expert each, both with optimiser state by the second phase; the teacher and the
+             # fake score both hold Wan2.2's two experts; the fake score's initial weights (PhasedDMD._fake_init)
+             # are cloned whole before sharding: 2 x 14B on every rank
+             ("Wan2.2-A14B Phased DMD (2 phases), full experts + full fake", "wan",
+              [net(2 * w, 2, 0), net(w, t, w), net(w, t, w), net(2 * w, t, 2 * w)])]
+    # the activations: LoRA's when the student is a LoRA (a full pass keeps more: the larger of the two phases)
+    return [dict(case=c, family=fam, nets=nets, lora=nets[1]["trained"] < counts[fam],
+                 unsharded=2 * w * t if "Phased" in c else 0) for c, fam, nets in cases]
 
 
 def table(counts, lora, fits, trainable=2, world=8, batch=1, gpu_gb=80) -> tuple[str, list[dict]]:
+    """Per rank: model state, FSDP's gathered blocks, activations (fit at full depth and sequence) and the
+    working bytes next to them; with checkpointing, the context-parallel degree k (activations / k) that fits."""
     rows, lines = [], []
     for r in recipes(counts, lora, trainable):
         fam = FAMILIES[r["family"]]
         depth = {n: fam["config"][k] for n, k in fam["blocks"].items()}
         n_tok = tokens(r["family"], fam["full"]["grid"]) + (0 if r["family"] == "wan" else fam["full"]["text"])
         st = state_bytes(counts, r["nets"], world)
-        block_params = max(counts[r["family"]] / sum(depth.values()), 0)
-        gathered = 2 * block_params * 2 + block_params * trainable  # two bf16 blocks gathered (prefetch) + one unsharded grad
+        block = counts[r["family"]] / sum(depth.values())
+        gathered = 2 * block * 2 + block * trainable  # two bf16 blocks gathered (prefetch), one unsharded gradient
         f = fits[r["family"]]["lora" if r["lora"] else "full"]
-        out = {}
+        ones, zeros = {n: 1 for n in depth}, {n: 0 for n in depth}
+        one_block = project(f["plain"], ones, n_tok, batch) - project(f["plain"], zeros, n_tok, batch)
+        row = dict(case=r["case"], tokens=n_tok, **st, unsharded=r["unsharded"], gathered=gathered)
+        row["state"] = st["weights"] + st["grads"] + st["optim"] + r["unsharded"] + gathered
         for ckpt in ("plain", "ckpt"):
-            acts = project(f[ckpt], depth, n_tok, batch)
-            one_block = max(project(f["plain"], {n: 1 for n in depth}, n_tok, batch) - project(f["plain"], {n: 0 for n in depth}, n_tok, batch), 0)
-            work = one_block * (fam["cfg_batch"] if ckpt == "plain" else max(fam["cfg_batch"], 2))
-            # plain: the teacher's no-grad CFG pass next to the student's saved activations; checkpointing: one
-            # block recomputed (its saved bytes) plus the backward's gradients of that block's activations
-            out[ckpt] = dict(acts=acts, work=work)
-        state = st["weights"] + st["grads"] + st["optim"] + r.get("unsharded", 0)
-        row = dict(case=r["case"], state=state, **st, unsharded=r.get("unsharded", 0), gathered=gathered,
-                   acts_plain=out["plain"]["acts"], acts_ckpt=out["ckpt"]["acts"], work_plain=out["plain"]["work"],
-                   work_ckpt=out["ckpt"]["work"], tokens=n_tok)
-        row["peak_plain"] = state + gathered + out["plain"]["acts"] + out["plain"]["work"]
-        row["peak_ckpt"] = state + gathered + out["ckpt"]["acts"] + out["ckpt"]["work"]
+            # one pass's activations alive (student or fake score), beside them the largest of: the no-grad CFG
+            # pass of the teacher (one block's bytes at the CFG batch) and the backward's working bytes (one
+            # block's gradients; with checkpointing, one block recomputed as well)
+            row["acts_" + ckpt] = project(f[ckpt], depth, n_tok, batch)
+            row["work_" + ckpt] = one_block * max(fam["cfg_batch"], 1 if ckpt == "plain" else 2)
+            row["peak_" + ckpt] = row["state"] + row["acts_" + ckpt] + row["work_" + ckpt]
+        fits_k = [k for k in (1, 2, 4, 8) if row["state"] + (row["acts_ckpt"] + row["work_ckpt"]) / k <= gpu_gb * GB]
+        row["cp"] = fits_k[0] if fits_k else None
         rows.append(row)
-    head = ("| case | tokens | weights | grads | optimiser | whole on every rank | FSDP working | activations "
-            "(no ckpt) | peak (no ckpt) | activations (ckpt) | peak (ckpt) |")
-    lines = [head, "|" + "---|" * 11]
+    lines = ["| case | tokens | weights | grads | optimiser | whole on every rank | FSDP working | activations "
+             "(no ckpt) | peak (no ckpt) | activations (ckpt) | peak (ckpt) | context parallel k to fit |",
+             "|" + "---|" * 12]
     for r in rows:
-        fit_ = lambda v: f"**{v / GB:.0f}**" if v <= gpu_gb * GB else f"{v / GB:.0f} (over)"  # noqa: E731
-        lines.append(f"| {r['case']} | {r['tokens']} | {r['weights'] / GB:.1f} | {r['grads'] / GB:.1f} | {r['optim'] / GB:.1f} | "
-                     f"{r['unsharded'] / GB:.0f} | {r['gathered'] / GB:.1f} | {r['acts_plain'] / GB:.0f} | "
-                     f"{fit_(r['peak_plain'])} | {r['acts_ckpt'] / GB:.1f} | {fit_(r['peak_ckpt'])} |")
+        def gb(v):
+            return f"**{v / GB:.0f}**" if v <= gpu_gb * GB else f"{v / GB:.0f} (over)"
+        lines.append(f"| {r['case']} | {r['tokens']} | {r['weights'] / GB:.1f} | {r['grads'] / GB:.1f} | "
+                     f"{r['optim'] / GB:.1f} | {r['unsharded'] / GB:.0f} | {r['gathered'] / GB:.1f} | "
+                     f"{r['acts_plain'] / GB:.0f} | {gb(r['peak_plain'])} | {r['acts_ckpt'] / GB:.1f} | "
+                     f"{gb(r['peak_ckpt'])} | {r['cp'] or 'none of 1-8'} |")
     return "\n".join(lines), rows
 
 
 def param_counts() -> dict:
     return {f: sum(p.numel() for p in build(f).parameters()) for f in FAMILIES}
 
-
 # -- validation: a real run ----------------------------------------------------------------------------
 def _rss(field="VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def validate(family: str, grid: tuple, text: int, ckpt: bool) -> dict:
-    """A full-width 1+1-block network run forward and backward on the CPU (glibc's mmap threshold fixed at
-    64 KiB, so every tensor's pages come and go with it): the resident set's growth over the forward
-    against the hooks' count, and the peak (VmHWM, reset before the forward) over forward and backward
-    less the weight gradients, against the count plus the working bytes the table adds."""
+    """A full-width network of one block per list run on the CPU (glibc's mmap threshold fixed at 64 KiB, so
+    every tensor's pages come and go with it): the peak over a no-grad forward, the resident set's growth
+    over a forward against the hooks' count, and the peak over forward and backward less the gradients."""
     names = list(FAMILIES[family]["blocks"])
     torch.manual_seed(0)
     model = build(family, {n: 1 for n in names}, device="cpu").train()
@@ -344,6 +334,10 @@ def validate(family: str, grid: tuple, text: int, ckpt: bool) -> dict:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _rss()
+    with torch.no_grad():  # the teacher's pass: nothing kept, each block's intermediates come and go
+        model(**kw, return_dict=False)
+    nograd = _rss("VmHWM") - before
+    Path("/proc/self/clear_refs").write_text("5")
     out = model(**kw, return_dict=False)[0]
     after = _rss()
     out.float().square().mean().backward()
@@ -351,7 +345,7 @@ def validate(family: str, grid: tuple, text: int, ckpt: bool) -> dict:
     grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
     return dict(family=family, grid=list(grid), text=text, ckpt=ckpt, tokens=tokens(family, grid), counted=counted,
                 rss_growth=after - before, out_bytes=out.nbytes, growth_over_counted=(after - before) / counted,
-                peak_less_grads=peak - grads, grads=grads)
+                peak_less_grads=peak - grads, grads=grads, nograd_peak=nograd)
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,8 @@ TINY = {
                 text_dim=32, freq_dim=16, ffn_dim=64, num_layers=4, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64),
 }
-SIZES = {"flux": [(4, 4), (4, 8), (8, 8)], "qwenimage": [(4, 4), (4, 8), (8, 8)], "wan": [(1, 2, 4), (1, 4, 4), (2, 4, 4)]}
+SIZES = {"flux": [(4, 4), (4, 8), (8, 8)], "qwenimage": [(4, 4), (4, 8), (8, 8)],
+         "wan": [(1, 2, 4), (1, 4, 4), (2, 4, 4)]}
 TARGET = {"flux": (8, 12), "qwenimage": (8, 12), "wan": (3, 4, 6)}  # a length the fit never saw
 
 
@@ -42,7 +43,8 @@ def test_two_block_fit_projects_a_four_block_network(family, eval_script):
             projected = mp.project(f, {k: 4 for k in names}, n)
             assert abs(projected / measured - 1) < 0.02, (mode, ckpt, projected, measured)
         if mode == "full":  # checkpointing keeps a fraction of what a plain pass keeps
-            assert mp.project(f, {k: 4 for k in names}, n) < 0.5 * mp.project(fits[mode]["plain"], {k: 4 for k in names}, n)
+            deep4 = {k: 4 for k in names}
+            assert mp.project(f, deep4, n) < 0.5 * mp.project(fits[mode]["plain"], deep4, n)
 
 
 @pytest.mark.parametrize("family", ["flux", "qwenimage", "wan"])
