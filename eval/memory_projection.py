@@ -53,6 +53,9 @@ FAMILIES = {
                 full=dict(grid=(21, 30, 52), text=512), cfg_batch=2),  # 81 x 480 x 832: 21 x 60 x 104 latents, 1x2x2
 }
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # student.lora_targets' default
+# working bytes beside the saved activations, per sample, in units of the largest block's saved bytes, from --validate
+# (docs/RESULTS.md): a no-grad pass's peak; the backward's peak above the saved bytes without / with checkpointing
+WORK = {"nograd": 0.7, "plain": 0.7, "ckpt": 1.7}
 
 
 def model_class(family: str):
@@ -164,7 +167,7 @@ def measure(family: str, modes=("full", "lora"), lora_rank: int = 64, sizes=None
     {mode: {ckpt: fit}}."""
     fam = FAMILIES[family]
     names = list(fam["blocks"])
-    sizes = sizes or default_sizes(family)
+    sizes = sizes or ([(2, 4, 8), (2, 8, 8), (2, 8, 16)] if family == "wan" else [(8, 8), (8, 16), (16, 16)])
     text = fam["full"]["text"] if family == "wan" else None
     out = {}
     for mode in modes:
@@ -192,10 +195,6 @@ def measure(family: str, modes=("full", "lora"), lora_rank: int = 64, sizes=None
         del model
         gc.collect()
     return out
-
-
-def default_sizes(family: str) -> list[tuple]:
-    return [(2, 4, 8), (2, 8, 8), (2, 8, 16)] if family == "wan" else [(8, 8), (8, 16), (16, 16)]
 
 
 def fit(rows: list[dict], names: list[str]) -> dict:
@@ -249,10 +248,10 @@ def recipes(counts: dict, lora: dict, t: int) -> list[dict]:
 
     def lora_copy(p, r):  # copy_for_training: its own base copy in the trainable dtype, plus the adapters
         return net(p + r, t, r)
-
     f, q, w = counts["flux"], counts["qwenimage"], counts["wan"]
     rf, rq, rw = lora["flux"], lora["qwenimage"], lora["wan"]
     shared, own = "LoRA + LoRA on the teacher's base", "LoRA student + LoRA fake"
+    phased = [net(2 * w, 2, 0), net(w, t, w), net(w, t, w), net(2 * w, t, 2 * w)]
     cases = [(f"Flux.1-dev DMD2, {own}", "flux", [net(f, 2, 0), lora_copy(f, rf), lora_copy(f, rf)]),
              (f"Flux.1-dev DMD2, {shared}", "flux", [net(f, 2, 0), net(rf, t, rf), net(rf, t, rf)]),
              ("Flux.1-dev DMD2, full student + full fake", "flux", [net(f, 2, 0), net(f, t, f), net(f, t, f)]),
@@ -262,11 +261,9 @@ def recipes(counts: dict, lora: dict, t: int) -> list[dict]:
              ("Wan2.1-14B DMD2, full student + LoRA fake", "wan", [net(w, 2, 0), net(w, t, w), lora_copy(w, rw)]),
              ("Wan2.1-14B DMD2, full student + full fake", "wan", [net(w, 2, 0), net(w, t, w), net(w, t, w)]),
              # two phases, one 14B expert each, both with optimiser state by the second phase; the teacher and the
-             # fake score both hold Wan2.2's two experts; the fake score's initial weights (PhasedDMD._fake_init)
-             # are cloned whole before sharding: 2 x 14B on every rank
-             ("Wan2.2-A14B Phased DMD (2 phases), full experts + full fake", "wan",
-              [net(2 * w, 2, 0), net(w, t, w), net(w, t, w), net(2 * w, t, 2 * w)])]
-    # the activations: LoRA's when the student is a LoRA (a full pass keeps more: the larger of the two phases)
+             # fake score hold Wan2.2's two experts; PhasedDMD._fake_init clones the fake whole before sharding
+             ("Wan2.2-A14B Phased DMD (2 phases), full experts + full fake", "wan", phased),
+             ("the same, the fake score's initial state kept sharded", "wan", phased)]
     return [dict(case=c, family=fam, nets=nets, lora=nets[1]["trained"] < counts[fam],
                  unsharded=2 * w * t if "Phased" in c else 0) for c, fam, nets in cases]
 
@@ -280,19 +277,18 @@ def table(counts, lora, fits, trainable=2, world=8, batch=1, gpu_gb=80) -> tuple
         depth = {n: fam["config"][k] for n, k in fam["blocks"].items()}
         n_tok = tokens(r["family"], fam["full"]["grid"]) + (0 if r["family"] == "wan" else fam["full"]["text"])
         st = state_bytes(counts, r["nets"], world)
-        block = counts[r["family"]] / sum(depth.values())
+        meta = build(r["family"])
+        block = max(sum(p.numel() for p in getattr(meta, n)[0].parameters()) for n in depth)  # the largest block
         gathered = 2 * block * 2 + block * trainable  # two bf16 blocks gathered (prefetch), one unsharded gradient
         f = fits[r["family"]]["lora" if r["lora"] else "full"]
-        ones, zeros = {n: 1 for n in depth}, {n: 0 for n in depth}
-        one_block = project(f["plain"], ones, n_tok, batch) - project(f["plain"], zeros, n_tok, batch)
+        one_block = batch * max(b["const"] + b["per_token"] * n_tok for b in f["plain"]["blocks"].values())
         row = dict(case=r["case"], tokens=n_tok, **st, unsharded=r["unsharded"], gathered=gathered)
         row["state"] = st["weights"] + st["grads"] + st["optim"] + r["unsharded"] + gathered
         for ckpt in ("plain", "ckpt"):
-            # one pass's activations alive (student or fake score), beside them the largest of: the no-grad CFG
-            # pass of the teacher (one block's bytes at the CFG batch) and the backward's working bytes (one
-            # block's gradients; with checkpointing, one block recomputed as well)
+            # one pass's activations alive (student or fake score), beside them the larger of the teacher's no-grad
+            # pass at the CFG batch and the backward's working bytes, in units of one block's saved bytes (WORK)
             row["acts_" + ckpt] = project(f[ckpt], depth, n_tok, batch)
-            row["work_" + ckpt] = one_block * max(fam["cfg_batch"], 1 if ckpt == "plain" else 2)
+            row["work_" + ckpt] = one_block * max(fam["cfg_batch"] * WORK["nograd"], WORK[ckpt])
             row["peak_" + ckpt] = row["state"] + row["acts_" + ckpt] + row["work_" + ckpt]
         fits_k = [k for k in (1, 2, 4, 8) if row["state"] + (row["acts_ckpt"] + row["work_ckpt"]) / k <= gpu_gb * GB]
         row["cp"] = fits_k[0] if fits_k else None
@@ -302,7 +298,7 @@ def table(counts, lora, fits, trainable=2, world=8, batch=1, gpu_gb=80) -> tuple
              "|" + "---|" * 12]
     for r in rows:
         def gb(v):
-            return f"**{v / GB:.0f}**" if v <= gpu_gb * GB else f"{v / GB:.0f} (over)"
+            return f"**{v / GB:.1f}**" if v <= gpu_gb * GB else f"{v / GB:.1f} (over)"
         lines.append(f"| {r['case']} | {r['tokens']} | {r['weights'] / GB:.1f} | {r['grads'] / GB:.1f} | "
                      f"{r['optim'] / GB:.1f} | {r['unsharded'] / GB:.0f} | {r['gathered'] / GB:.1f} | "
                      f"{r['acts_plain'] / GB:.0f} | {gb(r['peak_plain'])} | {r['acts_ckpt'] / GB:.1f} | "
@@ -320,9 +316,9 @@ def _rss(field="VmRSS") -> int:
 
 
 def validate(family: str, grid: tuple, text: int, ckpt: bool) -> dict:
-    """A full-width network of one block per list run on the CPU (glibc's mmap threshold fixed at 64 KiB, so
-    every tensor's pages come and go with it): the peak over a no-grad forward, the resident set's growth
-    over a forward against the hooks' count, and the peak over forward and backward less the gradients."""
+    """A full-width network of one block per list on the CPU (glibc's mmap threshold fixed at 64 KiB: every
+    tensor's pages come and go with it): the peak over a no-grad forward; over a forward, the resident
+    set's growth against the hooks' count; the peak over forward and backward, gradients allocated first."""
     names = list(FAMILIES[family]["blocks"])
     torch.manual_seed(0)
     model = build(family, {n: 1 for n in names}, device="cpu").train()
@@ -337,15 +333,17 @@ def validate(family: str, grid: tuple, text: int, ckpt: bool) -> dict:
     with torch.no_grad():  # the teacher's pass: nothing kept, each block's intermediates come and go
         model(**kw, return_dict=False)
     nograd = _rss("VmHWM") - before
+    for p in model.parameters():  # the gradients in place before the forward: the peak below is activations
+        p.grad = torch.zeros_like(p)
+    before = _rss()
     Path("/proc/self/clear_refs").write_text("5")
     out = model(**kw, return_dict=False)[0]
     after = _rss()
     out.float().square().mean().backward()
     peak = _rss("VmHWM") - before
-    grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
     return dict(family=family, grid=list(grid), text=text, ckpt=ckpt, tokens=tokens(family, grid), counted=counted,
                 rss_growth=after - before, out_bytes=out.nbytes, growth_over_counted=(after - before) / counted,
-                peak_less_grads=peak - grads, grads=grads, nograd_peak=nograd)
+                backward_peak=peak, nograd_peak=nograd)
 
 
 def main(argv=None) -> int:
