@@ -2,7 +2,7 @@
 """Per-GPU memory of DMD2 / Phased DMD on the large transformer teachers (Flux-12B, Qwen-Image-20B,
 Wan2.1-14B, Wan2.2-A14B) under FSDP over 8 GPUs, projected from CPU measurements (no GPU, no weights).
 
-    python eval/memory_projection.py [--out runs/memory-projection] [--families flux,qwenimage,wan]
+    python eval/memory_projection.py [--out runs/memory-projection] [--families flux,qwenimage,wan]  # fits cached
     python eval/memory_projection.py --validate flux --grid 64x64   # a real full-width 1-block run: RSS vs count
 
 Model state is exact arithmetic on the public transformer configs built on the meta device (the
@@ -194,6 +194,7 @@ def measure(family: str, modes=("full", "lora"), lora_rank: int = 64, sizes=None
         with_depth(model, {n: 3 for n in names})
         del model
         gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed heap back before the next build
     return out
 
 
@@ -376,7 +377,8 @@ def main(argv=None) -> int:
     families = args.families.split(",")
     counts = param_counts()
     lora = {f: lora_params(build(f), args.lora_rank) for f in FAMILIES}
-    print(json.dumps({"params": counts, "lora": lora}))
+    print(json.dumps({"params": counts, "over_published": {f: counts[f] / FAMILIES[f]["published"] for f in counts},
+                      "lora": lora}))
     cache = args.out / "fits.json"
     fits = json.loads(cache.read_text()) if cache.is_file() else {}
     for f in families:
