@@ -31,6 +31,7 @@ from ..errors import TeacherLoadError
 from .encoders import PIPELINE_FAMILIES, TEXT_FAMILIES, encode_labels, register_pipeline  # noqa: F401
 from .nets import NoiseLevelExperts
 from .oracle import OracleNet
+from .sharded_load import meta_networks
 from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
 
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -250,6 +251,7 @@ def load_teacher(
     video_size: tuple[int, int, int] | None = None,
     sample_size: int | None = None,
     guidance: float | None = None,
+    meta: bool = False,
 ) -> Teacher:
     """Load a diffusers pipeline folder or hub id as a frozen teacher.
 
@@ -259,13 +261,16 @@ def load_teacher(
     (default: its pipeline's). A pipeline with a second network for low noise (Wan2.2's
     ``transformer_2`` and ``boundary_ratio``) is one denoiser of two experts (``NoiseLevelExperts``).
     ``sample_size`` (latent height = width) and ``guidance`` (the embedded guidance scale) are for the
-    networks that take them (:func:`packed_geometry`)."""
+    networks that take them (:func:`packed_geometry`). ``meta``: the denoising networks are built on the meta
+    device, their weights left in their files for the shards to read (``sharded_load.meta_networks``;
+    loaded whole when that cannot be done)."""
     from diffusers import DiffusionPipeline
 
     src = resolve_teacher_path(path)
     try:
+        built = meta_networks(src, dtype) if meta else {}
         with quiet_text_encoder_type(path):
-            pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype, trust_remote_code=allow_remote_code)
+            pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype, trust_remote_code=allow_remote_code, **built)
     except Exception as exc:  # diffusers / hub errors are long; name the path and keep the cause
         where = "local folder" if Path(src).is_dir() else "hub id (not in the local cache, or offline)"
         raise TeacherLoadError(f"teacher '{path}' ({where}) could not be loaded: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
@@ -276,8 +281,10 @@ def load_teacher(
     for comp in pipe.components.values():
         if isinstance(comp, nn.Module):
             comp.requires_grad_(False).eval()
-    if device is not None:
-        pipe.to(device)
+    if device is not None:  # (the networks on the meta device get their device when their shards are read)
+        for comp in pipe.components.values() if built else [pipe]:
+            if isinstance(comp, (nn.Module, DiffusionPipeline)) and not any(comp is b for b in built.values()):
+                comp.to(device)
     cfg = model.config
     try:
         shape, seq_len, guidance = packed_geometry(model, pipe, sample_size, guidance)
