@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .denoiser import FEATURE_MODULES, NOISE_LAYOUTS, ModelCall, register_adapter, unwrap
+from .denoiser import FEATURE_MODULES, NOISE_LAYOUTS, ModelCall, class_name, register_adapter, unwrap
 
 PACKED_NETWORKS = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
 DEFAULT_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline.__call__'s default guidance_scale
@@ -54,7 +54,7 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 
 def is_packed(model: nn.Module) -> bool:
-    return type(unwrap(model)).__name__ in PACKED_NETWORKS
+    return class_name(model) in PACKED_NETWORKS
 
 
 def guidance_embedded(model: nn.Module) -> bool:

@@ -11,7 +11,7 @@ import torch
 
 from ..config import torch_dtype
 from ..data.batch import Batch, BatchSource
-from ..diffusion.denoiser import Cond, Denoiser, unwrap
+from ..diffusion.denoiser import Cond, Denoiser, class_name, unwrap
 from ..diffusion.sampling import ode_sample
 from ..errors import ConfigError
 from ..models.nets import NoiseLevelExperts, PhasedExperts, expert_at, network_class
@@ -77,7 +77,7 @@ def load_init_network(folder: str, teacher_model) -> torch.nn.Module:
     """``student.init``: the network saved in ``folder`` (e.g. a run's ``student/``)."""
     net = unwrap(teacher_model)
     net = net.experts[0] if isinstance(net, NoiseLevelExperts) else net  # the class of a two-expert teacher's networks
-    name = check_init_class(folder, type(net).__name__)
+    name = check_init_class(folder, class_name(net))
     return network_class(name).from_pretrained(folder).eval().requires_grad_(False)
 
 

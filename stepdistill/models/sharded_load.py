@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import weakref
 from dataclasses import dataclass
 from itertools import chain
@@ -155,6 +156,25 @@ def meta_networks(pipeline_folder: str, dtype: torch.dtype | None) -> dict[str, 
 def is_meta(module: nn.Module) -> bool:
     """Whether any parameter of ``module`` is on the meta device (built by :func:`meta_network`, not yet read)."""
     return any(local(p).is_meta for p in unwrap(module).parameters())
+
+
+@contextlib.contextmanager
+def pipeline_view(folder: str, built: dict[str, nn.Module]):
+    """The pipeline folder, or with networks ``built``, a view of it (links to its parts) whose
+    ``model_index.json`` lists them as absent, so that ``DiffusionPipeline.from_pretrained(view, **built)``
+    takes them as given and never reads their weights (it would load a component of an optional ``__init__``
+    argument, such as Wan's ``transformer``, although it is passed)."""
+    if not built:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="stepdistill-pipeline-") as tmp:
+        for entry in Path(folder).iterdir():
+            if entry.name != "model_index.json":
+                (Path(tmp) / entry.name).symlink_to(entry.resolve())
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+        index.update({name: [None, None] for name in built})
+        (Path(tmp) / "model_index.json").write_text(json.dumps(index))
+        yield tmp
 
 
 def _offset(t: torch.Tensor) -> tuple[int, ...]:

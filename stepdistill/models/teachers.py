@@ -31,7 +31,7 @@ from ..errors import TeacherLoadError
 from .encoders import PIPELINE_FAMILIES, TEXT_FAMILIES, encode_labels, register_pipeline  # noqa: F401
 from .nets import NoiseLevelExperts
 from .oracle import OracleNet
-from .sharded_load import meta_networks
+from .sharded_load import meta_networks, pipeline_view
 from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
 
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -269,8 +269,10 @@ def load_teacher(
     src = resolve_teacher_path(path)
     try:
         built = meta_networks(src, dtype) if meta else {}
-        with quiet_text_encoder_type(path):
-            pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype, trust_remote_code=allow_remote_code, **built)
+        with quiet_text_encoder_type(path), pipeline_view(src, built) as where:
+            pipe = DiffusionPipeline.from_pretrained(where, dtype=dtype, trust_remote_code=allow_remote_code, **built)
+        if built:
+            pipe.register_to_config(_name_or_path=src)
     except Exception as exc:  # diffusers / hub errors are long; name the path and keep the cause
         where = "local folder" if Path(src).is_dir() else "hub id (not in the local cache, or offline)"
         raise TeacherLoadError(f"teacher '{path}' ({where}) could not be loaded: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
