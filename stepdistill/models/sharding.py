@@ -59,6 +59,12 @@ def fully_sharded(module: nn.Module) -> bool:
     return bool(params) and all(isinstance(p, DTensor) for p in params)
 
 
+def placed(module: nn.Module, device) -> nn.Module:
+    """``module`` on ``device``; a sharded network as it is (its shards are placed, and moving it would
+    copy them again)."""
+    return module if fully_sharded(module) else module.to(device)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local part (the whole tensor under ``ddp``); any other tensor as it is."""
     from torch.distributed.tensor import DTensor

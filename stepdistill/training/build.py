@@ -293,9 +293,10 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig, parallel
         if parallel.active:
             # sharded in place (the distiller keeps its reference); accelerate only places it. A copy of a
             # sharded teacher is sharded already, its parts read alike on every rank (the same seed for LoRA)
-            module = tr.module.to(acc.device)
-            if not fully_sharded(module):
-                broadcast_from_main(acc, module)  # every rank starts from rank 0's weights
+            module = tr.module
+            if not fully_sharded(module):  # (moving a sharded network would copy its shards again)
+                module = module.to(acc.device)
+                broadcast_from_main(acc, module)  # every rank starts from rank 0's weights (not its shards)
                 parallel.shard(module, f"trainable '{name}'")
         else:
             module = acc.prepare_model(tr.module, device_placement=True, evaluation_mode=True)
