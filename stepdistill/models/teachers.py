@@ -62,7 +62,13 @@ class Teacher:
 
     @property
     def device(self) -> torch.device:
-        return next(unwrap(self.denoiser.model).parameters(), torch.zeros(())).device
+        """Where the teacher computes: its weights' device, or for shards offloaded to the CPU
+        (``teacher.offload``), the accelerator they are gathered onto."""
+        p = next(unwrap(self.denoiser.model).parameters(), torch.zeros(()))
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is not None and mesh.device_type == "cuda" and p.device.type == "cpu":
+            return torch.device("cuda", torch.cuda.current_device())
+        return p.device
 
     @property
     def conditional(self) -> bool:
