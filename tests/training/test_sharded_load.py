@@ -124,12 +124,14 @@ def test_offload_without_fsdp_is_refused_in_one_line(tmp_path, tiny_pipelines):
     validate_inputs(cfg, 2, "fsdp")  # accepted under FSDP
 
 
-@pytest.mark.slow  # about 2 minutes: two 2-process runs
-def test_a_run_loaded_sharded_equals_the_old_path(tmp_path, tiny_pipelines):
-    """DMD2 (full student, LoRA fake score) on 2 FSDP processes, 3 steps: built sharded with the teacher
-    offloaded to the CPU, against built whole and then sharded (STEPDISTILL_WHOLE_LOAD=1): the same losses
-    and the same student, bit for bit."""
-    cfg = "configs/tiny-sd/dmd2_4step.yaml"
+@pytest.mark.slow  # about 2 minutes each: two 2-process runs
+@pytest.mark.parametrize("config,losses_of", [("dmd2_4step", {"student/loss", "fake/loss"}),
+                                              ("lcm_lora_4step", {"student/loss"})], ids=["dmd2", "lcm-lora"])
+def test_a_run_loaded_sharded_equals_the_old_path(tmp_path, tiny_pipelines, config, losses_of):
+    """DMD2 (full student, LoRA fake score) and LCM-LoRA (a LoRA student) on 2 FSDP processes, 3 steps:
+    built sharded with the teacher offloaded to the CPU, against built whole and then sharded
+    (STEPDISTILL_WHOLE_LOAD=1): the same losses and the same student weights, bit for bit."""
+    cfg = f"configs/tiny-sd/{config}.yaml"
     common = [f"teacher.path={tiny_pipelines['sd']}", "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1",
               "train.validate_every=3", "train.lr_schedule=linear", "method_args.lr=1e-3"]
     old, new = tmp_path / "old", tmp_path / "new"
@@ -141,10 +143,13 @@ def test_a_run_loaded_sharded_equals_the_old_path(tmp_path, tiny_pipelines):
     assert r.returncode == 0, r.stderr[-3000:]
     h_old, h_new = (json.loads((run / "history.json").read_text()) for run in (old, new))
     losses = [{k: v for k, v in row.items() if k.endswith("/loss")} for row in h_old]
-    assert len(losses) == 3 and {"student/loss", "fake/loss"} <= set(losses[0])
+    assert len(losses) == 3 and losses_of <= set(losses[0])
     assert losses == [{k: v for k, v in row.items() if k.endswith("/loss")} for row in h_new]
-    a, b = (load_file(run / "student" / "diffusion_pytorch_model.safetensors") for run in (old, new))
-    teacher = load_file(tiny_pipelines["sd"] / "unet" / "diffusion_pytorch_model.safetensors")
-    assert any(not torch.equal(a[k], teacher[k]) for k in a)  # trained
+    name = "lora/adapter_model.safetensors" if "lora" in config else "diffusion_pytorch_model.safetensors"
+    a, b = (load_file(run / "student" / name) for run in (old, new))
+    if "lora" not in config:
+        teacher = load_file(tiny_pipelines["sd"] / "unet" / "diffusion_pytorch_model.safetensors")
+        assert any(not torch.equal(a[k], teacher[k]) for k in a)  # trained
+    assert a and any(v.abs().sum() > 0 for v in a.values())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "offload: cpu" in (new / "config.yaml").read_text()
