@@ -72,6 +72,9 @@ class TeacherConfig:
     # a network whose guidance scale is an input (FLUX.1-dev, guidance_embeds): the scale fed to the teacher,
     # the student and fake scores, and the one the student exports with (default 3.5, FluxPipeline's); not CFG
     guidance: float | None = None
+    # cpu: under FSDP (an accelerate FSDP launch) the frozen teacher's shards live in CPU memory and are copied to the
+    # device block by block (FSDP2's CPUOffloadPolicy); refused for a run that is not sharded
+    offload: typing.Literal["none", "cpu"] = "none"
 
     def __post_init__(self):
         self.path = expand_path("teacher.path", self.path)

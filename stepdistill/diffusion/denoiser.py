@@ -141,6 +141,17 @@ def base_network(model: nn.Module) -> nn.Module:
     return net
 
 
+def class_name(model: nn.Module) -> str:
+    """The class name of the network inside any wrapper; of a network sharded by FSDP2 (whose class it
+    makes ``FSDP<name>``), its own class's: what the name-keyed tables here are keyed by."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(unwrap(model))
+    if issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    return cls.__name__
+
+
 def find_adapter(model: nn.Module) -> AdapterFn:
     for cls in type(unwrap(model)).__mro__:
         if cls.__name__ in MODEL_ADAPTERS:
@@ -182,7 +193,7 @@ NOISE_LAYOUTS: dict[str, Callable[[tuple[int, ...], torch.Generator | None], tor
 
 
 def feature_module(model: nn.Module) -> nn.Module:
-    name = type(unwrap(model)).__name__
+    name = class_name(model)
     if name not in FEATURE_MODULES:
         raise ValueError(f"{name} has no registered bottleneck for the GAN head; add it to FEATURE_MODULES")
     return FEATURE_MODULES[name](unwrap(model))
@@ -292,7 +303,7 @@ class Denoiser(nn.Module):
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
         """Unit Gaussian latents of ``shape``, drawn on the CPU from ``generator`` in the layout the network's
         pipeline draws them in (``NOISE_LAYOUTS``; plain ``torch.randn`` for most families)."""
-        layout = NOISE_LAYOUTS.get(type(base_network(self.model)).__name__)
+        layout = NOISE_LAYOUTS.get(class_name(base_network(self.model)))
         if layout is None:
             return torch.randn(tuple(shape), generator=generator, device="cpu")
         return layout(tuple(shape), generator)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .denoiser import FEATURE_MODULES, NOISE_LAYOUTS, ModelCall, base_network, register_adapter, unwrap
+from .denoiser import FEATURE_MODULES, NOISE_LAYOUTS, ModelCall, base_network, class_name, register_adapter, unwrap
 
 PACKED_NETWORKS = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
 DEFAULT_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline.__call__'s default guidance_scale
@@ -55,7 +55,7 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 def is_packed(model: nn.Module) -> bool:
     """Whether the network (or each of its experts) reads packed latent tokens."""
-    return type(base_network(model)).__name__ in PACKED_NETWORKS
+    return class_name(base_network(model)) in PACKED_NETWORKS
 
 
 def guidance_embedded(model: nn.Module) -> bool:

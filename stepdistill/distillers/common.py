@@ -11,11 +11,11 @@ import torch
 
 from ..config import torch_dtype
 from ..data.batch import Batch, BatchSource
-from ..diffusion.denoiser import Cond, Denoiser, unwrap
+from ..diffusion.denoiser import Cond, Denoiser, class_name, unwrap
 from ..diffusion.sampling import ode_sample
 from ..errors import ConfigError
 from ..models.nets import NoiseLevelExperts, PhasedExperts, expert_at, network_class
-from ..models.sharding import plain_copy
+from ..models.sharding import placed, plain_copy
 from ..models.student import Student, StudentSpec, copy_for_training
 from .base import Context, Trainable
 
@@ -37,10 +37,10 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
 
     def trainable_copy(t: float):
         # a two-expert teacher (Wan2.2): the copy starts from the expert that serves time t
-        return copy_for_training(expert_at(source, t, ctx.init.process), lora_rank=sc.lora_rank,
-                                 lora_alpha=sc.lora_alpha, lora_targets=sc.lora_targets, w_conditioned=w_conditioned,
-                                 dtype=torch_dtype(ctx.config.train.trainable_dtype), architecture=sc.architecture,
-                                 layer_map=sc.layer_map).to(ctx.device)
+        return placed(copy_for_training(expert_at(source, t, ctx.init.process), lora_rank=sc.lora_rank,
+                                        lora_alpha=sc.lora_alpha, lora_targets=sc.lora_targets,
+                                        w_conditioned=w_conditioned, dtype=torch_dtype(ctx.config.train.trainable_dtype),
+                                        architecture=sc.architecture, layer_map=sc.layer_map), ctx.device)
 
     if experts:  # expert k starts from the teacher's network at step k's time
         model = PhasedExperts.from_experts([trainable_copy(t) for t in timesteps], [float(t) for t in timesteps])
@@ -78,7 +78,7 @@ def load_init_network(folder: str, teacher_model) -> torch.nn.Module:
     """``student.init``: the network saved in ``folder`` (e.g. a run's ``student/``)."""
     net = unwrap(teacher_model)
     net = net.experts[0] if isinstance(net, NoiseLevelExperts) else net  # the class of a two-expert teacher's networks
-    name = check_init_class(folder, type(net).__name__)
+    name = check_init_class(folder, class_name(net))
     return network_class(name).from_pretrained(folder).eval().requires_grad_(False)
 
 

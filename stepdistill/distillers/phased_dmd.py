@@ -102,6 +102,7 @@ class PhasedDMD(Distiller):
                            "later phases (and their fresh fake scores) train at the decayed rate; use constant",
                            ctx.config.train.lr_schedule)
         self.phase = 0
+        # the fake score as built, to start each phase from: a network built sharded keeps only its shards
         self._fake_init = {k: v.detach().clone() for k, v in unwrap(self.fake.model).state_dict().items()}
 
     # -- what trains when ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from ..config import check_range, torch_dtype
 from ..data.batch import Batch
 from ..diffusion.denoiser import Cond, Denoiser
+from ..models.sharding import placed
 from ..models.student import Student, copy_for_training
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_timesteps, student_trainable
@@ -45,9 +46,9 @@ def fake_learning_rate(opt) -> float:
 
 def make_fake(ctx: Context, opt: FakeScoreOptions) -> Denoiser:
     """The fake score: initialised as the teacher (DMD sec. 3.2 / SiD sec. 4), full or LoRA."""
-    model = copy_for_training(ctx.init.model, lora_rank=opt.fake_lora_rank, lora_alpha=opt.fake_lora_alpha,
-                              lora_targets=opt.fake_lora_targets or ctx.config.student.lora_targets,
-                              dtype=torch_dtype(ctx.config.train.trainable_dtype)).to(ctx.device)
+    model = placed(copy_for_training(ctx.init.model, lora_rank=opt.fake_lora_rank, lora_alpha=opt.fake_lora_alpha,
+                                     lora_targets=opt.fake_lora_targets or ctx.config.student.lora_targets,
+                                     dtype=torch_dtype(ctx.config.train.trainable_dtype)), ctx.device)
     return Denoiser(model, ctx.init.process, ctx.init.prediction_type, ctx.init.embedded_guidance)
 
 

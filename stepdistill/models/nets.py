@@ -16,7 +16,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from torch import nn
 
-from ..diffusion.denoiser import GUIDANCE_EMBED_DIM, guidance_sinusoid, unwrap
+from ..diffusion.denoiser import GUIDANCE_EMBED_DIM, class_name, guidance_sinusoid, unwrap
 
 
 def _guidance_conditioned(base: type) -> type:
@@ -147,7 +147,7 @@ class PhasedExperts(ModelMixin, ConfigMixin):
         first = experts[0]
         config = {k: v for k, v in dict(first.config).items() if not k.startswith("_")}
         with init_empty_weights():  # the placeholder experts take no memory; they are replaced at once
-            model = cls(list(boundaries), type(first).__name__, config)
+            model = cls(list(boundaries), class_name(first), config)
         model.experts = nn.ModuleList(experts)
         return model
 
@@ -182,7 +182,7 @@ class NoiseLevelExperts(ModelMixin, ConfigMixin):
             raise ValueError("NoiseLevelExperts: two networks of one class and config (Wan2.2's transformer and "
                              "transformer_2), got " + ", ".join(type(e).__name__ for e in experts))
         with init_empty_weights():  # placeholders, replaced at once
-            model = cls(float(boundary_timestep), type(experts[0]).__name__, configs[0])
+            model = cls(float(boundary_timestep), class_name(experts[0]), configs[0])
         model.experts = nn.ModuleList(experts)
         return model
 

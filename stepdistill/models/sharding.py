@@ -8,9 +8,11 @@ from __future__ import annotations
 import copy
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..diffusion.denoiser import unwrap
 
@@ -22,20 +24,46 @@ class _Plain:
     skeleton: nn.Module
     is_main: bool
     device: torch.device
+    shard: Callable | None = None  # shards another network as this one was (a copy of it: models/sharded_load.py)
 
 
 _PLAIN: "weakref.WeakKeyDictionary[nn.Module, _Plain]" = weakref.WeakKeyDictionary()
 
 
-def remember_structure(module: nn.Module, is_main: bool, device) -> None:
-    """Called before ``module`` is sharded: keep its structure, so that :func:`plain_copy` can rebuild it."""
-    _PLAIN[unwrap(module)] = _Plain(_skeleton(unwrap(module)), is_main, torch.device(device))
+def remember_structure(module: nn.Module, is_main: bool, device, shard: Callable | None = None) -> None:
+    """Called before ``module`` is sharded: keep its structure, so that :func:`plain_copy` can rebuild it
+    (and ``shard(network, what)``, which shards a copy of it alike)."""
+    _PLAIN[unwrap(module)] = _Plain(_skeleton(unwrap(module)), is_main, torch.device(device), shard)
+
+
+def structure(module: nn.Module) -> _Plain:
+    """What :func:`remember_structure` kept of a sharded network (KeyError for another network)."""
+    return _PLAIN[unwrap(module)]
+
+
+def skeleton(module: nn.Module) -> nn.Module:
+    """A sharded network's structure with its parameters on the meta device (its buffers as they are)."""
+    return copy.deepcopy(_PLAIN[unwrap(module)].skeleton)
 
 
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in unwrap(module).modules())
+
+
+def fully_sharded(module: nn.Module) -> bool:
+    """Whether every parameter of ``module`` is sharded (a DTensor); False for a module without parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(unwrap(module).parameters())
+    return bool(params) and all(isinstance(p, DTensor) for p in params)
+
+
+def placed(module: nn.Module, device) -> nn.Module:
+    """``module`` on ``device``; a sharded network as it is (its shards are placed, and moving it would
+    copy them again)."""
+    return module if fully_sharded(module) else module.to(device)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -54,9 +82,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def _skeleton(module: nn.Module) -> nn.Module:
     """A copy of ``module``'s structure with its parameters on the meta device (no memory) and its
-    buffers copied (some are not in the state dict): what :func:`plain_copy` fills."""
-    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            for p in module.parameters()}
+    buffers copied (some are not in the state dict): what :func:`plain_copy` fills. A part already sharded
+    (a network in a bundle with its head) is the structure kept of it."""
+    parts = [m for m in module.modules() if m is not module and m in _PLAIN]
+    memo = {id(m): copy.deepcopy(_PLAIN[m].skeleton) for m in parts}
+    inside = {id(p) for m in parts for p in m.parameters()}
+    memo.update({id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                 for p in module.parameters() if id(p) not in inside})
     return copy.deepcopy(module, memo)
 
 
@@ -88,9 +120,10 @@ def plain_copy(module: nn.Module, everywhere: bool = True) -> nn.Module | None:
 
 def load_full_state(module: nn.Module, state: dict) -> None:
     """Load a whole (unsharded) state dict into a network, sharded or not (collective when sharded: each
-    rank keeps its shards of it)."""
+    rank keeps its shards of it). A state taken from the sharded network itself (its DTensors: each rank's
+    own shards, e.g. a fake score's snapshot made after it was built sharded) is copied shard to shard."""
     module = unwrap(module)
-    if not is_sharded(module):
+    if not is_sharded(module) or any(isinstance(v, DTensor) for v in state.values()):
         module.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

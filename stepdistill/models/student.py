@@ -15,6 +15,7 @@ was trained for. Sampler kinds:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import replace
@@ -28,6 +29,8 @@ from ..diffusion.packed import guidance_embedded
 from ..diffusion.process import NoiseProcess, process_from_scheduler_config
 from . import nets
 from .nets import network_class
+from .sharded_load import adapters_made_for_real, shard_copy
+from .sharding import is_sharded, plain_copy, skeleton
 from .spec import SAMPLERS, SPEC_FILE, StudentSpec  # noqa: F401  (the student's schedule, read with it)
 
 
@@ -133,8 +136,13 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
     (:func:`w_conditioned_class`); weights it did not have are zero-initialised, so the copy starts as
     the teacher. ``architecture`` makes a smaller network of the same class (:func:`smaller_copy`). A
     two-expert network (:class:`~stepdistill.models.nets.NoiseLevelExperts`, e.g. a fake score initialised
-    as a Wan2.2 teacher) is copied expert by expert, both trainable."""
+    as a Wan2.2 teacher) is copied expert by expert, both trainable. Of a network sharded over several
+    processes (FSDP) the copy is sharded alike, built without a whole copy on any rank
+    (``models/sharded_load.py``; a smaller or w-conditioned copy is made from the whole network, gathered)."""
     src = unwrap(model)
+    sharded = is_sharded(src) and not isinstance(src, nets.NoiseLevelExperts)
+    if sharded and (architecture is not None or w_conditioned):
+        src, sharded = plain_copy(src), False
     if isinstance(src, nets.NoiseLevelExperts):
         experts = [copy_for_training(e, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
                                      w_conditioned=w_conditioned, dtype=dtype, architecture=architecture,
@@ -162,7 +170,7 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
                 params[name].zero_()
         student = _cast(new, dtype)
     else:
-        student = _cast(copy.deepcopy(src), dtype)
+        student = _cast(skeleton(src) if sharded else copy.deepcopy(src), dtype)
     student.train()
     if lora_rank:
         from peft import LoraConfig
@@ -175,15 +183,16 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
         targets = [t for t in lora_targets if any(n.endswith(t) for n, _ in student.named_modules())]
         if not targets:
             raise ValueError(f"student.lora_targets {list(lora_targets)} match no module of {type(src).__name__}")
-        student.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets,
-                                       init_lora_weights="gaussian"))
+        with adapters_made_for_real(student, dtype) if sharded else contextlib.nullcontext():
+            student.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets,
+                                           init_lora_weights="gaussian"))
         if w_conditioned:  # the new guidance embedding is trained in full beside the LoRA
             for name, p in student.named_parameters():
                 if name in missing:
                     p.requires_grad_(True)
     else:
         student.requires_grad_(True)
-    return student
+    return shard_copy(src, student, f"a trainable copy of {type(src).__name__}") if sharded else student
 
 
 SIGMA_DATA = 0.5  # LCM's sigma_data (fixed in diffusers' LCMScheduler)

@@ -30,6 +30,7 @@ from ..errors import TeacherLoadError
 from .encoders import PIPELINE_FAMILIES, TEXT_FAMILIES, call_default, encode_labels, register_pipeline  # noqa: F401
 from .nets import NoiseLevelExperts
 from .oracle import OracleNet
+from .sharded_load import meta_networks, pipeline_view
 from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
 
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -60,7 +61,13 @@ class Teacher:
 
     @property
     def device(self) -> torch.device:
-        return next(unwrap(self.denoiser.model).parameters(), torch.zeros(())).device
+        """Where the teacher computes: its weights' device, or for shards offloaded to the CPU
+        (``teacher.offload``), the accelerator they are gathered onto."""
+        p = next(unwrap(self.denoiser.model).parameters(), torch.zeros(()))
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is not None and mesh.device_type == "cuda" and p.device.type == "cpu":
+            return torch.device("cuda", torch.cuda.current_device())
+        return p.device
 
     @property
     def conditional(self) -> bool:
@@ -248,6 +255,7 @@ def load_teacher(
     video_size: tuple[int, int, int] | None = None,
     sample_size: int | None = None,
     guidance: float | None = None,
+    meta: bool = False,
 ) -> Teacher:
     """Load a diffusers pipeline folder or hub id as a frozen teacher.
 
@@ -257,13 +265,18 @@ def load_teacher(
     (default: its pipeline's). A pipeline with a second network for low noise (Wan2.2's
     ``transformer_2`` and ``boundary_ratio``) is one denoiser of two experts (``NoiseLevelExperts``).
     ``sample_size`` (latent height = width) and ``guidance`` (the embedded guidance scale) are for the
-    networks that take them (:func:`packed_geometry`)."""
+    networks that take them (:func:`packed_geometry`). ``meta``: the denoising networks are built on the meta
+    device, their weights left in their files for the shards to read (``sharded_load.meta_networks``;
+    loaded whole when that cannot be done)."""
     from diffusers import DiffusionPipeline
 
     src = resolve_teacher_path(path)
     try:
-        with quiet_text_encoder_type(path):
-            pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype, trust_remote_code=allow_remote_code)
+        built = meta_networks(src, dtype) if meta else {}
+        with quiet_text_encoder_type(path), pipeline_view(src, built) as where:
+            pipe = DiffusionPipeline.from_pretrained(where, dtype=dtype, trust_remote_code=allow_remote_code, **built)
+        if built:
+            pipe.register_to_config(_name_or_path=src)
     except Exception as exc:  # diffusers / hub errors are long; name the path and keep the cause
         where = "local folder" if Path(src).is_dir() else "hub id (not in the local cache, or offline)"
         raise TeacherLoadError(f"teacher '{path}' ({where}) could not be loaded: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
@@ -274,8 +287,10 @@ def load_teacher(
     for comp in pipe.components.values():
         if isinstance(comp, nn.Module):
             comp.requires_grad_(False).eval()
-    if device is not None:
-        pipe.to(device)
+    if device is not None:  # (the networks on the meta device get their device when their shards are read)
+        for comp in pipe.components.values() if built else [pipe]:
+            if isinstance(comp, (nn.Module, DiffusionPipeline)) and not any(comp is b for b in built.values()):
+                comp.to(device)
     cfg = model.config
     try:
         shape, seq_len, guidance = packed_geometry(model, pipe, sample_size, guidance)

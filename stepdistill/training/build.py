@@ -26,6 +26,8 @@ from ..distillers.registry import get_method
 from ..errors import ConfigError, InputError
 from ..models.nets import MLPDenoiser
 from ..models.oracle import GaussianMixture, fit_network
+from ..models.sharded_load import is_meta
+from ..models.sharding import fully_sharded
 from ..models.student import networks
 from ..models.teachers import (VIDEO_DENOISERS, Teacher, denoiser_class_name, guidance_embedded_folder, load_teacher,
                                resolve_teacher_path)
@@ -39,11 +41,17 @@ ORACLE_NETWORK = "oracle_network"  # in the run folder: the MLP fitted to the or
 logger = logging.getLogger("stepdistill")
 
 
-def validate_inputs(cfg: RunConfig, num_processes: int = 1) -> type[Distiller]:
-    """Everything that can be checked before the teacher is loaded; returns the method class."""
+def validate_inputs(cfg: RunConfig, num_processes: int = 1, strategy: str | None = None) -> type[Distiller]:
+    """Everything that can be checked before the teacher is loaded; returns the method class. ``strategy``:
+    the run's parallel strategy (``training.parallel.resolve_strategy``), where it is known."""
     method = get_method(cfg.method)
     options = from_dict(method.Options, cfg.method_args, "method_args")
     tc = cfg.teacher
+    if tc.offload != "none" and strategy is not None and strategy != "fsdp":
+        how = "one process" if strategy == "none" else f"train.parallel={strategy}"
+        raise ConfigError(f"teacher.offload: {tc.offload} offloads the shards of a sharded teacher, and this run is not "
+                          f"sharded ({how}); launch with an accelerate FSDP config (configs/accelerate/fsdp.yaml) or "
+                          f"leave teacher.offload at none")
     process = oracle_process(tc.oracle) if tc.oracle is not None else None
     pipeline = resolve_teacher_path(tc.path) if tc.path is not None else None
     if pipeline is not None:
@@ -102,14 +110,20 @@ def oracle_process(spec):
     return process_from_scheduler_config(DDIMScheduler(beta_schedule=spec.beta_schedule))
 
 
-def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait) -> tuple[Teacher, Denoiser, object]:
+def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait,
+                  parallel: Parallel | None = None) -> tuple[Teacher, Denoiser, object]:
     """(teacher, init denoiser, oracle-or-None). For the oracle the init network is an MLP fitted to
-    the exact predictions, cached in the run folder so that a resume starts from the same one."""
+    the exact predictions, cached in the run folder so that a resume starts from the same one. Under
+    ``fsdp`` the teacher's network is built on the meta device and sharded, each rank reading its own
+    shards (``models/sharded_load.py``), and the copies made of it later are sharded alike."""
     tc = cfg.teacher
     if tc.oracle is None:
+        sharded = parallel is not None and parallel.strategy == "fsdp"
         teacher = load_teacher(tc.path, dtype=torch_dtype(tc.dtype), device=device, null_label=tc.null_label,
                                allow_remote_code=tc.allow_remote_code, video_size=tc.video_size, sample_size=tc.sample_size,
-                               guidance=tc.guidance)
+                               guidance=tc.guidance, meta=sharded)
+        if sharded and is_meta(teacher.denoiser.model):
+            parallel.shard_teacher(teacher.denoiser.model, tc.offload == "cpu")
         return teacher, teacher.denoiser, None
     spec = tc.oracle
     gmm = getattr(GaussianMixture, spec.layout)(spec.components, spec.dim, spec.radius, spec.std)
@@ -277,10 +291,13 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig, parallel
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(tr.module if not isinstance(tr.module, torch.nn.ModuleDict) else tr.module["net"])
         if parallel.active:
-            # sharded in place (the distiller keeps its reference); accelerate only places it
-            module = tr.module.to(acc.device)
-            broadcast_from_main(acc, module)  # every rank starts from rank 0's weights
-            parallel.shard(module, f"trainable '{name}'")
+            # sharded in place (the distiller keeps its reference); accelerate only places it. A copy of a
+            # sharded teacher is sharded already, its parts read alike on every rank (the same seed for LoRA)
+            module = tr.module
+            if not fully_sharded(module):  # (moving a sharded network would copy its shards again)
+                module = module.to(acc.device)
+                broadcast_from_main(acc, module)  # every rank starts from rank 0's weights (not its shards)
+                parallel.shard(module, f"trainable '{name}'")
         else:
             module = acc.prepare_model(tr.module, device_placement=True, evaluation_mode=True)
         module.train()
@@ -301,8 +318,9 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig, parallel
             tr.on_prepared(module)
         states[name] = TrainableState(name, tr, module, opt, sched, params, lr)
     teacher_net = getattr(teacher.denoiser, "model", None)
-    if parallel.strategy == "fsdp" and isinstance(teacher_net, torch.nn.Module) and any(True for _ in teacher_net.parameters()):
-        parallel.shard(teacher_net.to(acc.device), "the teacher")
+    if parallel.strategy == "fsdp" and isinstance(teacher_net, torch.nn.Module) and any(True for _ in teacher_net.parameters()) \
+            and not fully_sharded(teacher_net):
+        parallel.shard(teacher_net.to(acc.device), "the teacher", cfg.teacher.offload == "cpu")
     # an EMA of each student trainable (several for a student made of per-phase experts), stepped after
     # that trainable's own updates
     if cfg.train.ema_decay:

@@ -74,14 +74,17 @@ def _kind(error: BaseException) -> str:
 
 
 def broadcast_from_main(accelerator, module: nn.Module) -> None:
-    """Start every rank from rank 0's weights (what DDP does when it wraps a module)."""
+    """Start every rank from rank 0's weights (what DDP does when it wraps a module); a part already
+    sharded (each rank holds its own shards) is left as it is."""
     if accelerator.num_processes == 1:
         return
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
+            if not isinstance(t, DTensor):
+                dist.broadcast(t.data, src=0)
 
 
 def verify_rank_sync(accelerator, params_by_name: dict[str, list[nn.Parameter]], step: int, log: Path) -> None:

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..diffusion.denoiser import unwrap
 from ..errors import ConfigError
-from ..models.sharding import remember_structure
+from ..models.sharded_load import load_shards
+from ..models.sharding import fully_sharded, remember_structure
 
 # the ModuleList attributes (and single blocks) of diffusers networks that are sharded one by one
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
@@ -115,18 +116,28 @@ class Parallel:
             return list(module.experts)
         return [module]
 
-    def shard(self, module: nn.Module, what: str) -> nn.Module:
+    def shard(self, module: nn.Module, what: str, offload: bool = False) -> nn.Module:
         """Shard ``module`` in place (per block, then each root) and remember how to make a plain copy
-        of it; every parameter must end up sharded (a parameter outside every root would not be reduced)."""
+        of it, and how to shard a copy of each root alike; every parameter must end up sharded (a parameter
+        outside every root would not be reduced). A root already sharded (a network built sharded, in a
+        bundle with its head) is left as it is. ``offload``: the shards live in CPU memory (FSDP2's
+        ``CPUOffloadPolicy``), copied to the device block by block (``teacher.offload: cpu``)."""
         if not self.active:
             return module
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
         from torch.distributed.tensor import DTensor
 
         module = unwrap(module)
-        remember_structure(module, self.accelerator.is_main_process, self.accelerator.device)
+        is_main, device = self.accelerator.is_main_process, self.accelerator.device
+        roots = [r for r in self._roots(module) if not fully_sharded(r)]
+        for root in roots:  # (a copy of a network is sharded alike, never offloaded)
+            remember_structure(root, is_main, device, lambda m, w: self.shard(m, w))
+        if not any(r is module for r in roots):
+            remember_structure(module, is_main, device)
         kw = dict(mesh=self.mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=self.policy)
-        for root in self._roots(module):
+        if offload:
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        for root in roots:
             for block in self._blocks(root):
                 fully_shard(block, **kw)
             fully_shard(root, **kw)
@@ -134,6 +145,12 @@ class Parallel:
         if loose:
             raise ConfigError(f"train.parallel={self.strategy}: {what} has parameters outside the modules it calls "
                               f"({loose[:3]}), which would not be reduced")
+        return module
+
+    def shard_teacher(self, module: nn.Module, offload: bool) -> nn.Module:
+        """Shard the frozen teacher (``fsdp``); a network built on the meta device then reads its shards."""
+        self.shard(module, "the teacher", offload)
+        load_shards(module, "cpu" if offload else self.accelerator.device)
         return module
 
     def gradient_sync(self, module: nn.Module, sync: bool) -> None:

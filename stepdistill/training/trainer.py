@@ -93,7 +93,8 @@ class Trainer:
             log_with=None if tcfg.report_to == "none" else tcfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
-        method = validate_inputs(cfg, acc.num_processes)
+        strategy = resolve_strategy(acc, tcfg.parallel)
+        method = validate_inputs(cfg, acc.num_processes, strategy)
         self.options = from_dict(method.Options, cfg.method_args, "method_args")
         self.fingerprint = data_fingerprint(cfg.data)
         self.resolved = {**cfg.to_dict(), "method_args": to_dict(self.options), "data_fingerprint": self.fingerprint}
@@ -103,9 +104,9 @@ class Trainer:
             # random initialisations (LoRA adapters, GAN heads) are the same on every rank and every run;
             # per-iteration randomness comes from stepdistill.data's per-(step, rank) streams instead
             set_seed(tcfg.seed)
-            self.parallel = Parallel(acc, resolve_strategy(acc, tcfg.parallel))
+            self.parallel = Parallel(acc, strategy)
             self.teacher, init, self.oracle = build_teacher(cfg, acc.device, self.run_dir, acc.is_main_process,
-                                                            acc.wait_for_everyone)
+                                                            acc.wait_for_everyone, self.parallel)
             self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, acc.process_index)
             ctx = Context(self.teacher, init, self.source, cfg, acc.device)
             self.distiller = build_distiller(method, ctx, self.options)
