@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.stock import VIDEO_FAMILIES, as_latents, family_teacher, stock_call, toolkit_sample
 from helpers.video import VIDEO
 
 from stepdistill.config import ConfigError, load_config
 from stepdistill.export.schedulers import flow_match_grid
+from stepdistill.models.student import networks
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ["sd", "sdxl", "dit", "pixart", "sd3", "sd35", "flux", "qwenimage", "sana", "wan", "wan22"]
@@ -67,10 +69,8 @@ MATRIX = {  # (family, method): (status, reason or None, extra overrides)
 FAST = {("sd", "lcm"), ("sdxl", "guided"), ("dit", "boot"), ("pixart", "tsm"), ("sd3", "disback"), ("sd35", "dmd"),
         ("flux", "dmd2"), ("qwenimage", "progressive"), ("sana", "sid"), ("wan", "vsd"), ("wan22", "phased_dmd")}
 # iterations per run: 2, or the config's own 4 where a method needs them (guided's two stages, DisBack's
-# degradation and backtracking, DMD2's student update after its fake score's at TTUR 2:1)
-STEPS = {"guided": 4, "disback": 4, "dmd2": 4}
-PACKED = {"flux", "qwenimage"}
-VIDEO_FAMILIES = {"wan", "wan22"}
+# degradation and backtracking, DMD2's and Phased DMD's student updates after their fake scores')
+STEPS = {"guided": 4, "disback": 4, "dmd2": 4, "phased_dmd": 4}
 
 
 def config_path(family: str, method: str) -> Path:
@@ -87,53 +87,21 @@ def _config(tiny_pipelines, family, method, run, *extra):
                         "train.validate_every=2", *FAMILY_ARGS.get(family, []), *MATRIX[family, method][2], *extra])
 
 
-def _teacher(tiny_pipelines, family):
-    from stepdistill.models.teachers import load_teacher
-
-    size = {"sample_size": 8} if family in PACKED else {"video_size": VIDEO} if family in VIDEO_FAMILIES else {}
-    return load_teacher(tiny_pipelines[family], **size)
-
-
 def exported_and_toolkit_samples(folder: Path, student_dir: Path, teacher, family: str):
-    """(the exported pipeline's output, the toolkit's ``Student.sample`` in the same form) for the same
-    initial noise (the first draw of a seeded generator) and re-noising stream."""
+    """(pipeline, its output, the toolkit's ``Student.sample`` in the same form) for the same initial noise
+    and re-noising stream (tests/helpers/stock.py; test_export_stock.py samples in a process of its own)."""
     from diffusers import DiffusionPipeline
 
-    from stepdistill.export import sampling_kwargs
     from stepdistill.models.student import Student
 
     student = Student.load(student_dir)  # (building a network draws from the global generator: before the seed)
     pipe = DiffusionPipeline.from_pretrained(folder)  # plain diffusers from here
     assert type(pipe).__name__ == type(teacher.pipeline).__name__
-    name = type(pipe).__name__
-    call = dict(sampling_kwargs(folder), generator=torch.Generator().manual_seed(7))
-    if name == "DiTPipeline":  # no latent output: decoded images in [0, 1]
-        call.update(class_labels=[1, 2], output_type="np")
-        cond = teacher.encode([1, 2])[0]
-    else:
-        prompts = ["a red cube", "two cats"]
-        cond = teacher.encode(prompts)[0]
-        call.update(prompt=prompts, output_type="latent")
-        if family in VIDEO_FAMILIES:
-            call.update(dict(zip(("num_frames", "height", "width"), VIDEO)))
-        else:
-            size = teacher.sample_shape[-1] * pipe.vae_scale_factor
-            call.update(height=size, width=size)
-        if name.startswith(("PixArt", "Sana")):
-            call.update(use_resolution_binning=False)
-    torch.manual_seed(123)  # DiT / SD3 / Flux / Qwen-Image / Wan pipelines re-noise from the global generator
-    out = pipe(**call)
-    got = torch.as_tensor(out.frames if family in VIDEO_FAMILIES else out.images).float()
-    g = torch.Generator().manual_seed(7)
-    noise = torch.randn(2, *teacher.sample_shape, generator=g)
+    call = stock_call(folder, teacher, family)
     torch.manual_seed(123)
-    own_stream = name.startswith(("StableDiffusionPipeline", "StableDiffusionXL", "PixArt", "Sana"))
-    ref = student.sample(noise, cond, generator=g if own_stream else torch.default_generator).float()
-    if family in PACKED:  # the latent output is the packed tokens: unpacked by the pipeline's own method
-        got = pipe._unpack_latents(got, call["height"], call["width"], pipe.vae_scale_factor).reshape(ref.shape)
-    if name == "DiTPipeline":
-        ref = (teacher.decode(ref) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-    return pipe, got, ref, student
+    out = pipe(**call, generator=torch.Generator().manual_seed(7))
+    got = torch.as_tensor(out.frames if family in VIDEO_FAMILIES else out.images).float()
+    return pipe, as_latents(got, teacher, family, call), toolkit_sample(student, teacher, family), student
 
 
 def _cells():
@@ -164,7 +132,7 @@ def test_cell(tmp_path, tiny_pipelines, monkeypatch, family, method):
     assert (run / "checkpoints" / f"checkpoint-{steps}" / "manifest.json").is_file()
     assert (run / "samples" / "step_0000002.png").is_file()
     assert (run / "samples" / "step_0000002.gif").is_file() == (family in VIDEO_FAMILIES)  # a clip per validation
-    teacher = _teacher(tiny_pipelines, family)
+    teacher = family_teacher(tiny_pipelines, family)
     if status == T:
         assert not (run / "pipeline").exists()
         return
@@ -178,11 +146,15 @@ def test_cell(tmp_path, tiny_pipelines, monkeypatch, family, method):
         assert student.spec.guidance_scale == 3.5
     if family in VIDEO_FAMILIES:
         assert (pipe.transformer_2 is not None) == (method == "phased_dmd")  # one expert per step
+        call = json.loads((run / "pipeline" / "stepdistill_sampling.json").read_text())["call_kwargs"]
+        assert [call[k] for k in ("num_frames", "height", "width")] == list(VIDEO)  # the run's video size
         assert "export_to_video(frames" in (run / "pipeline" / "README.md").read_text()
-    # training moved the student away from the teacher's weights
-    trained, original = student.model.state_dict(), teacher.denoiser.model.state_dict()
-    assert any(not torch.equal(trained[k], original[k]) for k in original if k in trained and
-               trained[k].shape == original[k].shape)
+    # training moved the student away from the teacher: some weight differs from the same weight of every
+    # teacher network (each expert of a two-expert teacher or student)
+    teachers = [n.state_dict() for n in networks(teacher.denoiser.model)]
+    moved = [k for net in networks(student.model) for k, v in net.state_dict().items()
+             if all(k in t and t[k].shape == v.shape and not torch.equal(t[k], v) for t in teachers)]
+    assert moved
 
 
 def _doc_matrix() -> dict:
