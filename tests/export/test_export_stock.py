@@ -45,12 +45,12 @@ def test_every_familys_export_samples_like_the_toolkit_without_stepdistill(tmp_p
 
 LORA = {"sd": "tiny-sd", "sdxl": "tiny-sd", "sd3": "tiny-sd3", "flux": "tiny-flux", "qwenimage": "tiny-sd3",
         "sana": "tiny-sana", "wan": "tiny-wan"}
-LORA_FAST = {"flux"}
 FAMILY_ARGS = {"flux": ["teacher.sample_size=8"], "qwenimage": ["teacher.sample_size=8"],
                "wan": ["teacher.video_size=[5, 16, 16]"]}
 
 
-@pytest.mark.parametrize("family", [f if f in LORA_FAST else pytest.param(f, marks=pytest.mark.slow) for f in LORA])
+@pytest.mark.slow  # 15-25 s each; tests/export/test_export.py loads an SD LoRA run in the default run
+@pytest.mark.parametrize("family", list(LORA))
 def test_lora_student_loads_into_the_teachers_pipeline(tmp_path, tiny_pipelines, monkeypatch, family):
     """A LoRA run (progressive, 2 steps, 2 iterations): ``export --lora``'s adapters loaded into the
     teacher's pipeline with ``load_lora_weights`` and run by the exported scheduler sample as the fused
