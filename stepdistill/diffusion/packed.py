@@ -54,7 +54,8 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 
 def is_packed(model: nn.Module) -> bool:
-    return type(unwrap(model)).__name__ in PACKED_NETWORKS
+    # (by the class's ancestry: FSDP2's fully_shard makes the network an FSDP<class> subclass of it)
+    return any(cls.__name__ in PACKED_NETWORKS for cls in type(unwrap(model)).__mro__)
 
 
 def guidance_embedded(model: nn.Module) -> bool:
