@@ -54,7 +54,8 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 
 def is_packed(model: nn.Module) -> bool:
-    """Whether the network (or each of its experts) reads packed latent tokens."""
+    """Whether the network (or each of its experts) reads packed latent tokens; a network sharded by FSDP2
+    (an ``FSDP<class>`` subclass) by its own class (``class_name``)."""
     return class_name(base_network(model)) in PACKED_NETWORKS
 
 

@@ -218,8 +218,10 @@ def network_class(name: str) -> type:
 
 # the (projection, embedding) child pairs that carry a network's timestep: a UNet's time_proj /
 # time_embedding, the diffusers embedding modules' time_proj / timestep_embedder (DiT blocks, PixArt's
-# adaln_single, SD3's time_text_embed); not the size / time-id embedders beside them (SDXL, PixArt)
-_TIME_PAIRS = (("time_proj", "time_embedding"), ("time_proj", "timestep_embedder"))
+# adaln_single, SD3's time_text_embed), Wan's timesteps_proj / time_embedder (its per-block modulation,
+# time_proj, is computed from the folded embedding); not the size / time-id embedders (SDXL, PixArt)
+_TIME_PAIRS = (("time_proj", "time_embedding"), ("time_proj", "timestep_embedder"),
+               ("timesteps_proj", "time_embedder"))  # Wan's condition embedder
 
 
 def time_frozen_copy(model: nn.Module, model_time: float) -> nn.Module:

@@ -159,7 +159,17 @@ class Checkpointer:
         self.broken = set(broken)
         if latest is None:
             return None
-        acc.load_state(str(latest))
+        if (latest / SHARDED).is_dir() and not self.sharded:
+            # a parallel run's checkpoint on one process: accelerate holds none of its weights or optimiser
+            # states (they are in sharded/, loaded below), only the random states, as for a parallel run
+            models, optimizers = acc._models, acc._optimizers
+            acc._models, acc._optimizers = [], []
+            try:
+                acc.load_state(str(latest))
+            finally:
+                acc._models, acc._optimizers = models, optimizers
+        else:
+            acc.load_state(str(latest))
         state = load_state(latest, TRAINING_STATE)
         for name, part in self.parts.items():
             if state.get(name):

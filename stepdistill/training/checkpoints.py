@@ -219,9 +219,9 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
 
 def check_resumable(ckpt: Path, config: dict, num_processes: int) -> list[str]:
     """The safe config differences of resuming ``ckpt`` with ``config``; unsafe ones raise ConfigError
-    naming each. Another process count is allowed between sharded checkpoints (the state reshards and
-    the global batches do not depend on the process count; logged) and refused otherwise (a
-    one-process checkpoint holds whole weights in another layout)."""
+    naming each. Another process count is allowed for a sharded checkpoint, one process included (the
+    state reshards, or is gathered, and the global batches do not depend on the process count; logged),
+    and refused for a one-process checkpoint (whole weights in another layout)."""
     manifest = json.loads((ckpt / MANIFEST).read_text())
     unsafe, safe = config_changes(manifest["config"], config)
     if unsafe:
@@ -233,9 +233,8 @@ def check_resumable(ckpt: Path, config: dict, num_processes: int) -> list[str]:
         safe.append(f"processes: {written} -> {num_processes} (the sharded state reshards; the global batches are "
                     f"the same, only the order of the gradient sums changes)")
     elif sharded and not now_sharded:
-        raise ConfigError(f"resume: {ckpt} was written sharded by {written} processes; it resumes with any number "
-                          f"of processes from 2 (accelerate launch --multi_gpu --num_processes N), not with one. "
-                          f"Launch with --num_processes {written} or use a new train.output_dir")
+        safe.append(f"processes: {written} -> 1 (the sharded state is gathered into whole weights; the global "
+                    f"batches are the same, only the order of the gradient sums changes)")
     elif not sharded and written > 1:
         raise ConfigError(f"resume: {ckpt} was written by {written} processes by an earlier version (whole weights, "
                           f"per-rank data streams); this version cannot continue it with {num_processes}. Use a new "

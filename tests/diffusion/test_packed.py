@@ -195,3 +195,24 @@ def test_latents_are_scaled_as_the_pipeline_decodes_them(teachers, family):
         drawn = teacher.encode_images(ours, torch.Generator().manual_seed(0))
     assert z.shape == drawn.shape == x.shape and torch.isfinite(drawn).all()
     assert image_geometry(teacher) == (16, 3)  # 16 px images, 3 channels (Qwen's VAE: input_channels)
+
+
+def test_a_sharded_network_is_still_packed_and_guidance_embedded(teachers):
+    """FSDP2's fully_shard turns a network's class into an ``FSDP<class>`` subclass of it: the packed
+    layout and Flux's guidance input are read through the class's ancestry, so the sharded network is
+    called exactly as the plain one."""
+    import copy
+
+    from stepdistill.diffusion.packed import guidance_embedded, is_packed
+
+    teacher = teachers["flux"]
+    plain = teacher.denoiser.model
+    sharded = copy.deepcopy(plain)
+    cls = type(plain)
+    sharded.__class__ = type(f"FSDP{cls.__name__}", (cls,), {})  # what fully_shard does (with FSDPModule)
+    assert is_packed(sharded) and guidance_embedded(sharded)
+    plain_den = Denoiser(plain, teacher.denoiser.process, teacher.denoiser.prediction_type, 3.5)
+    den = Denoiser(sharded, teacher.denoiser.process, teacher.denoiser.prediction_type, 3.5)
+    x, t, cond = _inputs(teacher)[:3]
+    torch.testing.assert_close(den(x, t, cond), plain_den(x, t, cond), rtol=0, atol=0)
+    assert not is_packed(teachers["qwenimage"].denoiser.model.time_text_embed)  # a part of the network is not

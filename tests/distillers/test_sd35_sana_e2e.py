@@ -1,7 +1,6 @@
-"""Every config of configs/tiny-sd35 and configs/tiny-sana trains its few iterations (in process, as
-``stepdistill distill`` runs it) and exports with train.export where the student has a stock pipeline
-form: the exported pipeline holds the run's student and samples as it does. LCM's w-conditioned student
-has none, and is refused in one line before training."""
+"""Sana's LCM: its w-conditioned student has no stock pipeline form, and is refused by train.export in one
+line before training; without the w input it exports. (Every config of configs/tiny-sd35 and
+configs/tiny-sana trains and exports in tests/training/test_matrix.py, the family x method matrix.)"""
 
 import json
 from pathlib import Path
@@ -10,8 +9,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = [("sana", "dmd2_4step")]  # about 10 s with the session's tiny pipelines
-SLOW = [("sana", "sid_1step"), ("sana", "progressive_2step"), ("sd35", "dmd2_4step"), ("sd35", "sid_1step")]
 
 
 def _train(run: Path, tiny_pipelines, family: str, config: str, *extra: str):
@@ -55,19 +52,6 @@ def _exported_samples_like_the_student(run: Path, tiny_pipelines, family: str, s
     changed = any(not torch.equal(v, teacher.denoiser.model.state_dict()[k]) for k, v in student.model.state_dict().items())
     assert changed  # the run trained the student
     return student
-
-
-@pytest.mark.parametrize("family,config", CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW],
-                         ids=[f"{f}-{c}" for f, c in CASES + SLOW])
-def test_config_trains_and_exports(tmp_path, tiny_pipelines, family, config):
-    run = tmp_path / "run"
-    cfg = _train(run, tiny_pipelines, family, config, "train.export=true")
-    hist = json.loads((run / "history.json").read_text())
-    assert len(hist) == cfg.train.max_steps
-    assert all(torch.isfinite(torch.tensor(v)) for h in hist for k, v in h.items() if k.endswith("/loss"))
-    student = _exported_samples_like_the_student(run, tiny_pipelines, family, steps=int(config.split("_")[-1][0]))
-    assert student.spec.method == config.split("_")[0] and student.process.kind == "flow"
-    assert student.spec.sampler == ("deterministic" if config.startswith("progressive") else "renoise")
 
 
 @pytest.mark.slow  # about 15 s

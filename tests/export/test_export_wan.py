@@ -22,6 +22,7 @@ CASES = [  # family, sampler, timesteps
     ("wan", "deterministic", [1.0, 0.75]),  # progressive 2-step: the process grid
     ("wan22", "renoise", [1.0]),  # a student of the two-expert teacher: its high-noise expert at t_init
     ("wan22", "renoise", flow_match_grid(2, 5.0, 0.5)),  # its high-noise expert for both steps
+    ("wan", "signal", [0.0]),  # BOOT: the condition embedder's timestep folded away (nets.time_frozen_copy)
 ]
 
 

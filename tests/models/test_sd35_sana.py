@@ -1,6 +1,6 @@
 """SD3.5 (QK-norm, dual-attention blocks) and Sana (Gemma 2, DC-AE, DPMSolver on flow sigmas): what
 the toolkit relies on beyond the export round trip (tests/export/test_export.py) and the training runs
-(tests/distillers/test_sd35_sana_e2e.py)."""
+(tests/training/test_matrix.py, tests/distillers/test_sd35_sana_e2e.py)."""
 
 import pytest
 import torch

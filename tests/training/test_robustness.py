@@ -328,19 +328,23 @@ def _final_state(run: Path) -> dict:
     return out
 
 
-KILL_CASES = [pytest.param("progressive_2step", 1, None, marks=pytest.mark.slow),
-              pytest.param("dmd2_4step", 1, None, marks=pytest.mark.slow),
-              pytest.param("progressive_2step", 2, None, marks=pytest.mark.slow),
-              pytest.param("dmd2_4step", 2, "fsdp", marks=pytest.mark.slow)]
+KILL_CASES = [pytest.param("progressive_2step", 1, None, "sd", marks=pytest.mark.slow),
+              pytest.param("dmd2_4step", 1, None, "sd", marks=pytest.mark.slow),
+              pytest.param("progressive_2step", 2, None, "sd", marks=pytest.mark.slow),
+              pytest.param("dmd2_4step", 2, "fsdp", "sd", marks=pytest.mark.slow),
+              pytest.param("dmd2_4step", 2, "fsdp", "flux", marks=pytest.mark.slow),  # packed tokens
+              pytest.param("dmd2_4step", 2, "fsdp", "wan", marks=pytest.mark.slow)]  # video
 
 
-@pytest.mark.parametrize("config,processes,accelerate_config", KILL_CASES,
-                         ids=["progressive", "dmd2", "progressive-ddp", "dmd2-fsdp"])
-def test_kill9_at_random_points_equals_uninterrupted(tmp_path, tiny_pipelines, config, processes, accelerate_config):
+@pytest.mark.parametrize("config,processes,accelerate_config,family", KILL_CASES,
+                         ids=["progressive", "dmd2", "progressive-ddp", "dmd2-fsdp", "flux-dmd2-fsdp", "wan-dmd2-fsdp"])
+def test_kill9_at_random_points_equals_uninterrupted(tmp_path, tiny_pipelines, config, processes, accelerate_config,
+                                                     family):
     """SIGKILL (the whole process group) once in the middle of writing a checkpoint and twice at random
     times, re-run the same command each time; the end state equals an uninterrupted run's exactly."""
     rng = random.Random(f"{config}-{processes}")
-    common = ["--config", str(ROOT / "configs" / "tiny-sd" / f"{config}.yaml"), f"teacher.path={tiny_pipelines['sd']}",
+    common = ["--config", str(ROOT / "configs" / f"tiny-{family}" / f"{config}.yaml"),
+              f"teacher.path={tiny_pipelines[family]}",
               "train.report_to=none", "train.progress=false", "train.max_steps=6", "train.checkpoint_every=2",
               "train.validate_every=100", "train.ema_decay=0.9", "train.lr_schedule=cosine", "method_args.lr=1e-3"]
     if accelerate_config:

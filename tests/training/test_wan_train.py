@@ -1,70 +1,22 @@
-"""Each method's configs/tiny-wan config trains a few iterations on the tiny Wan pipelines (Wan2.1's one
-network, and Wan2.2's two experts), writes a frame grid and a clip per validation, and exports into
-WanPipeline where a stock scheduler can run it, sampling exactly as the toolkit does; where it cannot,
-train.export refuses before training, in one line. Video teachers refuse still-image data in one line."""
+"""Wan2.2's two experts as the students' and the fake score's starting points; the methods and options
+that cannot apply to Wan refused in one line; video teachers refuse still-image data in one line. (Each
+configs/tiny-wan config trains on Wan2.1 and Wan2.2 and exports into WanPipeline where a stock
+scheduler can run it in tests/training/test_matrix.py, the family x method matrix.)"""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.video import VIDEO, sample_both
 
 from stepdistill.config import ConfigError, load_config
 from stepdistill.errors import DataError
-from stepdistill.export.schedulers import flow_match_grid
 
 ROOT = Path(__file__).resolve().parents[2]
-# the tiny Wan2.2 teacher's shift is 5: FlowMatchEulerDiscreteScheduler's own 4-step grid for it, ending
-# where the process grid ends (5 * 0.25 / (1 + 4 * 0.25) = 0.625), the grid its export refusal names
-WAN22_4STEP = "student.timesteps=" + str(flow_match_grid(4, 5.0, 0.625))
-# family, config, exported, overrides; the first is the default run's (about 6 s), the others are slow
-CASES = [("wan", "dmd2_4step", True, [])]
-SLOW = [("wan", "sid_1step", True, []), ("wan", "lcm_4step", False, []), ("wan", "progressive_2step", True, []),
-        ("wan", "phased_dmd_2step", True, []), ("wan", "vsd_1step", True, []), ("wan22", "dmd2_4step", True, [WAN22_4STEP]),
-        ("wan22", "sid_1step", True, []), ("wan22", "phased_dmd_2step", True, []),
-        ("wan22", "progressive_2step", True, [])]
-
-
 def _config(tiny_pipelines, family, name, run, *extra):
     return load_config(ROOT / "configs" / "tiny-wan" / f"{name}.yaml",
                        [f"teacher.path={tiny_pipelines[family]}", f"train.output_dir={run}", "train.report_to=none",
                         "train.progress=false", "train.max_steps=2", "train.checkpoint_every=2",
                         "train.validate_every=2", *extra])
-
-
-@pytest.mark.parametrize("family,name,exported,extra", CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW],
-                         ids=[f"{f}-{n}" for f, n, _, _ in CASES + SLOW])
-def test_wan_method_trains_and_exports(tmp_path, tiny_pipelines, monkeypatch, family, name, exported, extra):
-    from stepdistill.distill import train
-    from stepdistill.models.student import Student
-    from stepdistill.models.teachers import load_teacher
-
-    monkeypatch.chdir(ROOT)  # the configs' prompt file
-    run = tmp_path / "run"
-    if not exported:  # refused before anything is trained or written, naming the reason
-        with pytest.raises(ConfigError, match=r"^train.export: WanPipeline passes no sigmas to its scheduler"):
-            train(_config(tiny_pipelines, family, name, run, "train.export=true", *extra))
-        assert not (run / "checkpoints").exists()
-    train(_config(tiny_pipelines, family, name, run, f"train.export={str(exported).lower()}", *extra))
-    hist = json.loads((run / "history.json").read_text())
-    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(v)) for h in hist for k, v in h.items() if k.endswith("loss"))
-    assert (run / "samples" / "step_0000002.png").is_file() and (run / "samples" / "step_0000002.gif").is_file()
-    student = Student.load(run / "student")
-    teacher = load_teacher(tiny_pipelines[family], video_size=VIDEO)
-    assert student.spec.timesteps[0] == 1.0 and student.process.shift == teacher.process.shift
-    if name.startswith("phased"):  # one expert per step, each from the teacher's network at its time
-        assert [type(e).__name__ for e in student.model.experts] == ["WanTransformer3DModel"] * 2
-    else:
-        assert type(student.model).__name__ == "WanTransformer3DModel"
-    if not exported:
-        assert not (run / "pipeline").exists()
-        return
-    kwargs = json.loads((run / "pipeline" / "stepdistill_sampling.json").read_text())["call_kwargs"]
-    assert [kwargs[k] for k in ("num_frames", "height", "width")] == list(VIDEO)  # the run's video size
-    pipe, got, ref = sample_both(run / "pipeline", run / "student", teacher, kwargs)
-    assert (pipe.transformer_2 is not None) == name.startswith("phased")
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_the_two_expert_teachers_students_and_fake_score(tmp_path, tiny_pipelines, monkeypatch):
