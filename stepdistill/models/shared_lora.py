@@ -1,0 +1,195 @@
+"""One frozen base network for the teacher and the LoRA networks trained on it.
+
+A LoRA student and a LoRA fake score on the teacher's architecture differ from the teacher only by
+their adapters, so instead of three whole networks (the teacher, and a copy of it under each LoRA)
+the run keeps the teacher's network once, with two named peft adapters (``student``,
+``fake_score``) added to it by diffusers' ``add_adapter``. Its adapters are *disabled* by default,
+so every call of the network itself (the teacher's ``Denoiser``, the teacher's ODE, a two-expert
+teacher's expert) computes the teacher. An :class:`AdapterView` is what the student's or the fake
+score's ``Denoiser`` holds: called, it enables its own adapter for that one call (peft's
+``set_adapter`` / ``enable_adapters``) and restores the disabled state afterwards.
+
+What the rest of the toolkit sees of a view:
+
+- its parameters are its adapter's only (the adapter's modules are registered under the view), so
+  the optimiser, the EMA, ``requires_grad`` toggling between updates and checkpoints see each
+  network's own LoRA weights; a loss through the student gives gradients to the student's adapter
+  alone (the teacher's weights and the other adapter do not require grad, or are not in the graph);
+- ``unwrap(view)`` is the base (the view's ``module``, not registered as a submodule), so questions
+  about the network's class (its denoiser adapter, GAN features, guidance input) are answered as
+  for a copy;
+- peft's switching sets ``requires_grad`` on the adapters it touches; the switch here restores
+  every adapter parameter's flag, so the loop's choice of which trainable updates stands;
+- with gradient checkpointing the backward pass recomputes a block's forward, after the call has
+  restored the base's default state: :func:`share_base` makes the base's checkpointing function
+  recompute each block under the adapter state its forward ran with (``context_fn`` of
+  ``torch.utils.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..diffusion.denoiser import unwrap
+
+STUDENT, FAKE_SCORE = "student", "fake_score"  # the adapter names on a shared base
+
+
+def lora_layers(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of every peft tuner layer in ``base``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in base.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _adapter_parameters(layers) -> list[nn.Parameter]:
+    return [p for _, layer in layers for kind in layer.adapter_layer_names for p in getattr(layer, kind).parameters()]
+
+
+def _state(layers) -> list[tuple[list[str], bool]]:
+    return [(list(layer.active_adapters), bool(layer.disable_adapters)) for _, layer in layers]
+
+
+def _apply(layers, state) -> None:
+    for (_, layer), (active, disabled) in zip(layers, state):
+        layer.set_adapter(active)
+        layer.enable_adapters(not disabled)
+
+
+@contextlib.contextmanager
+def adapter_state(layers, state):
+    """Inside: ``layers`` compute with ``state`` (per layer: active adapters, disabled or not); outside,
+    as before. ``requires_grad`` of every adapter parameter is as before throughout."""
+    params = _adapter_parameters(layers)
+    flags = [p.requires_grad for p in params]
+    before = _state(layers)
+
+    def restore_flags():
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+    try:
+        _apply(layers, state)
+        restore_flags()
+        yield
+    finally:
+        _apply(layers, before)
+        restore_flags()
+
+
+def adapter_enabled(layers, name: str | None):
+    """Inside: adapter ``name`` is the one the layers compute with (None: none, the base alone)."""
+    if name is None:
+        return adapter_state(layers, [(list(layer.active_adapters), True) for _, layer in layers])
+    return adapter_state(layers, [([name], False) if name in layer.lora_A else (list(layer.active_adapters), True)
+                                  for _, layer in layers])
+
+
+class AdapterView(nn.Module):
+    """One named adapter of a shared base network, called as a network of its own (see the module's
+    docstring). Its parameters are the adapter's; ``unwrap`` reaches the base."""
+
+    def __init__(self, base: nn.Module, name: str):
+        super().__init__()
+        object.__setattr__(self, "module", base)  # not a submodule: the view's parameters are its adapter's
+        self.adapter_name = name
+        self._layers = lora_layers(base)
+        self.lora = nn.ModuleDict()
+        for path, layer in self._layers:
+            for kind in layer.adapter_layer_names:
+                parts = getattr(layer, kind)
+                if name not in parts:
+                    continue
+                if not isinstance(parts[name], nn.Module):
+                    raise ValueError(f"a shared LoRA base: {path}.{kind} holds bare parameters (an embedding LoRA), "
+                                     f"which a view cannot hold; set train.shared_lora_base=false")
+                self.lora[f"{path}.{kind}".replace(".", "-")] = parts[name]
+        if not len(self.lora):
+            raise ValueError(f"the shared base has no adapter '{name}'")
+
+    def forward(self, *args, **kwargs):
+        with adapter_enabled(self._layers, self.adapter_name):
+            return self.module(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        raise TypeError("an AdapterView shares its base with the teacher and is not copied; copy the base "
+                        "(fused_copy) or train with train.shared_lora_base=false")
+
+
+def _checkpoint(layers, module, *args):
+    """diffusers' gradient checkpointing call, recomputing under the adapter state of the forward."""
+    state = _state(layers)
+    return torch.utils.checkpoint.checkpoint(
+        module.__call__, *args, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), adapter_state(layers, state)))
+
+
+def share_base(base: nn.Module) -> None:
+    """Make ``base`` (a frozen network) ready to carry named adapters: its gradient checkpointing, when
+    enabled later, recomputes under the adapter state each forward ran with."""
+    if getattr(base, "_stepdistill_shared", False):
+        return
+    enable = base.enable_gradient_checkpointing
+
+    def enable_gradient_checkpointing(gradient_checkpointing_func=None):
+        enable(gradient_checkpointing_func or partial(_checkpoint, lora_layers(base)))
+
+    base.enable_gradient_checkpointing = enable_gradient_checkpointing
+    base._stepdistill_shared = True
+
+
+def add_adapter_view(base: nn.Module, name: str, *, rank: int, alpha: float | None, targets) -> AdapterView:
+    """Add LoRA adapter ``name`` (rank, alpha, target modules, Gaussian initialisation as
+    ``copy_for_training`` makes it) to the frozen ``base`` and return its view, trainable; the base's
+    adapters stay disabled outside a view's call."""
+    from peft import LoraConfig
+
+    share_base(base)
+    kept = [(p, p.requires_grad) for p in _adapter_parameters(lora_layers(base))]  # earlier adapters'
+    names = [n for n, _ in base.named_modules()]
+    found = [t for t in targets if any(n.endswith(t) for n in names)]
+    if not found:
+        raise ValueError(f"student.lora_targets {list(targets)} match no module of {type(base).__name__}")
+    base.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=found, init_lora_weights="gaussian"),
+                     adapter_name=name)
+    base.disable_adapters()  # the network itself is the teacher
+    for p, flag in kept:  # (peft's switching cleared them)
+        p.requires_grad_(flag)
+    view = AdapterView(base, name)
+    view.requires_grad_(True)
+    return view
+
+
+def is_view(model: nn.Module) -> bool:
+    return isinstance(model, AdapterView)
+
+
+def own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters a trainable module trains from: a view's (its adapter's), or the unwrapped module's."""
+    return list((module if is_view(module) else unwrap(module)).parameters())
+
+
+def adapter_name(model: nn.Module) -> str:
+    """The peft adapter of a network: a view's name, or peft's ``default`` of a copy with its own adapter."""
+    return model.adapter_name if is_view(model) else "default"
+
+
+def fused_view_copy(view: AdapterView) -> nn.Module:
+    """A plain network: a copy of the base with the view's adapter merged into its weights and every
+    adapter removed (what a LoRA copy gives with ``fuse_lora`` and ``unload_lora``)."""
+    import copy
+
+    fused = copy.deepcopy(view.module)
+    others = [n for n in fused.peft_config if n != view.adapter_name]
+    if others:
+        fused.delete_adapters(others)
+    fused.set_adapter(view.adapter_name)
+    fused.fuse_lora()
+    fused.unload_lora()
+    for attr in ("enable_gradient_checkpointing", "_stepdistill_shared"):
+        fused.__dict__.pop(attr, None)
+    return fused.requires_grad_(False)
