@@ -20,9 +20,11 @@ What the rest of the toolkit sees of a view:
   for a copy;
 - peft's switching sets ``requires_grad`` on the adapters it touches; the switch here restores
   every adapter parameter's flag, so the loop's choice of which trainable updates stands;
+- a view computes in its own training mode (a trainable copy is in training mode, the teacher in
+  evaluation mode, and some layers differ: the fake score's features differed by 1e-6 otherwise);
 - with gradient checkpointing the backward pass recomputes a block's forward, after the call has
   restored the base's default state: :func:`share_base` makes the base's checkpointing function
-  recompute each block under the adapter state its forward ran with (``context_fn`` of
+  recompute each block under the adapter state and mode its forward ran with (``context_fn`` of
   ``torch.utils.checkpoint``).
 """
 
@@ -89,6 +91,20 @@ def adapter_enabled(layers, name: str | None):
                                   for _, layer in layers])
 
 
+@contextlib.contextmanager
+def training_mode(module: nn.Module, training: bool):
+    """Inside: ``module`` in training mode or not (a trainable copy computes in training mode, the
+    frozen teacher in evaluation mode; some layers differ between the two); outside, as before."""
+    before = {m: m.training for m in module.modules()}
+    if any(mode != training for mode in before.values()):
+        module.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in before.items():
+            m.training = mode
+
+
 class AdapterView(nn.Module):
     """One named adapter of a shared base network, called as a network of its own (see the module's
     docstring). Its parameters are the adapter's; ``unwrap`` reaches the base."""
@@ -112,7 +128,7 @@ class AdapterView(nn.Module):
             raise ValueError(f"the shared base has no adapter '{name}'")
 
     def forward(self, *args, **kwargs):
-        with adapter_enabled(self._layers, self.adapter_name):
+        with adapter_enabled(self._layers, self.adapter_name), training_mode(self.module, self.training):
             return self.module(*args, **kwargs)
 
     def __deepcopy__(self, memo):
@@ -122,10 +138,15 @@ class AdapterView(nn.Module):
 
 def _checkpoint(layers, module, *args):
     """diffusers' gradient checkpointing call, recomputing under the adapter state of the forward."""
-    state = _state(layers)
+    state, training = _state(layers), module.training
+
+    def recompute():
+        with adapter_state(layers, state), training_mode(module, training):
+            yield
+
     return torch.utils.checkpoint.checkpoint(
         module.__call__, *args, use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), adapter_state(layers, state)))
+        context_fn=lambda: (contextlib.nullcontext(), contextlib.contextmanager(recompute)()))
 
 
 def share_base(base: nn.Module) -> None:
@@ -178,12 +199,18 @@ def adapter_name(model: nn.Module) -> str:
     return model.adapter_name if is_view(model) else "default"
 
 
+FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                 "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
 def fused_view_copy(view: AdapterView) -> nn.Module:
     """A plain network: a copy of the base with the view's adapter merged into its weights and every
     adapter removed (what a LoRA copy gives with ``fuse_lora`` and ``unload_lora``)."""
     import copy
 
-    fused = copy.deepcopy(view.module)
+    # without the base's forward hooks (DMD2's feature capture on the fake score holds the last features)
+    memo = {id(getattr(m, attr)): type(getattr(m, attr))() for m in view.module.modules() for attr in FORWARD_HOOKS}
+    fused = copy.deepcopy(view.module, memo)
     others = [n for n in fused.peft_config if n != view.adapter_name]
     if others:
         fused.delete_adapters(others)
