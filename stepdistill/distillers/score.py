@@ -140,9 +140,12 @@ class ScoreDistiller(Distiller):
         if base is not None:
             logger.info("train.shared_lora_base: %s on the teacher's network, with its adapters switched per call",
                         " and ".join(n for n, on in (("the LoRA student", on_student), ("the LoRA fake score", on_fake)) if on))
+        # a whole copy of the teacher's network is made before any adapter is added to it (it draws nothing
+        # random, so the adapters start as they would without it)
+        fake = None if on_fake else make_fake(ctx, options)
         self.student = make_student(ctx, self.name, "renoise", student_timesteps(ctx),
                                     lora_base=base if on_student else None)
-        self.fake = make_fake(ctx, options, lora_base=base if on_fake else None)
+        self.fake = fake or make_fake(ctx, options, lora_base=base)
 
     @classmethod
     def trainable_names(cls, config, options) -> list[str]:

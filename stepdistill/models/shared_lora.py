@@ -6,8 +6,8 @@ the run keeps the teacher's network once, with two named peft adapters (``studen
 ``fake_score``) added to it by diffusers' ``add_adapter``. Its adapters are *disabled* by default,
 so every call of the network itself (the teacher's ``Denoiser``, the teacher's ODE, a two-expert
 teacher's expert) computes the teacher. An :class:`AdapterView` is what the student's or the fake
-score's ``Denoiser`` holds: called, it enables its own adapter for that one call (peft's
-``set_adapter`` / ``enable_adapters``) and restores the disabled state afterwards.
+score's ``Denoiser`` holds: called, it enables its own adapter for that one call and restores the
+disabled state afterwards.
 
 What the rest of the toolkit sees of a view:
 
@@ -18,8 +18,9 @@ What the rest of the toolkit sees of a view:
 - ``unwrap(view)`` is the base (the view's ``module``, not registered as a submodule), so questions
   about the network's class (its denoiser adapter, GAN features, guidance input) are answered as
   for a copy;
-- peft's switching sets ``requires_grad`` on the adapters it touches; the switch here restores
-  every adapter parameter's flag, so the loop's choice of which trainable updates stands;
+- the switch writes the two values peft's LoRA layers read (their active adapter, disabled or not),
+  not through peft's ``set_adapter`` / ``enable_adapters``, which also reset ``requires_grad`` (the
+  loop's choice of which trainable updates must stand) and cost 0.1 s a switch on SD1.5;
 - a view computes in its own training mode (a trainable copy is in training mode, the teacher in
   evaluation mode, and some layers differ: the fake score's features differed by 1e-6 otherwise);
 - with gradient checkpointing the backward pass recomputes a block's forward, after the call has
@@ -52,57 +53,67 @@ def _adapter_parameters(layers) -> list[nn.Parameter]:
     return [p for _, layer in layers for kind in layer.adapter_layer_names for p in getattr(layer, kind).parameters()]
 
 
-def _state(layers) -> list[tuple[list[str], bool]]:
-    return [(list(layer.active_adapters), bool(layer.disable_adapters)) for _, layer in layers]
+# the two per-layer values peft's LoRA forward reads (through its ``active_adapters`` and ``disable_adapters``
+# properties); peft's own switches (``set_adapter``, ``enable_adapters``) also reset ``requires_grad`` and the
+# training flags of every adapter, which costs about 0.1 s per switch on SD1.5's 128 LoRA layers, so the
+# switch writes these two values (checked against the properties when a view is made)
+ACTIVE, DISABLED = "_active_adapter", "_disable_adapters"
+
+
+def _state(layers) -> list[tuple[object, bool]]:
+    return [(getattr(layer, ACTIVE), getattr(layer, DISABLED)) for _, layer in layers]
 
 
 def _apply(layers, state) -> None:
     for (_, layer), (active, disabled) in zip(layers, state):
-        layer.set_adapter(active)
-        layer.enable_adapters(not disabled)
+        layer.__dict__[ACTIVE] = active
+        layer.__dict__[DISABLED] = disabled
 
 
 @contextlib.contextmanager
 def adapter_state(layers, state):
     """Inside: ``layers`` compute with ``state`` (per layer: active adapters, disabled or not); outside,
-    as before. ``requires_grad`` of every adapter parameter is as before throughout."""
-    params = _adapter_parameters(layers)
-    flags = [p.requires_grad for p in params]
+    as before. ``requires_grad`` is left as it is."""
     before = _state(layers)
-
-    def restore_flags():
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
     try:
         _apply(layers, state)
-        restore_flags()
         yield
     finally:
         _apply(layers, before)
-        restore_flags()
+
+
+def _check_switch(layers, name: str) -> None:
+    """The switch's two values are what peft's properties read (a peft version that keeps them elsewhere
+    is refused, naming the option that avoids the switch)."""
+    with adapter_state(layers, [([name], False) for _ in layers]):
+        ok = all(layer.active_adapters == [name] and not layer.disable_adapters for _, layer in layers)
+    if not ok:
+        raise RuntimeError("train.shared_lora_base: this peft version keeps its active adapter elsewhere than "
+                           f"{ACTIVE} / {DISABLED}; set train.shared_lora_base=false")
 
 
 def adapter_enabled(layers, name: str | None):
     """Inside: adapter ``name`` is the one the layers compute with (None: none, the base alone)."""
     if name is None:
-        return adapter_state(layers, [(list(layer.active_adapters), True) for _, layer in layers])
-    return adapter_state(layers, [([name], False) if name in layer.lora_A else (list(layer.active_adapters), True)
+        return adapter_state(layers, [(getattr(layer, ACTIVE), True) for _, layer in layers])
+    return adapter_state(layers, [([name], False) if name in layer.lora_A else (getattr(layer, ACTIVE), True)
                                   for _, layer in layers])
 
 
 @contextlib.contextmanager
-def training_mode(module: nn.Module, training: bool):
-    """Inside: ``module`` in training mode or not (a trainable copy computes in training mode, the
-    frozen teacher in evaluation mode; some layers differ between the two); outside, as before."""
-    before = {m: m.training for m in module.modules()}
-    if any(mode != training for mode in before.values()):
-        module.train(training)
+def training_mode(module: nn.Module, training: bool, modules: list[nn.Module] | None = None):
+    """Inside: ``module`` (whose modules are ``modules``, when known) in training mode or not (a trainable
+    copy computes in training mode, the frozen teacher in evaluation mode; some layers differ between
+    the two); outside, as before."""
+    modules = list(module.modules()) if modules is None else modules
+    before = [m.training for m in modules]
+    for m in modules:  # (what ``module.train`` sets, without its per-module ``__setattr__``)
+        m.__dict__["training"] = training
     try:
         yield
     finally:
-        for m, mode in before.items():
-            m.training = mode
+        for m, mode in zip(modules, before):
+            m.__dict__["training"] = mode
 
 
 class AdapterView(nn.Module):
@@ -126,9 +137,18 @@ class AdapterView(nn.Module):
                 self.lora[f"{path}.{kind}".replace(".", "-")] = parts[name]
         if not len(self.lora):
             raise ValueError(f"the shared base has no adapter '{name}'")
+        _check_switch(self._layers, name)
+
+    def _base_modules(self) -> list[nn.Module]:
+        """The base's modules, listed again when an adapter was added since (listing 2,400 is 10 ms)."""
+        key = tuple(getattr(self.module, "peft_config", {}))
+        if getattr(self, "_listed", (None,))[0] != key:
+            self._listed = (key, list(self.module.modules()))
+        return self._listed[1]
 
     def forward(self, *args, **kwargs):
-        with adapter_enabled(self._layers, self.adapter_name), training_mode(self.module, self.training):
+        with adapter_enabled(self._layers, self.adapter_name), \
+                training_mode(self.module, self.training, self._base_modules()):
             return self.module(*args, **kwargs)
 
     def __deepcopy__(self, memo):

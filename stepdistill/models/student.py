@@ -136,6 +136,9 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
     two-expert network (:class:`~stepdistill.models.nets.NoiseLevelExperts`, e.g. a fake score initialised
     as a Wan2.2 teacher) is copied expert by expert, both trainable."""
     src = unwrap(model)
+    if getattr(src, "peft_config", None) and getattr(src, "_stepdistill_shared", False):
+        raise ValueError(f"a trainable copy of {type(src).__name__} with the adapters of a shared LoRA base "
+                         f"({sorted(src.peft_config)}): copies are made before adapters are added")
     if isinstance(src, nets.NoiseLevelExperts):
         experts = [copy_for_training(e, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
                                      w_conditioned=w_conditioned, dtype=dtype, architecture=architecture,

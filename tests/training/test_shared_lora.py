@@ -179,6 +179,13 @@ def test_shared_base_is_not_used_where_it_does_not_apply(tmp_path, tiny_pipeline
     assert not isinstance(full.distiller.student.model, AdapterView)  # a full student is a copy ...
     assert isinstance(full.distiller.fake.model, AdapterView)  # ... and the LoRA fake score still shares the teacher's
     full.close()
+    full_fake = Trainer(_cfg(tiny_pipelines, "tiny-sd/dmd2_4step.yaml", tmp_path / "ff", "method_args.fake_lora_rank=0",
+                             "train.gradient_checkpointing=true"))
+    fake = unwrap(full_fake.distiller.fake.model)
+    assert isinstance(full_fake.distiller.student.model, AdapterView)  # the LoRA student shares ...
+    assert not getattr(fake, "peft_config", None) and fake is not unwrap(full_fake.teacher.denoiser.model)  # a plain copy
+    assert fake.is_gradient_checkpointing and all(p.requires_grad for p in fake.parameters())
+    full_fake.close()
     bf16 = Trainer(_cfg(tiny_pipelines, "tiny-sd/dmd2_4step.yaml", tmp_path / "bf16", "train.trainable_dtype=bf16"))
     assert not isinstance(bf16.distiller.fake.model, AdapterView)  # adapters would compute on a base of another dtype
     bf16.close()
