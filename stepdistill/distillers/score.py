@@ -140,12 +140,12 @@ class ScoreDistiller(Distiller):
         if base is not None:
             logger.info("train.shared_lora_base: %s on the teacher's network, with its adapters switched per call",
                         " and ".join(n for n, on in (("the LoRA student", on_student), ("the LoRA fake score", on_fake)) if on))
-        # a whole copy of the teacher's network is made before any adapter is added to it (it draws nothing
-        # random, so the adapters start as they would without it)
-        fake = None if on_fake else make_fake(ctx, options)
+        # a whole fake score (rank 0) beside a shared LoRA student: copied before the student's adapter is added
+        # to the teacher's network (a whole copy draws nothing random, so the adapters start as they would)
+        fake = make_fake(ctx, options) if on_student and not on_fake else None
         self.student = make_student(ctx, self.name, "renoise", student_timesteps(ctx),
                                     lora_base=base if on_student else None)
-        self.fake = fake or make_fake(ctx, options, lora_base=base)
+        self.fake = fake or make_fake(ctx, options, lora_base=base if on_fake else None)
 
     @classmethod
     def trainable_names(cls, config, options) -> list[str]:
