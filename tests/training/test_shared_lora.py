@@ -189,3 +189,12 @@ def test_shared_base_is_not_used_where_it_does_not_apply(tmp_path, tiny_pipeline
     bf16 = Trainer(_cfg(tiny_pipelines, "tiny-sd/dmd2_4step.yaml", tmp_path / "bf16", "train.trainable_dtype=bf16"))
     assert not isinstance(bf16.distiller.fake.model, AdapterView)  # adapters would compute on a base of another dtype
     bf16.close()
+
+
+def test_a_checkpoint_from_before_the_option_resumes_as_copies_only():
+    from stepdistill.training.checkpoints import config_changes
+
+    old = {"train": {"max_steps": 4}}  # written before train.shared_lora_base existed: its LoRA networks were copies
+    assert config_changes(old, {"train": {"max_steps": 4, "shared_lora_base": False}}) == ([], [])
+    unsafe, _ = config_changes(old, {"train": {"max_steps": 4, "shared_lora_base": True}})
+    assert unsafe == ["train.shared_lora_base: None -> True"]
