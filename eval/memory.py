@@ -68,7 +68,7 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_bloc
 
 # name: (method config, overrides); every case also runs at --batch
 CASES = {
-    "dmd2-full-full-fp32": ("sd15/dmd2_1step", ["train.trainable_dtype=fp32", "train.gradient_checkpointing=false"]),
+    "dmd2-full-full-fp32": ("sd15/dmd2_1step", ["train.trainable_dtype=fp32", "train.gradient_checkpointing=false", "train.mixed_precision=no"]),
     "dmd2-full-lora-fp32-ckpt": ("sd15/dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=fp32",
                                                 "train.gradient_checkpointing=true"]),
     "dmd2-full-lora-bf16-ckpt": ("sd15/dmd2_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
@@ -80,6 +80,13 @@ CASES = {
                                                      "train.optimizer=adamw8bit"]),
     "dmd2-lora-lora-bf16-ckpt": ("sd15/dmd2_1step", ["student.lora_rank=64", "method_args.fake_lora_rank=64",
                                                 "train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),
+    # a LoRA student and a LoRA fake score in fp32: adapters of the teacher's one network (the default,
+    # train.shared_lora_base) against a whole copy of the network under each (docs/RESULTS.md, "One frozen base")
+    "dmd2-lora-lora-fp32": ("sd15/dmd2_1step", ["student.lora_rank=64", "method_args.fake_lora_rank=64", "teacher.dtype=fp32",
+                                           "train.trainable_dtype=fp32", "train.gradient_checkpointing=false", "train.mixed_precision=no"]),
+    "dmd2-lora-lora-fp32-copies": ("sd15/dmd2_1step", ["student.lora_rank=64", "method_args.fake_lora_rank=64",
+                                                  "teacher.dtype=fp32", "train.trainable_dtype=fp32",
+                                                  "train.gradient_checkpointing=false", "train.mixed_precision=no", "train.shared_lora_base=false"]),
     "sid-full-lora-bf16-ckpt": ("sd15/sid_1step", ["method_args.fake_lora_rank=64", "train.trainable_dtype=bf16",
                                               "train.gradient_checkpointing=true"]),
     "vsd-full-lora-bf16-ckpt": ("sd15/vsd_1step", ["train.trainable_dtype=bf16", "train.gradient_checkpointing=true"]),

@@ -202,6 +202,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     trainable_dtype: typing.Literal["fp32", "bf16"] = "fp32"
     optimizer: typing.Literal["adamw", "adamw8bit"] = "adamw"
+    # a LoRA student and a LoRA fake score (dmd, dmd2, sid, vsd) as named adapters on the teacher's own frozen
+    # network instead of whole copies of it (stepdistill/models/shared_lora.py); false: a copy under each LoRA
+    shared_lora_base: bool = True
     lr_schedule: typing.Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"  # diffusers names
     lr_warmup_steps: int = 0
     ema_decay: float | None = None  # EMA of the student (diffusers EMAModel); None: off

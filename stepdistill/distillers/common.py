@@ -16,6 +16,7 @@ from ..diffusion.sampling import ode_sample
 from ..errors import ConfigError
 from ..models.nets import NoiseLevelExperts, PhasedExperts, expert_at, network_class
 from ..models.sharding import placed, plain_copy
+from ..models.shared_lora import STUDENT, add_adapter_view
 from ..models.student import Student, StudentSpec, copy_for_training
 from .base import Context, Trainable
 
@@ -23,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float], *, guidance_scale=None,
-                 w_conditioned: bool = False, experts: bool = False, prediction_type: str | None = None) -> Student:
+                 w_conditioned: bool = False, experts: bool = False, prediction_type: str | None = None,
+                 lora_base: torch.nn.Module | None = None) -> Student:
     """A trainable copy of ``ctx.init`` (full or LoRA, per ``student.*``) with its schedule; with
     ``w_conditioned``, rebuilt with a guidance-scale input; with ``experts``, one copy per timestep
     (:class:`~stepdistill.models.nets.PhasedExperts`, each step served by its own network); with
@@ -31,7 +33,9 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
     ``student.architecture``, a smaller network of the teacher's class cut from its weights; with
     ``student.init``, a copy of the network in that folder instead of the teacher's. Of a two-expert
     teacher (Wan2.2's high- and low-noise networks) a student network is a copy of the expert serving its
-    t_init, and each per-step expert a copy of the expert serving its step's time."""
+    t_init, and each per-step expert a copy of the expert serving its step's time. With ``lora_base`` (a
+    LoRA student on the teacher's network itself, :func:`shared_lora_base`) the student is adapter
+    ``student`` on that network instead of a copy of it."""
     sc = ctx.config.student
     source = ctx.init.model if sc.init is None else load_init_network(sc.init, ctx.init.model)
 
@@ -42,7 +46,11 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
                                         w_conditioned=w_conditioned, dtype=torch_dtype(ctx.config.train.trainable_dtype),
                                         architecture=sc.architecture, layer_map=sc.layer_map), ctx.device)
 
-    if experts:  # expert k starts from the teacher's network at step k's time
+    if lora_base is not None:
+        if experts or w_conditioned:
+            raise ValueError("a shared LoRA base holds one student network without new inputs")
+        model = add_adapter_view(lora_base, STUDENT, rank=sc.lora_rank, alpha=sc.lora_alpha, targets=sc.lora_targets)
+    elif experts:  # expert k starts from the teacher's network at step k's time
         model = PhasedExperts.from_experts([trainable_copy(t) for t in timesteps], [float(t) for t in timesteps])
     else:  # one network for every step: the teacher's at t_init
         model = trainable_copy(timesteps[0])

@@ -65,6 +65,7 @@ class DisBackOptions(FakeScoreOptions):
 class DisBack(DMDBase):
     name = "disback"
     Options = DisBackOptions
+    shares_lora_base = False  # its path nodes are whole copies of the fake score's network
 
     @classmethod
     def cfg_options(cls, options):

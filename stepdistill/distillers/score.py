@@ -4,17 +4,24 @@ score losses and the two-time-scale update order."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from ..config import check_range, torch_dtype
 from ..data.batch import Batch
 from ..diffusion.denoiser import Cond, Denoiser
+from ..models.nets import NoiseLevelExperts
 from ..models.sharding import placed
+from ..models.shared_lora import FAKE_SCORE, add_adapter_view
 from ..models.student import Student, copy_for_training
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_timesteps, student_trainable
+
+logger = logging.getLogger("stepdistill")
 
 
 @dataclass
@@ -44,8 +51,33 @@ def fake_learning_rate(opt) -> float:
     return opt.lr if opt.fake_lr is None else opt.fake_lr
 
 
-def make_fake(ctx: Context, opt: FakeScoreOptions) -> Denoiser:
-    """The fake score: initialised as the teacher (DMD sec. 3.2 / SiD sec. 4), full or LoRA."""
+def shared_lora_base(ctx: Context, opt: FakeScoreOptions, student: bool = True) -> tuple[nn.Module | None, bool, bool]:
+    """(base, student on it, fake score on it): the frozen network a LoRA student and a LoRA fake score
+    are adapters of (``train.shared_lora_base``, ``models/shared_lora.py``), and which of the two are.
+    A network is shared when it is a LoRA (rank > 0) on the teacher's own network as it is (a student
+    without ``student.architecture``, ``student.init`` or ``student.layer_map``), in the teacher's dtype
+    (``train.trainable_dtype``: the adapters compute on the base in its dtype), with one process (the
+    sharded paths of ``training/parallel.py`` take whole networks). Base None: copies, as before."""
+    sc, base = ctx.config.student, ctx.init.model
+    if not ctx.config.train.shared_lora_base or isinstance(base, NoiseLevelExperts) or not hasattr(base, "add_adapter"):
+        return None, False, False
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        logger.info("train.shared_lora_base: several processes, so the LoRA networks are whole copies")
+        return None, False, False
+    if next(base.parameters()).dtype != torch_dtype(ctx.config.train.trainable_dtype):
+        return None, False, False
+    on_student = student and sc.lora_rank > 0 and sc.architecture is None and sc.init is None and not sc.layer_map
+    on_fake = opt.fake_lora_rank > 0
+    return (base if on_student or on_fake else None), on_student, on_fake
+
+
+def make_fake(ctx: Context, opt: FakeScoreOptions, lora_base: nn.Module | None = None) -> Denoiser:
+    """The fake score: initialised as the teacher (DMD sec. 3.2 / SiD sec. 4), full or LoRA; with
+    ``lora_base`` (:func:`shared_lora_base`), adapter ``fake_score`` on that network."""
+    if lora_base is not None:
+        model = add_adapter_view(lora_base, FAKE_SCORE, rank=opt.fake_lora_rank, alpha=opt.fake_lora_alpha,
+                                 targets=opt.fake_lora_targets or ctx.config.student.lora_targets)
+        return Denoiser(model, ctx.init.process, ctx.init.prediction_type, ctx.init.embedded_guidance)
     model = placed(copy_for_training(ctx.init.model, lora_rank=opt.fake_lora_rank, lora_alpha=opt.fake_lora_alpha,
                                      lora_targets=opt.fake_lora_targets or ctx.config.student.lora_targets,
                                      dtype=torch_dtype(ctx.config.train.trainable_dtype)), ctx.device)
@@ -101,10 +133,20 @@ class ScoreDistiller(Distiller):
     """A re-noising student (``student.timesteps`` or the process grid) and its fake score, each a
     trainable with its own learning rate, updated by :func:`score_updates`."""
 
+    shares_lora_base = True  # LoRA networks as adapters of the teacher's (DisBack: no, it copies its fake score)
+
     def __init__(self, ctx: Context, options):
         super().__init__(ctx, options)
-        self.student = make_student(ctx, self.name, "renoise", student_timesteps(ctx))
-        self.fake = make_fake(ctx, options)
+        base, on_student, on_fake = shared_lora_base(ctx, options) if self.shares_lora_base else (None, False, False)
+        if base is not None:
+            logger.info("train.shared_lora_base: %s on the teacher's network, with its adapters switched per call",
+                        " and ".join(n for n, on in (("the LoRA student", on_student), ("the LoRA fake score", on_fake)) if on))
+        # a whole fake score (rank 0) beside a shared LoRA student: copied before the student's adapter is added
+        # to the teacher's network (a whole copy draws nothing random, so the adapters start as they would)
+        fake = make_fake(ctx, options) if on_student and not on_fake else None
+        self.student = make_student(ctx, self.name, "renoise", student_timesteps(ctx),
+                                    lora_base=base if on_student else None)
+        self.fake = fake or make_fake(ctx, options, lora_base=base if on_fake else None)
 
     @classmethod
     def trainable_names(cls, config, options) -> list[str]:

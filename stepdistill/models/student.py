@@ -31,6 +31,7 @@ from . import nets
 from .nets import network_class
 from .sharded_load import adapters_made_for_real, shard_copy
 from .sharding import is_sharded, plain_copy, skeleton
+from .shared_lora import adapter_name, fused_view_copy, is_view
 from .spec import SAMPLERS, SPEC_FILE, StudentSpec  # noqa: F401  (the student's schedule, read with it)
 
 
@@ -140,6 +141,9 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
     processes (FSDP) the copy is sharded alike, built without a whole copy on any rank
     (``models/sharded_load.py``; a smaller or w-conditioned copy is made from the whole network, gathered)."""
     src = unwrap(model)
+    if getattr(src, "peft_config", None) and getattr(src, "_stepdistill_shared", False):
+        raise ValueError(f"a trainable copy of {type(src).__name__} with the adapters of a shared LoRA base "
+                         f"({sorted(src.peft_config)}): copies are made before adapters are added")
     sharded = is_sharded(src) and not isinstance(src, nets.NoiseLevelExperts)
     if sharded and (architecture is not None or w_conditioned):
         src, sharded = plain_copy(src), False
@@ -239,6 +243,7 @@ def signal_prediction(den: Denoiser, eps: torch.Tensor, t: torch.Tensor, cond: C
 def save_lora_adapters(model: nn.Module, folder: str | Path) -> bool:
     """Write a LoRA model's adapters (diffusers naming, as ``load_lora_weights`` reads them) and their
     peft config to ``folder/lora``; returns False for a model without adapters."""
+    name = adapter_name(model)  # a view of a shared base: its own adapter
     model = unwrap(model)
     if not getattr(model, "peft_config", None):
         return False
@@ -248,9 +253,9 @@ def save_lora_adapters(model: nn.Module, folder: str | Path) -> bool:
 
     out = Path(folder) / "lora"
     out.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=name))
     save_file({k: v.detach().cpu().contiguous() for k, v in layers.items()}, str(out / "adapter_model.safetensors"))
-    config = model.peft_config["default"].to_dict()
+    config = model.peft_config[name].to_dict()
     (out / "adapter_config.json").write_text(json.dumps(config, default=list, indent=1))
     return True
 
@@ -264,8 +269,10 @@ def networks(model: nn.Module) -> list[nn.Module]:
 def fused_copy(model: nn.Module) -> nn.Module:
     """The model as a plain diffusers model: a LoRA model (or per-phase experts with LoRA) is copied
     with its adapters merged into the base weights (peft through diffusers' PeftAdapterMixin); anything
-    else is returned as it is."""
-
+    else is returned as it is; a view of a shared LoRA base (``shared_lora``), as a copy of the base with
+    its adapter alone merged."""
+    if is_view(model):
+        return fused_view_copy(model)
     model = unwrap(model)
     if not any(getattr(m, "peft_config", None) for m in networks(model)):
         return model

@@ -28,6 +28,7 @@ from ..models.nets import MLPDenoiser
 from ..models.oracle import GaussianMixture, fit_network
 from ..models.sharded_load import is_meta
 from ..models.sharding import fully_sharded
+from ..models.shared_lora import own_parameters
 from ..models.student import networks
 from ..models.teachers import (VIDEO_DENOISERS, Teacher, denoiser_class_name, guidance_embedded_folder, load_teacher,
                                resolve_teacher_path)
@@ -302,7 +303,7 @@ def build_trainables(accelerator, distiller: Distiller, cfg: RunConfig, parallel
             module = acc.prepare_model(tr.module, device_placement=True, evaluation_mode=True)
         module.train()
         # what this trainable's updates train (LoRA: the adapters only), fixed before any requires_grad toggling
-        params = [p for p in unwrap(module).parameters() if p.requires_grad]
+        params = [p for p in own_parameters(module) if p.requires_grad]  # (a view of a shared base: its adapter's)
         betas = tuple(oc.betas) if oc and oc.betas else (tr.betas or (0.9, 0.999))
         decay = oc.weight_decay if oc and oc.weight_decay is not None else cfg.train.weight_decay
         opt = make_optimizer(cfg.train.optimizer, params, lr=lr, betas=betas, weight_decay=decay,

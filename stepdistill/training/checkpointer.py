@@ -205,8 +205,10 @@ class Checkpointer:
     # -- accelerate's hooks -------------------------------------------------------------------------
     def _ours(self, models) -> list:
         """The trainable state of each model accelerate hands a hook, or [] if they are not all ours."""
-        by_id = {id(unwrap(st.module)): st for st in self.states.values()}
-        found = [by_id.get(id(unwrap(m))) for m in models]
+        # by the module itself first: the views of one shared LoRA base (models/shared_lora.py) unwrap to one network
+        by_id = {id(st.module): st for st in self.states.values()}
+        by_net = {id(unwrap(st.module)): st for st in self.states.values()}
+        found = [by_id.get(id(m)) or by_net.get(id(unwrap(m))) for m in models]
         return found if found and all(found) else []
 
     def _save_hook(self, models, weights, output_dir):

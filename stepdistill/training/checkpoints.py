@@ -201,12 +201,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# keys an earlier version did not record, and the value its runs behaved as: a checkpoint without the key
+# resumes with that value (train.shared_lora_base: earlier runs copied the network under each LoRA)
+ABSENT_MEANS = {"train.shared_lora_base": False}
+
+
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(unsafe, safe) differences between a checkpoint's config and this run's, as 'key: old -> new'."""
     a, b = _flat(old), _flat(new)
     unsafe, safe = [], []
     for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key):
+        if a.get(key) == b.get(key) or (key not in a and key in ABSENT_MEANS and b.get(key) == ABSENT_MEANS[key]):
             continue
         if key.startswith("data_fingerprint.") and key not in a:  # recorded by a version that took none
             continue

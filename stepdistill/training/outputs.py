@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..diffusion.denoiser import Denoiser, unwrap
+from ..models.shared_lora import is_view
 from ..models.student import Student, fused_copy, save_lora_adapters
 from .figures import plot_losses, save_sample_figure, save_sample_video
 
@@ -17,7 +18,8 @@ from .figures import plot_losses, save_sample_figure, save_sample_video
 def validation_samples(student: Student, teacher, source, n: int, seed: int):
     """(samples, batch): ``n`` samples of the student on the validation stream, so every validation
     shows the same prompts and noise."""
-    den = Denoiser(unwrap(student.model), student.process, student.denoiser.prediction_type,
+    model = student.model if is_view(student.model) else unwrap(student.model)  # a view: its adapter on the base
+    den = Denoiser(model, student.process, student.denoiser.prediction_type,
                    student.denoiser.embedded_guidance)
     b = source.draw("validation", n)
     noise = b.randn(n, *teacher.sample_shape)
