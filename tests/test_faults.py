@@ -97,6 +97,7 @@ def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_the_last_checkpoi
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old", ".del"))]
 
 
+@pytest.mark.slow  # the checkpoint case runs by default; the mechanism (storage.writing) is the same
 def test_a_disk_that_fills_during_an_export_leaves_nothing_behind(small_disk, tmp_path, tiny_pipelines):
     run = tmp_path / "run"
     r = _run("distill", "--config", str(ROOT / "configs" / "tiny-sd" / "dmd2_4step.yaml"),
@@ -114,6 +115,7 @@ def test_a_disk_that_fills_during_an_export_leaves_nothing_behind(small_disk, tm
     assert (small_disk / "out" / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_caching_keeps_the_finished_shards(small_disk, tmp_path, tiny_pipelines):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([f"a photo of a cat number {i}" for i in range(12)]))
@@ -136,7 +138,8 @@ def test_a_disk_that_fills_during_caching_keeps_the_finished_shards(small_disk, 
     assert len(after) == 6 and all(after[k] == v for k, v in finished.items())  # finished shards not encoded again
 
 
-@pytest.mark.parametrize("command", ["distill", "cache", "export"])
+@pytest.mark.parametrize("command", ["distill", pytest.param("cache", marks=pytest.mark.slow),
+                                     pytest.param("export", marks=pytest.mark.slow)])
 def test_a_read_only_folder_is_one_line_and_nothing_is_written(small_disk, tmp_path, tiny_pipelines, command):
     if command == "export":
         run = tmp_path / "run"

@@ -63,8 +63,9 @@ def _real(shard: str, skip_bad: bool, workers: int) -> RealData:
     return real
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("workers", [2, 0])
+# with DataLoader workers (10 s each: they start) for one kind by default, the others in the slow run
+@pytest.mark.parametrize("kind,workers", [(k, 0) for k in KINDS] + [
+    pytest.param(k, 2, marks=() if i == 0 else pytest.mark.slow) for i, k in enumerate(KINDS)])
 def test_an_unreadable_member_is_one_line_naming_the_shard_and_member(tmp_path, kind, workers):
     shard = _shard(tmp_path / "wds", kind)
     suffix = KINDS[kind][0]

@@ -203,13 +203,15 @@ def test_a_sharded_network_is_still_packed_and_guidance_embedded(teachers):
     called exactly as the plain one."""
     import copy
 
+    from torch.distributed.fsdp import FSDPModule
+
     from stepdistill.diffusion.packed import guidance_embedded, is_packed
 
     teacher = teachers["flux"]
     plain = teacher.denoiser.model
     sharded = copy.deepcopy(plain)
     cls = type(plain)
-    sharded.__class__ = type(f"FSDP{cls.__name__}", (cls,), {})  # what fully_shard does (with FSDPModule)
+    sharded.__class__ = type(f"FSDP{cls.__name__}", (FSDPModule, cls), {})  # the class fully_shard makes
     assert is_packed(sharded) and guidance_embedded(sharded)
     plain_den = Denoiser(plain, teacher.denoiser.process, teacher.denoiser.prediction_type, 3.5)
     den = Denoiser(sharded, teacher.denoiser.process, teacher.denoiser.prediction_type, 3.5)

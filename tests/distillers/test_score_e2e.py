@@ -110,7 +110,9 @@ def test_dmd2_gan_without_images_fails_early(tmp_path, tiny_pipelines):
     assert r.stderr.strip().splitlines()[-1] == "error: method_args.gan=true needs real images: set data.images (stepdistill/data/sources.py)"
 
 
-@pytest.mark.parametrize("family", ["sd", pytest.param("sd3", marks=pytest.mark.slow), pytest.param("dit", marks=pytest.mark.slow)])
+# slow: tests/distillers/test_tsm.py starts a distillation from a TSM student in the default run
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd", "sd3", "dit"])
 def test_tsm_then_dmd2_from_its_student(tmp_path, tiny_pipelines, family):
     """MSD's path for a smaller student: teacher score matching (method tsm) trains it as a multi-step
     denoiser, then a DMD2 run starts from its student/ (student.init) and keeps its smaller network."""

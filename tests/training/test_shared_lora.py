@@ -119,7 +119,8 @@ def _base_bytes(trainer) -> int:
     ("tiny-sd/dmd2_4step.yaml", ["train.ema_decay=0.9", "method_args.gan=true", "data.images="]),
     ("tiny-sd/sid_1step.yaml", []),
     # the MNIST recipe (GAN head, EMA) on its shipped teacher: about 30 s
-    ("mnist-sd/dmd2_1step.yaml", ["teacher.path=stepdistill:mnist-sd", "data.images=", "train.batch_size=4"])],
+    pytest.param("mnist-sd/dmd2_1step.yaml", ["teacher.path=stepdistill:mnist-sd", "data.images=", "train.batch_size=4"],
+                 marks=pytest.mark.slow)],
     ids=["dmd2-gan-ema", "sid", "mnist-dmd2-gan-ema"])
 def test_shared_base_trains_as_three_copies(tmp_path, tiny_pipelines, config, extra):
     if "data.images=" in extra:  # the MNIST recipe's GAN head on the fake score's features, on captioned images
