@@ -32,6 +32,7 @@ What the rest of the toolkit sees of a view:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from functools import partial
 
 import torch
@@ -195,8 +196,10 @@ def add_adapter_view(base: nn.Module, name: str, *, rank: int, alpha: float | No
     found = [t for t in targets if any(n.endswith(t) for n in names)]
     if not found:
         raise ValueError(f"student.lora_targets {list(targets)} match no module of {type(base).__name__}")
-    base.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=found, init_lora_weights="gaussian"),
-                     adapter_name=name)
+    with warnings.catch_warnings():  # a second adapter on one network is the point here, not a mistake
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        base.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=found,
+                                    init_lora_weights="gaussian"), adapter_name=name)
     base.disable_adapters()  # the network itself is the teacher
     for p, flag in kept:  # (peft's switching cleared them)
         p.requires_grad_(flag)
@@ -233,7 +236,9 @@ def fused_view_copy(view: AdapterView) -> nn.Module:
     fused = copy.deepcopy(view.module, memo)
     others = [n for n in fused.peft_config if n != view.adapter_name]
     if others:
-        fused.delete_adapters(others)
+        with warnings.catch_warnings():  # peft names the deleted active adapter: the copy's own is set next
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            fused.delete_adapters(others)
     fused.set_adapter(view.adapter_name)
     fused.fuse_lora()
     fused.unload_lora()
