@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -64,11 +65,22 @@ def shared_lora_base(ctx: Context, opt: FakeScoreOptions, student: bool = True) 
     if dist.is_initialized() and dist.get_world_size() > 1:
         logger.info("train.shared_lora_base: several processes, so the LoRA networks are whole copies")
         return None, False, False
+    if written_by_several_processes(ctx.config.train.output_dir):
+        logger.info("train.shared_lora_base: this run's checkpoints were written by several processes, with whole "
+                    "copies under each LoRA; it resumes with copies")
+        return None, False, False
     if next(base.parameters()).dtype != torch_dtype(ctx.config.train.trainable_dtype):
         return None, False, False
     on_student = student and sc.lora_rank > 0 and sc.architecture is None and sc.init is None and not sc.layer_map
     on_fake = opt.fake_lora_rank > 0
     return (base if on_student or on_fake else None), on_student, on_fake
+
+
+def written_by_several_processes(output_dir) -> bool:
+    """Whether the run folder holds a checkpoint of several processes (its ``sharded/`` folder: the layout of
+    ``training/checkpoints.py``), whose LoRA networks were copies: a run resumed from it on one process keeps
+    them copies, so that its checkpoint's names are the networks' names."""
+    return output_dir is not None and any((Path(output_dir) / "checkpoints").glob("checkpoint-*/sharded"))
 
 
 def make_fake(ctx: Context, opt: FakeScoreOptions, lora_base: nn.Module | None = None) -> Denoiser:

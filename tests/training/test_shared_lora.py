@@ -199,3 +199,17 @@ def test_a_checkpoint_from_before_the_option_resumes_as_copies_only():
     assert config_changes(old, {"train": {"max_steps": 4, "shared_lora_base": False}}) == ([], [])
     unsafe, _ = config_changes(old, {"train": {"max_steps": 4, "shared_lora_base": True}})
     assert unsafe == ["train.shared_lora_base: None -> True"]
+
+
+def test_a_run_checkpointed_by_several_processes_keeps_its_copies_on_one(tmp_path):
+    """Several processes copy the network under each LoRA; resumed on one process, such a run keeps copies so
+    that its checkpoint's names are the networks' (the whole resume: test_parallel's Flux / Wan FSDP test,
+    slow)."""
+    from stepdistill.distillers.score import written_by_several_processes
+
+    run = tmp_path / "run"
+    assert not written_by_several_processes(run) and not written_by_several_processes(None)
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # one process's checkpoint: no sharded/
+    assert not written_by_several_processes(run)
+    (run / "checkpoints" / "checkpoint-4" / "sharded").mkdir(parents=True)
+    assert written_by_several_processes(run)
