@@ -128,12 +128,14 @@ def clip_pair(seed: int, with_projection: bool):
     return cls(cfg).eval(), tok
 
 
-def t5_pair(seed: int, d_model: int, model_max_length: int = 32):
-    """(T5EncoderModel, T5Tokenizer); the encoder is seeded with ``seed``."""
-    from transformers import T5Config, T5EncoderModel
+def t5_pair(seed: int, d_model: int, model_max_length: int = 32, umt5: bool = False):
+    """(T5EncoderModel, T5Tokenizer); the encoder is seeded with ``seed``. ``umt5``: Wan's UMT5 encoder of
+    the same layout (UMT5EncoderModel) with the same tokenizer."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     tok = tiny_t5_tokenizer(model_max_length=model_max_length)
-    cfg = T5Config(
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    cfg = config_cls(
         vocab_size=len(tok),
         d_model=d_model,
         d_kv=8,
@@ -150,7 +152,7 @@ def t5_pair(seed: int, d_model: int, model_max_length: int = 32):
         use_cache=False,
     )
     torch.manual_seed(seed)
-    return T5EncoderModel(cfg).eval(), tok
+    return model_cls(cfg).eval(), tok
 
 
 def tiny_vae(seed: int, latent_channels: int = LATENT_CHANNELS, **kwargs):

@@ -7,7 +7,7 @@ import pathlib
 
 import torch
 
-from .common import keep_global_rng, save_pipeline, tiny_t5_tokenizer
+from .common import keep_global_rng, save_pipeline, t5_pair
 
 WAN_TEXT_DIM = 32  # UMT5 d_model (4096 in umt5-xxl) = the transformer's text_dim
 WAN_LATENT_CHANNELS = 4  # z_dim (16 in Wan2.1's VAE)
@@ -61,32 +61,6 @@ def tiny_wan_vae(seed: int):
     ).eval()
 
 
-def umt5_pair(seed: int):
-    """(UMT5EncoderModel, T5Tokenizer): a 2-layer UMT5 encoder (d_model 32) and the locally written
-    T5-family tokenizer (``common.tiny_t5_tokenizer``)."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    tok = tiny_t5_tokenizer(model_max_length=512)
-    cfg = UMT5Config(
-        vocab_size=len(tok),
-        d_model=WAN_TEXT_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.pad_token_id,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    return UMT5EncoderModel(cfg).eval(), tok
-
-
 @keep_global_rng
 def make_tiny_wan(
     path: str | os.PathLike,
@@ -102,7 +76,7 @@ def make_tiny_wan(
       second one as ``transformer_2`` (seed ``seed + 3``) and ``boundary_ratio``: the pipeline runs
       ``transformer`` at timesteps >= boundary_ratio * 1000 (high noise) and ``transformer_2`` below.
     * AutoencoderKLWan (:func:`tiny_wan_vae`), seed ``seed + 1``; UMT5EncoderModel + T5Tokenizer
-      (:func:`umt5_pair`), seed ``seed + 2``.
+      (``common.t5_pair`` with ``umt5``), seed ``seed + 2``.
     * UniPCMultistepScheduler with flow sigmas, ``flow_shift`` and flow prediction, as Wan2.1 ships.
     * ``__call__`` needs ``height`` and ``width`` divisible by 16 and ``num_frames`` = 4k + 1; the tiny
       configs use 5 frames of 16 x 16 (latents 4 x 2 x 4 x 4). ``max_sequence_length`` defaults to 512
@@ -112,7 +86,7 @@ def make_tiny_wan(
 
     transformer = tiny_wan_transformer(seed)
     vae = tiny_wan_vae(seed + 1)
-    text_encoder, tokenizer = umt5_pair(seed + 2)
+    text_encoder, tokenizer = t5_pair(seed + 2, d_model=WAN_TEXT_DIM, model_max_length=512, umt5=True)
     transformer_2 = tiny_wan_transformer(seed + 3) if two_experts else None
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=flow_shift, num_train_timesteps=1000)
