@@ -11,10 +11,10 @@ import torch
 
 from ..config import torch_dtype
 from ..data.batch import Batch, BatchSource
-from ..diffusion.denoiser import Cond, Denoiser, class_name, unwrap
+from ..diffusion.denoiser import Cond, Denoiser, base_network, class_name
 from ..diffusion.sampling import ode_sample
 from ..errors import ConfigError
-from ..models.nets import NoiseLevelExperts, PhasedExperts, expert_at, network_class
+from ..models.nets import PhasedExperts, expert_at, network_class
 from ..models.sharding import placed, plain_copy
 from ..models.shared_lora import STUDENT, add_adapter_view
 from ..models.student import Student, StudentSpec, copy_for_training
@@ -84,9 +84,7 @@ def check_init_class(folder: str, teacher_class: str) -> str:
 
 def load_init_network(folder: str, teacher_model) -> torch.nn.Module:
     """``student.init``: the network saved in ``folder`` (e.g. a run's ``student/``)."""
-    net = unwrap(teacher_model)
-    net = net.experts[0] if isinstance(net, NoiseLevelExperts) else net  # the class of a two-expert teacher's networks
-    name = check_init_class(folder, class_name(net))
+    name = check_init_class(folder, class_name(base_network(teacher_model)))  # a two-expert teacher: its experts' class
     return network_class(name).from_pretrained(folder).eval().requires_grad_(False)
 
 
