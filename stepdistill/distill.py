@@ -51,8 +51,8 @@ def run(args) -> str | None:
         raise InputError(f"no --config given and the default config {DEFAULT_CONFIG} is not there (it ships with "
                          f"the repository checkout)")
     cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
-    if args.dry_run:
-        validate_inputs(cfg)
+    if args.dry_run:  # checked as the smallest launch the config allows (one process, or one context group)
+        validate_inputs(cfg, cfg.train.context_parallel)
         print(dump_config(cfg), end="")
         return None
     return f"student written to {train(cfg, args.stop_after)}"

@@ -219,6 +219,9 @@ class TrainConfig:
     # backward pass) or fsdp (weights, gradients and optimiser state sharded; the teacher too); auto: fsdp
     # under an accelerate FSDP config (configs/accelerate/fsdp.yaml), else ddp
     parallel: typing.Literal["auto", "ddp", "fsdp"] = "auto"
+    # context (sequence) parallelism: each sample's tokens split over this many processes, which draw the same
+    # batch (stepdistill/diffusion/context_parallel.py; Flux, Qwen-Image and Wan); 1: off
+    context_parallel: int = 1
     verify_rank_sync: bool = False  # after every step, check that all ranks hold identical trainable weights
     max_nonfinite_steps: int = 10  # this many steps in a row with a NaN/inf loss or gradient stop the run
     # at the end, also write the student (its EMA when kept) as a diffusers pipeline, <output_dir>/pipeline (the
@@ -228,7 +231,7 @@ class TrainConfig:
     def __post_init__(self):
         self.output_dir = expand_path("train.output_dir", self.output_dir)
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every",
-                    "validate_every", "num_validation", "max_nonfinite_steps"):
+                    "validate_every", "num_validation", "max_nonfinite_steps", "context_parallel"):
             if getattr(self, key) < 1:
                 fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

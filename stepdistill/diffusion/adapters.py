@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import context_parallel
 from .denoiser import Cond, ModelCall, find_adapter, guidance_sinusoid, register_adapter, unwrap
 
 
@@ -111,6 +112,7 @@ def _mlp(model, c: ModelCall):
 @register_adapter("WanTransformer3DModel")
 def _wan(model, c: ModelCall):
     """Video latents (B, C, F, H, W) and UMT5 text states, called as pipeline_wan.py calls it."""
+    context_parallel.prepare(model)
     return model(hidden_states=c.x, timestep=c.model_t, encoder_hidden_states=c.cond["encoder_hidden_states"],
                  return_dict=False)[0]
 

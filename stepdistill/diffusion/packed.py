@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import context_parallel
 from .denoiser import FEATURE_MODULES, NOISE_LAYOUTS, ModelCall, base_network, class_name, register_adapter, unwrap
 
 PACKED_NETWORKS = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
@@ -88,6 +89,7 @@ def _check_even(x: torch.Tensor, model: nn.Module) -> tuple[int, int]:
 
 @register_adapter("FluxTransformer2DModel")
 def _flux(model, c: ModelCall):
+    context_parallel.prepare(model)
     h, w = _check_even(c.x, model)
     text = c.cond["encoder_hidden_states"]
     out = model(
@@ -105,6 +107,7 @@ def _flux(model, c: ModelCall):
 
 @register_adapter("QwenImageTransformer2DModel")
 def _qwenimage(model, c: ModelCall):
+    context_parallel.prepare(model)
     h, w = _check_even(c.x, model)
     out = model(
         hidden_states=pack(c.x),

@@ -18,6 +18,7 @@ from ..data.items import FileItems, read_items
 from ..data.loading import IN_MEMORY_ITEMS, RealData, image_geometry, refuse_still_images
 from ..data.sources import check_images, read_captions
 from ..data.streaming import Stream, StreamData
+from ..diffusion.context_parallel import CP_FAMILIES
 from ..diffusion.denoiser import Denoiser, unwrap
 from ..diffusion.process import FlowProcess, process_from_scheduler_config
 from ..distillers.base import Context, Distiller
@@ -67,8 +68,11 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1, strategy: str | None
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: '{out}' exists and is not a folder")
-    if cfg.train.batch_size % (num_processes * cfg.train.gradient_accumulation_steps):
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not divide by num_processes ({num_processes}) "
+    groups = check_context_parallel(cfg, options, num_processes, pipeline)
+    if cfg.train.batch_size % (groups * cfg.train.gradient_accumulation_steps):
+        streams = f"num_processes ({num_processes})" if groups == num_processes else \
+            f"the {groups} context-parallel groups (num_processes {num_processes} / train.context_parallel)"
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not divide by {streams} "
                           f"x gradient_accumulation_steps ({cfg.train.gradient_accumulation_steps})")
     if num_processes > 1 and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision: fp16 loss scaling is not supported with several processes "
@@ -100,6 +104,29 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1, strategy: str | None
         if name not in known:
             raise ConfigError(f"optim.{name}: method {cfg.method} has no trainable '{name}' (it has {list(known)})")
     return method
+
+
+def check_context_parallel(cfg: RunConfig, options, num_processes: int, pipeline) -> int:
+    """``train.context_parallel`` against the launch, the teacher and the method; returns the number of
+    groups of processes that draw their own batches (``num_processes`` without context parallelism)."""
+    k = cfg.train.context_parallel
+    if k == 1:
+        return num_processes
+    if num_processes % k or num_processes == 1:
+        raise ConfigError(f"train.context_parallel: {k} processes per sample need a launch whose number of processes "
+                          f"is a multiple of {k} (this one has {num_processes})")
+    if cfg.teacher.oracle is not None:
+        raise ConfigError("train.context_parallel: the Gaussian-mixture oracle's networks have no token sequence to "
+                          "split; set it to 1")
+    name = denoiser_class_name(pipeline) if pipeline is not None else None
+    if name is not None and name not in CP_FAMILIES:
+        raise ConfigError(f"train.context_parallel: {name} has no context-parallel plan; the families with one are "
+                          f"{', '.join(CP_FAMILIES)}")
+    if getattr(options, "gan", False):
+        raise ConfigError("train.context_parallel: method_args.gan=true: the GAN head reads the fake score's features, "
+                          "which context parallelism splits over the processes; set method_args.gan=false or "
+                          "train.context_parallel=1")
+    return num_processes // k
 
 
 def oracle_process(spec):

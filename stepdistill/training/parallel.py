@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..diffusion.context_parallel import build_mesh
 from ..diffusion.denoiser import unwrap
 from ..errors import ConfigError
 from ..models.sharded_load import load_shards
@@ -68,12 +69,19 @@ def resolve_strategy(accelerator, requested: str) -> str:
 class Parallel:
     """The strategy of a run, its device mesh and the sharding of its networks (``none``: nothing)."""
 
-    def __init__(self, accelerator, strategy: str):
+    def __init__(self, accelerator, strategy: str, context: int = 1):
         self.strategy = strategy
         self.accelerator = accelerator
         self.mesh = None
+        # context parallelism (train.context_parallel): groups of `context` consecutive ranks share each sample
+        self.context = context
+        self.group_rank = accelerator.process_index // context  # which data stream this rank draws
+        self.groups = accelerator.num_processes // context
+        self.context_mesh = None
         if strategy == "none":
             return
+        if context > 1:
+            self.context_mesh = build_mesh(accelerator.device.type, accelerator.num_processes, context)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
 

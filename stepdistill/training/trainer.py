@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, dump_config, from_dict, to_dict
+from ..diffusion import context_parallel
 from ..distillers.base import Context
 from ..errors import ConfigError, Interrupted, NonFiniteError
 from ..models.sharding import is_sharded, plain_copy
@@ -104,10 +105,10 @@ class Trainer:
             # random initialisations (LoRA adapters, GAN heads) are the same on every rank and every run;
             # per-iteration randomness comes from stepdistill.data's per-(step, rank) streams instead
             set_seed(tcfg.seed)
-            self.parallel = Parallel(acc, strategy)
+            self.parallel = Parallel(acc, strategy, tcfg.context_parallel)
             self.teacher, init, self.oracle = build_teacher(cfg, acc.device, self.run_dir, acc.is_main_process,
                                                             acc.wait_for_everyone, self.parallel)
-            self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, acc.process_index)
+            self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, self.parallel.group_rank)
             ctx = Context(self.teacher, init, self.source, cfg, acc.device)
             self.distiller = build_distiller(method, ctx, self.options)
             self.states = build_trainables(acc, self.distiller, cfg, self.parallel, self.teacher)
@@ -172,13 +173,16 @@ class Trainer:
             write_run_record(self.run_dir, self.resolved)
         if acc.trackers == [] and tcfg.report_to != "none":
             acc.init_trackers("stepdistill", config={"method": self.cfg.method, "steps": tcfg.max_steps})
-        micro = tcfg.batch_size // (acc.num_processes * tcfg.gradient_accumulation_steps)
+        par = self.parallel  # the ranks of a context-parallel group draw one stream: `groups` streams in all
+        micro = tcfg.batch_size // (par.groups * tcfg.gradient_accumulation_steps)
         bar = tqdm(total=tcfg.max_steps, initial=start, disable=not (acc.is_main_process and tcfg.progress),
                    desc=self.cfg.method, dynamic_ncols=True)
         history, window, t_last = [], {}, time.time()  # window: every update's values since the last log line
         in_a_row = 0  # consecutive iterations skipped for non-finite values
-        self.source.prefetch(start, tcfg.gradient_accumulation_steps, acc.process_index, micro, acc.num_processes)
-        with preemption_signals() as stop_requested:
+        self.source.prefetch(start, tcfg.gradient_accumulation_steps, par.group_rank, micro, par.groups)
+        # the training loop and its validations run context-parallel (the final student's export, on the main
+        # process alone, does not)
+        with preemption_signals() as stop_requested, context_parallel.using(self.parallel.context_mesh):
             for iteration in range(start, tcfg.max_steps):
                 skipped = self._iteration(iteration, micro, window)
                 done = self.loop.step = iteration + 1
@@ -249,7 +253,8 @@ class Trainer:
         select(self.states, name)
 
         def micro_loss(k: int) -> dict:
-            batch = self.source.batch(iteration, acc.process_index, micro, micro=k, num_ranks=acc.num_processes)
+            par = self.parallel
+            batch = self.source.batch(iteration, par.group_rank, micro, micro=k, num_ranks=par.groups)
             batch = batch.fork(zlib.crc32(name.encode()))
             with acc.autocast():
                 return self.distiller.loss(batch, iteration, name)
@@ -260,7 +265,8 @@ class Trainer:
     def validate(self, step: int) -> None:
         """A grid of the student's samples (with its EMA weights when kept), logged with its metrics."""
         acc = self.accelerator
-        if not acc.is_main_process and self.parallel.strategy != "fsdp":  # sharded networks: every rank runs them
+        # sharded networks, or networks whose tokens are split over ranks: every rank runs them
+        if not acc.is_main_process and self.parallel.strategy != "fsdp" and self.parallel.context == 1:
             return
         student = self.distiller.student
         with ema_weights(self.states), acc.autocast():

@@ -75,7 +75,9 @@ def apply_update(accelerator, st: TrainableState, micro_loss: Callable[[int], di
         out = micro_loss(k)
         loss = out["loss"] / accumulation
         finite = finite and bool(torch.isfinite(loss.detach()).all())
-        acc.backward(loss)
+        # context parallelism: each rank's backward gives its own tokens' share of the gradient, and the ranks
+        # average; the sum over a group is the sample's gradient, so each share counts `context` times
+        acc.backward(loss * parallel.context if parallel.context > 1 else loss)
         for key, val in out.items():
             v = float(val.detach().mean()) if torch.is_tensor(val) else float(val)
             totals[f"{st.name}/{key}"] = totals.get(f"{st.name}/{key}", 0.0) + v / accumulation

@@ -13,6 +13,25 @@ FLUX_LATENT_CHANNELS = 16  # FLUX.1's VAE; the transformer sees 2x2 patches of t
 FLUX_T5_LENGTH = 512  # FluxPipeline.__call__'s default max_sequence_length (the T5 tokens every prompt is padded to)
 
 
+def tiny_flux_transformer(seed: int, guidance_embeds: bool = True):
+    """The tiny family's FluxTransformer2DModel (see :func:`make_tiny_flux`)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * FLUX_LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_HIDDEN,
+        pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
 @keep_global_rng
 def make_tiny_flux(
     path: str | os.PathLike,
@@ -35,21 +54,9 @@ def make_tiny_flux(
     * FlowMatchEulerDiscreteScheduler with FLUX.1-dev's config (``use_dynamic_shifting`` with
       ``base_shift`` 0.5 / ``max_shift`` 1.15 over image sequences of 256..4096 tokens).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * FLUX_LATENT_CHANNELS,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_HIDDEN,
-        pooled_projection_dim=TEXT_HIDDEN,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    transformer = tiny_flux_transformer(seed, guidance_embeds)
     vae = tiny_vae(seed + 1, latent_channels=FLUX_LATENT_CHANNELS, scaling_factor=0.3611, shift_factor=0.1159,
                    use_quant_conv=False, use_post_quant_conv=False)
     text_encoder, tokenizer = clip_pair(seed + 2, with_projection=False)
