@@ -262,11 +262,14 @@ def recipes(counts: dict, lora: dict, t: int) -> list[dict]:
              ("Wan2.1-14B DMD2, full student + LoRA fake", "wan", [net(w, 2, 0), net(w, t, w), lora_copy(w, rw)]),
              ("Wan2.1-14B DMD2, full student + full fake", "wan", [net(w, 2, 0), net(w, t, w), net(w, t, w)]),
              # two phases, one 14B expert each, both with optimiser state by the second phase; the teacher and the
-             # fake score hold Wan2.2's two experts; PhasedDMD._fake_init clones the fake whole before sharding
-             ("Wan2.2-A14B Phased DMD (2 phases), full experts + full fake", "wan", phased),
-             ("the same, the fake score's initial state kept sharded", "wan", phased)]
+             # fake score hold Wan2.2's two experts. PhasedDMD._fake_init (the fake score's initial state, which
+             # each phase starts from) is a whole clone on every rank when the networks are loaded whole
+             # (STEPDISTILL_WHOLE_LOAD=1), a clone of this rank's shards with sharded loading (the default)
+             ("Wan2.2-A14B Phased DMD (2 phases), full experts + full fake, loaded whole", "wan", phased),
+             ("the same, loaded sharded (the default): the initial state kept as shards", "wan", phased)]
     return [dict(case=c, family=fam, nets=nets, lora=nets[1]["trained"] < counts[fam],
-                 unsharded=2 * w * t if "Phased" in c else 0) for c, fam, nets in cases]
+                 unsharded=2 * w * t if "loaded whole" in c else 0,
+                 snapshot_shards=2 * w * t if "kept as shards" in c else 0) for c, fam, nets in cases]
 
 
 def table(counts, lora, fits, trainable=2, world=8, batch=1, gpu_gb=80) -> tuple[str, list[dict]]:
@@ -284,7 +287,9 @@ def table(counts, lora, fits, trainable=2, world=8, batch=1, gpu_gb=80) -> tuple
         f = fits[r["family"]]["lora" if r["lora"] else "full"]
         one_block = batch * max(b["const"] + b["per_token"] * n_tok for b in f["plain"]["blocks"].values())
         row = dict(case=r["case"], tokens=n_tok, **st, unsharded=r["unsharded"], gathered=gathered)
-        row["state"] = st["weights"] + st["grads"] + st["optim"] + r["unsharded"] + gathered
+        # a sharded snapshot (Phased DMD's initial fake score) is counted with the weights
+        row["weights"] = st["weights"] + r["snapshot_shards"] / world
+        row["state"] = row["weights"] + st["grads"] + st["optim"] + r["unsharded"] + gathered
         for ckpt in ("plain", "ckpt"):
             # one pass's activations alive (student or fake score), beside them the larger of the teacher's no-grad
             # pass at the CFG batch and the backward's working bytes, in units of one block's saved bytes (WORK)
