@@ -127,8 +127,16 @@ def smaller_copy(model: nn.Module, architecture: dict, layer_map: dict[str, list
     return new, fresh
 
 
+# LoRA target modules by default (``student.lora_targets`` unset): the attention projections, and for LCM-LoRA
+# the set of diffusers' train_lcm_distill_lora_sd_wds.py (attention, transformer in/out projections, feed-forward,
+# resnet convolutions, down/up samplers, time-embedding projections). Targets a network lacks are dropped.
+ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
 def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float | None = None,
-                      lora_targets=("to_q", "to_k", "to_v", "to_out.0"), w_conditioned: bool = False,
+                      lora_targets=ATTENTION_LORA_TARGETS, w_conditioned: bool = False,
                       dtype: torch.dtype = torch.float32, architecture: dict | None = None,
                       layer_map: dict[str, list[int]] | None = None) -> nn.Module:
     """A trainable copy of a (frozen) network in ``dtype`` (float32 by default, or bfloat16 with
@@ -241,19 +249,20 @@ def signal_prediction(den: Denoiser, eps: torch.Tensor, t: torch.Tensor, cond: C
 
 
 def save_lora_adapters(model: nn.Module, folder: str | Path) -> bool:
-    """Write a LoRA model's adapters (diffusers naming, as ``load_lora_weights`` reads them) and their
-    peft config to ``folder/lora``; returns False for a model without adapters."""
+    """Write a LoRA model's adapters (peft's naming, ``<layer>.lora_A.weight``, which ``load_lora_weights``
+    reads for every layer kind) and their peft config to ``folder/lora``; returns False for a model without
+    adapters. (diffusers' ``convert_state_dict_to_diffusers`` renames only attention layers, to the old
+    ``lora.down`` form; a file mixing both forms loads without its attention adapters.)"""
     name = adapter_name(model)  # a view of a shared base: its own adapter
     model = unwrap(model)
     if not getattr(model, "peft_config", None):
         return False
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     out = Path(folder) / "lora"
     out.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=name))
+    layers = get_peft_model_state_dict(model, adapter_name=name)
     save_file({k: v.detach().cpu().contiguous() for k, v in layers.items()}, str(out / "adapter_model.safetensors"))
     config = model.peft_config[name].to_dict()
     (out / "adapter_config.json").write_text(json.dumps(config, default=list, indent=1))

@@ -401,3 +401,56 @@ def test_lcm_lora_student_is_its_own_target_without_a_guidance_input():
     assert lcm.decay == 0.0 and not lcm.w_conditioned and lcm.student.spec.guidance_scale is None
     lcm.loss(_batch(ctx.source), 0, "student")
     assert lcm.target.shadow is None
+
+
+# the LCM-LoRA script's default lora_target_modules (train_lcm_distill_lora_sd_wds.py), as peft matches them
+LCM_LORA_SCRIPT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                           "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+def _adapted(student) -> set[str]:
+    """The names of the layers that carry the student's LoRA adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    from stepdistill.diffusion.denoiser import unwrap
+    from stepdistill.models.shared_lora import adapter_name, is_view
+
+    model = student.model
+    base, name = (model.module if is_view(model) else unwrap(model)), adapter_name(model)
+    return {n for n, m in base.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A}
+
+
+def _peft_matches(network, targets) -> set[str]:
+    """The layers peft adapts for a list of target names: a name equal to one or ending in '.' + one."""
+    from torch import nn
+
+    return {n for n, m in network.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and any(n == t or n.endswith("." + t) for t in targets)}
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_lcm_lora_adapts_the_lcm_lora_scripts_layers_by_default(tmp_path, tiny_pipelines, family):
+    """An LCM-LoRA student without student.lora_targets adapts the layers the official script's default
+    list reaches (on SD's UNet: attention, feed-forward, resnet convolutions, samplers, time projections; on
+    a transformer those of the list it has); other methods keep the attention projections, and an explicit
+    list wins."""
+    from stepdistill.diffusion.denoiser import unwrap
+    from stepdistill.training import Trainer
+
+    def student(config, *overrides):
+        cfg = load_config(config, [f"teacher.path={tiny_pipelines[family]}", f"train.output_dir={tmp_path}/{len(seen)}",
+                                   "train.report_to=none", "train.progress=false", *overrides])
+        seen.append(Trainer(cfg))
+        return seen[-1].distiller.student
+
+    seen = []
+    lcm = student(f"configs/tiny-{family}/lcm_lora_4step.yaml")
+    teacher = unwrap(seen[-1].teacher.denoiser.model)
+    official = _peft_matches(teacher, LCM_LORA_SCRIPT_TARGETS)
+    attention = _peft_matches(teacher, ["to_q", "to_k", "to_v", "to_out.0"])
+    assert official > attention  # the script's set reaches more than the attention (the test can fail)
+    assert _adapted(lcm) == official
+    dmd2 = student(f"configs/tiny-{family}/dmd2_4step.yaml", "student.lora_rank=4")
+    assert _adapted(dmd2) == attention
+    explicit = student(f"configs/tiny-{family}/lcm_lora_4step.yaml", "student.lora_targets=[to_q]")
+    assert _adapted(explicit) == _peft_matches(teacher, ["to_q"])
