@@ -96,6 +96,9 @@ class StudentConfig:
     # (to_q, to_k, to_v, to_out.0), for lcm LCM_LORA_TARGETS (the LCM-LoRA script's: attention, feed-forward,
     # resnet convolutions, samplers, time-embedding projections)
     lora_targets: list[str] | None = None
+    # initialisation of the LoRA adapters (the student's and a LoRA fake score's): default, peft's (A kaiming-uniform,
+    # B zero), as the official LCM-LoRA and SwiftBrush code; gaussian, A ~ N(0, 1 / rank) (B zero)
+    lora_init: typing.Literal["default", "gaussian"] = "default"
     # a smaller student of the teacher's class: changes to its config (e.g. {block_out_channels: [16, 32, 32]},
     # {num_layers: 14}); weights start from the teacher's, cut to the new shapes (models.student.smaller_copy)
     architecture: dict[str, Any] | None = None

@@ -46,12 +46,14 @@ def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float]
         return placed(copy_for_training(expert_at(source, t, ctx.init.process), lora_rank=sc.lora_rank,
                                         lora_alpha=sc.lora_alpha, lora_targets=targets,
                                         w_conditioned=w_conditioned, dtype=torch_dtype(ctx.config.train.trainable_dtype),
-                                        architecture=sc.architecture, layer_map=sc.layer_map), ctx.device)
+                                        architecture=sc.architecture, layer_map=sc.layer_map,
+                                        lora_init=sc.lora_init), ctx.device)
 
     if lora_base is not None:
         if experts or w_conditioned:
             raise ValueError("a shared LoRA base holds one student network without new inputs")
-        model = add_adapter_view(lora_base, STUDENT, rank=sc.lora_rank, alpha=sc.lora_alpha, targets=targets)
+        model = add_adapter_view(lora_base, STUDENT, rank=sc.lora_rank, alpha=sc.lora_alpha, targets=targets,
+                                 init=sc.lora_init)
     elif experts:  # expert k starts from the teacher's network at step k's time
         model = PhasedExperts.from_experts([trainable_copy(t) for t in timesteps], [float(t) for t in timesteps])
     else:  # one network for every step: the teacher's at t_init

@@ -95,11 +95,12 @@ def make_fake(ctx: Context, opt: FakeScoreOptions, lora_base: nn.Module | None =
     ``lora_base`` (:func:`shared_lora_base`), adapter ``fake_score`` on that network."""
     if lora_base is not None:
         model = add_adapter_view(lora_base, FAKE_SCORE, rank=opt.fake_lora_rank, alpha=opt.fake_lora_alpha,
-                                 targets=fake_lora_targets(ctx, opt))
+                                 targets=fake_lora_targets(ctx, opt), init=ctx.config.student.lora_init)
         return Denoiser(model, ctx.init.process, ctx.init.prediction_type, ctx.init.embedded_guidance)
     model = placed(copy_for_training(ctx.init.model, lora_rank=opt.fake_lora_rank, lora_alpha=opt.fake_lora_alpha,
                                      lora_targets=fake_lora_targets(ctx, opt),
-                                     dtype=torch_dtype(ctx.config.train.trainable_dtype)), ctx.device)
+                                     dtype=torch_dtype(ctx.config.train.trainable_dtype),
+                                     lora_init=ctx.config.student.lora_init), ctx.device)
     return Denoiser(model, ctx.init.process, ctx.init.prediction_type, ctx.init.embedded_guidance)
 
 

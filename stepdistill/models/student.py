@@ -31,7 +31,7 @@ from . import nets
 from .nets import network_class
 from .sharded_load import adapters_made_for_real, shard_copy
 from .sharding import is_sharded, plain_copy, skeleton
-from .shared_lora import adapter_name, fused_view_copy, is_view
+from .shared_lora import adapter_name, fused_view_copy, is_view, peft_init
 from .spec import SAMPLERS, SPEC_FILE, StudentSpec  # noqa: F401  (the student's schedule, read with it)
 
 
@@ -138,14 +138,15 @@ LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
 def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float | None = None,
                       lora_targets=ATTENTION_LORA_TARGETS, w_conditioned: bool = False,
                       dtype: torch.dtype = torch.float32, architecture: dict | None = None,
-                      layer_map: dict[str, list[int]] | None = None) -> nn.Module:
+                      layer_map: dict[str, list[int]] | None = None, lora_init: str = "default") -> nn.Module:
     """A trainable copy of a (frozen) network in ``dtype`` (float32 by default, or bfloat16 with
     ``train.trainable_dtype``): all weights, or LoRA adapters only (peft, through diffusers'
-    ``add_adapter``). ``w_conditioned`` rebuilds the network with a guidance-scale input
-    (:func:`w_conditioned_class`); weights it did not have are zero-initialised, so the copy starts as
-    the teacher. ``architecture`` makes a smaller network of the same class (:func:`smaller_copy`). A
-    two-expert network (:class:`~stepdistill.models.nets.NoiseLevelExperts`, e.g. a fake score initialised
-    as a Wan2.2 teacher) is copied expert by expert, both trainable. Of a network sharded over several
+    ``add_adapter``; ``lora_init`` as :func:`~stepdistill.models.shared_lora.peft_init` reads it).
+    ``w_conditioned`` rebuilds the network with a guidance-scale input (:func:`w_conditioned_class`);
+    weights it did not have are zero-initialised, so the copy starts as the teacher. ``architecture``
+    makes a smaller network of the same class (:func:`smaller_copy`). A two-expert network
+    (:class:`~stepdistill.models.nets.NoiseLevelExperts`, e.g. a fake score initialised as a Wan2.2 teacher)
+    is copied expert by expert, both trainable. Of a network sharded over several
     processes (FSDP) the copy is sharded alike, built without a whole copy on any rank
     (``models/sharded_load.py``; a smaller or w-conditioned copy is made from the whole network, gathered)."""
     src = unwrap(model)
@@ -158,7 +159,7 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
     if isinstance(src, nets.NoiseLevelExperts):
         experts = [copy_for_training(e, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
                                      w_conditioned=w_conditioned, dtype=dtype, architecture=architecture,
-                                     layer_map=layer_map) for e in src.experts]
+                                     layer_map=layer_map, lora_init=lora_init) for e in src.experts]
         return nets.NoiseLevelExperts.from_experts(experts, src.config.boundary_timestep).train()
     if architecture is not None:  # a smaller network of the same class (w-conditioned: with its new input)
         cls, updates = w_conditioned_class(src) if w_conditioned else (type(src), {})
@@ -197,7 +198,7 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
             raise ValueError(f"student.lora_targets {list(lora_targets)} match no module of {type(src).__name__}")
         with adapters_made_for_real(student, dtype) if sharded else contextlib.nullcontext():
             student.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets,
-                                           init_lora_weights="gaussian"))
+                                           init_lora_weights=peft_init(lora_init)))
         if w_conditioned:  # the new guidance embedding is trained in full beside the LoRA
             for name, p in student.named_parameters():
                 if name in missing:

@@ -454,3 +454,41 @@ def test_lcm_lora_adapts_the_lcm_lora_scripts_layers_by_default(tmp_path, tiny_p
     assert _adapted(dmd2) == attention
     explicit = student(f"configs/tiny-{family}/lcm_lora_4step.yaml", "student.lora_targets=[to_q]")
     assert _adapted(explicit) == _peft_matches(teacher, ["to_q"])
+
+
+@pytest.mark.parametrize("init", [None, "gaussian"])
+def test_lora_adapters_start_as_peft_default_as_the_lcm_lora_and_swiftbrush_code(init):
+    """A LoRA copy and a LoRA adapter on a shared base draw their adapters as peft's default LoraConfig does
+    (the official scripts pass no init_lora_weights: A kaiming-uniform, B zero), from the same random state;
+    student.lora_init=gaussian keeps peft's Gaussian A."""
+    from peft import LoraConfig
+
+    from stepdistill.models.shared_lora import add_adapter_view
+    from stepdistill.models.student import copy_for_training
+
+    torch.manual_seed(0)
+    net = MLPDenoiser(dim=3, hidden=32, depth=2).requires_grad_(False)
+
+    def official():
+        ref = copy.deepcopy(net)
+        torch.manual_seed(5)
+        ref.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["fc1", "fc2"],
+                                   **({} if init is None else {"init_lora_weights": init})))
+        return {k: v for k, v in ref.state_dict().items() if "lora_" in k}
+
+    def ours(model):
+        return {k.replace(".fake_score", ".default"): v for k, v in model.state_dict().items() if "lora_" in k}
+
+    expect = official()
+    assert expect and all(float(v.abs().sum()) == 0 for k, v in expect.items() if "lora_B" in k)
+    torch.manual_seed(5)
+    copied = copy_for_training(net, lora_rank=4, lora_targets=["fc1", "fc2"], lora_init=init or "default")
+    torch.manual_seed(5)
+    view = add_adapter_view(copy.deepcopy(net), "fake_score", rank=4, alpha=None, targets=["fc1", "fc2"],
+                            init=init or "default")
+    for got in (ours(copied), ours(view.module)):
+        assert got.keys() == expect.keys()
+        assert all(torch.equal(got[k], expect[k]) for k in expect)
+    a = next(v for k, v in expect.items() if "lora_A" in k)
+    bound = 1 / a.shape[1] ** 0.5  # kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert (float(a.abs().max()) <= bound) == (init is None)  # a Gaussian of std 1/r leaves that bound
