@@ -21,19 +21,19 @@ from stepdistill.models.oracle import GaussianMixture
 from stepdistill.models.teachers import Teacher
 
 
-def _context(method: str, *overrides, t_init: float = 600.0):
+def _context(method: str, *overrides, t_init: float = 600.0, prediction: str = "epsilon"):
     """A conditional oracle teacher whose networks (teacher copy, student, fake score) are an
-    epsilon-prediction MLP, as SD1.5's UNet is."""
+    epsilon-prediction MLP, as SD1.5's UNet is (or a v-prediction one, as SD2.1's)."""
     from diffusers import DDIMScheduler
 
     from stepdistill.diffusion.process import process_from_scheduler_config
 
-    proc = process_from_scheduler_config(DDIMScheduler(beta_schedule="scaled_linear"))
+    proc = process_from_scheduler_config(DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction))
     gmm = GaussianMixture.ring(4, 3, 2.0, 0.3)
     teacher = Teacher.from_oracle(gmm, proc)
     torch.manual_seed(0)
     net = MLPDenoiser(dim=3, hidden=32, depth=2, num_classes=4).requires_grad_(False)
-    teacher.denoiser = Denoiser(net, proc, "epsilon")  # the 'real score' of these tests
+    teacher.denoiser = Denoiser(net, proc, prediction)  # the 'real score' of these tests
     cfg = load_config(None, [f"method={method}", "teacher.oracle.components=4", "teacher.oracle.dim=3",
                              "teacher.oracle.conditional=true", f"student.timesteps=[{t_init}]", *overrides])
     source = BatchSource(teacher, seed=0, device="cpu", oracle=gmm)
@@ -64,10 +64,11 @@ def _batch(source, seed=3, n=6):
 # ------------------------------------------------------------------------------------------------
 # SiD-LSG (mingyuanzhou/SiD-LSG, training/sid_training_loop.py)
 # ------------------------------------------------------------------------------------------------
-def _sid(*overrides):
+def _sid(*overrides, prediction="epsilon"):
     from stepdistill.distillers.sid import SiD
 
-    ctx, proc = _context("sid", "method_args.guidance_mode=lsg", "method_args.guidance_scale=2.5", *overrides)
+    ctx, proc = _context("sid", "method_args.guidance_mode=lsg", "method_args.guidance_scale=2.5", *overrides,
+                         prediction=prediction)
     from stepdistill.config import from_dict
 
     sid = SiD(ctx, from_dict(SiD.Options, ctx.config.method_args, "method_args"))
@@ -98,6 +99,37 @@ def test_sid_fake_loss_is_the_official_guided_epsilon_regression_summed_over_ele
     e_u = _eps(sid.fake.model, x_t, t, torch.full_like(labels, 4))
     official = ((e_u + 2.5 * (e_c - e_u) - eps) ** 2).sum() / 6  # (1 / B) sum over every element
     torch.testing.assert_close(loss, official, rtol=1e-5, atol=1e-6)
+
+
+def test_sid_fake_loss_on_a_v_prediction_teacher_is_the_official_snr_weighted_v_regression():
+    """SiD-LSG's code on a v-prediction network: (v_fake^cfg - v)^2 * snr / (snr + 1), summed; that is the
+    epsilon-space loss (the eps the guided v implies against the noise)."""
+    sid, ctx, proc = _sid(prediction="v_prediction")
+    assert sid.fake.prediction_type == "v_prediction"
+    batch = _batch(ctx.source)
+    g = _replay(batch)
+    loss = sid.loss(batch, 0, "fake")["loss"]
+    labels = batch.labels.clone()
+    drop = torch.rand(6, generator=g) < 0.1
+    labels = torch.where(drop, torch.full_like(labels, 4), labels)
+    z = torch.randn(6, 3, generator=g)
+    a0, s0 = proc.alpha_sigma(torch.full((6,), 600.0))
+    with torch.no_grad():
+        x_g = a0[:, None] * z - s0[:, None] * _eps(sid.student.model, z, torch.full((6,), 600.0), labels)  # v -> x0
+    t = (proc.t_max * 0.02 + (proc.t_max * 0.98 - proc.t_max * 0.02) * torch.rand(6, generator=g, dtype=torch.float64)).float()
+    eps = torch.randn(6, 3, generator=g)
+    a, s = proc.alpha_sigma(t)
+    x_t = a[:, None] * x_g + s[:, None] * eps
+    v_c, v_u = _eps(sid.fake.model, x_t, t, labels), _eps(sid.fake.model, x_t, t, torch.full_like(labels, 4))
+    v_fake = v_u + 2.5 * (v_c - v_u)
+    target = a[:, None] * eps - s[:, None] * x_g  # get_velocity
+    snr = a**2 / s**2  # compute_snr: alphas_cumprod / (1 - alphas_cumprod)
+    official = ((v_fake - target) ** 2 * (snr / (snr + 1))[:, None]).sum() / 6
+    torch.testing.assert_close(loss, official, rtol=1e-5, atol=1e-6)
+    eps_fake = s[:, None] * x_t + a[:, None] * v_fake  # the same loss in epsilon space
+    torch.testing.assert_close(loss, ((eps_fake - eps) ** 2).sum() / 6, rtol=1e-4, atol=1e-6)
+    unweighted = ((v_fake - target) ** 2).sum() / 6
+    assert not torch.allclose(unweighted, official, rtol=1e-2)  # the weight matters on these tensors
 
 
 def test_sid_generator_loss_is_the_official_score_identity_loss_summed_over_elements():
