@@ -33,7 +33,7 @@ class FakeScoreOptions:
     fake_lora_alpha: float | None = None  # LoRA scale alpha / rank (default alpha = rank)
     # modules the fake score's LoRA adapts (default: student.lora_targets, or the attention projections)
     fake_lora_targets: list[str] | None = None
-    fake_lr: float | None = None  # default: the student's learning rate (DMD2 and SiD use equal rates)
+    fake_lr: float | None = None  # default: the student's learning rate (DMD2, SiD); Phased DMD: fake_lr_ratio x it
     fake_updates: int = 1  # fake-score updates per student update (two time-scale rule)
     t_min: float = 0.02  # score losses use times in [t_min, t_max] as fractions of the process range
     t_max: float = 0.98

@@ -287,6 +287,21 @@ def test_fake_score_learning_rate_defaults_to_the_students():
     assert {n: t.lr for n, t in dmd2.trainables().items()} == {"student": 3e-6, "fake": 3e-6}
 
 
+def test_phased_dmd_fake_score_learning_rate_is_lightx2vs_fifth_of_the_students():
+    """LightX2V's Phased DMD configs (wan2_1_t2v_1_3b_phased_dmd.yaml): student 2e-6, fake score 4e-7."""
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.phased_dmd import PhasedDMD
+
+    def rates(*overrides):
+        ctx, _ = _context("phased_dmd", "method_args.lr=2e-6", *overrides)
+        return {n: t.lr for n, t in PhasedDMD(ctx, from_dict(PhasedDMD.Options, ctx.config.method_args,
+                                                             "method_args")).trainables().items()}
+
+    assert rates() == pytest.approx({"expert0": 2e-6, "fake": 4e-7}, rel=1e-9)
+    assert rates("method_args.fake_lr=1e-3") == pytest.approx({"expert0": 2e-6, "fake": 1e-3}, rel=1e-9)
+    assert rates("method_args.fake_lr_ratio=1.0") == pytest.approx({"expert0": 2e-6, "fake": 2e-6}, rel=1e-9)
+
+
 @pytest.mark.slow
 def test_progressive_learning_rate_anneals_linearly_within_each_round(tmp_path):
     from stepdistill.training import Trainer
