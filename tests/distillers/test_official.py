@@ -271,6 +271,40 @@ def test_dmd2_gan_classifier_times_cover_the_whole_range():
 
 
 # ------------------------------------------------------------------------------------------------
+# BOOT (Gu et al. 2023; no public code: the paper's signal ODE x_t = alpha_t y_t + sigma_t eps)
+# ------------------------------------------------------------------------------------------------
+def test_boot_boundary_reads_the_teacher_at_the_x_T_the_bootstrapping_steps_from():
+    """The boundary's target is the teacher's x0 at x_T = alpha_T sg(y(eps, T)) + sigma_T eps, the point the
+    first bootstrapping step (t = T) rebuilds from the same y(eps, T): one x_T, not sigma_T eps in one place."""
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.boot import Boot
+
+    ctx, proc = _context("boot", "method_args.grid_steps=2")
+    boot = Boot(ctx, from_dict(Boot.Options, ctx.config.method_args, "method_args"))
+    _perturb(boot.student.model, 1)
+    calls = []
+    teacher_x0 = boot.x0
+    boot.x0 = lambda x_t, t, batch: (calls.append((x_t.clone(), t.expand(x_t.shape[0]).clone())), teacher_x0(x_t, t, batch))[1]
+    batch = _batch(ctx.source, seed=8)
+    g = _replay(batch)
+    out = boot.loss(batch, 0, "student")
+    eps = torch.randn(6, 3, generator=g)
+    first = torch.randint(0, 2, (6,), generator=g) == 0  # rows whose bootstrapping step starts at T
+    t_max = torch.full((6,), proc.t_max)
+    a, s = proc.alpha_sigma(t_max)
+    with torch.no_grad():
+        y_T = (eps - s[:, None] * _eps(boot.student.model, eps, t_max, batch.labels)) / a[:, None]  # read as x0 at T
+        x_T = a[:, None] * y_T + s[:, None] * eps
+        f_T = (x_T - s[:, None] * _eps(ctx.teacher.denoiser.model, x_T, t_max, batch.labels)) / a[:, None]
+    torch.testing.assert_close(out["boundary"], torch.nn.functional.mse_loss(y_T, f_T), rtol=1e-5, atol=1e-7)
+    (x_bc, t_bc), (x_bs, t_bs) = calls
+    assert 0 < int(first.sum()) < 6 and torch.equal(t_bs == proc.t_max, first)
+    torch.testing.assert_close(x_bc, x_T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_bs[first], x_bc[first], rtol=1e-5, atol=1e-6)  # the same x_T in both terms
+    assert (x_T - s[:, None] * eps).abs().min() > 1e-3  # alpha_T y_T is not negligible here (SD: alpha_T = 0.068)
+
+
+# ------------------------------------------------------------------------------------------------
 # defaults and recipes
 # ------------------------------------------------------------------------------------------------
 def test_fake_score_learning_rate_defaults_to_the_students():
