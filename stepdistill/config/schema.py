@@ -92,7 +92,13 @@ class StudentConfig:
     timesteps: list[float] | None = None  # explicit descending list (first = t_init); default: the process grid
     lora_rank: int = 0  # 0: full fine-tune of a teacher copy; > 0: LoRA (peft) on the copy
     lora_alpha: float | None = None  # default: lora_rank
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # modules the LoRA adapts (those the network has); default: the method's, models.student.ATTENTION_LORA_TARGETS
+    # (to_q, to_k, to_v, to_out.0), for lcm LCM_LORA_TARGETS (the LCM-LoRA script's: attention, feed-forward,
+    # resnet convolutions, samplers, time-embedding projections)
+    lora_targets: list[str] | None = None
+    # initialisation of the LoRA adapters (the student's and a LoRA fake score's): default, peft's (A kaiming-uniform,
+    # B zero), as the official LCM-LoRA and SwiftBrush code; gaussian, A ~ N(0, 1 / rank) (B zero)
+    lora_init: typing.Literal["default", "gaussian"] = "default"
     # a smaller student of the teacher's class: changes to its config (e.g. {block_out_channels: [16, 32, 32]},
     # {num_layers: 14}); weights start from the teacher's, cut to the new shapes (models.student.smaller_copy)
     architecture: dict[str, Any] | None = None

@@ -4,12 +4,19 @@ The student g(eps, t) always reads the initial noise eps and predicts the *signa
 teacher's ODE trajectory started from it, y_t = (x_t - sigma_t eps) / alpha_t (the "signal ODE",
 sec. 3.1). Training needs no data:
 
-- boundary (t = T): g(eps, T) matches the teacher's x0 prediction at x_T = sigma_T eps;
+- boundary (t = T): g(eps, T) matches the teacher's x0 prediction at x_T = alpha_T sg(g(eps, T)) +
+  sigma_T eps;
 - bootstrapping (sec. 3.2): for neighbouring grid times t > s, rebuild x_t = alpha_t g(eps, t) +
   sigma_t eps, take one teacher DDIM step to s, and regress g(eps, s) onto the stop-gradient target
   y_s = (x_s - sigma_s eps) / alpha_s, weighted by 1 / Delta^2 with Delta = 1 - e^{lambda_s - lambda_t}
   (lambda = -log(alpha/sigma)), the step's size in y-space. In y-space the DDIM step reads
   y_s = y_t + Delta (f(x_t, t) - y_t).
+
+x_t is built one way at every time, T included: the boundary reads the teacher at the point the first
+bootstrapping step starts from, so a student that meets the boundary (y_T = f(x_T, T)) takes that step
+from its own trajectory. The paper writes the boundary at pure noise, which is this x_T when alpha_T = 0
+(flow, and its continuous schedules); on a discrete VP schedule alpha_T > 0 (SD: 0.068), and x_T =
+sigma_T eps would leave the boundary's y_T off the signal the bootstrapping steps continue.
 
 The sample is g(eps, t_clean): at the clean end y = x. The network's raw output is read as an x0
 prediction with t_max's coefficients whatever t it is given (``signal_prediction``), so at
@@ -79,11 +86,12 @@ class Boot(Distiller):
         proc, student = self.student.process, self.student.denoiser
         b = batch.size
         eps = batch.randn(b, *self.ctx.teacher.sample_shape)
-        # boundary condition at t = T
+        # boundary condition at t = T, at the x_T the bootstrapping rebuilds there: alpha_T y_T + sigma_T eps
         t_max = self.grid[0].expand(b)
+        y_T = signal_prediction(student, eps, t_max, batch.cond)
         with torch.no_grad():
-            y_T = self.x0(eps * per_sample(proc.sigma(t_max), eps), t_max, batch)
-        loss_bc = mse(signal_prediction(student, eps, t_max, batch.cond), y_T)
+            target_T = self.x0(proc.add_noise(y_T.detach(), eps, t_max), t_max, batch)
+        loss_bc = mse(y_T, target_T)
         # bootstrapping between neighbouring grid times
         i = batch.randint(0, len(self.grid) - 1)
         t, s = self.grid[i], self.grid[i + 1]

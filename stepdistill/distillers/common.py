@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..models.nets import PhasedExperts, expert_at, network_class
 from ..models.sharding import placed, plain_copy
 from ..models.shared_lora import STUDENT, add_adapter_view
-from ..models.student import Student, StudentSpec, copy_for_training
+from ..models.student import ATTENTION_LORA_TARGETS, Student, StudentSpec, copy_for_training
 from .base import Context, Trainable
 
 logger = logging.getLogger(__name__)
@@ -25,31 +25,35 @@ logger = logging.getLogger(__name__)
 
 def make_student(ctx: Context, method: str, sampler: str, timesteps: list[float], *, guidance_scale=None,
                  w_conditioned: bool = False, experts: bool = False, prediction_type: str | None = None,
-                 lora_base: torch.nn.Module | None = None) -> Student:
+                 lora_base: torch.nn.Module | None = None, lora_targets=ATTENTION_LORA_TARGETS) -> Student:
     """A trainable copy of ``ctx.init`` (full or LoRA, per ``student.*``) with its schedule; with
     ``w_conditioned``, rebuilt with a guidance-scale input; with ``experts``, one copy per timestep
     (:class:`~stepdistill.models.nets.PhasedExperts`, each step served by its own network); with
     ``prediction_type``, its output read in that parameterisation instead of the teacher's; with
     ``student.architecture``, a smaller network of the teacher's class cut from its weights; with
-    ``student.init``, a copy of the network in that folder instead of the teacher's. Of a two-expert
+    ``student.init``, a copy of the network in that folder instead of the teacher's. A LoRA student adapts
+    ``student.lora_targets``, or the method's ``lora_targets`` when that is unset. Of a two-expert
     teacher (Wan2.2's high- and low-noise networks) a student network is a copy of the expert serving its
     t_init, and each per-step expert a copy of the expert serving its step's time. With ``lora_base`` (a
     LoRA student on the teacher's network itself, :func:`shared_lora_base`) the student is adapter
     ``student`` on that network instead of a copy of it."""
     sc = ctx.config.student
     source = ctx.init.model if sc.init is None else load_init_network(sc.init, ctx.init.model)
+    targets = list(lora_targets if sc.lora_targets is None else sc.lora_targets)
 
     def trainable_copy(t: float):
         # a two-expert teacher (Wan2.2): the copy starts from the expert that serves time t
         return placed(copy_for_training(expert_at(source, t, ctx.init.process), lora_rank=sc.lora_rank,
-                                        lora_alpha=sc.lora_alpha, lora_targets=sc.lora_targets,
+                                        lora_alpha=sc.lora_alpha, lora_targets=targets,
                                         w_conditioned=w_conditioned, dtype=torch_dtype(ctx.config.train.trainable_dtype),
-                                        architecture=sc.architecture, layer_map=sc.layer_map), ctx.device)
+                                        architecture=sc.architecture, layer_map=sc.layer_map,
+                                        lora_init=sc.lora_init), ctx.device)
 
     if lora_base is not None:
         if experts or w_conditioned:
             raise ValueError("a shared LoRA base holds one student network without new inputs")
-        model = add_adapter_view(lora_base, STUDENT, rank=sc.lora_rank, alpha=sc.lora_alpha, targets=sc.lora_targets)
+        model = add_adapter_view(lora_base, STUDENT, rank=sc.lora_rank, alpha=sc.lora_alpha, targets=targets,
+                                 init=sc.lora_init)
     elif experts:  # expert k starts from the teacher's network at step k's time
         model = PhasedExperts.from_experts([trainable_copy(t) for t in timesteps], [float(t) for t in timesteps])
     else:  # one network for every step: the teacher's at t_init

@@ -15,9 +15,12 @@ that its outputs at neighbouring points of the teacher's CFG-augmented probabili
 
 The target network is an EMA of the student (decay ``target_decay``, 0.95 in the LCM script) for full
 students; LCM-LoRA (``student.lora_rank`` > 0) uses the online student itself (decay 0), as its script
-does. The full student reads w through a guidance-scale embedding (UNet ``time_cond_proj_dim``; the
-diffusers pipelines feed it ``guidance_scale``); the LoRA student has none, so its adapters load into
-the teacher with ``load_lora_weights`` and sample with the stock ``LCMScheduler`` at guidance 1.
+does, and adapts by default the script's target modules (``LCM_LORA_TARGETS``: attention, transformer
+in/out projections, feed-forward, resnet convolutions, samplers and time-embedding projections, those the
+network has; ``student.lora_targets`` overrides them). The full student reads w through a guidance-scale
+embedding (UNet ``time_cond_proj_dim``; the diffusers pipelines feed it ``guidance_scale``); the LoRA
+student has none, so its adapters load into the teacher with ``load_lora_weights`` and sample with the
+stock ``LCMScheduler`` at guidance 1.
 
 Guidance convention: ``w_min``, ``w_max`` and ``sample_guidance`` are diffusers guidance scales
 (u + w (c - u)); the LCM scripts' w is this minus 1 (their [5, 15] is [6, 16] here).
@@ -41,7 +44,7 @@ from ..diffusion.denoiser import W_CONDITIONED, Denoiser, unwrap
 from ..diffusion.process import per_sample
 from ..models.nets import expert_at
 from ..models.sharding import full, is_sharded
-from ..models.student import boundary_scalings, lcm_timesteps
+from ..models.student import LCM_LORA_TARGETS, boundary_scalings, lcm_timesteps
 from .base import Context, Distiller, Trainable
 from .common import SamplePool, check_x_source, make_student, student_trainable, x0_source
 
@@ -201,7 +204,7 @@ class Consistency(Distiller):
             guidance = 8.5 if options.sample_guidance is None else options.sample_guidance
             guidance = min(max(guidance, options.w_min), options.w_max)
         self.student = make_student(ctx, "lcm", "renoise", default_times, guidance_scale=guidance,
-                                    w_conditioned=self.w_conditioned)
+                                    w_conditioned=self.w_conditioned, lora_targets=LCM_LORA_TARGETS)
         self.student.spec.consistency = {"solver_steps": options.solver_steps, "timestep_scaling": self.scaling}
         self.target = TargetNetwork(self.student, self.decay)
         self.pool = None

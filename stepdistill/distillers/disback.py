@@ -23,8 +23,10 @@ Deviations: the paper backtracks on its own base update; here it is DMD's distri
 gradient (with the two-time-scale rule of ``fake_updates``). Nodes switch on a fixed schedule rather than
 on a convergence test. The nodes are kept on the CPU (one at a time on the device). The authors' public
 code (built on DMD2's) starts both stages from DMD2's trained SDXL generator and fake score and switches
-target on a step test that, as written, moves past at most one node and never returns to the teacher;
-this module follows the paper's and that README's description instead (docs/METHODS.md, DisBack).
+target on a step test that, as written, moves past at most one node and never returns to the teacher,
+and whose load (``strict=False``, keys prefixed by the guidance model's attribute names) matches no key
+of the real score, which stays the teacher; this module follows the paper's and that README's
+description instead (docs/METHODS.md, DisBack).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@
 - :func:`prompt_dropout`: rows replaced by the unconditional branch (a fake score that must learn its
   own unconditional prediction for CFG);
 - :func:`guided_raw`, :func:`denoising_loss`: the teacher's own training loss on given samples (fake
-  scores), optionally on its CFG-combined prediction.
+  scores), optionally on its CFG-combined prediction;
+- :func:`v_as_epsilon_weight`: the per-sample weight that makes a v-prediction's squared error the
+  squared error of the epsilon it implies (SiD-LSG's snr / (snr + 1) on a VP schedule).
 """
 
 from __future__ import annotations
@@ -91,3 +93,15 @@ def denoising_loss(den: Denoiser, x0: torch.Tensor, cond: Cond | None, t: torch.
     target = proc.from_x0_eps(x0, eps, t, den.prediction_type)
     pred = guided_raw(den, x_t, t, cond, uncond, guidance_scale, guidance)
     return mse(pred, target, weight, reduction)
+
+
+def v_as_epsilon_weight(process, t: torch.Tensor, prediction_type: str) -> torch.Tensor | None:
+    """For a ``v_prediction`` network, the weight per sample that turns its v-MSE into the MSE of the epsilon
+    it implies: at fixed (x_t, t), eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2), so the eps error is
+    alpha / (alpha^2 + sigma^2) times the v error and the weight is alpha^2 / (alpha^2 + sigma^2)^2; on a
+    VP schedule (alpha^2 + sigma^2 = 1) that is alpha^2 = snr / (snr + 1), the weight SiD-LSG's code puts on
+    a v-prediction fake score's loss. None (unweighted) for every other parameterisation."""
+    if prediction_type != "v_prediction":
+        return None
+    a, s = process.alpha_sigma(t)
+    return a**2 / (a**2 + s**2) ** 2

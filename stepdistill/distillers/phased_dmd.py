@@ -28,8 +28,11 @@ an unweighted velocity MSE); (2) the DMD gradient is applied to the phase output
 takes it (the code applies it to the student's x0 prediction); (3) phases are trained one after
 another with the fake score re-initialised at each start, as sec. 2.2 describes (the code alternates
 two regions every iteration, each with its own persistent fake score). From the code, where the
-paper is silent: Adam betas (0, 0.999) for every trainable (``betas``) and, in the shipped configs,
-weight decay 0.01 and gradient clipping at 10.
+paper is silent: Adam betas (0, 0.999) for every trainable (``betas``), and the fake score's learning
+rate a fifth of the student's (``fake_lr_ratio`` 0.2: LightX2V's Wan configs train the student at 2e-6
+and the fake score at 4e-7) unless ``fake_lr`` sets it. Those configs also use AdamW weight decay 0.01
+and gradient clipping at 10; here they are ``train.weight_decay`` (default 0) and ``train.grad_clip``
+(default 1), which no shipped Phased DMD config changes.
 
 The last phase (s = t_clean) is ordinary DMD. Per-phase experts are a :class:`~stepdistill.models.nets.PhasedExperts`
 network (sampling routes each step to its expert; no stock diffusers pipeline does that, so such
@@ -52,7 +55,7 @@ from ..models.sharding import load_full_state
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_timesteps, student_trainable
 from .losses import gradient_matching_loss, guided_x0, mse, per_sample_mean_abs
-from .score import FakeScoreOptions, fake_learning_rate, make_fake, score_time_range
+from .score import FakeScoreOptions, make_fake, score_time_range
 
 logger = logging.getLogger("stepdistill")
 
@@ -66,12 +69,14 @@ class PhasedDMDOptions(FakeScoreOptions):
     experts: bool = True  # one expert network per phase (a mixture of experts); false: one shared network
     reset_fake: bool = True  # re-initialise the fake score from the teacher at each phase start
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas of every trainable (LightX2V)
+    fake_lr_ratio: float = 0.2  # the fake score's learning rate over lr when fake_lr is unset (LightX2V: 4e-7 / 2e-6)
 
     def __post_init__(self):
         super().__post_init__()
         check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
         check_range("method_args.lr", self.lr, gt=0)
         check_range("method_args.steps_per_phase", self.steps_per_phase, ge=1)
+        check_range("method_args.fake_lr_ratio", self.fake_lr_ratio, gt=0)
 
 
 class PhasedDMD(Distiller):
@@ -114,7 +119,8 @@ class PhasedDMD(Distiller):
         return [f"expert{k}" for k in range(config.student.num_steps)] + ["fake"]
 
     def trainables(self) -> dict[str, Trainable]:
-        fake_lr = fake_learning_rate(self.options)
+        opt = self.options
+        fake_lr = opt.fake_lr if opt.fake_lr is not None else opt.fake_lr_ratio * opt.lr
         if self.options.experts:
             experts = unwrap(self.student.model).experts
 

@@ -18,7 +18,7 @@ from ..diffusion.denoiser import Cond, Denoiser
 from ..models.nets import NoiseLevelExperts
 from ..models.sharding import placed
 from ..models.shared_lora import FAKE_SCORE, add_adapter_view
-from ..models.student import Student, copy_for_training
+from ..models.student import ATTENTION_LORA_TARGETS, Student, copy_for_training
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_timesteps, student_trainable
 
@@ -31,8 +31,9 @@ class FakeScoreOptions:
 
     fake_lora_rank: int = 0  # 0: the fake score is a full copy of the teacher; > 0: a LoRA on a copy
     fake_lora_alpha: float | None = None  # LoRA scale alpha / rank (default alpha = rank)
-    fake_lora_targets: list[str] | None = None  # modules the fake score's LoRA adapts (default: student.lora_targets)
-    fake_lr: float | None = None  # default: the student's learning rate (DMD2 and SiD use equal rates)
+    # modules the fake score's LoRA adapts (default: student.lora_targets, or the attention projections)
+    fake_lora_targets: list[str] | None = None
+    fake_lr: float | None = None  # default: the student's learning rate (DMD2, SiD); Phased DMD: fake_lr_ratio x it
     fake_updates: int = 1  # fake-score updates per student update (two time-scale rule)
     t_min: float = 0.02  # score losses use times in [t_min, t_max] as fractions of the process range
     t_max: float = 0.98
@@ -83,16 +84,23 @@ def written_by_several_processes(output_dir) -> bool:
     return output_dir is not None and any((Path(output_dir) / "checkpoints").glob("checkpoint-*/sharded"))
 
 
+def fake_lora_targets(ctx: Context, opt: FakeScoreOptions) -> list[str]:
+    """The modules a LoRA fake score adapts: ``fake_lora_targets``, else ``student.lora_targets``, else the
+    attention projections."""
+    return list(opt.fake_lora_targets or ctx.config.student.lora_targets or ATTENTION_LORA_TARGETS)
+
+
 def make_fake(ctx: Context, opt: FakeScoreOptions, lora_base: nn.Module | None = None) -> Denoiser:
     """The fake score: initialised as the teacher (DMD sec. 3.2 / SiD sec. 4), full or LoRA; with
     ``lora_base`` (:func:`shared_lora_base`), adapter ``fake_score`` on that network."""
     if lora_base is not None:
         model = add_adapter_view(lora_base, FAKE_SCORE, rank=opt.fake_lora_rank, alpha=opt.fake_lora_alpha,
-                                 targets=opt.fake_lora_targets or ctx.config.student.lora_targets)
+                                 targets=fake_lora_targets(ctx, opt), init=ctx.config.student.lora_init)
         return Denoiser(model, ctx.init.process, ctx.init.prediction_type, ctx.init.embedded_guidance)
     model = placed(copy_for_training(ctx.init.model, lora_rank=opt.fake_lora_rank, lora_alpha=opt.fake_lora_alpha,
-                                     lora_targets=opt.fake_lora_targets or ctx.config.student.lora_targets,
-                                     dtype=torch_dtype(ctx.config.train.trainable_dtype)), ctx.device)
+                                     lora_targets=fake_lora_targets(ctx, opt),
+                                     dtype=torch_dtype(ctx.config.train.trainable_dtype),
+                                     lora_init=ctx.config.student.lora_init), ctx.device)
     return Denoiser(model, ctx.init.process, ctx.init.prediction_type, ctx.init.embedded_guidance)
 
 

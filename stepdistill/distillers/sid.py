@@ -8,7 +8,9 @@ Per iteration (1:1 alternation, fake score first, as the official loop):
   detached student samples, in the network's own parameterisation (epsilon for SD1.5), on its
   CFG-combined prediction u + kappa_1 (c - u) when kappa_1 != 1 (SiD-LSG's code regresses the guided
   epsilon, not x0: an x0-space loss would reweight the times by (sigma/alpha)^2, 10^4 across SD's
-  range);
+  range); a v-prediction network's v-MSE is weighted per sample by snr / (snr + 1) (exactly: the
+  epsilon-equivalent weight of ``losses.v_as_epsilon_weight``), as the official code weights it, so
+  that it is the epsilon-space loss;
 - the generator takes, at x_t = alpha_t x_g + sigma_t eps with y_r = teacher x0 and y_f = fake x0
   (SiD eq. 23 / the alpha-weighted form of sec. 4.3):
 
@@ -54,7 +56,7 @@ import torch
 from ..config import check_range
 from ..data.batch import Batch
 from .base import Context
-from .losses import denoising_loss, guided_x0, per_sample_mean_abs, prompt_dropout
+from .losses import denoising_loss, guided_x0, per_sample_mean_abs, prompt_dropout, v_as_epsilon_weight
 from .score import FakeScoreOptions, ScoreDistiller, score_times
 
 
@@ -134,8 +136,9 @@ class SiD(ScoreDistiller):
             if not self.fake_conditioned and batch.uncond is not None:
                 cond = batch.uncond.expand_to(batch.size)
             t = score_times(proc, batch, self.options.t_min, self.options.t_max)
+            weight = v_as_epsilon_weight(proc, t, self.fake.prediction_type)  # the epsilon-space loss
             return {"loss": denoising_loss(self.fake, x, cond, t, batch, uncond=batch.uncond,
-                                           guidance_scale=self.train_s, reduction="sum")}
+                                           guidance_scale=self.train_s, weight=weight, reduction="sum")}
         x_g, _ = self.sample(batch, grad=True)
         t = score_times(proc, batch, self.options.t_min, self.options.t_max)
         x_t = proc.add_noise(x_g, batch.randn(*x_g.shape), t)

@@ -238,7 +238,8 @@ def adapters_made_for_real(model: nn.Module, dtype: torch.dtype):
     """Around peft's ``add_adapter`` on a network whose weights are on the meta device: peft draws the
     adapters on the CPU and then moves them after their base layers, onto the meta device, so their values
     are lost. They are drawn again, in memory: from the same random state, layer by layer in peft's order
-    (each ``nn.Linear`` made, then ``reset_lora_parameters``), so they equal those of a whole copy and leave
+    (each layer made, then ``reset_lora_parameters`` with the initialisation the adapter's config names,
+    ``student.lora_init``), so they equal those of a whole copy and leave
     the random state where peft left it; then cast to ``dtype``, as peft casts them."""
     from peft.tuners.lora import LoraLayer
 

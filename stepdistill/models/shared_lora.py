@@ -184,8 +184,17 @@ def share_base(base: nn.Module) -> None:
     base._stepdistill_shared = True
 
 
-def add_adapter_view(base: nn.Module, name: str, *, rank: int, alpha: float | None, targets) -> AdapterView:
-    """Add LoRA adapter ``name`` (rank, alpha, target modules, Gaussian initialisation as
+def peft_init(name: str):
+    """peft's ``init_lora_weights`` for ``student.lora_init``: ``default`` is peft's own (True: A
+    kaiming-uniform, B zero; the official LCM-LoRA and SwiftBrush code), ``gaussian`` draws A from N(0, 1/r)."""
+    if name not in ("default", "gaussian"):
+        raise ValueError(f"student.lora_init must be default or gaussian, got {name!r}")
+    return True if name == "default" else "gaussian"
+
+
+def add_adapter_view(base: nn.Module, name: str, *, rank: int, alpha: float | None, targets,
+                     init: str = "default") -> AdapterView:
+    """Add LoRA adapter ``name`` (rank, alpha, target modules, initialisation ``init`` (:func:`peft_init`), as
     ``copy_for_training`` makes it) to the frozen ``base`` and return its view, trainable; the base's
     adapters stay disabled outside a view's call."""
     from peft import LoraConfig
@@ -199,7 +208,7 @@ def add_adapter_view(base: nn.Module, name: str, *, rank: int, alpha: float | No
     with warnings.catch_warnings():  # a second adapter on one network is the point here, not a mistake
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         base.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=found,
-                                    init_lora_weights="gaussian"), adapter_name=name)
+                                    init_lora_weights=peft_init(init)), adapter_name=name)
     base.disable_adapters()  # the network itself is the teacher
     for p, flag in kept:  # (peft's switching cleared them)
         p.requires_grad_(flag)

@@ -31,7 +31,7 @@ from . import nets
 from .nets import network_class
 from .sharded_load import adapters_made_for_real, shard_copy
 from .sharding import is_sharded, plain_copy, skeleton
-from .shared_lora import adapter_name, fused_view_copy, is_view
+from .shared_lora import adapter_name, fused_view_copy, is_view, peft_init
 from .spec import SAMPLERS, SPEC_FILE, StudentSpec  # noqa: F401  (the student's schedule, read with it)
 
 
@@ -127,17 +127,26 @@ def smaller_copy(model: nn.Module, architecture: dict, layer_map: dict[str, list
     return new, fresh
 
 
+# LoRA target modules by default (``student.lora_targets`` unset): the attention projections, and for LCM-LoRA
+# the set of diffusers' train_lcm_distill_lora_sd_wds.py (attention, transformer in/out projections, feed-forward,
+# resnet convolutions, down/up samplers, time-embedding projections). Targets a network lacks are dropped.
+ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
 def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float | None = None,
-                      lora_targets=("to_q", "to_k", "to_v", "to_out.0"), w_conditioned: bool = False,
+                      lora_targets=ATTENTION_LORA_TARGETS, w_conditioned: bool = False,
                       dtype: torch.dtype = torch.float32, architecture: dict | None = None,
-                      layer_map: dict[str, list[int]] | None = None) -> nn.Module:
+                      layer_map: dict[str, list[int]] | None = None, lora_init: str = "default") -> nn.Module:
     """A trainable copy of a (frozen) network in ``dtype`` (float32 by default, or bfloat16 with
     ``train.trainable_dtype``): all weights, or LoRA adapters only (peft, through diffusers'
-    ``add_adapter``). ``w_conditioned`` rebuilds the network with a guidance-scale input
-    (:func:`w_conditioned_class`); weights it did not have are zero-initialised, so the copy starts as
-    the teacher. ``architecture`` makes a smaller network of the same class (:func:`smaller_copy`). A
-    two-expert network (:class:`~stepdistill.models.nets.NoiseLevelExperts`, e.g. a fake score initialised
-    as a Wan2.2 teacher) is copied expert by expert, both trainable. Of a network sharded over several
+    ``add_adapter``; ``lora_init`` as :func:`~stepdistill.models.shared_lora.peft_init` reads it).
+    ``w_conditioned`` rebuilds the network with a guidance-scale input (:func:`w_conditioned_class`);
+    weights it did not have are zero-initialised, so the copy starts as the teacher. ``architecture``
+    makes a smaller network of the same class (:func:`smaller_copy`). A two-expert network
+    (:class:`~stepdistill.models.nets.NoiseLevelExperts`, e.g. a fake score initialised as a Wan2.2 teacher)
+    is copied expert by expert, both trainable. Of a network sharded over several
     processes (FSDP) the copy is sharded alike, built without a whole copy on any rank
     (``models/sharded_load.py``; a smaller or w-conditioned copy is made from the whole network, gathered)."""
     src = unwrap(model)
@@ -150,7 +159,7 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
     if isinstance(src, nets.NoiseLevelExperts):
         experts = [copy_for_training(e, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
                                      w_conditioned=w_conditioned, dtype=dtype, architecture=architecture,
-                                     layer_map=layer_map) for e in src.experts]
+                                     layer_map=layer_map, lora_init=lora_init) for e in src.experts]
         return nets.NoiseLevelExperts.from_experts(experts, src.config.boundary_timestep).train()
     if architecture is not None:  # a smaller network of the same class (w-conditioned: with its new input)
         cls, updates = w_conditioned_class(src) if w_conditioned else (type(src), {})
@@ -189,7 +198,7 @@ def copy_for_training(model: nn.Module, *, lora_rank: int = 0, lora_alpha: float
             raise ValueError(f"student.lora_targets {list(lora_targets)} match no module of {type(src).__name__}")
         with adapters_made_for_real(student, dtype) if sharded else contextlib.nullcontext():
             student.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets,
-                                           init_lora_weights="gaussian"))
+                                           init_lora_weights=peft_init(lora_init)))
         if w_conditioned:  # the new guidance embedding is trained in full beside the LoRA
             for name, p in student.named_parameters():
                 if name in missing:
@@ -241,19 +250,20 @@ def signal_prediction(den: Denoiser, eps: torch.Tensor, t: torch.Tensor, cond: C
 
 
 def save_lora_adapters(model: nn.Module, folder: str | Path) -> bool:
-    """Write a LoRA model's adapters (diffusers naming, as ``load_lora_weights`` reads them) and their
-    peft config to ``folder/lora``; returns False for a model without adapters."""
+    """Write a LoRA model's adapters (peft's naming, ``<layer>.lora_A.weight``, which ``load_lora_weights``
+    reads for every layer kind) and their peft config to ``folder/lora``; returns False for a model without
+    adapters. (diffusers' ``convert_state_dict_to_diffusers`` renames only attention layers, to the old
+    ``lora.down`` form; a file mixing both forms loads without its attention adapters.)"""
     name = adapter_name(model)  # a view of a shared base: its own adapter
     model = unwrap(model)
     if not getattr(model, "peft_config", None):
         return False
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     out = Path(folder) / "lora"
     out.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=name))
+    layers = get_peft_model_state_dict(model, adapter_name=name)
     save_file({k: v.detach().cpu().contiguous() for k, v in layers.items()}, str(out / "adapter_model.safetensors"))
     config = model.peft_config[name].to_dict()
     (out / "adapter_config.json").write_text(json.dumps(config, default=list, indent=1))

@@ -21,19 +21,19 @@ from stepdistill.models.oracle import GaussianMixture
 from stepdistill.models.teachers import Teacher
 
 
-def _context(method: str, *overrides, t_init: float = 600.0):
+def _context(method: str, *overrides, t_init: float = 600.0, prediction: str = "epsilon"):
     """A conditional oracle teacher whose networks (teacher copy, student, fake score) are an
-    epsilon-prediction MLP, as SD1.5's UNet is."""
+    epsilon-prediction MLP, as SD1.5's UNet is (or a v-prediction one, as SD2.1's)."""
     from diffusers import DDIMScheduler
 
     from stepdistill.diffusion.process import process_from_scheduler_config
 
-    proc = process_from_scheduler_config(DDIMScheduler(beta_schedule="scaled_linear"))
+    proc = process_from_scheduler_config(DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction))
     gmm = GaussianMixture.ring(4, 3, 2.0, 0.3)
     teacher = Teacher.from_oracle(gmm, proc)
     torch.manual_seed(0)
     net = MLPDenoiser(dim=3, hidden=32, depth=2, num_classes=4).requires_grad_(False)
-    teacher.denoiser = Denoiser(net, proc, "epsilon")  # the 'real score' of these tests
+    teacher.denoiser = Denoiser(net, proc, prediction)  # the 'real score' of these tests
     cfg = load_config(None, [f"method={method}", "teacher.oracle.components=4", "teacher.oracle.dim=3",
                              "teacher.oracle.conditional=true", f"student.timesteps=[{t_init}]", *overrides])
     source = BatchSource(teacher, seed=0, device="cpu", oracle=gmm)
@@ -64,10 +64,11 @@ def _batch(source, seed=3, n=6):
 # ------------------------------------------------------------------------------------------------
 # SiD-LSG (mingyuanzhou/SiD-LSG, training/sid_training_loop.py)
 # ------------------------------------------------------------------------------------------------
-def _sid(*overrides):
+def _sid(*overrides, prediction="epsilon"):
     from stepdistill.distillers.sid import SiD
 
-    ctx, proc = _context("sid", "method_args.guidance_mode=lsg", "method_args.guidance_scale=2.5", *overrides)
+    ctx, proc = _context("sid", "method_args.guidance_mode=lsg", "method_args.guidance_scale=2.5", *overrides,
+                         prediction=prediction)
     from stepdistill.config import from_dict
 
     sid = SiD(ctx, from_dict(SiD.Options, ctx.config.method_args, "method_args"))
@@ -98,6 +99,37 @@ def test_sid_fake_loss_is_the_official_guided_epsilon_regression_summed_over_ele
     e_u = _eps(sid.fake.model, x_t, t, torch.full_like(labels, 4))
     official = ((e_u + 2.5 * (e_c - e_u) - eps) ** 2).sum() / 6  # (1 / B) sum over every element
     torch.testing.assert_close(loss, official, rtol=1e-5, atol=1e-6)
+
+
+def test_sid_fake_loss_on_a_v_prediction_teacher_is_the_official_snr_weighted_v_regression():
+    """SiD-LSG's code on a v-prediction network: (v_fake^cfg - v)^2 * snr / (snr + 1), summed; that is the
+    epsilon-space loss (the eps the guided v implies against the noise)."""
+    sid, ctx, proc = _sid(prediction="v_prediction")
+    assert sid.fake.prediction_type == "v_prediction"
+    batch = _batch(ctx.source)
+    g = _replay(batch)
+    loss = sid.loss(batch, 0, "fake")["loss"]
+    labels = batch.labels.clone()
+    drop = torch.rand(6, generator=g) < 0.1
+    labels = torch.where(drop, torch.full_like(labels, 4), labels)
+    z = torch.randn(6, 3, generator=g)
+    a0, s0 = proc.alpha_sigma(torch.full((6,), 600.0))
+    with torch.no_grad():
+        x_g = a0[:, None] * z - s0[:, None] * _eps(sid.student.model, z, torch.full((6,), 600.0), labels)  # v -> x0
+    t = (proc.t_max * 0.02 + (proc.t_max * 0.98 - proc.t_max * 0.02) * torch.rand(6, generator=g, dtype=torch.float64)).float()
+    eps = torch.randn(6, 3, generator=g)
+    a, s = proc.alpha_sigma(t)
+    x_t = a[:, None] * x_g + s[:, None] * eps
+    v_c, v_u = _eps(sid.fake.model, x_t, t, labels), _eps(sid.fake.model, x_t, t, torch.full_like(labels, 4))
+    v_fake = v_u + 2.5 * (v_c - v_u)
+    target = a[:, None] * eps - s[:, None] * x_g  # get_velocity
+    snr = a**2 / s**2  # compute_snr: alphas_cumprod / (1 - alphas_cumprod)
+    official = ((v_fake - target) ** 2 * (snr / (snr + 1))[:, None]).sum() / 6
+    torch.testing.assert_close(loss, official, rtol=1e-5, atol=1e-6)
+    eps_fake = s[:, None] * x_t + a[:, None] * v_fake  # the same loss in epsilon space
+    torch.testing.assert_close(loss, ((eps_fake - eps) ** 2).sum() / 6, rtol=1e-4, atol=1e-6)
+    unweighted = ((v_fake - target) ** 2).sum() / 6
+    assert not torch.allclose(unweighted, official, rtol=1e-2)  # the weight matters on these tensors
 
 
 def test_sid_generator_loss_is_the_official_score_identity_loss_summed_over_elements():
@@ -239,6 +271,40 @@ def test_dmd2_gan_classifier_times_cover_the_whole_range():
 
 
 # ------------------------------------------------------------------------------------------------
+# BOOT (Gu et al. 2023; no public code: the paper's signal ODE x_t = alpha_t y_t + sigma_t eps)
+# ------------------------------------------------------------------------------------------------
+def test_boot_boundary_reads_the_teacher_at_the_x_T_the_bootstrapping_steps_from():
+    """The boundary's target is the teacher's x0 at x_T = alpha_T sg(y(eps, T)) + sigma_T eps, the point the
+    first bootstrapping step (t = T) rebuilds from the same y(eps, T): one x_T, not sigma_T eps in one place."""
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.boot import Boot
+
+    ctx, proc = _context("boot", "method_args.grid_steps=2")
+    boot = Boot(ctx, from_dict(Boot.Options, ctx.config.method_args, "method_args"))
+    _perturb(boot.student.model, 1)
+    calls = []
+    teacher_x0 = boot.x0
+    boot.x0 = lambda x_t, t, batch: (calls.append((x_t.clone(), t.expand(x_t.shape[0]).clone())), teacher_x0(x_t, t, batch))[1]
+    batch = _batch(ctx.source, seed=8)
+    g = _replay(batch)
+    out = boot.loss(batch, 0, "student")
+    eps = torch.randn(6, 3, generator=g)
+    first = torch.randint(0, 2, (6,), generator=g) == 0  # rows whose bootstrapping step starts at T
+    t_max = torch.full((6,), proc.t_max)
+    a, s = proc.alpha_sigma(t_max)
+    with torch.no_grad():
+        y_T = (eps - s[:, None] * _eps(boot.student.model, eps, t_max, batch.labels)) / a[:, None]  # read as x0 at T
+        x_T = a[:, None] * y_T + s[:, None] * eps
+        f_T = (x_T - s[:, None] * _eps(ctx.teacher.denoiser.model, x_T, t_max, batch.labels)) / a[:, None]
+    torch.testing.assert_close(out["boundary"], torch.nn.functional.mse_loss(y_T, f_T), rtol=1e-5, atol=1e-7)
+    (x_bc, t_bc), (x_bs, t_bs) = calls
+    assert 0 < int(first.sum()) < 6 and torch.equal(t_bs == proc.t_max, first)
+    torch.testing.assert_close(x_bc, x_T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_bs[first], x_bc[first], rtol=1e-5, atol=1e-6)  # the same x_T in both terms
+    assert (x_T - s[:, None] * eps).abs().min() > 1e-3  # alpha_T y_T is not negligible here (SD: alpha_T = 0.068)
+
+
+# ------------------------------------------------------------------------------------------------
 # defaults and recipes
 # ------------------------------------------------------------------------------------------------
 def test_fake_score_learning_rate_defaults_to_the_students():
@@ -253,6 +319,21 @@ def test_fake_score_learning_rate_defaults_to_the_students():
 
     dmd2 = DMD2(ctx, from_dict(DMD2.Options, ctx.config.method_args, "method_args"))
     assert {n: t.lr for n, t in dmd2.trainables().items()} == {"student": 3e-6, "fake": 3e-6}
+
+
+def test_phased_dmd_fake_score_learning_rate_is_lightx2vs_fifth_of_the_students():
+    """LightX2V's Phased DMD configs (wan2_1_t2v_1_3b_phased_dmd.yaml): student 2e-6, fake score 4e-7."""
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.phased_dmd import PhasedDMD
+
+    def rates(*overrides):
+        ctx, _ = _context("phased_dmd", "method_args.lr=2e-6", *overrides)
+        return {n: t.lr for n, t in PhasedDMD(ctx, from_dict(PhasedDMD.Options, ctx.config.method_args,
+                                                             "method_args")).trainables().items()}
+
+    assert rates() == pytest.approx({"expert0": 2e-6, "fake": 4e-7}, rel=1e-9)
+    assert rates("method_args.fake_lr=1e-3") == pytest.approx({"expert0": 2e-6, "fake": 1e-3}, rel=1e-9)
+    assert rates("method_args.fake_lr_ratio=1.0") == pytest.approx({"expert0": 2e-6, "fake": 2e-6}, rel=1e-9)
 
 
 @pytest.mark.slow
@@ -401,3 +482,94 @@ def test_lcm_lora_student_is_its_own_target_without_a_guidance_input():
     assert lcm.decay == 0.0 and not lcm.w_conditioned and lcm.student.spec.guidance_scale is None
     lcm.loss(_batch(ctx.source), 0, "student")
     assert lcm.target.shadow is None
+
+
+# the LCM-LoRA script's default lora_target_modules (train_lcm_distill_lora_sd_wds.py), as peft matches them
+LCM_LORA_SCRIPT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                           "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+def _adapted(student) -> set[str]:
+    """The names of the layers that carry the student's LoRA adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    from stepdistill.diffusion.denoiser import unwrap
+    from stepdistill.models.shared_lora import adapter_name, is_view
+
+    model = student.model
+    base, name = (model.module if is_view(model) else unwrap(model)), adapter_name(model)
+    return {n for n, m in base.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A}
+
+
+def _peft_matches(network, targets) -> set[str]:
+    """The layers peft adapts for a list of target names: a name equal to one or ending in '.' + one."""
+    from torch import nn
+
+    return {n for n, m in network.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and any(n == t or n.endswith("." + t) for t in targets)}
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_lcm_lora_adapts_the_lcm_lora_scripts_layers_by_default(tmp_path, tiny_pipelines, family):
+    """An LCM-LoRA student without student.lora_targets adapts the layers the official script's default
+    list reaches (on SD's UNet: attention, feed-forward, resnet convolutions, samplers, time projections; on
+    a transformer those of the list it has); other methods keep the attention projections, and an explicit
+    list wins."""
+    from stepdistill.diffusion.denoiser import unwrap
+    from stepdistill.training import Trainer
+
+    def student(config, *overrides):
+        cfg = load_config(config, [f"teacher.path={tiny_pipelines[family]}", f"train.output_dir={tmp_path}/{len(seen)}",
+                                   "train.report_to=none", "train.progress=false", *overrides])
+        seen.append(Trainer(cfg))
+        return seen[-1].distiller.student
+
+    seen = []
+    lcm = student(f"configs/tiny-{family}/lcm_lora_4step.yaml")
+    teacher = unwrap(seen[-1].teacher.denoiser.model)
+    official = _peft_matches(teacher, LCM_LORA_SCRIPT_TARGETS)
+    attention = _peft_matches(teacher, ["to_q", "to_k", "to_v", "to_out.0"])
+    assert official > attention  # the script's set reaches more than the attention (the test can fail)
+    assert _adapted(lcm) == official
+    dmd2 = student(f"configs/tiny-{family}/dmd2_4step.yaml", "student.lora_rank=4")
+    assert _adapted(dmd2) == attention
+    explicit = student(f"configs/tiny-{family}/lcm_lora_4step.yaml", "student.lora_targets=[to_q]")
+    assert _adapted(explicit) == _peft_matches(teacher, ["to_q"])
+
+
+@pytest.mark.parametrize("init", [None, "gaussian"])
+def test_lora_adapters_start_as_peft_default_as_the_lcm_lora_and_swiftbrush_code(init):
+    """A LoRA copy and a LoRA adapter on a shared base draw their adapters as peft's default LoraConfig does
+    (the official scripts pass no init_lora_weights: A kaiming-uniform, B zero), from the same random state;
+    student.lora_init=gaussian keeps peft's Gaussian A."""
+    from peft import LoraConfig
+
+    from stepdistill.models.shared_lora import add_adapter_view
+    from stepdistill.models.student import copy_for_training
+
+    torch.manual_seed(0)
+    net = MLPDenoiser(dim=3, hidden=32, depth=2).requires_grad_(False)
+
+    def official():
+        ref = copy.deepcopy(net)
+        torch.manual_seed(5)
+        ref.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["fc1", "fc2"],
+                                   **({} if init is None else {"init_lora_weights": init})))
+        return {k: v for k, v in ref.state_dict().items() if "lora_" in k}
+
+    def ours(model):
+        return {k.replace(".fake_score", ".default"): v for k, v in model.state_dict().items() if "lora_" in k}
+
+    expect = official()
+    assert expect and all(float(v.abs().sum()) == 0 for k, v in expect.items() if "lora_B" in k)
+    torch.manual_seed(5)
+    copied = copy_for_training(net, lora_rank=4, lora_targets=["fc1", "fc2"], lora_init=init or "default")
+    torch.manual_seed(5)
+    view = add_adapter_view(copy.deepcopy(net), "fake_score", rank=4, alpha=None, targets=["fc1", "fc2"],
+                            init=init or "default")
+    for got in (ours(copied), ours(view.module)):
+        assert got.keys() == expect.keys()
+        assert all(torch.equal(got[k], expect[k]) for k in expect)
+    a = next(v for k, v in expect.items() if "lora_A" in k)
+    bound = 1 / a.shape[1] ** 0.5  # kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert (float(a.abs().max()) <= bound) == (init is None)  # a Gaussian of std 1/r leaves that bound

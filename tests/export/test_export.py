@@ -296,7 +296,8 @@ def test_lcm_lora_loads_into_the_teacher_and_samples_at_one_to_eight_steps(tmp_p
         g = torch.Generator().manual_seed(7)
         noise = torch.randn(2, *teacher.sample_shape, generator=g)
         ref = student.at_steps(n).sample(noise, cond, generator=g)
-        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5)
+        # the pipeline runs the adapters unfused (LCM-LoRA's resnet convolutions too), the student fused: rounding
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=5e-5)
         assert pipe.scheduler.timesteps.tolist() == student.at_steps(n).spec.timesteps
     # the adapters change the network (the comparison can fail)
     trained = Student.load(run / "student").model.state_dict()
