@@ -262,14 +262,10 @@ def recipes(counts: dict, lora: dict, t: int) -> list[dict]:
              ("Wan2.1-14B DMD2, full student + LoRA fake", "wan", [net(w, 2, 0), net(w, t, w), lora_copy(w, rw)]),
              ("Wan2.1-14B DMD2, full student + full fake", "wan", [net(w, 2, 0), net(w, t, w), net(w, t, w)]),
              # two phases, one 14B expert each, both with optimiser state by the second phase; the teacher and the
-             # fake score hold Wan2.2's two experts. PhasedDMD._fake_init (the fake score's initial state, which
-             # each phase starts from) is a whole clone on every rank when the networks are loaded whole
-             # (STEPDISTILL_WHOLE_LOAD=1), a clone of this rank's shards with sharded loading (the default)
-             ("Wan2.2-A14B Phased DMD (2 phases), full experts + full fake, loaded whole", "wan", phased),
-             ("the same, loaded sharded (the default): the initial state kept as shards", "wan", phased)]
-    return [dict(case=c, family=fam, nets=nets, lora=nets[1]["trained"] < counts[fam],
-                 unsharded=2 * w * t if "loaded whole" in c else 0,
-                 snapshot_shards=2 * w * t if "kept as shards" in c else 0) for c, fam, nets in cases]
+             # fake score hold Wan2.2's two experts (each phase's fake score is copied again from the teacher: no
+             # snapshot of it is kept)
+             ("Wan2.2-A14B Phased DMD (2 phases), full experts + full fake", "wan", phased)]
+    return [dict(case=c, family=fam, nets=nets, lora=nets[1]["trained"] < counts[fam]) for c, fam, nets in cases]
 
 
 def table(counts, lora, fits, trainable=2, world=8, batch=1, gpu_gb=80) -> tuple[str, list[dict]]:
@@ -286,10 +282,8 @@ def table(counts, lora, fits, trainable=2, world=8, batch=1, gpu_gb=80) -> tuple
         gathered = 2 * block * 2 + block * trainable  # two bf16 blocks gathered (prefetch), one unsharded gradient
         f = fits[r["family"]]["lora" if r["lora"] else "full"]
         one_block = batch * max(b["const"] + b["per_token"] * n_tok for b in f["plain"]["blocks"].values())
-        row = dict(case=r["case"], tokens=n_tok, **st, unsharded=r["unsharded"], gathered=gathered)
-        # a sharded snapshot (Phased DMD's initial fake score) is counted with the weights
-        row["weights"] = st["weights"] + r["snapshot_shards"] / world
-        row["state"] = row["weights"] + st["grads"] + st["optim"] + r["unsharded"] + gathered
+        row = dict(case=r["case"], tokens=n_tok, **st, gathered=gathered)
+        row["state"] = st["weights"] + st["grads"] + st["optim"] + gathered
         for ckpt in ("plain", "ckpt"):
             # one pass's activations alive (student or fake score), beside them the larger of the teacher's no-grad
             # pass at the CFG batch and the backward's working bytes, in units of one block's saved bytes (WORK)
@@ -299,14 +293,14 @@ def table(counts, lora, fits, trainable=2, world=8, batch=1, gpu_gb=80) -> tuple
         fits_k = [k for k in (1, 2, 4, 8) if row["state"] + (row["acts_ckpt"] + row["work_ckpt"]) / k <= gpu_gb * GB]
         row["cp"] = fits_k[0] if fits_k else None
         rows.append(row)
-    lines = ["| case | tokens | weights | grads | optimiser | whole on every rank | FSDP working | activations "
+    lines = ["| case | tokens | weights | grads | optimiser | FSDP working | activations "
              "(no ckpt) | peak (no ckpt) | activations (ckpt) | peak (ckpt) | context parallel k to fit |",
-             "|" + "---|" * 12]
+             "|" + "---|" * 11]
     for r in rows:
         def gb(v):
             return f"**{v / GB:.1f}**" if v <= gpu_gb * GB else f"{v / GB:.1f} (over)"
         lines.append(f"| {r['case']} | {r['tokens']} | {r['weights'] / GB:.1f} | {r['grads'] / GB:.1f} | "
-                     f"{r['optim'] / GB:.1f} | {r['unsharded'] / GB:.0f} | {r['gathered'] / GB:.1f} | "
+                     f"{r['optim'] / GB:.1f} | {r['gathered'] / GB:.1f} | "
                      f"{r['acts_plain'] / GB:.0f} | {gb(r['peak_plain'])} | {r['acts_ckpt'] / GB:.1f} | "
                      f"{gb(r['peak_ckpt'])} | {r['cp'] or 'none of 1-8'} |")
     return "\n".join(lines), rows

@@ -51,7 +51,7 @@ from ..config import check_range
 from ..data.batch import Batch
 from ..diffusion.denoiser import unwrap
 from ..diffusion.process import per_sample
-from ..models.sharding import load_full_state
+from ..models.sharding import copy_weights, load_full_state
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_timesteps, student_trainable
 from .losses import gradient_matching_loss, guided_x0, mse, per_sample_mean_abs
@@ -107,8 +107,15 @@ class PhasedDMD(Distiller):
                            "later phases (and their fresh fake scores) train at the decayed rate; use constant",
                            ctx.config.train.lr_schedule)
         self.phase = 0
-        # the fake score as built, to start each phase from: a network built sharded keeps only its shards
-        self._fake_init = {k: v.detach().clone() for k, v in unwrap(self.fake.model).state_dict().items()}
+        # what each phase's fake score starts from. A full fake score is a copy of the network it was made from
+        # (the teacher, or student.init), which stays frozen: each phase copies it again, and no snapshot is kept
+        # (for Wan2.2-A14B a snapshot of both experts is 57 GB in bf16, or its shards). A LoRA fake score's base
+        # never changes: a snapshot of its adapters alone.
+        fake_net = unwrap(self.fake.model)
+        self._fake_source = ctx.init.model if options.fake_lora_rank == 0 else None
+        trained = {n for n, p in fake_net.named_parameters() if p.requires_grad}
+        self._fake_init = None if self._fake_source is not None else \
+            {k: v.detach().clone() for k, v in fake_net.state_dict().items() if k in trained}
 
     # -- what trains when ---------------------------------------------------------------------------
     @classmethod
@@ -154,7 +161,10 @@ class PhasedDMD(Distiller):
         if not self.options.reset_fake:
             return []
         with torch.no_grad():
-            load_full_state(self.fake.model, self._fake_init)  # sharded or not
+            if self._fake_source is not None:
+                copy_weights(self._fake_source, self.fake.model)  # sharded or not
+            else:
+                load_full_state(self.fake.model, self._fake_init, strict=False)  # the adapters
         return ["fake"]
 
     # -- the phase's student and the subinterval process -----------------------------------------

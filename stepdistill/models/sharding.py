@@ -118,14 +118,41 @@ def plain_copy(module: nn.Module, everywhere: bool = True) -> nn.Module | None:
     return out.to(plain.device if everywhere else "cpu")
 
 
-def load_full_state(module: nn.Module, state: dict) -> None:
+def load_full_state(module: nn.Module, state: dict, strict: bool = True) -> None:
     """Load a whole (unsharded) state dict into a network, sharded or not (collective when sharded: each
     rank keeps its shards of it). A state taken from the sharded network itself (its DTensors: each rank's
-    own shards, e.g. a fake score's snapshot made after it was built sharded) is copied shard to shard."""
+    own shards, e.g. a fake score's snapshot made after it was built sharded) is copied shard to shard.
+    ``strict=False``: ``state`` may hold only some of the network's entries (a LoRA network's adapters)."""
     module = unwrap(module)
     if not is_sharded(module) or any(isinstance(v, DTensor) for v in state.values()):
-        module.load_state_dict(state)
+        module.load_state_dict(state, strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy ``source``'s parameters and buffers into ``target``, a network of the same structure (cast to
+    its dtype), without a whole copy anywhere: shard to shard where both are sharded alike (the teacher and
+    a network copied from it under FSDP; the teacher's shards may live in CPU memory), else as a whole
+    state (``load_full_state``) made of ``source``'s own tensors."""
+    src = unwrap(source).state_dict()
+    dst = unwrap(target).state_dict()
+    if src.keys() != dst.keys():
+        raise ValueError(f"copy_weights: {type(unwrap(source)).__name__} and {type(unwrap(target)).__name__} differ "
+                         f"in their entries ({sorted(src.keys() ^ dst.keys())[:3]})")
+    alike = all(isinstance(s, DTensor) and isinstance(d, DTensor) and s.placements == d.placements
+                and s.shape == d.shape and s.device_mesh.mesh.tolist() == d.device_mesh.mesh.tolist()
+                for s, d in ((src[k], dst[k]) for k in dst) if isinstance(s, DTensor) or isinstance(d, DTensor))
+    if alike:
+        for k, d in dst.items():
+            s = src[k]
+            local = d.to_local() if isinstance(d, DTensor) else d
+            local.copy_(s.to_local() if isinstance(s, DTensor) else s)
+        return
+    if any(isinstance(s, DTensor) for s in src.values()):  # a sharded source into another layout: gathered
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        src = get_model_state_dict(unwrap(source), options=StateDictOptions(full_state_dict=True))
+    load_full_state(target, src)

@@ -573,3 +573,44 @@ def test_lora_adapters_start_as_peft_default_as_the_lcm_lora_and_swiftbrush_code
     a = next(v for k, v in expect.items() if "lora_A" in k)
     bound = 1 / a.shape[1] ** 0.5  # kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert (float(a.abs().max()) <= bound) == (init is None)  # a Gaussian of std 1/r leaves that bound
+
+
+def test_phased_dmd_starts_each_phase_from_the_teacher_without_a_snapshot():
+    """At a phase's first iteration the fake score is the network it was copied from again ("rather than
+    the model of the preceding phase"), read back from that frozen network rather than from a kept copy."""
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.phased_dmd import PhasedDMD
+
+    ctx, _ = _context("phased_dmd", "student.timesteps=[999.0,500.0]", "train.max_steps=4")
+    phased = PhasedDMD(ctx, from_dict(PhasedDMD.Options, ctx.config.method_args, "method_args"))
+    assert phased._fake_init is None  # nothing kept beside the fake score itself
+    start = {k: v.clone() for k, v in phased.fake.model.state_dict().items()}
+    assert all(torch.equal(start[k], v.to(start[k].dtype)) for k, v in ctx.init.model.state_dict().items())
+    _perturb(phased.fake.model, 1)  # the first phase's training
+    assert phased.reinitialised(1) == []  # still phase 0 (2 iterations per phase)
+    assert not torch.equal(next(phased.fake.model.parameters()), next(iter(start.values())))
+    assert phased.reinitialised(2) == ["fake"]
+    assert all(torch.equal(start[k], v) for k, v in phased.fake.model.state_dict().items())
+
+
+def test_phased_dmd_with_a_lora_fake_score_restores_its_adapters(tmp_path, tiny_pipelines):
+    """A LoRA fake score's base never changes: only its adapters are kept, and restored at a phase start."""
+    from stepdistill.training import Trainer
+
+    cfg = load_config("configs/tiny-sd/phased_dmd_2step.yaml", [
+        f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={tmp_path / 'run'}", "train.report_to=none",
+        "train.progress=false", "method_args.fake_lora_rank=4", "method_args.steps_per_phase=1"])
+    trainer = Trainer(cfg)
+    try:
+        phased = trainer.distiller
+        fake = phased.fake.model
+        trained = {n for n, p in fake.named_parameters() if p.requires_grad}
+        assert trained and set(phased._fake_init) == trained and all("lora" in n for n in trained)
+        start = {k: v.clone() for k, v in fake.state_dict().items()}
+        _perturb(fake, 2)  # adapters and base alike
+        phased.reinitialised(1)
+        now = fake.state_dict()
+        assert all(torch.equal(now[k], start[k]) for k in trained)
+        assert not all(torch.equal(now[k], start[k]) for k in start if k not in trained)  # the base was left alone
+    finally:
+        trainer.close()
