@@ -41,7 +41,7 @@ def _worker(rank, world, store, pipelines, errors):
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        acc = SimpleNamespace(num_processes=world, device=torch.device("cpu"), is_main_process=rank == 0,
+        acc = SimpleNamespace(num_processes=world, process_index=rank, device=torch.device("cpu"), is_main_process=rank == 0,
                               mixed_precision="no", state=SimpleNamespace(), distributed_type=None)
         for family, path, dtype in pipelines:
             whole = load_teacher(path, dtype=dtype, device="cpu")
