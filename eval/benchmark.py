@@ -59,19 +59,21 @@ ORACLE_VARIANTS = {"dmd2_1step_halfwidth": ("dmd2_1step", ["student.init={out}/t
 
 def _row(name, x, gmm, nfe, train_s, sample_s, traj=None):
     ev = gmm.evaluate(x)
+    # the worst-covered mode: its share of the samples over its true weight (1: every mode at its weight)
+    coverage = float((torch.tensor(ev["mode_mass"], dtype=torch.float64) / gmm.weights).min())
     return {"method": name, "nfe": nfe, "energy": ev["energy"], "floor": ev["floor"], "ratio": ev["energy"] / ev["floor"],
-            "min_mode_mass": ev["min_mode_mass"], "log_prob": ev["log_prob"], "traj_mse": traj,
-            "train_s": train_s, "sample_ms": 1000 * sample_s}
+            "min_mode_mass": ev["min_mode_mass"], "min_coverage": coverage, "log_prob": ev["log_prob"],
+            "traj_mse": traj, "train_s": train_s, "sample_ms": 1000 * sample_s}
 
 
-def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = ()) -> list[dict]:
+def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = (), configs=ORACLE_CONFIGS) -> list[dict]:
     from stepdistill.diffusion.sampling import ode_sample
     from stepdistill.testing.oracle_runs import run_oracle
 
     rows, samples = [], {}
     cache = out / "oracle_networks"
     teacher = gmm = None
-    for cfg in ORACLE_CONFIGS:
+    for cfg in configs:
         config, extra, before = ORACLE_VARIANTS.get(cfg, (cfg, [], None))
         overrides = [f"teacher.oracle.process={process}", *layout, *(e.format(out=out) for e in extra)]
         if cfg.startswith("guided"):
@@ -128,13 +130,19 @@ def _grid(samples: dict, gmm, path: Path):
     fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(3 * cols, 3 * ((len(names) + cols - 1) // cols)),
                              dpi=90, squeeze=False)
     ref, _ = gmm.sample(2000, torch.Generator().manual_seed(0))
+    # the plane of the two largest spreads of the modes (the first two coordinates for the named layouts)
+    centred = gmm.means - gmm.means.mean(0)
+    basis = torch.linalg.svd(centred, full_matrices=False)[2][:2].T if gmm.dim > 2 else torch.eye(2, dtype=torch.float64)
+    project = lambda v: (v.double().reshape(v.shape[0], -1) - gmm.means.mean(0)) @ basis  # noqa: E731
+    ref = project(ref)
+    lim = float(ref.abs().max()) * 1.15
     for ax, name in zip(axes.flat, names):
-        x = samples[name]
+        x = project(samples[name])
         ax.scatter(ref[:, 0], ref[:, 1], s=1, c="lightgray")
         ax.scatter(x[:, 0], x[:, 1], s=2, c="tab:red")
         ax.set_title(name, fontsize=9)
-        ax.set_xlim(-4.5, 4.5)
-        ax.set_ylim(-4.5, 4.5)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -142,6 +150,114 @@ def _grid(samples: dict, gmm, path: Path):
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# oracle on random layouts (stepdistill/models/oracle_layouts.py)
+# ------------------------------------------------------------------------------------------------
+def random_layouts_suite(out: Path, seeds: list[int], configs: list[str]) -> list[dict]:
+    """Every config of ``configs`` on each layout of ``seeds``, each layout in its own folder (a layout whose
+    results.json is there is read back, so the suite can be grown layout by layout)."""
+    from stepdistill.models.oracle_layouts import random_layout
+
+    done = []
+    for seed in seeds:
+        lay = random_layout(seed)
+        folder = out / f"layout-{seed:03d}"
+        path = folder / "results.json"
+        print(lay.describe(), flush=True)
+        if path.is_file() and {r["method"] for r in json.loads(path.read_text())} >= set(configs):
+            rows = json.loads(path.read_text())
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = oracle_suite(folder, lay.process, layout=["teacher.oracle.layout=random",
+                                                             f"teacher.oracle.seed={seed}"], configs=configs)
+            path.write_text(json.dumps(rows, indent=1))
+        done.append({"seed": seed, "layout": lay.describe(), "process": lay.process, "rows": rows})
+    return done
+
+
+def layouts_summary(done: list[dict], configs: list[str]) -> list[dict]:
+    """Per method: median and worst energy / floor over all layouts, over the VP and over the flow ones, and the
+    worst mode coverage (a mode's share of the samples over its weight)."""
+    import statistics
+
+    out = []
+    for cfg in configs:
+        row = {"method": cfg}
+        for part, keep in (("all", lambda d: True), ("vp", lambda d: d["process"] == "vp"),
+                           ("flow", lambda d: d["process"] == "flow")):
+            vals = [(r["ratio"], d["seed"]) for d in done if keep(d) for r in d["rows"] if r["method"] == cfg]
+            if vals:
+                row[part] = {"n": len(vals), "median": statistics.median(v for v, _ in vals),
+                             "worst": max(vals)[0], "worst_layout": max(vals)[1]}
+        cov = [(r["min_coverage"], d["seed"]) for d in done for r in d["rows"] if r["method"] == cfg]
+        row["min_coverage"], row["min_coverage_layout"] = min(cov) if cov else (None, None)
+        out.append(row)
+    return out
+
+
+def layouts_markdown(summary: list[dict]) -> str:
+    lines = ["| method | layouts | median | worst (layout) | VP median / worst | flow median / worst | "
+             "worst mode coverage (layout) |", "|---|---|---|---|---|---|---|"]
+    for r in summary:
+        if "all" not in r:
+            continue
+        part = lambda k: f"{r[k]['median']:.2f} / {r[k]['worst']:.2f}" if k in r else "-"  # noqa: E731
+        lines.append(f"| {r['method']} | {r['all']['n']} | {r['all']['median']:.2f} | {r['all']['worst']:.2f} "
+                     f"({r['all']['worst_layout']}) | {part('vp')} | {part('flow')} | "
+                     f"{r['min_coverage']:.2f} ({r['min_coverage_layout']}) |")
+    return "\n".join(lines)
+
+
+def layouts_pictures(done: list[dict], configs: list[str], out: Path) -> None:
+    """layouts.png: each method's energy / floor on every layout (VP and flow apart), with the 1.5x and 3x
+    lines; layouts_gallery.png: each layout's true distribution in the plane of its modes' largest spreads."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stepdistill.models.oracle_layouts import random_layout
+
+    fig, ax = plt.subplots(figsize=(1.1 * len(configs) + 2, 4), dpi=100)
+    for i, cfg in enumerate(configs):
+        for d in done:
+            for r in d["rows"]:
+                if r["method"] == cfg:
+                    flow = d["process"] == "flow"
+                    ax.scatter(i + (0.12 if flow else -0.12), r["ratio"], s=14,
+                               c="tab:orange" if flow else "tab:blue", label="flow" if flow else "VP")
+    for y in (1.5, 3.0):
+        ax.axhline(y, c="gray", lw=0.8, ls="--")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(configs)), configs, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("energy / noise floor")
+    ax.set_title(f"{len(done)} random layouts", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "layouts.png")
+    plt.close(fig)
+    cols = min(4, len(done))
+    rows = (len(done) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), dpi=90, squeeze=False)
+    for ax, d in zip(axes.flat, done):
+        gmm = random_layout(d["seed"]).mixture()
+        x, labels = gmm.sample(3000, torch.Generator().manual_seed(0))
+        centred = gmm.means - gmm.means.mean(0)
+        basis = torch.linalg.svd(centred, full_matrices=False)[2][:2].T
+        p = (x - gmm.means.mean(0)) @ basis
+        ax.scatter(p[:, 0], p[:, 1], s=1, c=labels, cmap="tab20")
+        ax.set_title(d["layout"].split(": ")[1].split(", weights")[0], fontsize=7)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(done):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "layouts_gallery.png")
     plt.close(fig)
 
 
@@ -494,6 +610,9 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=["mnist", "oracle"], required=True)
     parser.add_argument("--process", choices=["vp", "flow"], default="vp", help="oracle: the noise process")
     parser.add_argument("--layout", choices=list(ORACLE_LAYOUTS), default="ring", help="oracle: the mixture")
+    parser.add_argument("--layouts", default=None, help="oracle: random:N, every config on random layouts 0..N-1 "
+                        "(stepdistill/models/oracle_layouts.py); random:A-B, layouts A..B")
+    parser.add_argument("--configs", default=None, help="oracle: a subset of the shipped configs, e.g. dmd2_1step,sid_1step")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runs", default=None, help="mnist: a subset, e.g. dmd2:1,sid:1 (default: every method)")
     parser.add_argument("--max-steps", type=int, default=None, help="mnist: override every config's train.max_steps")
@@ -531,6 +650,24 @@ def main(argv=None) -> int:
             return 2
         rows = mnist_suite(out, runs, args.n, args.max_steps, args.guidance, tuple(args.set), curve, args.time_batch)
         table = mnist_markdown(rows)
+    elif args.layouts is not None:
+        kind, _, count = args.layouts.partition(":")
+        lo, _, hi = count.partition("-")
+        if kind != "random" or not lo.isdigit() or (hi and not hi.isdigit()) or (not hi and int(lo) < 1):
+            parser.error(f"--layouts: '{args.layouts}' is not random:N or random:A-B")
+        seeds = list(range(int(lo), int(hi) + 1)) if hi else list(range(int(lo)))
+        configs = args.configs.split(",") if args.configs else ORACLE_CONFIGS
+        unknown = [c for c in configs if c not in ORACLE_CONFIGS]
+        if unknown:
+            parser.error(f"--configs: {unknown} are not among {ORACLE_CONFIGS}")
+        out = args.out or ROOT / "runs" / "benchmark" / "oracle-random"
+        if not _claim(out, {"suite": "oracle", "layouts": "random"}):
+            return 2
+        done = random_layouts_suite(out, seeds, configs)
+        rows = layouts_summary(done, configs)
+        layouts_pictures(done, configs, out)
+        table = layouts_markdown(rows)
+        (out / "layouts.json").write_text(json.dumps(done, indent=1))
     else:
         out = args.out or ROOT / "runs" / "benchmark" / f"{args.suite}-{args.process}-{args.layout}"
         if not _claim(out, {"suite": args.suite, "process": args.process, "layout": args.layout}):
@@ -540,7 +677,8 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text(table + "\n")
     print(table)
-    print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'comparison.png'}")
+    pictures = "layouts.png, layouts_gallery.png" if args.layouts else "comparison.png"
+    print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {pictures} in {out}")
     return 0
 
 

@@ -33,7 +33,10 @@ def torch_dtype(name: str | None):
 class OracleConfig:
     """The exact Gaussian-mixture teacher (tests, benchmarks)."""
 
-    layout: typing.Literal["ring", "grid", "scattered"] = "ring"  # GaussianMixture.<layout>
+    # GaussianMixture.<layout>; random: dimension, modes, placement, weights, stds and the process (the keys
+    # components, dim, radius, std, process, beta_schedule, shift) drawn from seed (stepdistill/models/oracle_layouts.py)
+    layout: typing.Literal["ring", "grid", "scattered", "random"] = "ring"
+    seed: int = 0  # the random layout's
     components: int = 8
     dim: int = 2
     radius: float = 3.0  # ring, scattered: distance of the modes from the origin; grid: their spacing
@@ -52,6 +55,7 @@ class OracleConfig:
         check_range("teacher.oracle.radius", self.radius, ge=0)
         check_range("teacher.oracle.std", self.std, gt=0)
         check_range("teacher.oracle.shift", self.shift, gt=0)
+        check_range("teacher.oracle.seed", self.seed, ge=0)
         for key in ("network_steps", "hidden", "depth"):
             check_range(f"teacher.oracle.{key}", getattr(self, key), ge=1)
 

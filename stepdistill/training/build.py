@@ -26,7 +26,8 @@ from ..distillers.common import check_init_class, init_network_class, refuse_cfg
 from ..distillers.registry import get_method
 from ..errors import ConfigError, InputError
 from ..models.nets import MLPDenoiser
-from ..models.oracle import GaussianMixture, fit_network
+from ..models.oracle import fit_network
+from ..models.oracle_layouts import oracle_mixture, resolve_oracle
 from ..models.sharded_load import is_meta
 from ..models.sharding import fully_sharded
 from ..models.shared_lora import own_parameters
@@ -54,7 +55,7 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1, strategy: str | None
         raise ConfigError(f"teacher.offload: {tc.offload} offloads the shards of a sharded teacher, and this run is not "
                           f"sharded ({how}); launch with an accelerate FSDP config (configs/accelerate/fsdp.yaml) or "
                           f"leave teacher.offload at none")
-    process = oracle_process(tc.oracle) if tc.oracle is not None else None
+    process = oracle_process(resolve_oracle(tc.oracle)) if tc.oracle is not None else None
     pipeline = resolve_teacher_path(tc.path) if tc.path is not None else None
     if pipeline is not None:
         scheduler = Path(pipeline) / "scheduler" / "scheduler_config.json"
@@ -153,8 +154,8 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait,
         if sharded and is_meta(teacher.denoiser.model):
             parallel.shard_teacher(teacher.denoiser.model, tc.offload == "cpu")
         return teacher, teacher.denoiser, None
-    spec = tc.oracle
-    gmm = getattr(GaussianMixture, spec.layout)(spec.components, spec.dim, spec.radius, spec.std)
+    spec = resolve_oracle(tc.oracle)  # a random layout's drawn dimension, modes and process
+    gmm = oracle_mixture(spec)
     process = oracle_process(spec)
     teacher = Teacher.from_oracle(gmm, process)
     if not spec.conditional:
