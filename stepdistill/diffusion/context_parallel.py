@@ -49,19 +49,7 @@ def using(mesh):
         _MESH[0] = before
 
 
-def active() -> bool:
-    return _MESH[0] is not None
-
-
-def degree() -> int:
-    return 1 if _MESH[0] is None else _MESH[0].size()
-
-
-def supports(model: nn.Module) -> bool:
-    """Whether the network class has diffusers' context-parallel plan (``_cp_plan``)."""
-    return getattr(type(unwrap(model)), "_cp_plan", None) is not None
-
-
+# the network classes whose diffusers plan (_cp_plan) the adapters here use
 CP_FAMILIES = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "WanTransformer3DModel")
 
 

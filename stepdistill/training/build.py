@@ -19,7 +19,7 @@ from ..data.loading import IN_MEMORY_ITEMS, RealData, image_geometry, refuse_sti
 from ..data.sources import check_images, read_captions
 from ..data.streaming import Stream, StreamData
 from ..diffusion.context_parallel import CP_FAMILIES
-from ..diffusion.denoiser import Denoiser, unwrap
+from ..diffusion.denoiser import Denoiser, base_network, class_name, unwrap
 from ..diffusion.process import FlowProcess, process_from_scheduler_config
 from ..distillers.base import Context, Distiller
 from ..distillers.common import check_init_class, init_network_class, refuse_cfg_on_embedded_guidance
@@ -128,6 +128,14 @@ def check_context_parallel(cfg: RunConfig, options, num_processes: int, pipeline
                           "which context parallelism splits over the processes; set method_args.gan=false or "
                           "train.context_parallel=1")
     return num_processes // k
+
+
+def check_context_parallel_teacher(cfg: RunConfig, teacher: Teacher) -> None:
+    """Once the teacher is loaded (a hub id's class is known only then): its family has a plan."""
+    name = class_name(base_network(teacher.denoiser.model))
+    if cfg.train.context_parallel > 1 and name not in CP_FAMILIES:
+        raise ConfigError(f"train.context_parallel: {name} has no context-parallel plan; the families with one are "
+                          f"{', '.join(CP_FAMILIES)}")
 
 
 def oracle_process(spec):

@@ -29,7 +29,8 @@ from ..models.sharding import is_sharded, plain_copy
 from ..models.student import networks
 from ..storage import claim_folder, mark_folder, writing
 from . import outputs
-from .build import build_distiller, build_source, build_teacher, build_trainables, validate_inputs
+from .build import (build_distiller, build_source, build_teacher, build_trainables, check_context_parallel_teacher,
+                    validate_inputs)
 from .checkpointer import Checkpointer
 from .checkpoints import list_checkpoints
 from .distributed import any_rank, mean_over_ranks, on_main, verify_rank_sync
@@ -108,6 +109,7 @@ class Trainer:
             self.parallel = Parallel(acc, strategy, tcfg.context_parallel)
             self.teacher, init, self.oracle = build_teacher(cfg, acc.device, self.run_dir, acc.is_main_process,
                                                             acc.wait_for_everyone, self.parallel)
+            check_context_parallel_teacher(cfg, self.teacher)
             self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, self.parallel.group_rank)
             ctx = Context(self.teacher, init, self.source, cfg, acc.device)
             self.distiller = build_distiller(method, ctx, self.options)

@@ -167,3 +167,15 @@ def test_bad_settings_are_refused_in_one_line(tmp_path, tiny_pipelines, override
     with pytest.raises(ConfigError, match="train.context_parallel|train.batch_size") as err:
         validate_inputs(cfg, processes)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_loaded_teacher_without_a_plan_is_refused(tmp_path, tiny_pipelines):
+    """A teacher given by hub id is known only once loaded: the same one line then, before training."""
+    from stepdistill.models.teachers import load_teacher
+    from stepdistill.training.build import check_context_parallel_teacher
+
+    cfg = load_config(ROOT / "configs" / "tiny-wan" / "dmd2_4step.yaml",
+                      [f"teacher.path={tiny_pipelines['wan']}", "train.context_parallel=2"])
+    check_context_parallel_teacher(cfg, load_teacher(tiny_pipelines["wan"], device="cpu"))  # Wan has a plan
+    with pytest.raises(ConfigError, match=r"^train.context_parallel: UNet2DConditionModel has no context-parallel"):
+        check_context_parallel_teacher(cfg, load_teacher(tiny_pipelines["sd"], device="cpu"))
