@@ -103,13 +103,14 @@ def test_split_tokens_give_the_whole_networks_output_and_gradients(tmp_path, fam
 RUNS = [("tiny-wan/dmd2_4step", "wan", 2, 1, []),
         ("tiny-wan/phased_dmd_2step", "wan22", 2, 1, []),  # both experts of the two-expert teacher
         ("tiny-flux/sid_1step", "flux", 2, 1, []),  # the generator's gradient flows through the fake score's input
-        ("tiny-flux/progressive_2step", "flux", 2, 1, ["method_args.start_steps=8", "method_args.steps_per_round=2"]),  # a round's frozen copy
-        ("tiny-wan/lcm_4step", "wan", 4, 2, [])]
+        ("tiny-flux/progressive_2step", "flux", 2, 1, ["method_args.start_steps=8", "method_args.steps_per_round=2"]),
+        ("tiny-wan/lcm_4step", "wan", 4, 2, []),
+        ("tiny-wan/sid_1step", "wan", 2, 1, ["train.parallel=ddp"])]  # whole weights on every rank (DDP launch)
 
 
 @pytest.mark.slow  # 30-90 s each on 2 cores
 @pytest.mark.parametrize("config,family,processes,reference,extra", RUNS,
-                         ids=["wan-dmd2", "wan22-phased", "flux-sid", "flux-progressive", "wan-lcm-2x2"])
+                         ids=["wan-dmd2", "wan22-phased", "flux-sid", "flux-progressive", "wan-lcm-2x2", "wan-sid-ddp"])
 def test_context_parallel_groups_train_as_without_them(tmp_path, tiny_pipelines, config, family, processes,
                                                        reference, extra):
     """Groups of 2 FSDP processes sharing each sample (train.context_parallel=2): the logged losses and
@@ -124,8 +125,9 @@ def test_context_parallel_groups_train_as_without_them(tmp_path, tiny_pipelines,
     else:
         r = launch(cfg, common + [f"train.output_dir={one}"], processes=reference, accelerate_args=FSDP)
     assert r.returncode == 0, r.stderr[-3000:]
+    ddp = "train.parallel=ddp" in extra
     r = launch(cfg, common + [f"train.output_dir={cp}", "train.context_parallel=2"], processes=processes,
-               accelerate_args=FSDP)
+               accelerate_args=None if ddp else FSDP)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "enable_parallelism" in r.stderr  # diffusers' context parallelism was switched on
     h1, h2 = (json.loads((run / "history.json").read_text()) for run in (one, cp))
