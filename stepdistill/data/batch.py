@@ -128,7 +128,7 @@ class BatchSource:
                  x0_labels=None, oracle=None, conditional: bool | None = None, rank: int = 0,
                  real=None, cache=None, stream=None):
         self.teacher = teacher
-        self.rank = rank  # this process's index (data streams differ per rank)
+        self.rank = rank  # this process's data rank (data streams differ per rank; a context-parallel group shares one)
         self.seed = seed
         self.device = torch.device(device)
         self.prompts = prompts

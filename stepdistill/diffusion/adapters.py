@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from . import context_parallel
 from .denoiser import Cond, ModelCall, find_adapter, guidance_sinusoid, register_adapter, unwrap
@@ -131,17 +132,29 @@ def _noise_level_experts(model, c: ModelCall):
 
 
 def _route(experts, which: torch.Tensor, c: ModelCall) -> torch.Tensor:
-    """Rows of ``c`` through ``experts[which[row]]``: one call per expert present in the batch."""
+    """Rows of ``c`` through ``experts[which[row]]``: one call per expert present in the batch.
+
+    Experts sharded by FSDP2 each gather their shards with every process, and other processes' batches
+    may route elsewhere: there every expert runs on every process, one with no rows here on this batch's
+    first row, its output added at weight 0 (so its backward, if any, runs everywhere too)."""
     present = which.unique().tolist()
-    if len(present) == 1:
+    sharded = any(isinstance(unwrap(e), FSDPModule) for e in experts)
+    if len(present) == 1 and not sharded:
         expert = experts[present[0]]
         return find_adapter(expert)(expert, c)
-    out = None
-    for k in present:
+    out, idle = None, []
+    for k in range(len(experts)) if sharded else present:
         rows = (which == k).nonzero().flatten()
+        if len(rows) == 0:
+            rows = torch.zeros(1, dtype=torch.long, device=which.device)
         sub = ModelCall(c.x[rows], c.t[rows], c.model_t[rows], Cond(c.cond)[rows].kwargs,
                         None if c.guidance is None else c.guidance[rows])
         pred = find_adapter(experts[k])(experts[k], sub)
+        if k not in present:
+            idle.append(pred)
+            continue
         out = pred.new_zeros((c.x.shape[0], *pred.shape[1:])) if out is None else out
         out[rows] = pred
+    for pred in idle:
+        out = out + 0.0 * pred.sum()
     return out

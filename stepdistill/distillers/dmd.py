@@ -137,9 +137,11 @@ class DMD(DMDBase):
         key = {"pairs": self.options.regression_pairs, "steps": self.options.regression_steps,
                "guidance_scale": self.options.guidance_scale, "teacher": to_dict(cfg.teacher), "seed": cfg.train.seed,
                "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
-        # every rank makes the same pairs (the same seeds); rank 0 stores them
+        # every rank makes the same pairs (the same seeds); the main process stores them (not the data stream's
+        # rank 0: with context parallelism every process of the first group draws that stream)
+        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         return load_or_make(folder, key, self._make_pairs, save=lambda pairs, tmp: save_state(pairs, tmp, "pairs"),
-                            load=self._load_pairs, what="DMD's regression pairs", write=self.ctx.source.rank == 0)
+                            load=self._load_pairs, what="DMD's regression pairs", write=main)
 
     def _load_pairs(self, folder: Path) -> dict:
         """The stored pairs, refused (so made again) unless they are what :meth:`_make_pairs` makes."""

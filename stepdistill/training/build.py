@@ -181,7 +181,8 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait,
     return teacher, Denoiser(net, process, pred), gmm
 
 
-def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, rank: int = 0) -> BatchSource:
+def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, rank: int = 0,
+                 streams: int | None = None) -> BatchSource:
     """The batch source: captions, real images with their own captions or class labels (a small set
     encoded into the denoiser's space once; a large one per batch, ``loading.RealData``), a data
     cache (``data.cache``), the oracle."""
@@ -194,8 +195,8 @@ def build_source(cfg: RunConfig, teacher: Teacher, oracle, device, seed: int, ra
     items = read_items(d, text, classes) if d.images is not None and not d.streaming else None
     size, channels = image_geometry(teacher)
     stream = None
-    if d.streaming:
-        num = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if d.streaming:  # one part of the stream per data rank (a context-parallel group reads one part)
+        num = streams or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
         stream = StreamData(Stream(d, text, classes, seed, rank, num), teacher, size=size, channels=channels,
                             crop=d.crop, seed=seed, device=device)
     cache = None

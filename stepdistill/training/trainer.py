@@ -110,7 +110,8 @@ class Trainer:
             self.teacher, init, self.oracle = build_teacher(cfg, acc.device, self.run_dir, acc.is_main_process,
                                                             acc.wait_for_everyone, self.parallel)
             check_context_parallel_teacher(cfg, self.teacher)
-            self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, self.parallel.group_rank)
+            self.source = build_source(cfg, self.teacher, self.oracle, acc.device, tcfg.seed, self.parallel.group_rank,
+                                       self.parallel.groups)
             ctx = Context(self.teacher, init, self.source, cfg, acc.device)
             self.distiller = build_distiller(method, ctx, self.options)
             self.states = build_trainables(acc, self.distiller, cfg, self.parallel, self.teacher)
