@@ -119,6 +119,15 @@ def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = (),
     return rows
 
 
+def mode_plane(gmm):
+    """Samples -> their coordinates in the plane of the modes' two largest spreads, about the modes' centre
+    (in 2-D, the two coordinates themselves)."""
+    centre = gmm.means.mean(0)
+    basis = torch.linalg.svd(gmm.means - centre, full_matrices=False)[2][:2].T if gmm.dim > 2 else \
+        torch.eye(2, dtype=torch.float64)
+    return lambda v: (v.double().reshape(v.shape[0], -1) - centre) @ basis
+
+
 def _grid(samples: dict, gmm, path: Path):
     import matplotlib
 
@@ -130,10 +139,7 @@ def _grid(samples: dict, gmm, path: Path):
     fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(3 * cols, 3 * ((len(names) + cols - 1) // cols)),
                              dpi=90, squeeze=False)
     ref, _ = gmm.sample(2000, torch.Generator().manual_seed(0))
-    # the plane of the two largest spreads of the modes (the first two coordinates for the named layouts)
-    centred = gmm.means - gmm.means.mean(0)
-    basis = torch.linalg.svd(centred, full_matrices=False)[2][:2].T if gmm.dim > 2 else torch.eye(2, dtype=torch.float64)
-    project = lambda v: (v.double().reshape(v.shape[0], -1) - gmm.means.mean(0)) @ basis  # noqa: E731
+    project = mode_plane(gmm)
     ref = project(ref)
     lim = float(ref.abs().max()) * 1.15
     for ax, name in zip(axes.flat, names):
@@ -246,9 +252,7 @@ def layouts_pictures(done: list[dict], configs: list[str], out: Path) -> None:
     for ax, d in zip(axes.flat, done):
         gmm = random_layout(d["seed"]).mixture()
         x, labels = gmm.sample(3000, torch.Generator().manual_seed(0))
-        centred = gmm.means - gmm.means.mean(0)
-        basis = torch.linalg.svd(centred, full_matrices=False)[2][:2].T
-        p = (x - gmm.means.mean(0)) @ basis
+        p = mode_plane(gmm)(x)
         ax.scatter(p[:, 0], p[:, 1], s=1, c=labels, cmap="tab20")
         ax.set_title(d["layout"].split(": ")[1].split(", weights")[0], fontsize=7)
         ax.set_aspect("equal")

@@ -119,10 +119,8 @@ def check_context_parallel(cfg: RunConfig, options, num_processes: int, pipeline
     if cfg.teacher.oracle is not None:
         raise ConfigError("train.context_parallel: the Gaussian-mixture oracle's networks have no token sequence to "
                           "split; set it to 1")
-    name = denoiser_class_name(pipeline) if pipeline is not None else None
-    if name is not None and name not in CP_FAMILIES:
-        raise ConfigError(f"train.context_parallel: {name} has no context-parallel plan; the families with one are "
-                          f"{', '.join(CP_FAMILIES)}")
+    if pipeline is not None:  # a hub id: checked once loaded (check_context_parallel_teacher)
+        refuse_without_plan(denoiser_class_name(pipeline))
     if getattr(options, "gan", False):
         raise ConfigError("train.context_parallel: method_args.gan=true: the GAN head reads the fake score's features, "
                           "which context parallelism splits over the processes; set method_args.gan=false or "
@@ -132,8 +130,13 @@ def check_context_parallel(cfg: RunConfig, options, num_processes: int, pipeline
 
 def check_context_parallel_teacher(cfg: RunConfig, teacher: Teacher) -> None:
     """Once the teacher is loaded (a hub id's class is known only then): its family has a plan."""
-    name = class_name(base_network(teacher.denoiser.model))
-    if cfg.train.context_parallel > 1 and name not in CP_FAMILIES:
+    if cfg.train.context_parallel > 1:
+        refuse_without_plan(class_name(base_network(teacher.denoiser.model)))
+
+
+def refuse_without_plan(name: str | None) -> None:
+    """One line for a network class (None: not known yet) that has no context-parallel plan."""
+    if name is not None and name not in CP_FAMILIES:
         raise ConfigError(f"train.context_parallel: {name} has no context-parallel plan; the families with one are "
                           f"{', '.join(CP_FAMILIES)}")
 
