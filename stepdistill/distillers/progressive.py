@@ -16,7 +16,9 @@ because x0 = (z - sigma eps) / alpha multiplies the network's error by sigma / a
 (14.6 at t = 999 for SD's schedule); ``student_prediction`` gives the student an x0 (``sample``) or
 ``v_prediction`` output head instead of the teacher's (the network is the teacher's, its output read
 in the new parameterisation, so the first round also learns the new head; the exported scheduler's
-prediction_type follows it). The official code's x-and-eps head ('both') has no diffusers equivalent.
+prediction_type follows it). By default (``auto``) a student of 4 steps or fewer of an epsilon teacher
+gets the v head; ``teacher`` keeps the teacher's. The official code's x-and-eps head ('both') has no
+diffusers equivalent; v is the paper's other safe choice that diffusers' schedulers read.
 With ``x_source: data`` the x of each row is a real image with its own caption.
 """
 
@@ -51,7 +53,9 @@ class ProgressiveOptions:
     # constant in guided distillation's stage 2 (the paper is silent; linear measured 9.2x against 5.0x the
     # oracle's noise floor)
     round_lr: Literal["linear", "constant"] | None = None
-    student_prediction: Literal["teacher", "sample", "v_prediction"] = "teacher"  # the student's output head
+    # the student's output head; auto: v_prediction for an epsilon teacher at SAFE_HEAD_STEPS student steps or
+    # fewer (the paper's sec. 4: epsilon fails there), the teacher's own head otherwise
+    student_prediction: Literal["auto", "teacher", "sample", "v_prediction"] = "auto"
 
     def __post_init__(self):
         check_range("method_args.lr", self.lr, gt=0)
@@ -61,6 +65,23 @@ class ProgressiveOptions:
         check_range("method_args.steps_per_round", self.steps_per_round, ge=1)
         if self.start_steps < 1 or self.start_steps & (self.start_steps - 1):
             raise ValueError(f"method_args.start_steps must be a power of two, got {self.start_steps}")
+
+
+SAFE_HEAD_STEPS = 4  # at this many student steps or fewer an epsilon student head is replaced by default
+
+
+def student_head(choice: str, teacher_head: str, process_kind: str, steps: int) -> str | None:
+    """The student's output head for ``student_prediction`` (None: the teacher's). ``auto`` gives an
+    epsilon VP teacher's student of at most ``SAFE_HEAD_STEPS`` steps a v head, whose x0 = alpha z - sigma v
+    stays well conditioned at high noise, where x0 = (z - sigma eps) / alpha multiplies the error by
+    sigma / alpha."""
+    if choice == "teacher":
+        return None
+    if choice != "auto":
+        return choice
+    if process_kind == "vp" and teacher_head == "epsilon" and steps <= SAFE_HEAD_STEPS:
+        return "v_prediction"
+    return None
 
 
 def num_rounds(start_steps: int, final_steps: int) -> int:
@@ -198,7 +219,7 @@ class Progressive(Distiller):
         check_x_source(ctx, options.x_source)
         final = ctx.config.student.num_steps
         proc = ctx.init.process
-        head = None if options.student_prediction == "teacher" else options.student_prediction
+        head = student_head(options.student_prediction, ctx.init.prediction_type, proc.kind, final)
         self.student = make_student(ctx, "progressive", "deterministic", proc.grid(final).tolist(), prediction_type=head)
         schedule = RoundSchedule(proc, options.start_steps, final, 0, ctx.config.train.max_steps, options.steps_per_round)
         self.core = ProgressiveCore(self.student, ctx.teacher.denoiser, schedule, options)

@@ -14,7 +14,7 @@ import torch
 
 from stepdistill.config import load_config
 from stepdistill.data.batch import Batch, BatchSource
-from stepdistill.diffusion.denoiser import Denoiser
+from stepdistill.diffusion.denoiser import Cond, Denoiser
 from stepdistill.distillers.base import Context
 from stepdistill.models.nets import MLPDenoiser
 from stepdistill.models.oracle import GaussianMixture
@@ -355,6 +355,29 @@ def test_progressive_learning_rate_anneals_linearly_within_each_round(tmp_path):
     trainer._update = spy
     trainer.fit()
     assert seen == pytest.approx([1e-3 * f for f in (1, 0.75, 0.5, 0.25, 1, 0.75, 0.5, 0.25)])
+
+
+@pytest.mark.parametrize("steps,teacher_head,expect", [
+    (4, "epsilon", "v_prediction"), (1, "epsilon", "v_prediction"), (8, "epsilon", "epsilon"),
+    (2, "v_prediction", "v_prediction")])
+def test_progressive_default_head_is_v_at_four_steps_or_fewer(steps, teacher_head, expect):
+    """Salimans & Ho sec. 4: an epsilon student fails at 4 steps or fewer; the official code reads its
+    network in a safe parameterisation (x, or x-and-eps). The default reads an epsilon teacher's
+    network as v there, x0 = alpha z - sigma v (the paper's eq. for v), and keeps epsilon above it."""
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.progressive import Progressive
+
+    ctx, proc = _context("progressive", "student.timesteps=null", f"student.num_steps={steps}",
+                         "method_args.start_steps=8", "method_args.x_source=data", prediction=teacher_head)
+    prog = Progressive(ctx, from_dict(Progressive.Options, ctx.config.method_args, "method_args"))
+    student = prog.student.denoiser
+    assert student.prediction_type == prog.student.spec.prediction_type == expect
+    g = torch.Generator().manual_seed(3)
+    z, t, labels = torch.randn(5, 3, generator=g), torch.full((5,), 999.0), torch.tensor([0, 1, 2, 3, 0])
+    out = student.model(z, t, class_labels=labels)
+    alpha, sigma = (v[:, None] for v in proc.alpha_sigma(t))
+    official = alpha * z - sigma * out if expect == "v_prediction" else (z - sigma * out) / alpha
+    torch.testing.assert_close(student(z, t, Cond({"class_labels": labels})), official, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("head", [pytest.param("v_prediction", marks=pytest.mark.slow), "sample"])
