@@ -10,7 +10,9 @@ LoRA adapters, sharded alike, and filled from the source's local shards: no comm
 copy. The text encoders and the VAE are loaded whole on every rank as before (a small share of the weights
 next to the denoiser).
 
-A pipeline whose network cannot be built so (a hub id rather than a local folder, weights not in
+A hub id is first brought into the local hub cache by diffusers' own ``DiffusionPipeline.download`` (the
+main process first, the others then find it there; offline, the cache is read) and built from that
+snapshot folder like any local folder. A pipeline whose network cannot be built so (weights not in
 safetensors, a class outside diffusers, tensor names other than the network's) is loaded whole and then
 sharded, as before; so is every network when ``STEPDISTILL_WHOLE_LOAD=1`` (the benchmark's baseline).
 """
@@ -135,11 +137,11 @@ def meta_networks(pipeline_folder: str, dtype: torch.dtype | None) -> dict[str, 
     network), to be passed to the pipeline instead of loaded; empty when one of them cannot be built so
     (logged: the pipeline is then loaded whole, as without FSDP)."""
     folder = Path(pipeline_folder)
-    if whole_load() or not (folder / "model_index.json").is_file():
-        if not whole_load():
-            logger.warning("teacher '%s': a hub id is loaded whole on every rank, then sharded; give a local folder "
-                           "to load it sharded", pipeline_folder)
+    if whole_load():
         return {}
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"'{pipeline_folder}' has no model_index.json (a hub id is built from its snapshot folder, "
+                         "hub_snapshot)")
     index = json.loads((folder / "model_index.json").read_text())
     out = {}
     for name in DENOISER_NAMES:
@@ -151,6 +153,15 @@ def meta_networks(pipeline_folder: str, dtype: torch.dtype | None) -> dict[str, 
                 return {}
             out[name] = model
     return out
+
+
+def hub_snapshot(hub_id: str, trust_remote_code: bool = False) -> str:
+    """The local folder of a hub pipeline's files, downloaded into the hub cache if they are not there yet
+    (diffusers' ``DiffusionPipeline.download``: the files a pipeline loads, safetensors preferred; offline
+    (``HF_HUB_OFFLINE=1``) it only reads the cache)."""
+    from diffusers import DiffusionPipeline
+
+    return str(DiffusionPipeline.download(hub_id, trust_remote_code=trust_remote_code))
 
 
 def is_meta(module: nn.Module) -> bool:

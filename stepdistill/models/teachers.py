@@ -30,7 +30,7 @@ from ..errors import TeacherLoadError
 from .encoders import PIPELINE_FAMILIES, TEXT_FAMILIES, call_default, encode_labels, register_pipeline  # noqa: F401
 from .nets import NoiseLevelExperts
 from .oracle import OracleNet
-from .sharded_load import meta_networks, pipeline_view
+from .sharded_load import hub_snapshot, meta_networks, pipeline_view
 from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
 
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -217,6 +217,13 @@ def resolve_teacher_path(path: str | os.PathLike) -> str:
     raise TeacherLoadError(f"teacher path '{path}' does not exist")
 
 
+def is_hub_id(path: str | os.PathLike) -> bool:
+    """Whether a teacher path names a hub repository (not a local path, nor a shipped teacher)."""
+    text = str(path)
+    return (not is_shipped(text) and not Path(text).expanduser().exists() and bool(_HUB_ID.match(text))
+            and not text.startswith((".", "~")))
+
+
 def denoiser_class_name(path: str) -> str | None:
     """The class of a local pipeline folder's denoising network, read from its ``model_index.json``
     (None for a hub id, known only once loaded)."""
@@ -270,15 +277,17 @@ def load_teacher(
     loaded whole when that cannot be done)."""
     from diffusers import DiffusionPipeline
 
-    src = resolve_teacher_path(path)
+    src = name = resolve_teacher_path(path)
     try:
+        if meta and not Path(src).is_dir():  # a hub id: its snapshot folder, whose networks can be built on meta
+            src = hub_snapshot(src, allow_remote_code)
         built = meta_networks(src, dtype) if meta else {}
         with quiet_text_encoder_type(path), pipeline_view(src, built) as where:
             pipe = DiffusionPipeline.from_pretrained(where, dtype=dtype, trust_remote_code=allow_remote_code, **built)
         if built:
-            pipe.register_to_config(_name_or_path=src)
+            pipe.register_to_config(_name_or_path=name)
     except Exception as exc:  # diffusers / hub errors are long; name the path and keep the cause
-        where = "local folder" if Path(src).is_dir() else "hub id (not in the local cache, or offline)"
+        where = "local folder" if Path(name).is_dir() else "hub id (not in the local cache, or offline)"
         raise TeacherLoadError(f"teacher '{path}' ({where}) could not be loaded: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
     try:
         name, model = find_denoiser(pipe)

@@ -28,12 +28,12 @@ from ..errors import ConfigError, InputError
 from ..models.nets import MLPDenoiser
 from ..models.oracle import fit_network
 from ..models.oracle_layouts import oracle_mixture, resolve_oracle
-from ..models.sharded_load import is_meta
+from ..models.sharded_load import hub_snapshot, is_meta
 from ..models.sharding import fully_sharded
 from ..models.shared_lora import own_parameters
 from ..models.student import networks
-from ..models.teachers import (VIDEO_DENOISERS, Teacher, denoiser_class_name, guidance_embedded_folder, load_teacher,
-                               resolve_teacher_path)
+from ..models.teachers import (VIDEO_DENOISERS, Teacher, denoiser_class_name, guidance_embedded_folder, is_hub_id,
+                               load_teacher, resolve_teacher_path)
 from ..storage import load_or_make
 from .distributed import broadcast_from_main
 from .parallel import Parallel
@@ -159,6 +159,10 @@ def build_teacher(cfg: RunConfig, device, run_dir: Path, is_main: bool, wait,
     tc = cfg.teacher
     if tc.oracle is None:
         sharded = parallel is not None and parallel.strategy == "fsdp"
+        if sharded and is_hub_id(tc.path):  # the main process downloads it; the others then read the cache
+            if is_main:
+                hub_snapshot(tc.path, tc.allow_remote_code)
+            wait()
         teacher = load_teacher(tc.path, dtype=torch_dtype(tc.dtype), device=device, null_label=tc.null_label,
                                allow_remote_code=tc.allow_remote_code, video_size=tc.video_size, sample_size=tc.sample_size,
                                guidance=tc.guidance, meta=sharded)

@@ -101,6 +101,35 @@ def test_meta_build_and_sharded_load_equal_the_whole_load(tmp_path, tiny_pipelin
     assert not found and all(p.exitcode == 0 for p in procs), found
 
 
+def test_a_hub_id_is_built_on_the_meta_device_from_its_cached_snapshot(tmp_path, tiny_pipelines, monkeypatch):
+    """A teacher given by hub id is read from its snapshot folder in the hub cache (offline here) and built
+    on the meta device like a local folder, its weights left in the snapshot's files (it was loaded whole
+    before); one not in the cache is one error naming it."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from stepdistill.diffusion.denoiser import unwrap
+    from stepdistill.errors import TeacherLoadError
+    from stepdistill.models.sharded_load import _FILES, is_meta
+    from stepdistill.models.teachers import load_teacher
+
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_pipelines["sd"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    teacher = load_teacher("someone/tiny-sd", device="cpu", meta=True)
+    net = unwrap(teacher.denoiser.model)
+    assert is_meta(net)
+    files = set(_FILES[net].files.values())
+    assert files == {str(snapshot / "unet" / "diffusion_pytorch_model.safetensors")}
+    assert teacher.pipeline.config._name_or_path == "someone/tiny-sd"
+    with pytest.raises(TeacherLoadError, match=r"^teacher 'someone/elsewhere' \(hub id"):
+        load_teacher("someone/elsewhere", device="cpu", meta=True)
+
+
 def test_offload_without_fsdp_is_refused_in_one_line(tmp_path, tiny_pipelines):
     """teacher.offload: cpu on one process (and, checked directly, under DDP): one line naming the option,
     before any work (no run folder)."""
