@@ -66,7 +66,8 @@ def _row(name, x, gmm, nfe, train_s, sample_s, traj=None):
             "traj_mse": traj, "train_s": train_s, "sample_ms": 1000 * sample_s}
 
 
-def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = (), configs=ORACLE_CONFIGS) -> list[dict]:
+def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = (), configs=ORACLE_CONFIGS,
+                 extra: tuple[str, ...] = ()) -> list[dict]:
     from stepdistill.diffusion.sampling import ode_sample
     from stepdistill.testing.oracle_runs import run_oracle
 
@@ -74,13 +75,13 @@ def oracle_suite(out: Path, process: str, n: int = 1000, layout: list[str] = (),
     cache = out / "oracle_networks"
     teacher = gmm = None
     for cfg in configs:
-        config, extra, before = ORACLE_VARIANTS.get(cfg, (cfg, [], None))
-        overrides = [f"teacher.oracle.process={process}", *layout, *(e.format(out=out) for e in extra)]
+        config, variant, before = ORACLE_VARIANTS.get(cfg, (cfg, [], None))
+        overrides = [f"teacher.oracle.process={process}", *layout, *(e.format(out=out) for e in variant), *extra]
         if cfg.startswith("guided"):
             overrides.append("teacher.oracle.conditional=true")
         t0 = time.time()  # train_s includes the run a variant starts from
         if before is not None:
-            run_oracle(f"{before}.yaml", out / before, [f"teacher.oracle.process={process}", *layout], cache)
+            run_oracle(f"{before}.yaml", out / before, [f"teacher.oracle.process={process}", *layout, *extra], cache)
         student, teacher_c, gmm, _ = run_oracle(f"{config}.yaml", out / cfg, overrides, cache)
         train_s = time.time() - t0
         z = torch.randn(n, *teacher_c.sample_shape, generator=torch.Generator().manual_seed(123))
@@ -162,7 +163,7 @@ def _grid(samples: dict, gmm, path: Path):
 # ------------------------------------------------------------------------------------------------
 # oracle on random layouts (stepdistill/models/oracle_layouts.py)
 # ------------------------------------------------------------------------------------------------
-def random_layouts_suite(out: Path, seeds: list[int], configs: list[str]) -> list[dict]:
+def random_layouts_suite(out: Path, seeds: list[int], configs: list[str], extra: tuple[str, ...] = ()) -> list[dict]:
     """Every config of ``configs`` on each layout of ``seeds``, each layout in its own folder (a layout whose
     results.json is there is read back, so the suite can be grown layout by layout)."""
     from stepdistill.models.oracle_layouts import random_layout
@@ -178,7 +179,7 @@ def random_layouts_suite(out: Path, seeds: list[int], configs: list[str]) -> lis
         else:
             folder.mkdir(parents=True, exist_ok=True)
             rows = oracle_suite(folder, lay.process, layout=["teacher.oracle.layout=random",
-                                                             f"teacher.oracle.seed={seed}"], configs=configs)
+                                                             f"teacher.oracle.seed={seed}"], configs=configs, extra=extra)
             path.write_text(json.dumps(rows, indent=1))
         done.append({"seed": seed, "layout": lay.describe(), "process": lay.process, "rows": rows})
     return done
@@ -623,11 +624,14 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=2000, help="mnist: samples per row")
     parser.add_argument("--guidance", type=float, choices=[1.0], default=None,
                         help="mnist: 1 distils every method against the unguided teacher")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="mnist: an override for every run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every run (both suites)")
     parser.add_argument("--time-batch", type=int, default=100, help="mnist: batch of the sampling-time measurement")
     parser.add_argument("--curve", default=None, help="mnist: iteration counts to measure, e.g. 1000,3000,10000")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set: '{item}' is not key=value")
     if args.suite == "mnist":
         runs = MNIST_RUNS
         if args.runs:
@@ -646,9 +650,6 @@ def main(argv=None) -> int:
             if not all(c.isdigit() and int(c) > 0 for c in args.curve.split(",")):
                 parser.error(f"--curve: '{args.curve}' is not a list of iteration counts (e.g. 1000,3000,10000)")
             curve = sorted(int(c) for c in args.curve.split(","))
-        for item in args.set:
-            if "=" not in item:
-                parser.error(f"--set: '{item}' is not key=value")
         out = args.out or ROOT / "runs" / "benchmark" / "mnist"
         if not _claim(out, {"suite": "mnist", "n": args.n, "guidance": args.guidance}):
             return 2
@@ -665,18 +666,22 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--configs: {unknown} are not among {ORACLE_CONFIGS}")
         out = args.out or ROOT / "runs" / "benchmark" / "oracle-random"
-        if not _claim(out, {"suite": "oracle", "layouts": "random"}):
+        if not _claim(out, {"suite": "oracle", "layouts": "random", **({"set": list(args.set)} if args.set else {})}):
             return 2
-        done = random_layouts_suite(out, seeds, configs)
+        done = random_layouts_suite(out, seeds, configs, tuple(args.set))
         rows = layouts_summary(done, configs)
         layouts_pictures(done, configs, out)
         table = layouts_markdown(rows)
         (out / "layouts.json").write_text(json.dumps(done, indent=1))
     else:
+        configs = args.configs.split(",") if args.configs else ORACLE_CONFIGS
+        unknown = [c for c in configs if c not in ORACLE_CONFIGS]
+        if unknown:
+            parser.error(f"--configs: {unknown} are not among {ORACLE_CONFIGS}")
         out = args.out or ROOT / "runs" / "benchmark" / f"{args.suite}-{args.process}-{args.layout}"
-        if not _claim(out, {"suite": args.suite, "process": args.process, "layout": args.layout}):
+        if not _claim(out, {"suite": args.suite, "process": args.process, "layout": args.layout, "set": list(args.set)}):
             return 2
-        rows = oracle_suite(out, args.process, layout=ORACLE_LAYOUTS[args.layout])
+        rows = oracle_suite(out, args.process, layout=ORACLE_LAYOUTS[args.layout], configs=configs, extra=tuple(args.set))
         table = markdown(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text(table + "\n")

@@ -90,7 +90,7 @@ class DMDBase(ScoreDistiller):
     def distribution_matching(self, x: torch.Tensor, batch: Batch, real=None) -> torch.Tensor:
         """DMD's update at noised samples of ``x``; ``real`` replaces the teacher as the real score (DisBack)."""
         proc = self.student.process
-        t = score_times(proc, batch, self.options.t_min, self.options.t_max)
+        t = score_times(proc, batch, self.options.t_min, self.options.t_max, self.options.integer_times)
         with torch.no_grad():
             x_t = proc.add_noise(x, batch.randn(*x.shape), t)
             real = self.ctx.teacher.denoiser if real is None else real
@@ -103,7 +103,7 @@ class DMDBase(ScoreDistiller):
         if x is None:
             with torch.no_grad():
                 x, _ = self.sample(batch, grad=False)
-        t = score_times(self.student.process, batch, 0.0, 1.0)
+        t = score_times(self.student.process, batch, 0.0, 1.0, self.options.integer_times)
         return denoising_loss(self.fake, x, batch.cond, t, batch)
 
 
@@ -291,7 +291,7 @@ class DMD2(DMDBase):
         """The head's logit for clean samples ``x`` under their own conditioning ``cond``, noised at a
         time drawn over the whole range (the official classifier's t ~ U[0, 1000), not the DM loss's)."""
         proc = self.student.process
-        t = score_times(proc, batch, 0.0, 1.0)
+        t = score_times(proc, batch, 0.0, 1.0, self.options.integer_times)
         x_t = proc.add_noise(x, batch.randn(*x.shape), t)
         return self.head(self._fake_features(x_t, t, cond))
 

@@ -37,6 +37,9 @@ class FakeScoreOptions:
     fake_updates: int = 1  # fake-score updates per student update (two time-scale rule)
     t_min: float = 0.02  # score losses use times in [t_min, t_max] as fractions of the process range
     t_max: float = 0.98
+    # VP teachers: the score losses draw integer timesteps in [int(t_min T), int(t_max T)] as the official DMD2,
+    # SwiftBrush and SiD scripts do, instead of continuous times (docs/METHODS.md, "Integer or continuous times")
+    integer_times: bool = False
 
     def __post_init__(self):
         check_range("method_args.fake_lr", self.fake_lr, gt=0)
@@ -117,8 +120,15 @@ def regression_times(process, batch: Batch) -> torch.Tensor:
     return batch.times(process, lo if process.kind == "vp" else 1e-3, hi)
 
 
-def score_times(process, batch: Batch, lo: float, hi: float) -> torch.Tensor:
-    """Times for the score losses: uniform over :func:`score_time_range`."""
+def score_times(process, batch: Batch, lo: float, hi: float, integer: bool = False) -> torch.Tensor:
+    """Times for the score losses: uniform over :func:`score_time_range`; with ``integer`` (a VP process),
+    integer timesteps uniform in [int(lo T), int(hi T)] (T = num_train_timesteps, at most T - 1), the
+    official scripts' ``randint(min_step, max_step + 1)``."""
+    if integer:
+        if process.kind != "vp":
+            raise ValueError("method_args.integer_times: integer timesteps are of a VP teacher; flow times are continuous")
+        n = process.num_train_timesteps
+        return batch.randint(int(lo * n), min(int(hi * n), n - 1) + 1).float().to(batch.device)
     lo, hi = score_time_range(process, lo, hi)
     return batch.times(process, lo, hi)
 
@@ -157,6 +167,9 @@ class ScoreDistiller(Distiller):
 
     def __init__(self, ctx: Context, options):
         super().__init__(ctx, options)
+        if getattr(options, "integer_times", False) and ctx.init.process.kind != "vp":
+            raise ValueError("method_args.integer_times: integer timesteps are of a VP teacher; this teacher's are "
+                             "flow times, which are continuous")
         base, on_student, on_fake = shared_lora_base(ctx, options) if self.shares_lora_base else (None, False, False)
         if base is not None:
             logger.info("train.shared_lora_base: %s on the teacher's network, with its adapters switched per call",

@@ -135,12 +135,12 @@ class SiD(ScoreDistiller):
                 x, _ = self.sample(batch, grad=False, cond=cond)
             if not self.fake_conditioned and batch.uncond is not None:
                 cond = batch.uncond.expand_to(batch.size)
-            t = score_times(proc, batch, self.options.t_min, self.options.t_max)
+            t = score_times(proc, batch, self.options.t_min, self.options.t_max, self.options.integer_times)
             weight = v_as_epsilon_weight(proc, t, self.fake.prediction_type)  # the epsilon-space loss
             return {"loss": denoising_loss(self.fake, x, cond, t, batch, uncond=batch.uncond,
                                            guidance_scale=self.train_s, weight=weight, reduction="sum")}
         x_g, _ = self.sample(batch, grad=True)
-        t = score_times(proc, batch, self.options.t_min, self.options.t_max)
+        t = score_times(proc, batch, self.options.t_min, self.options.t_max, self.options.integer_times)
         x_t = proc.add_noise(x_g, batch.randn(*x_g.shape), t)
         # gradients flow through both networks into x_t (their weights do not require grad here)
         y_r = guided_x0(self.ctx.teacher.denoiser, x_t, t, batch.cond, batch.uncond, self.real_s)

@@ -87,11 +87,11 @@ class VSD(ScoreDistiller):
             dropout = self.options.prompt_dropout
             if batch.uncond is not None and dropout > 0 and float(batch.rand(1)) < dropout:
                 cond = batch.uncond.expand_to(batch.size)
-            t = score_times(proc, batch, 0.0, 1.0)
+            t = score_times(proc, batch, 0.0, 1.0, self.options.integer_times)
             weight = proc.alpha(t) ** 2 if self.options.fake_weighting == "alpha2" else None
             return {"loss": denoising_loss(self.fake, x, cond, t, batch, weight=weight)}
         x, _ = self.sample(batch, grad=True)
-        t = score_times(proc, batch, self.options.t_min, self.options.t_max)
+        t = score_times(proc, batch, self.options.t_min, self.options.t_max, self.options.integer_times)
         real_scale, fake_scale = self.options.guidance_scale, self.options.fake_guidance_scale
         if self.options.guidance_range is not None and batch.uncond is not None:  # PG-SB: a random scale per sample
             lo, hi = self.options.guidance_range

@@ -255,6 +255,55 @@ def test_dmd2_gan_real_branch_sees_each_real_image_with_its_own_caption(tmp_path
     assert not torch.allclose(cond_real.kwargs["encoder_hidden_states"][0], prompt)
 
 
+@pytest.mark.parametrize("method", ["dmd2", "sid", "vsd"])
+def test_integer_times_are_the_official_scripts_randint(method):
+    """method_args.integer_times: the DM loss's times are sd_guidance.py's
+    randint(int(0.02 T), int(0.98 T) + 1) = integers in [20, 980] (drawn from the batch's stream), and the
+    fake score's randint(0, T); the default draws continuous times in the same range."""
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.registry import get_method
+
+    cls = get_method(method)
+    seen = {}
+    for integer in (True, False):
+        ctx, proc = _context(method, f"method_args.integer_times={str(integer).lower()}", "method_args.fake_lora_rank=0")
+        distiller = cls(ctx, from_dict(cls.Options, ctx.config.method_args, "method_args"))
+        calls = []
+        add_noise = proc.add_noise
+        proc.add_noise = lambda x, eps, t: (calls.append(t.clone()), add_noise(x, eps, t))[1]
+        for step in range(30):
+            for update in ("student", "fake"):
+                distiller.loss(ctx.source.batch(step, 0, 16), step, update)
+        seen[integer] = torch.cat(calls)
+    t = seen[True]
+    assert torch.equal(t, t.round()) and float(t.min()) >= 0 and float(t.max()) <= 999
+    assert len(t.unique()) > 50  # spread over the range, not a few values
+    assert not torch.equal(seen[False], seen[False].round())  # the default: continuous
+    ctx, proc = _context("dmd2", "method_args.integer_times=true")
+    dmd2 = get_method("dmd2")(ctx, from_dict(get_method("dmd2").Options, ctx.config.method_args, "method_args"))
+    batch = ctx.source.batch(5, 0, 64)
+    g = _replay(batch)
+    from stepdistill.distillers.score import score_times
+
+    got = score_times(proc, batch, 0.02, 0.98, integer=True)
+    torch.testing.assert_close(got, torch.randint(20, 981, (64,), generator=g).float())
+    assert dmd2.options.integer_times
+
+
+def test_integer_times_are_refused_on_a_flow_teacher_and_in_phased_dmd(tmp_path):
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.phased_dmd import PhasedDMD
+    from stepdistill.training import Trainer
+
+    with pytest.raises(ValueError, match="method_args.integer_times: Phased DMD"):
+        from_dict(PhasedDMD.Options, {"integer_times": True}, "method_args")
+    cfg = load_config("configs/oracle/dmd2_1step.yaml", [
+        f"train.output_dir={tmp_path}/run", "train.report_to=none", "train.progress=false", "teacher.oracle.process=flow",
+        "teacher.oracle.network_steps=2", "method_args.integer_times=true"])
+    with pytest.raises(Exception, match="integer timesteps are of a VP teacher"):
+        Trainer(cfg)
+
+
 def test_dmd2_gan_classifier_times_cover_the_whole_range():
     from stepdistill.config import from_dict
     from stepdistill.distillers.dmd import DMD2
