@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import check_range, to_dict
 from ..data.batch import Batch
@@ -30,6 +31,7 @@ from ..diffusion.denoiser import Cond
 from ..diffusion.sampling import ode_sample
 from ..storage import load_or_make, load_state, save_state
 from .base import Context
+from .fake_store import FAKE_SCORE, save_fake_score
 from .gan import GANMixin, GANOptions
 from .losses import denoising_loss, gradient_matching_loss, guided_x0, mse, per_sample_mean_abs
 from .score import FakeScoreOptions, ScoreDistiller, score_times
@@ -99,6 +101,17 @@ class DMDBase(ScoreDistiller):
                 x, _ = self.sample(batch, grad=False)
         t = score_times(self.student.process, batch, 0.0, 1.0)
         return denoising_loss(self.fake, x, batch.cond, t, batch)
+
+    def final_parts(self) -> dict[str, nn.Module]:
+        """The trained fake score (with DMD2's GAN head: the bundle of both), written as ``fake_score/``."""
+        head = getattr(self, "head", None)
+        return {FAKE_SCORE: self.fake_bundle if head is not None else self.fake.model}
+
+    def save_final(self, run_dir, parts: dict[str, nn.Module]) -> None:
+        """``fake_score/``: the fake score as a diffusers model folder, the GAN head beside it (fake_store.py)."""
+        part = parts[FAKE_SCORE]
+        net, head = (part["net"], part["head"]) if isinstance(part, nn.ModuleDict) else (part, None)
+        save_fake_score(Path(run_dir) / FAKE_SCORE, net, head)
 
 
 class DMD(DMDBase):

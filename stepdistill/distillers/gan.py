@@ -118,7 +118,9 @@ class GANMixin:
             out = self.fake(x_t, t, cond)
         finally:
             self.features.active = False
-        feats = self.features.value
+        # taken out of the hook: a copy of the network (DisBack's path nodes, a fused LoRA copy) copies its hooks,
+        # and a tensor in a graph cannot be copied
+        feats, self.features.value = self.features.value, None
         if is_sharded(self.fake.model):  # (sharded after the head's probe at construction)
             # FSDP2 gathers a sharded module's weights for the backward in a hook on that module's outputs;
             # the network's root output is not in the GAN loss, so the root's hook would never run and the
