@@ -19,14 +19,26 @@ score is far from the student's samples at the start. DisBack walks a path betwe
    the current one and stays on the teacher to the end; here the nodes share ``1 - teacher_share`` of
    the stage-2 iterations equally and the teacher holds the rest.
 
+Two starts. The default (every shipped config): the student and the fake score are teacher copies, no
+GAN, and stage 2's fake score goes on from the end of stage 1. The official start (the authors' SDXL
+scripts, built on DMD2's code): both stages begin from a trained DMD2 run. ``student.init`` takes that
+run's ``student/``; stage 1, as in the official degradation script (which loads the generator alone),
+degrades a fresh teacher copy toward that student and records the path; at stage 2's first iteration
+the fake score (and the GAN head) takes the DMD2 run's trained weights from ``fake_init`` (the run folder,
+whose ``fake_score/`` every finished dmd, dmd2 and disback run writes, or that folder itself), with a fresh
+optimiser state, as the official training script loads the DMD2 checkpoint's guidance model. That fake
+score was trained on the DMD2 student's samples, so it models the initial student as the end of the
+path would; the path's nodes are unchanged. ``gan: true`` adds DMD2's GAN head (``gan.py``): its
+classifier loss in every fake-score update of both stages and the generator loss in the student's (the
+official runs train with it; it needs real images).
+
 Deviations: the paper backtracks on its own base update; here it is DMD's distribution-matching
 gradient (with the two-time-scale rule of ``fake_updates``). Nodes switch on a fixed schedule rather than
 on a convergence test. The nodes are kept on the CPU (one at a time on the device). The authors' public
-code (built on DMD2's) starts both stages from DMD2's trained SDXL generator and fake score and switches
-target on a step test that, as written, moves past at most one node and never returns to the teacher,
-and whose load (``strict=False``, keys prefixed by the guidance model's attribute names) matches no key
-of the real score, which stays the teacher; this module follows the paper's and that README's
-description instead (docs/METHODS.md, DisBack).
+code switches target on a step test that, as written, moves past at most one node and never returns to
+the teacher, and whose load (``strict=False``, keys prefixed by the guidance model's attribute names)
+matches no key of the real score, which stays the teacher; this module walks every node in turn as the
+paper's and that README's algorithm describe (docs/METHODS.md, DisBack).
 """
 
 from __future__ import annotations
