@@ -173,7 +173,30 @@ CASES = [
      ConfigError, r"method_args.path_nodes \(3\) must be below method_args.degradation_steps \(3\)"),
     ("disback-no-backtracking-left", lambda t: ["method=disback", "method_args.degradation_steps=20", "train.max_steps=20"],
      ConfigError, r"method_args.degradation_steps \(20\) leaves no iterations of train.max_steps \(20\)"),
+    # DisBack started from a trained DMD2 run's fake score (method_args.fake_init)
+    ("disback-fake-init-missing", lambda t: [*DISBACK, f"method_args.fake_init={t / 'nowhere'}"], ConfigError,
+     r"method_args.fake_init: '.*nowhere' does not exist"),
+    ("disback-fake-init-not-a-fake-score", lambda t: [*DISBACK, f"method_args.fake_init={_users_folder(t)}"], ConfigError,
+     r"method_args.fake_init: '.*mine' is neither a fake-score folder \(a model folder with config.json\) nor a run "
+     r"folder with fake_score/"),
+    ("disback-fake-init-no-weights", lambda t: [*DISBACK, f"method_args.fake_init={_model_folder(t, 'MLPDenoiser')}"],
+     ConfigError, r"method_args.fake_init: '.*unet' holds no diffusion_pytorch_model.safetensors"),
+    ("disback-fake-init-other-class", lambda t: [*DISBACK, f"method_args.fake_init={_weights(_model_folder(t, 'UNet2DModel'))}"],
+     ConfigError, r"method_args.fake_init: '.*unet' holds a UNet2DModel; the teacher's network is a MLPDenoiser"),
+    ("disback-fake-init-lora", lambda t: [*DISBACK, f"method_args.fake_init={_weights(_model_folder(t, 'MLPDenoiser'))}",
+                                          "method_args.fake_lora_rank=4"], ConfigError,
+     r"method_args.fake_lora_rank: the fake score takes the whole network saved in method_args.fake_init"),
 ]
+
+
+DISBACK = ["method=disback", "method_args.degradation_steps=2", "method_args.path_nodes=1"]
+
+
+def _weights(folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
 
 
 def _model_folder(tmp_path: Path, class_name: str) -> Path:

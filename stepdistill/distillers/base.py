@@ -117,3 +117,13 @@ class Distiller:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output on resume."""
+
+    def final_parts(self) -> dict[str, nn.Module]:
+        """Networks a finished run writes beside the student, by name; the trainer gathers each into a
+        whole copy (all processes take part when it is sharded) and hands them to :meth:`save_final`.
+        Default: none."""
+        return {}
+
+    def save_final(self, run_dir, parts: dict[str, nn.Module]) -> None:
+        """Write :meth:`final_parts`' whole networks into ``run_dir`` (the main process only). Default:
+        nothing."""

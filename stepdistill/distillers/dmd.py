@@ -27,11 +27,11 @@ from torch import nn
 
 from ..config import check_range, to_dict
 from ..data.batch import Batch
-from ..diffusion.denoiser import Cond, feature_module, unwrap
+from ..diffusion.denoiser import Cond
 from ..diffusion.sampling import ode_sample
-from ..models.sharding import is_sharded
 from ..storage import load_or_make, load_state, save_state
-from .base import Context, Trainable
+from .base import Context
+from .gan import GANMixin, GANOptions
 from .losses import denoising_loss, gradient_matching_loss, guided_x0, mse, per_sample_mean_abs
 from .score import FakeScoreOptions, ScoreDistiller, score_times
 
@@ -64,21 +64,16 @@ class DMDOptions(FakeScoreOptions):
 
 
 @dataclass
-class DMD2Options(FakeScoreOptions):
+class DMD2Options(GANOptions):
     guidance_scale: float = 1.75
     lr: float = 1e-5
     fake_updates: int = 5  # DMD2: 5 fake-score updates per student update (two time-scale rule)
-    gan: bool = False  # the GAN classifier head; needs real data (data.images, or the oracle)
-    gan_gen_weight: float = 1e-3  # student's GAN loss weight (official: SD1.5 1e-3, SDXL 5e-3)
-    gan_disc_weight: float = 1e-2  # the head's classification loss weight in the fake-score update
     fake_guidance_scale: float | None = None  # CFG of the fake score (None: conditional prediction only)
 
     def __post_init__(self):
         super().__post_init__()
         check_range("method_args.guidance_scale", self.guidance_scale, ge=0)
         check_range("method_args.lr", self.lr, gt=0)
-        check_range("method_args.gan_gen_weight", self.gan_gen_weight, ge=0)
-        check_range("method_args.gan_disc_weight", self.gan_disc_weight, ge=0)
         check_range("method_args.fake_guidance_scale", self.fake_guidance_scale, ge=0)
 
 
@@ -187,54 +182,7 @@ def regression_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return mse(a, b)
 
 
-class GANHead(nn.Module):
-    """DMD2's classifier on the fake score's bottleneck features, one logit per sample.
-
-    Feature maps (C, H, W) go through the official head's layout: 4x4 stride-2 convolutions (each with
-    GroupNorm(32) and SiLU) until the map is at most 4x4, a convolution over the whole remaining map
-    (stride 4 at 4x4) with GroupNorm and SiLU, and a 1x1 convolution to one channel. At the native
-    bottlenecks this is exactly the official SD1.5 head (8x8: one stride-2 block) and SDXL head
-    (32x32: three). Token or vector features (DiT, SD3, the oracle's MLP), which the official code
-    never sees, get a LayerNorm-MLP."""
-
-    def __init__(self, feat_shape: tuple[int, ...], width: int = 256):
-        super().__init__()
-        if len(feat_shape) == 3:  # (C, H, W)
-            c, size = feat_shape[0], min(feat_shape[1:])
-            groups = 32 if c % 32 == 0 else 1
-            layers = []
-            while size > 4:
-                layers += [nn.Conv2d(c, c, 4, stride=2, padding=1), nn.GroupNorm(groups, c), nn.SiLU()]
-                size //= 2
-            layers += [nn.Conv2d(c, c, size, stride=size), nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, 1, 1)]
-            self.net = nn.Sequential(*layers)
-        else:  # (N, D) tokens or (D,)
-            d = feat_shape[-1]
-            self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width), nn.SiLU(), nn.Linear(width, 1))
-        self.tokens = len(feat_shape) == 2
-        self.maps = len(feat_shape) == 3
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        if self.tokens:
-            feats = feats.mean(1)
-        out = self.net(feats.float())
-        return out.flatten(1).mean(1) if self.maps else out.squeeze(-1)
-
-
-class _Features:
-    """Captures the output of the fake network's feature module during a forward pass."""
-
-    def __init__(self, module: nn.Module):
-        self.value = None
-        module.register_forward_hook(self._hook)
-        self.active = False
-
-    def _hook(self, module, inputs, output):
-        if self.active:
-            self.value = output[-1] if isinstance(output, tuple) else output  # SD3 blocks: (text, image)
-
-
-class DMD2(DMDBase):
+class DMD2(GANMixin, DMDBase):
     """DMD2: DM loss, TTUR, optional GAN head, one- or few-step students (backward simulation)."""
 
     name = "dmd2"
@@ -249,51 +197,7 @@ class DMD2(DMDBase):
     def __init__(self, ctx: Context, options: DMD2Options):
         super().__init__(ctx, options)
         self.fake_guidance_scale = options.fake_guidance_scale
-        self.head = None
-        if options.gan:
-            if getattr(ctx.teacher, "video", False):
-                raise ValueError(f"method_args.gan=true: the GAN head tells real data from the student's, and teacher "
-                                 f"{ctx.teacher.name} makes videos, while real data here are still images; set "
-                                 f"method_args.gan=false")
-            if not ctx.source.has_real:
-                raise ValueError("method_args.gan=true needs real images: set data.images (stepdistill/data/sources.py)")
-            self.features = _Features(feature_module(unwrap(self.fake.model)))
-            with torch.no_grad():
-                probe = torch.zeros(1, *ctx.teacher.sample_shape, device=ctx.device)
-                b = ctx.source.draw("gan_probe", 1)
-                t = torch.full((1,), self.fake.process.t_max / 2, device=ctx.device)
-                feats = self._fake_features(probe, t, b.cond)
-            self.head = GANHead(tuple(feats.shape[1:])).to(ctx.device)
-            self.fake_bundle = nn.ModuleDict({"net": self.fake.model, "head": self.head})
-
-    def trainables(self) -> dict[str, Trainable]:
-        tr = super().trainables()
-        if self.head is not None:
-            tr["fake"] = Trainable(self.fake_bundle, self.fake_lr, lambda m: setattr(self.fake, "model", m["net"]))
-        return tr
-
-    def _fake_features(self, x_t, t, cond) -> torch.Tensor:
-        self.features.active = True
-        try:
-            out = self.fake(x_t, t, cond)
-        finally:
-            self.features.active = False
-        feats = self.features.value
-        if is_sharded(self.fake.model):  # (sharded after the head's probe at construction)
-            # FSDP2 gathers a sharded module's weights for the backward in a hook on that module's outputs;
-            # the network's root output is not in the GAN loss, so the root's hook would never run and the
-            # backward through its layers (conv_in, time embedding) would meet freed weights. A zero-weight
-            # term puts the output in the graph; it changes no value or gradient.
-            feats = feats + 0.0 * out.flatten(1).mean(1).reshape(-1, *[1] * (feats.ndim - 1)).to(feats.dtype)
-        return feats
-
-    def _logits(self, x: torch.Tensor, cond, batch: Batch) -> torch.Tensor:
-        """The head's logit for clean samples ``x`` under their own conditioning ``cond``, noised at a
-        time drawn over the whole range (the official classifier's t ~ U[0, 1000), not the DM loss's)."""
-        proc = self.student.process
-        t = score_times(proc, batch, 0.0, 1.0, self.options.integer_times)
-        x_t = proc.add_noise(x, batch.randn(*x.shape), t)
-        return self.head(self._fake_features(x_t, t, cond))
+        self.setup_gan(ctx, options)
 
     def loss(self, batch: Batch, iteration: int, update: str) -> dict:
         if update == "fake":
@@ -302,10 +206,7 @@ class DMD2(DMDBase):
             loss = self.fake_loss(batch, x)
             out = {"denoise": loss.detach()}
             if self.head is not None:
-                # generated samples with the prompts that made them; real items with their own captions
-                d_fake = self._logits(x, batch.cond, batch)
-                d_real = self._logits(batch.x0, batch.x0_cond, batch)
-                loss_d = nn.functional.softplus(d_fake).mean() + nn.functional.softplus(-d_real).mean()
+                loss_d = self.gan_disc_loss(x, batch)
                 loss = loss + self.options.gan_disc_weight * loss_d
                 out["gan_disc"] = loss_d.detach()
             out["loss"] = loss
@@ -314,7 +215,7 @@ class DMD2(DMDBase):
         loss = self.distribution_matching(x, batch)
         out = {"dm": loss.detach()}
         if self.head is not None:
-            loss_g = nn.functional.softplus(-self._logits(x, batch.cond, batch)).mean()
+            loss_g = self.gan_gen_loss(x, batch)
             loss = loss + self.options.gan_gen_weight * loss_g
             out["gan_gen"] = loss_g.detach()
         out["loss"] = loss

@@ -77,6 +77,9 @@ class PhasedDMDOptions(FakeScoreOptions):
         check_range("method_args.lr", self.lr, gt=0)
         check_range("method_args.steps_per_phase", self.steps_per_phase, ge=1)
         check_range("method_args.fake_lr_ratio", self.fake_lr_ratio, gt=0)
+        if self.save_fake_score:
+            raise ValueError("method_args.save_fake_score: Phased DMD's fake score is re-initialised at each phase; "
+                             "there is no one trained fake score to save")
         if self.integer_times:
             raise ValueError("method_args.integer_times: Phased DMD draws each phase's times within its sub-interval "
                              "(LightX2V's continuous flow times); there is no integer variant")

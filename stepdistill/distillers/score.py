@@ -19,6 +19,7 @@ from ..models.nets import NoiseLevelExperts
 from ..models.sharding import placed
 from ..models.shared_lora import FAKE_SCORE, add_adapter_view
 from ..models.student import ATTENTION_LORA_TARGETS, Student, copy_for_training
+from . import fake_store
 from .base import Context, Distiller, Trainable
 from .common import make_student, student_timesteps, student_trainable
 
@@ -40,6 +41,9 @@ class FakeScoreOptions:
     # VP teachers: the score losses draw integer timesteps in [int(t_min T), int(t_max T)] as the official DMD2,
     # SwiftBrush and SiD scripts do, instead of continuous times (docs/METHODS.md, "Integer or continuous times")
     integer_times: bool = False
+    # write the trained fake score (and a GAN head) as fake_score/ beside the student at the end: the start of a
+    # DisBack run from this one (method_args.fake_init); off by default, as it is a second network's worth of disk
+    save_fake_score: bool = False
 
     def __post_init__(self):
         check_range("method_args.fake_lr", self.fake_lr, gt=0)
@@ -184,6 +188,19 @@ class ScoreDistiller(Distiller):
     @classmethod
     def trainable_names(cls, config, options) -> list[str]:
         return ["student", "fake"]
+
+    def final_parts(self) -> dict[str, nn.Module]:
+        """With ``save_fake_score``, the trained fake score (with DMD2's GAN head: the bundle of both)."""
+        if not self.options.save_fake_score:
+            return {}
+        head = getattr(self, "head", None)
+        return {fake_store.FAKE_SCORE: self.fake_bundle if head is not None else self.fake.model}
+
+    def save_final(self, run_dir, parts: dict[str, nn.Module]) -> None:
+        """``fake_score/``: the fake score as a diffusers model folder, the GAN head beside it (fake_store.py)."""
+        part = parts[fake_store.FAKE_SCORE]
+        net, head = (part["net"], part["head"]) if isinstance(part, nn.ModuleDict) else (part, None)
+        fake_store.save_fake_score(Path(run_dir) / fake_store.FAKE_SCORE, net, head)
 
     def trainables(self) -> dict[str, Trainable]:
         return {

@@ -23,6 +23,7 @@ from ..diffusion.denoiser import Denoiser, base_network, class_name, unwrap
 from ..diffusion.process import FlowProcess, process_from_scheduler_config
 from ..distillers.base import Context, Distiller
 from ..distillers.common import check_init_class, init_network_class, refuse_cfg_on_embedded_guidance
+from ..distillers.fake_store import check_fake_init_class, resolve_fake_init
 from ..distillers.registry import get_method
 from ..errors import ConfigError, InputError
 from ..models.nets import MLPDenoiser
@@ -84,12 +85,18 @@ def validate_inputs(cfg: RunConfig, num_processes: int = 1, strategy: str | None
         raise ConfigError(str(exc)) from exc
     if pipeline is not None and guidance_embedded_folder(pipeline):  # a hub id: checked once it is loaded
         refuse_cfg_on_embedded_guidance(method, options, denoiser_class_name(pipeline))
+    teacher_class = MLPDenoiser.__name__ if pipeline is None else denoiser_class_name(pipeline)
     if cfg.student.init is not None:
-        teacher_class = MLPDenoiser.__name__ if pipeline is None else denoiser_class_name(pipeline)
         if teacher_class is None:  # a hub id: checked once the teacher is loaded
             init_network_class(cfg.student.init)
         else:
             check_init_class(cfg.student.init, teacher_class)
+    # DisBack's trained fake score: its class now, its configuration and weights once the teacher is loaded
+    if getattr(options, "fake_init", None) is not None and teacher_class is not None:
+        try:
+            check_fake_init_class(resolve_fake_init(options.fake_init), teacher_class)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     if cfg.data.prompts is not None:
         read_captions(cfg.data.prompts, cfg.data, cfg.data.skip_bad_items)
     if cfg.data.images is not None:

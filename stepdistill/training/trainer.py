@@ -290,8 +290,8 @@ class Trainer:
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, history: list[dict]) -> Path:
-        """The final student (and its EMA) as diffusers folders with the schedule, and the loss history
-        and its plot."""
+        """The final student (and its EMA) as diffusers folders with the schedule, the method's other final
+        networks (``Distiller.final_parts``: DMD's ``fake_score/``), and the loss history and its plot."""
         out = self.run_dir / "student"
         student = self.distiller.student
         has_ema = any(st.ema is not None for st in self.states.values())
@@ -302,6 +302,9 @@ class Trainer:
         if has_ema and sharded:
             with ema_weights(self.states):
                 ema_model = plain_copy(student.model, everywhere=False)
+        # the method's other networks (DMD's fake score): whole copies, gathered like the student's
+        parts = {name: plain_copy(m, everywhere=False) if is_sharded(m) else m
+                 for name, m in self.distiller.final_parts().items()}
 
         def write():
             outputs.save_student(student, out, model)
@@ -310,6 +313,8 @@ class Trainer:
             elif has_ema:
                 with ema_weights(self.states):
                     outputs.save_student(student, self.run_dir / "student_ema")
+            if parts:
+                self.distiller.save_final(self.run_dir, parts)
             if history:
                 outputs.save_history(history, self.run_dir)
             for finisher in self.finishers:

@@ -212,7 +212,7 @@ def test_vsd_lora_is_swiftbrushs():
 def test_dmd2_gan_head_has_the_official_layout_at_the_native_bottlenecks():
     from torch import nn
 
-    from stepdistill.distillers.dmd import GANHead
+    from stepdistill.distillers.gan import GANHead
 
     def layout(head):
         return [(m.kernel_size[0], m.stride[0], m.padding[0], m.out_channels) for m in head.net if isinstance(m, nn.Conv2d)]
