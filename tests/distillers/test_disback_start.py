@@ -66,7 +66,7 @@ def test_disback_starts_from_a_dmd2_runs_student_fake_score_and_gan_head(tmp_pat
     cfg = load_config("configs/tiny-sd/disback_1step.yaml", [
         f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={tmp_path / 'run'}", *QUIET, "train.max_steps=3",
         "train.checkpoint_every=100", f"method_args.degradation_steps={deg}", "method_args.path_nodes=1",
-        "method_args.lr=1e-3", f"student.init={dmd2_run / 'student'}", f"method_args.fake_init={dmd2_run}",
+        "method_args.lr=1e-3", f"student.init={dmd2_run / 'student'}", f"method_args.fake_init={dmd2_run}", "method_args.save_fake_score=true",
         "method_args.gan=true", f"data.images={dmd2_run.parent / 'images'}"])
     trainer = Trainer(cfg)
     dis = trainer.distiller
@@ -112,3 +112,22 @@ def test_fake_init_of_another_configuration_or_without_the_gan_head_is_refused(t
         Trainer(load_config("configs/tiny-sd/disback_1step.yaml", common + [
             f"train.output_dir={tmp_path / 'b'}", f"method_args.fake_init={plain}", "method_args.gan=true",
             f"data.images={images}"]))
+
+
+def test_the_fake_score_is_written_only_when_asked(tmp_path, tiny_pipelines):
+    """A full fake score is a second network's worth of disk: a run writes fake_score/ only with
+    method_args.save_fake_score (DisBack's start), and Phased DMD, whose fake score restarts each phase, refuses it."""
+    parts = {}
+    for save in (False, True):
+        cfg = load_config("configs/tiny-sd/dmd2_4step.yaml", [
+            f"teacher.path={tiny_pipelines['sd']}", f"train.output_dir={tmp_path / str(save)}", *QUIET,
+            f"method_args.save_fake_score={str(save).lower()}"])
+        trainer = Trainer(cfg)
+        parts[save] = trainer.distiller.final_parts()
+        trainer.close()
+    assert parts[False] == {} and list(parts[True]) == [FAKE_SCORE]
+    from stepdistill.config import from_dict
+    from stepdistill.distillers.phased_dmd import PhasedDMD
+
+    with pytest.raises(ValueError, match="method_args.save_fake_score: Phased DMD"):
+        from_dict(PhasedDMD.Options, {"save_fake_score": True}, "method_args")
