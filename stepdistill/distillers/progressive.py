@@ -17,7 +17,8 @@ because x0 = (z - sigma eps) / alpha multiplies the network's error by sigma / a
 ``v_prediction`` output head instead of the teacher's (the network is the teacher's, its output read
 in the new parameterisation, so the first round also learns the new head; the exported scheduler's
 prediction_type follows it). By default (``auto``) a student of 4 steps or fewer of an epsilon teacher
-gets the v head; ``teacher`` keeps the teacher's. The official code's x-and-eps head ('both') has no
+gets the v head where the epsilon head's x0 is ill-conditioned at its first time (sigma / alpha above
+50: linear and cosine betas, not SD's scaled-linear ones); ``teacher`` keeps the teacher's. The official code's x-and-eps head ('both') has no
 diffusers equivalent; v is the paper's other safe choice that diffusers' schedulers read.
 With ``x_source: data`` the x of each row is a real image with its own caption.
 """
@@ -35,7 +36,8 @@ from ..data.batch import Batch
 from ..diffusion.denoiser import Denoiser, unwrap
 from ..diffusion.process import NoiseProcess, per_sample, truncated_snr_weight
 from .base import Context, Distiller, Trainable
-from .common import SamplePool, check_x_source, frozen_copy, make_student, student_trainable, x0_source
+from .common import (SamplePool, check_x_source, frozen_copy, ill_conditioned_start, make_student, student_trainable,
+                     x0_source)
 from .losses import guided_x0, mse
 
 
@@ -54,7 +56,7 @@ class ProgressiveOptions:
     # oracle's noise floor)
     round_lr: Literal["linear", "constant"] | None = None
     # the student's output head; auto: v_prediction for an epsilon teacher at SAFE_HEAD_STEPS student steps or
-    # fewer (the paper's sec. 4: epsilon fails there), the teacher's own head otherwise
+    # fewer whose x0 is ill-conditioned at the first step (the paper's sec. 4), the teacher's own head otherwise
     student_prediction: Literal["auto", "teacher", "sample", "v_prediction"] = "auto"
 
     def __post_init__(self):
@@ -67,19 +69,21 @@ class ProgressiveOptions:
             raise ValueError(f"method_args.start_steps must be a power of two, got {self.start_steps}")
 
 
-SAFE_HEAD_STEPS = 4  # at this many student steps or fewer an epsilon student head is replaced by default
+SAFE_HEAD_STEPS = 4  # at this many student steps or fewer an ill-conditioned epsilon head is replaced by default
 
 
-def student_head(choice: str, teacher_head: str, process_kind: str, steps: int) -> str | None:
+def student_head(choice: str, teacher_head: str, process, steps: int, t_init: float) -> str | None:
     """The student's output head for ``student_prediction`` (None: the teacher's). ``auto`` gives an
-    epsilon VP teacher's student of at most ``SAFE_HEAD_STEPS`` steps a v head, whose x0 = alpha z - sigma v
-    stays well conditioned at high noise, where x0 = (z - sigma eps) / alpha multiplies the error by
-    sigma / alpha."""
+    epsilon VP teacher's student of at most ``SAFE_HEAD_STEPS`` steps a v head, x0 = alpha z - sigma v,
+    when its epsilon head would be ill-conditioned at the student's first time: x0 = (z - sigma eps) /
+    alpha multiplies the error by sigma / alpha, above ``EPS_AMPLIFICATION_LIMIT`` (50) for linear betas
+    (158 at t = 999) and cosine ones, not for SD's scaled-linear betas (14.6), where relearning the head
+    cost more than it saved on the MNIST teacher (docs/METHODS.md, progressive)."""
     if choice == "teacher":
         return None
     if choice != "auto":
         return choice
-    if process_kind == "vp" and teacher_head == "epsilon" and steps <= SAFE_HEAD_STEPS:
+    if teacher_head == "epsilon" and steps <= SAFE_HEAD_STEPS and ill_conditioned_start(process, teacher_head, t_init):
         return "v_prediction"
     return None
 
@@ -219,8 +223,9 @@ class Progressive(Distiller):
         check_x_source(ctx, options.x_source)
         final = ctx.config.student.num_steps
         proc = ctx.init.process
-        head = student_head(options.student_prediction, ctx.init.prediction_type, proc.kind, final)
-        self.student = make_student(ctx, "progressive", "deterministic", proc.grid(final).tolist(), prediction_type=head)
+        grid = proc.grid(final).tolist()
+        head = student_head(options.student_prediction, ctx.init.prediction_type, proc, final, grid[0])
+        self.student = make_student(ctx, "progressive", "deterministic", grid, prediction_type=head)
         schedule = RoundSchedule(proc, options.start_steps, final, 0, ctx.config.train.max_steps, options.steps_per_round)
         self.core = ProgressiveCore(self.student, ctx.teacher.denoiser, schedule, options)
         self.pool = None
