@@ -1,13 +1,13 @@
 """Export into HunyuanVideoPipeline: the folder loads with plain ``DiffusionPipeline.from_pretrained`` and
 samples exactly what the toolkit's ``Student.sample`` samples for the same seed. The pipeline passes
 sigmas to its scheduler (any grid exports, unlike WanPipeline), and its guidance-distilled transformer is
-fed the embedded guidance the student was distilled with, never classifier-free guidance."""
+fed the embedded guidance the student was distilled with, never classifier-free guidance. (Sampled in a
+process without stepdistill, and with a LoRA student's adapters: tests/export/test_export_stock.py.)"""
 
 import json
 
 import pytest
 import torch
-from helpers.stock import stock_samples
 from helpers.video import PROMPTS, VIDEO, sample_both
 from test_export import make_student_folder
 
@@ -49,19 +49,6 @@ def test_exported_hunyuanvideo_pipeline_samples_like_the_toolkit(tmp_path, tiny_
     assert not torch.allclose(other, got, atol=1e-4)
     card = (out / "README.md").read_text()
     assert "export_to_video(frames" in card and "pipeline_tag: text-to-video" in card and "guidance_scale" in card
-
-
-def test_hunyuanvideo_export_samples_without_stepdistill(tmp_path, tiny_pipelines):
-    """The exported folder sampled in a process that never imports stepdistill (re-noising student)."""
-    teacher = load_teacher(tiny_pipelines["hunyuanvideo"], video_size=VIDEO)
-    make_student_folder(tmp_path / "student", teacher, "renoise", [1.0, 0.75])
-    out = export(tmp_path / "student", tmp_path / "pipe", teacher=tiny_pipelines["hunyuanvideo"])
-    call = {**sampling_kwargs(out), "prompt": PROMPTS, "output_type": "latent"}
-    (got,) = stock_samples([{"folder": str(out), "call": call}], tmp_path / "stock")
-    noise = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(7))
-    torch.manual_seed(123)
-    ref = Student.load(tmp_path / "student").sample(noise, teacher.encode(PROMPTS)[0], generator=torch.default_generator)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_a_student_of_the_guidance_input_without_a_guidance_scale_is_refused(tmp_path, tiny_pipelines):
