@@ -174,7 +174,9 @@ def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict, video_size=None) -> dict
         return {**kwargs, **size, "guidance_scale": float(spec.guidance_scale)}
     # the student is the whole sampler: no classifier-free guidance on top unless it takes w itself (a
     # w-conditioned student); HunyuanVideoPipeline's guidance_scale is its network's embedded guidance, and
-    # its classifier-free guidance (true_cfg_scale) is off by default
+    # its classifier-free guidance (true_cfg_scale, with a negative prompt) is kept off
+    if embedded and "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters:
+        kwargs = {**kwargs, "true_cfg_scale": 1.0}
     return {**kwargs, "guidance_scale": float(spec.guidance_scale) if spec.guidance_scale is not None else 1.0}
 
 

@@ -36,7 +36,8 @@ def test_exported_hunyuanvideo_pipeline_samples_like_the_toolkit(tmp_path, tiny_
     n = len(timesteps)
     # the sigmas before the scheduler's shift of 7, the guidance the student was distilled with, the video size
     assert {k: v for k, v in kwargs.items() if k != "sigmas"} == {
-        "num_inference_steps": n, "guidance_scale": guidance or 6.0, **dict(zip(("num_frames", "height", "width"), VIDEO))}
+        "num_inference_steps": n, "guidance_scale": guidance or 6.0, "true_cfg_scale": 1.0,
+        **dict(zip(("num_frames", "height", "width"), VIDEO))}
     assert len(kwargs["sigmas"]) == n
     config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert config["_class_name"] == scheduler and config["shift"] == 7.0
