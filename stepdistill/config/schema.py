@@ -67,14 +67,15 @@ class TeacherConfig:
     dtype: typing.Literal["fp32", "bf16", "fp16"] = "fp32"  # precision the frozen teacher is held in
     null_label: int | None = None  # class index of the CFG null branch (class-conditional UNets)
     allow_remote_code: bool = False
-    # a video teacher's [frames, height, width] in pixels (Wan: 4k + 1 frames, sides multiples of 16);
-    # default: its pipeline's __call__ defaults (Wan: 81 x 480 x 832)
+    # a video teacher's [frames, height, width] in pixels (Wan, HunyuanVideo: 4k + 1 frames, sides multiples of
+    # 16); default: its pipeline's __call__ defaults (Wan: 81 x 480 x 832, HunyuanVideo: 129 x 720 x 1280)
     video_size: list[int] | None = None
     # networks of any size (Flux, Qwen-Image): the latent height = width distilled at (even; default: the
     # pipeline's default_sample_size, 128 latents = 1024 px), which also fixes their resolution-dependent shift
     sample_size: int | None = None
-    # a network whose guidance scale is an input (FLUX.1-dev, guidance_embeds): the scale fed to the teacher,
-    # the student and fake scores, and the one the student exports with (default 3.5, FluxPipeline's); not CFG
+    # a network whose guidance scale is an input (FLUX.1-dev, HunyuanVideo: guidance_embeds): the scale fed to the
+    # teacher, the student and fake scores, and the one the student exports with (default: its pipeline's
+    # guidance_scale, 3.5 for FluxPipeline, 6.0 for HunyuanVideoPipeline); not CFG
     guidance: float | None = None
     # cpu: under FSDP (an accelerate FSDP launch) the frozen teacher's shards live in CPU memory and are copied to the
     # device block by block (FSDP2's CPUOffloadPolicy); refused for a run that is not sharded

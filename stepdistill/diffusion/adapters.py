@@ -11,6 +11,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from . import context_parallel
 from .denoiser import Cond, ModelCall, find_adapter, guidance_sinusoid, register_adapter, unwrap
+from .packed import embedded_guidance_input
 
 
 def _learned_sigma_split(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +117,19 @@ def _wan(model, c: ModelCall):
     context_parallel.prepare(model)
     return model(hidden_states=c.x, timestep=c.model_t, encoder_hidden_states=c.cond["encoder_hidden_states"],
                  return_dict=False)[0]
+
+
+@register_adapter("HunyuanVideoTransformer3DModel")
+def _hunyuan_video(model, c: ModelCall):
+    """Video latents (B, C, F, H, W), Llama states with their mask and CLIP's pooled output, called as
+    pipeline_hunyuan_video.py calls it: the scheduler's timestep as is, and the embedded guidance scale
+    times 1000 in the network's dtype (``guidance_embeds``: the teacher's ``teacher.guidance``)."""
+    guidance = embedded_guidance_input(model, c)
+    if guidance is not None:
+        guidance = guidance.to(c.x.dtype) * 1000.0
+    return model(hidden_states=c.x, timestep=c.model_t, encoder_hidden_states=c.cond["encoder_hidden_states"],
+                 encoder_attention_mask=c.cond["encoder_attention_mask"].to(c.x.dtype),
+                 pooled_projections=c.cond["pooled_projections"], guidance=guidance, return_dict=False)[0]
 
 
 @register_adapter("PhasedExperts")

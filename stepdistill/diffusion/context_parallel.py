@@ -49,7 +49,8 @@ def using(mesh):
         _MESH[0] = before
 
 
-# the network classes whose diffusers plan (_cp_plan) the adapters here use
+# the network classes whose diffusers plan (_cp_plan) the adapters here use (diffusers has none for the other
+# adapted networks, HunyuanVideoTransformer3DModel among them: those are refused)
 CP_FAMILIES = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "WanTransformer3DModel")
 
 

@@ -8,11 +8,13 @@ ones), and build the position inputs as the pipelines do: Flux's ``img_ids`` (ro
 token) and ``txt_ids`` (zeros), Qwen-Image's ``img_shapes``. Both pipelines call the network with the
 timestep divided by 1000 (the network multiplies it back), and so do the adapters.
 
-Embedded guidance: a network with ``guidance_embeds=True`` (FLUX.1-dev) takes the guidance scale as an
-input, not as classifier-free guidance. The adapter feeds it the ``guidance`` of the call, which a
+Embedded guidance: a network with ``guidance_embeds=True`` (FLUX.1-dev, and HunyuanVideo's video
+transformer, whose adapter is in ``adapters.py``) takes the guidance scale as an input, not as
+classifier-free guidance. The adapter feeds it the ``guidance`` of the call, which a
 :class:`~stepdistill.diffusion.denoiser.Denoiser` fills with its ``embedded_guidance`` when the caller
-gives none; for a teacher that is ``teacher.guidance`` (default 3.5, FluxPipeline's default
-``guidance_scale``). A network without the input ignores it, as the pipelines do.
+gives none; for a teacher that is ``teacher.guidance`` (default: its pipeline's default
+``guidance_scale``, ``GUIDANCE_INPUT_NETWORKS``: 3.5 for FluxPipeline, 6.0 for HunyuanVideoPipeline).
+A network without the input ignores it, as the pipelines do.
 
 Noise: the pipelines draw their initial latents as (B, C, H, W) and pack them, as the toolkit draws
 them, but FlowMatchLCMScheduler re-noises in the packed (B, tokens, 4C) layout. ``NOISE_LAYOUTS``
@@ -30,6 +32,11 @@ from .denoiser import FEATURE_MODULES, NOISE_LAYOUTS, ModelCall, base_network, c
 
 PACKED_NETWORKS = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
 DEFAULT_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline.__call__'s default guidance_scale
+# the networks that may take the guidance scale as an input (their config's guidance_embeds), with the
+# default guidance_scale of the pipeline that runs them (the embedded guidance a teacher gets by default)
+GUIDANCE_INPUT_NETWORKS = {"FluxTransformer2DModel": DEFAULT_EMBEDDED_GUIDANCE,
+                           "QwenImageTransformer2DModel": DEFAULT_EMBEDDED_GUIDANCE,
+                           "HunyuanVideoTransformer3DModel": 6.0}  # HunyuanVideoPipeline's
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +69,16 @@ def is_packed(model: nn.Module) -> bool:
 
 def guidance_embedded(model: nn.Module) -> bool:
     """Whether the network (or each of its experts) takes the guidance scale as an input (FLUX.1-dev's
-    ``guidance_embeds``)."""
-    return bool(getattr(base_network(model).config, "guidance_embeds", False)) if is_packed(model) else False
+    and HunyuanVideo's ``guidance_embeds``)."""
+    if class_name(base_network(model)) not in GUIDANCE_INPUT_NETWORKS:
+        return False
+    return bool(getattr(base_network(model).config, "guidance_embeds", False))
+
+
+def default_embedded_guidance(model: nn.Module) -> float:
+    """The guidance scale a network with a guidance input is fed unless told otherwise: the default
+    ``guidance_scale`` of its pipeline (``GUIDANCE_INPUT_NETWORKS``)."""
+    return GUIDANCE_INPUT_NETWORKS[class_name(base_network(model))]
 
 
 def latent_channels(model: nn.Module) -> int:
@@ -71,7 +86,9 @@ def latent_channels(model: nn.Module) -> int:
     return int(base_network(model).config.in_channels) // 4
 
 
-def _guidance(model: nn.Module, c: ModelCall) -> torch.Tensor | None:
+def embedded_guidance_input(model: nn.Module, c: ModelCall) -> torch.Tensor | None:
+    """The call's guidance scale for a network with a guidance input (None for one without), on the
+    latents' device; a call without it is refused."""
     if not guidance_embedded(model):
         return None
     if c.guidance is None:
@@ -95,7 +112,7 @@ def _flux(model, c: ModelCall):
     out = model(
         hidden_states=pack(c.x),
         timestep=c.model_t.to(c.x.dtype) / 1000,
-        guidance=_guidance(model, c),
+        guidance=embedded_guidance_input(model, c),
         pooled_projections=c.cond["pooled_projections"],
         encoder_hidden_states=text,
         txt_ids=torch.zeros(text.shape[1], 3, device=c.x.device, dtype=c.x.dtype),
@@ -112,7 +129,7 @@ def _qwenimage(model, c: ModelCall):
     out = model(
         hidden_states=pack(c.x),
         timestep=c.model_t.to(c.x.dtype) / 1000,
-        guidance=_guidance(model, c),
+        guidance=embedded_guidance_input(model, c),
         encoder_hidden_states=c.cond["encoder_hidden_states"],
         encoder_hidden_states_mask=c.cond.get("encoder_hidden_states_mask"),
         img_shapes=[[(1, h // 2, w // 2)]] * c.x.shape[0],

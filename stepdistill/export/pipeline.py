@@ -18,7 +18,8 @@ stock diffusers scheduler configured so that the trained timesteps are used exac
   resolution-dependent shifting (Flux, Qwen-Image) was distilled at one static shift
   (``diffusion/process.py``): the exported scheduler has that shift and ``use_dynamic_shifting`` off, so
   the ``mu`` their pipelines pass is not used, and the call arguments carry the trained height and width
-  (and, for a network with a guidance input, the embedded ``guidance_scale`` it was distilled with);
+  (and, for a network with a guidance input, the embedded ``guidance_scale`` it was distilled with, as
+  for HunyuanVideo's);
 - BOOT's one-step signal student: its network reads the noise at the clean end's time and its output
   is read as an x0 prediction at t_max (``models.student.signal_prediction``). It is exported as a network
   whose timestep input is folded away at that time (``nets.time_frozen_copy``) behind the one-step
@@ -155,6 +156,10 @@ def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict, video_size=None) -> dict
             raise ExportError(f"{name} has no guidance input for a w-conditioned student")
         return {k: v for k, v in kwargs.items() if k != "sigmas"}
     _, slot = find_denoiser(pipe)
+    embedded = guidance_embedded(slot)  # FLUX.1-dev, HunyuanVideo: the pipeline's guidance_scale is the input's
+    if embedded and spec.guidance_scale is None:
+        raise ExportError(f"the student of a {type(slot).__name__} with a guidance input records no guidance scale "
+                          f"to sample with (student_config.json: guidance_scale)")
     if is_packed(slot):  # Flux, Qwen-Image: any size; the student's (and its static shift's) is recorded
         if shape is not None and len(shape) == 3:  # latents (C, H, W) -> pixels
             size = {"height": shape[1] * pipe.vae_scale_factor, "width": shape[2] * pipe.vae_scale_factor}
@@ -164,13 +169,14 @@ def _call_kwargs(pipe, spec: StudentSpec, kwargs: dict, video_size=None) -> dict
             size = {"height": 2 * side * pipe.vae_scale_factor, "width": 2 * side * pipe.vae_scale_factor} \
                 if side is not None and side * side == seq else {}
         size["true_cfg_scale"] = 1.0  # their CFG (with a negative prompt) off: the student is the whole sampler
-        if not guidance_embedded(slot):  # their pipelines' guidance_scale is the embedded one only
+        if not embedded:  # their pipelines' guidance_scale is the embedded one only
             return {**kwargs, **size}
-        if spec.guidance_scale is None:
-            raise ExportError(f"the student of a {type(slot).__name__} with a guidance input records no guidance scale "
-                              f"to sample with (student_config.json: guidance_scale)")
         return {**kwargs, **size, "guidance_scale": float(spec.guidance_scale)}
-    # the student is the whole sampler: no classifier-free guidance on top unless it takes w itself
+    # the student is the whole sampler: no classifier-free guidance on top unless it takes w itself (a
+    # w-conditioned student); HunyuanVideoPipeline's guidance_scale is its network's embedded guidance, and
+    # its classifier-free guidance (true_cfg_scale, with a negative prompt) is kept off
+    if embedded and "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters:
+        kwargs = {**kwargs, "true_cfg_scale": 1.0}
     return {**kwargs, "guidance_scale": float(spec.guidance_scale) if spec.guidance_scale is not None else 1.0}
 
 

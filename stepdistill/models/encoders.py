@@ -155,6 +155,24 @@ def _encode_wan(teacher, prompts):
     return Cond({"encoder_hidden_states": pe}), Cond({"encoder_hidden_states": npe})
 
 
+@register_pipeline("HunyuanVideoPipeline")
+def _encode_hunyuan_video(teacher, prompts):
+    """The Llama states of each prompt in the pipeline's template (hidden layer -3, the template's tokens
+    cropped; ``max_sequence_length`` 256 tokens, padded on the right), their token mask, and CLIP's
+    pooled output, as ``__call__`` encodes by default. The unconditional branch is the empty prompt, used
+    only by methods whose options ask for CFG (refused on the guidance-distilled teacher, whose guidance
+    is the embedded ``teacher.guidance``)."""
+    pipe = teacher.pipeline
+    length = call_default(pipe, "max_sequence_length")
+
+    def encode(texts):
+        pe, pooled, mask = pipe.encode_prompt(texts, device=teacher.encoder_device, max_sequence_length=length,
+                                              prompt_template=call_default(pipe, "prompt_template"))
+        return Cond({"encoder_hidden_states": pe, "encoder_attention_mask": mask, "pooled_projections": pooled})
+
+    return encode(list(prompts)), _rows(encode([""]), len(prompts))
+
+
 def encode_labels(teacher, labels):
     """Class-conditional teachers: 'prompts' are class indices (DiT also takes its label names)."""
     if teacher.null_label is None:

@@ -7,7 +7,8 @@ per pipeline class (how it encodes, what its unconditional branch is).
 Networks that take any size (Flux, Qwen-Image: packed latent tokens) have no ``sample_size``: the
 teacher's latent size is ``teacher.sample_size`` (default: the pipeline's ``default_sample_size``), and
 their schedulers' resolution-dependent shift is made static at that size. A network with a guidance
-input (FLUX.1-dev) is fed ``teacher.guidance`` (default 3.5) by its Denoiser.
+input (FLUX.1-dev, HunyuanVideo) is fed ``teacher.guidance`` by its Denoiser (default: its pipeline's
+default guidance scale, 3.5 for Flux and 6.0 for HunyuanVideo).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from ..diffusion.denoiser import MODEL_ADAPTERS, Cond, Denoiser, find_adapter, unwrap
-from ..diffusion.packed import DEFAULT_EMBEDDED_GUIDANCE, PACKED_NETWORKS, guidance_embedded, is_packed, latent_channels
+from ..diffusion.packed import (GUIDANCE_INPUT_NETWORKS, default_embedded_guidance, guidance_embedded, is_packed,
+                               latent_channels)
 from ..diffusion.process import NoiseProcess, process_from_scheduler_config
 from ..errors import TeacherLoadError
 from .encoders import PIPELINE_FAMILIES, TEXT_FAMILIES, call_default, encode_labels, register_pipeline  # noqa: F401
@@ -34,7 +36,7 @@ from .sharded_load import hub_snapshot, meta_networks, pipeline_view
 from .shipped import is_shipped, quiet_text_encoder_type, shipped_path
 
 DENOISER_COMPONENTS = ("unet", "transformer")
-VIDEO_DENOISERS = ("WanTransformer3DModel",)  # networks of video latents (C, F, H, W), known before loading
+VIDEO_DENOISERS = ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel")  # networks of video latents (C, F, H, W), known before loading
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
@@ -272,7 +274,7 @@ def load_teacher(
     (default: its pipeline's). A pipeline with a second network for low noise (Wan2.2's
     ``transformer_2`` and ``boundary_ratio``) is one denoiser of two experts (``NoiseLevelExperts``).
     ``sample_size`` (latent height = width) and ``guidance`` (the embedded guidance scale) are for the
-    networks that take them (:func:`packed_geometry`). ``meta``: the denoising networks are built on the meta
+    networks that take them (:func:`packed_geometry`, :func:`embedded_guidance`). ``meta``: the denoising networks are built on the meta
     device, their weights left in their files for the shards to read (``sharded_load.meta_networks``;
     loaded whole when that cannot be done)."""
     from diffusers import DiffusionPipeline
@@ -331,24 +333,35 @@ def load_teacher(
 def packed_geometry(model: nn.Module, pipe, sample_size: int | None, guidance: float | None):
     """(sample shape, image sequence length, embedded guidance) of a network that reads packed latent
     tokens (``diffusion/packed.py``): latents of ``sample_size`` (default: the pipeline's
-    ``default_sample_size``), and ``guidance`` (default 3.5) for a network with a guidance input.
-    (None, None, None) for the other networks, which take neither option."""
+    ``default_sample_size``). (None, None, guidance) for the other networks, which take no size. The
+    guidance is ``guidance`` (default: the pipeline's, ``GUIDANCE_INPUT_NETWORKS``) for a network with a
+    guidance input (:func:`embedded_guidance`), else None."""
     name = type(unwrap(model)).__name__
+    guidance = embedded_guidance(model, guidance)
     if not is_packed(model):
-        for key, value in (("sample_size", sample_size), ("guidance", guidance)):
-            if value is not None:
-                raise ValueError(f"teacher.{key}: {name} takes no {key} option (it is for networks of any size, "
-                                 f"Flux and Qwen-Image; the embedded guidance of FLUX.1-dev)")
-        return None, None, None
+        if sample_size is not None:
+            raise ValueError(f"teacher.sample_size: {name} takes no sample_size option (it is for networks of any "
+                             f"size, Flux and Qwen-Image)")
+        return None, None, guidance
     size = int(sample_size if sample_size is not None else pipe.default_sample_size)
     if size < 2 or size % 2:
         raise ValueError(f"teacher.sample_size: {size} is not an even number >= 2; {name} packs 2x2 latent patches")
-    if guidance_embedded(model):
-        guidance = DEFAULT_EMBEDDED_GUIDANCE if guidance is None else float(guidance)
-    elif guidance is not None:
-        raise ValueError(f"teacher.guidance: {name} has no guidance input (guidance_embeds is false); classifier-free "
-                         f"guidance is a method option (method_args)")
     return (latent_channels(model), size, size), (size // 2) ** 2, guidance
+
+
+def embedded_guidance(model: nn.Module, guidance: float | None) -> float | None:
+    """The guidance scale fed to a network with a guidance input (``guidance_embeds``: FLUX.1-dev,
+    HunyuanVideo): ``guidance``, or its pipeline's default; None for the other networks, which refuse it."""
+    if guidance_embedded(model):
+        return default_embedded_guidance(model) if guidance is None else float(guidance)
+    if guidance is not None:
+        name = type(unwrap(model)).__name__
+        if name in GUIDANCE_INPUT_NETWORKS:
+            raise ValueError(f"teacher.guidance: {name} has no guidance input (guidance_embeds is false); "
+                             f"classifier-free guidance is a method option (method_args)")
+        raise ValueError(f"teacher.guidance: {name} takes no guidance option (it is the embedded guidance of "
+                         f"the networks with a guidance input: FLUX.1-dev, HunyuanVideo)")
+    return None
 
 
 def guidance_embedded_folder(path: str) -> bool | None:
@@ -360,4 +373,4 @@ def guidance_embedded_folder(path: str) -> bool | None:
     if not config.is_file():
         return False
     data = json.loads(config.read_text())
-    return bool(data.get("guidance_embeds")) and data.get("_class_name") in PACKED_NETWORKS
+    return bool(data.get("guidance_embeds")) and data.get("_class_name") in GUIDANCE_INPUT_NETWORKS

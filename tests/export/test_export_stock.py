@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STUDENTS = {"sd": ("renoise", [999, 749, 499, 249]), "sdxl": ("renoise", [999, 499]), "dit": ("renoise", [999, 499]),
             "pixart": ("deterministic", [999, 499]), "sd3": ("renoise", 4), "sd35": ("deterministic", 2),
             "flux": ("renoise", 4), "qwenimage": ("deterministic", 2), "sana": ("renoise", 4),
-            "wan": ("renoise", flow_match_grid(4, 3.0, 0.5)), "wan22": ("deterministic", [1.0])}
+            "wan": ("renoise", flow_match_grid(4, 3.0, 0.5)), "wan22": ("deterministic", [1.0]),
+            "hunyuanvideo": ("renoise", 4)}
 
 
 def test_every_familys_export_samples_like_the_toolkit_without_stepdistill(tmp_path, tiny_pipelines):
@@ -44,9 +45,9 @@ def test_every_familys_export_samples_like_the_toolkit_without_stepdistill(tmp_p
 
 
 LORA = {"sd": "tiny-sd", "sdxl": "tiny-sd", "sd3": "tiny-sd3", "flux": "tiny-flux", "qwenimage": "tiny-sd3",
-        "sana": "tiny-sana", "wan": "tiny-wan"}
+        "sana": "tiny-sana", "wan": "tiny-wan", "hunyuanvideo": "tiny-hunyuanvideo"}
 FAMILY_ARGS = {"flux": ["teacher.sample_size=8"], "qwenimage": ["teacher.sample_size=8"],
-               "wan": ["teacher.video_size=[5, 16, 16]"]}
+               "wan": ["teacher.video_size=[5, 16, 16]"], "hunyuanvideo": ["teacher.video_size=[5, 16, 16]"]}
 
 
 @pytest.mark.slow  # 15-25 s each; tests/export/test_export.py loads an SD LoRA run in the default run

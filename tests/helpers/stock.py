@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 
 HELPERS = Path(__file__).resolve().parent
 PACKED = {"flux", "qwenimage"}  # any size: their tiny teachers are distilled at 8x8 latents (teacher.sample_size)
-VIDEO_FAMILIES = {"wan", "wan22"}
+VIDEO_FAMILIES = {"wan", "wan22", "hunyuanvideo"}
 PROMPTS = ["a red cube", "two cats"]
 # pipelines whose stochastic schedulers re-noise from torch's global generator (the others from the call's)
-GLOBAL_STREAM = ("DiTPipeline", "StableDiffusion3Pipeline", "FluxPipeline", "QwenImagePipeline", "WanPipeline")
+GLOBAL_STREAM = ("DiTPipeline", "StableDiffusion3Pipeline", "FluxPipeline", "QwenImagePipeline", "WanPipeline",
+                 "HunyuanVideoPipeline")
 
 
 def family_teacher(tiny_pipelines, family):

@@ -1,9 +1,9 @@
-"""What the Wan tests share: an exported WanPipeline's latents beside the toolkit's student samples for
-the same seed."""
+"""What the video tests share (Wan, HunyuanVideo): an exported pipeline's latents beside the toolkit's
+student samples for the same seed."""
 
 import torch
 
-VIDEO = (5, 16, 16)  # frames, height, width of the tiny Wan configs (configs/tiny-wan)
+VIDEO = (5, 16, 16)  # frames, height, width of the tiny video configs (configs/tiny-wan, configs/tiny-hunyuanvideo)
 PROMPTS = ["a red cube", "two cats"]
 
 
@@ -16,7 +16,7 @@ def sample_both(folder, student_dir, teacher, kwargs, prompts=PROMPTS):
     from stepdistill.models.student import Student
 
     pipe = DiffusionPipeline.from_pretrained(folder)  # no stepdistill from here
-    assert type(pipe).__name__ == "WanPipeline"
+    assert type(pipe).__name__ == type(teacher.pipeline).__name__
     size = dict(zip(("num_frames", "height", "width"), VIDEO))
     torch.manual_seed(123)
     got = pipe(prompt=prompts, output_type="latent", generator=torch.Generator().manual_seed(7), **{**size, **kwargs}).frames

@@ -82,7 +82,7 @@ VIDEO = ("wan", "wan22")  # text-to-video: WanPipeline, frames instead of images
 
 
 def test_families_registry():
-    assert set(TINY_FAMILIES) == set(CASES) | set(VIDEO)
+    assert set(TINY_FAMILIES) == set(CASES) | set(VIDEO) | {"hunyuanvideo"}
 
 
 @pytest.mark.parametrize("family", list(CASES))
@@ -232,3 +232,50 @@ def test_qwen2_tokenizer_is_byte_level_bpe_with_the_chat_markers():
     assert tok.tokenize("<|im_start|>user\na photo of a cat<|im_end|>") == [
         "<|im_start|>", "u", "s", "e", "r", "\u010a", "a", "\u0120photo", "\u0120of", "\u0120a", "\u0120cat", "<|im_end|>"]
     assert tok.decode(tok("two dogs!")["input_ids"]) == "two dogs!"  # any text, byte by byte
+
+
+def test_hunyuanvideo_build_reload_and_call(tmp_path):
+    """HunyuanVideoPipeline with its real component classes: the guidance-distilled transformer, the causal
+    video VAE, Llama + CLIP; its default call encodes, denoises and decodes 5 frames of 16 x 16."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+
+    from stepdistill.testing.tiny_pipelines import make_tiny_hunyuanvideo
+
+    rng_before = torch.random.get_rng_state()
+    path = make_tiny_hunyuanvideo(tmp_path / "pipe")
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert not list(path.rglob("*.bin"))
+    pipe = _load(path)
+    assert type(pipe) is HunyuanVideoPipeline and type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+    assert pipe.tokenizer.padding_side == "right"  # the network masks the text tokens after the prompt's
+    assert pipe.scheduler.config.shift == 7.0 and not pipe.scheduler.config.use_dynamic_shifting
+    assert [type(m).__name__ for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)] == [
+        "HunyuanVideoTransformer3DModel", "AutoencoderKLHunyuanVideo", "LlamaModel", "CLIPTextModel"]
+    assert pipe.transformer.config.guidance_embeds and (pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial) == (4, 4)
+    torch.manual_seed(0)
+    _assert_same_state(pipe.transformer, type(pipe.transformer).from_config(pipe.transformer.config))
+    assert sum(p.numel() for p in pipe.transformer.parameters()) < 400_000
+    latents = pipe(prompt=[PROMPT, "a dog"], num_frames=5, height=16, width=16, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    assert latents.shape == (2, 4, 2, 4, 4) and torch.isfinite(latents).all()
+    assert not torch.allclose(latents[0], latents[1], atol=1e-3)  # the two prompts condition differently
+    video = pipe(prompt=PROMPT, num_frames=5, height=16, width=16, num_inference_steps=2, output_type="pt").frames
+    assert video.shape == (1, 5, 3, 16, 16) and torch.isfinite(video).all()
+
+
+def test_llama_tokenizer_crops_exactly_the_prompt_template():
+    """The pipeline crops its template's first 95 tokens (Llama 3's count, ``crop_start``): with the tiny
+    Llama tokenizer the prompt's tokens are what remains, padded on the right."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    from stepdistill.testing.tiny_pipelines import tiny_llama_tokenizer
+
+    tok = tiny_llama_tokenizer()
+    assert type(tok).__name__ == "LlamaTokenizer" and tok.padding_side == "right"
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    head = tok(template.split("{}")[0]).input_ids
+    assert len(head) == DEFAULT_PROMPT_TEMPLATE["crop_start"] == 95 and head[0] == tok.bos_token_id
+    enc = tok(template.format(PROMPT), max_length=110, padding="max_length")
+    assert tok.convert_ids_to_tokens(enc.input_ids[95:101]) == ["a", "\u2581photo", "\u2581of", "\u2581a", "\u2581cat",
+                                                                "<|eot_id|>"]
+    assert enc.input_ids[101:] == [tok.pad_token_id] * 9 and enc.attention_mask == [1] * 101 + [0] * 9

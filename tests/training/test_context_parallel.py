@@ -154,6 +154,7 @@ def test_context_parallel_groups_train_as_without_them(tmp_path, tiny_pipelines,
     (["train.context_parallel=2"], 3, "multiple of 2 (this one has 3)"),
     (["train.context_parallel=2", "train.batch_size=3"], 4, "does not divide by the 2 context-parallel groups"),
     (["train.context_parallel=2", "teacher.path=SD"], 2, "UNet2DConditionModel has no context-parallel plan"),
+    (["train.context_parallel=2", "teacher.path=HV"], 2, "HunyuanVideoTransformer3DModel has no context-parallel plan"),
     (["train.context_parallel=2", "teacher.path=FLUX", "method=dmd2", "method_args.gan=true"], 2, "gan=true"),
     (["train.context_parallel=2"], 2, "oracle"),
 ])
@@ -161,7 +162,8 @@ def test_bad_settings_are_refused_in_one_line(tmp_path, tiny_pipelines, override
     """Before anything is loaded: a launch that is not whole groups, a batch that is not whole groups, a
     family without diffusers' plan, DMD2's GAN head, the oracle; each in one line naming the key."""
     overrides = [o.replace("=SD", f"={tiny_pipelines['sd']}").replace("=FLUX", f"={tiny_pipelines['flux']}")
-                 for o in overrides] + [f"train.output_dir={tmp_path / 'run'}"]
+                 .replace("=HV", f"={tiny_pipelines['hunyuanvideo']}") for o in overrides] + \
+        [f"train.output_dir={tmp_path / 'run'}"]
     config = ROOT / "configs" / ("oracle/dmd2_1step.yaml" if message == "oracle" else "tiny-wan/dmd2_4step.yaml")
     if message != "oracle" and not any(o.startswith("teacher.path") for o in overrides):
         overrides.append(f"teacher.path={tiny_pipelines['wan']}")
@@ -181,3 +183,15 @@ def test_a_loaded_teacher_without_a_plan_is_refused(tmp_path, tiny_pipelines):
     check_context_parallel_teacher(cfg, load_teacher(tiny_pipelines["wan"], device="cpu"))  # Wan has a plan
     with pytest.raises(ConfigError, match=r"^train.context_parallel: UNet2DConditionModel has no context-parallel"):
         check_context_parallel_teacher(cfg, load_teacher(tiny_pipelines["sd"], device="cpu"))
+
+
+def test_the_families_with_a_plan_are_the_diffusers_networks_with_one():
+    """CP_FAMILIES is every adapted diffusers network whose class carries diffusers' ``_cp_plan`` (in this
+    diffusers: not HunyuanVideo's, which is refused above)."""
+    import diffusers
+
+    from stepdistill.diffusion.context_parallel import CP_FAMILIES
+    from stepdistill.diffusion.denoiser import MODEL_ADAPTERS
+
+    planned = {name for name in MODEL_ADAPTERS if getattr(getattr(diffusers, name, None), "_cp_plan", None) is not None}
+    assert planned == set(CP_FAMILIES) and "HunyuanVideoTransformer3DModel" in MODEL_ADAPTERS

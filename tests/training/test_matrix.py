@@ -25,7 +25,7 @@ from stepdistill.export.schedulers import flow_match_grid
 from stepdistill.models.student import networks
 
 ROOT = Path(__file__).resolve().parents[2]
-FAMILIES = ["sd", "sdxl", "dit", "pixart", "sd3", "sd35", "flux", "qwenimage", "sana", "wan", "wan22"]
+FAMILIES = ["sd", "sdxl", "dit", "pixart", "sd3", "sd35", "flux", "qwenimage", "sana", "wan", "wan22", "hunyuanvideo"]
 METHODS = ["dmd2", "sid", "lcm", "phased_dmd", "progressive", "vsd", "dmd", "guided", "boot", "disback", "tsm"]
 CONFIG = {"dmd2": "dmd2_4step", "sid": "sid_1step", "lcm": "lcm_4step", "phased_dmd": "phased_dmd_2step",
           "progressive": "progressive_2step", "vsd": "vsd_1step", "dmd": "dmd_1step", "guided": "guided_2step",
@@ -33,19 +33,20 @@ CONFIG = {"dmd2": "dmd2_4step", "sid": "sid_1step", "lcm": "lcm_4step", "phased_
 # where a family has no config of its own for a method: the configs of the nearest family (same process
 # kind; dit's for pixart, whose transformer has no diffusers LoRA support either)
 FALLBACK = {"sdxl": "sd", "pixart": "dit", "sd35": "sd3", "sana": "sd3", "flux": "sd3", "qwenimage": "sd3",
-            "wan": "sd3", "wan22": "wan"}
+            "wan": "sd3", "wan22": "wan", "hunyuanvideo": "sd3"}
 FAMILY_ARGS = {"pixart": ["data.prompts=configs/prompts/example.txt"], "flux": ["teacher.sample_size=8"],
                "qwenimage": ["teacher.sample_size=8"], "wan": [f"teacher.video_size={list(VIDEO)}"],
-               "wan22": [f"teacher.video_size={list(VIDEO)}"]}
+               "wan22": [f"teacher.video_size={list(VIDEO)}"], "hunyuanvideo": [f"teacher.video_size={list(VIDEO)}"]}
 # the reasons a cell is refused (R) or trains without an export (T): the start of the one-line error
 REASONS = {
     "w-student": "train.export: the student is a Guided",  # ...: a guidance-conditioned network that no stock
     "wan-grid": "train.export: WanPipeline passes no sigmas to its scheduler",  # pipeline feeds the scale
     "no-w-input": "method guided: ",  # <class> has no guidance-scale input; supported: ... (NO_W_INPUT)
-    "embedded-cfg": "method_args.w_max=8.0: classifier-free guidance on FluxTransformer2DModel, whose guidance scale "
-                    "is a network input",
+    "embedded-cfg": "method_args.w_max=8.0: classifier-free guidance on ",  # <class>, whose ... (EMBEDDED_CFG)
 }
 NO_W_INPUT = r"^method guided: (QwenImageTransformer2DModel|WanTransformer3DModel) has no guidance-scale input; supported: "
+EMBEDDED_CFG = (r"^method_args.w_max=8.0: classifier-free guidance on (FluxTransformer2DModel|HunyuanVideoTransformer3DModel), "
+                r"whose guidance scale is a network input")
 E, T, R = "exports", "trains", "refused"
 _W = (T, "w-student")
 MATRIX = {  # (family, method): (status, reason or None, extra overrides)
@@ -55,11 +56,14 @@ MATRIX = {  # (family, method): (status, reason or None, extra overrides)
     **{(f, "phased_dmd"): (E, None, ["method_args.experts=false"]) for f in FAMILIES if not f.startswith("wan")},
     # a guidance-scale input (Meng et al.'s w, LCM's w embedding): only SD's UNet has one a pipeline feeds
     **{(f, m): (*_W, []) for f in ("dit", "pixart", "sd3", "sd35", "sana") for m in ("guided", "lcm")},
-    ("flux", "guided"): (R, "embedded-cfg", []),
+    ("flux", "guided"): (R, "embedded-cfg", []), ("hunyuanvideo", "guided"): (R, "embedded-cfg", []),
     ("qwenimage", "guided"): (R, "no-w-input", []), ("wan", "guided"): (R, "no-w-input", []),
     ("wan22", "guided"): (R, "no-w-input", []),
     # FLUX.1-dev's guidance is a network input: the methods' CFG options are off (the tiny-flux configs)
     **{("flux", m): (E, None, ["method_args.guidance_scale=1.0", "teacher.guidance=3.5"])
+       for m in ("boot", "dmd", "disback")},
+    # so is HunyuanVideo's (at HunyuanVideoPipeline's 6.0, the tiny-hunyuanvideo configs)
+    **{("hunyuanvideo", m): (E, None, ["method_args.guidance_scale=1.0", "teacher.guidance=6.0"])
        for m in ("boot", "dmd", "disback")},
     ("qwenimage", "lcm"): (E, None, ["method_args.w_embedding=false"]),
     # WanPipeline runs only its scheduler's own grids
@@ -69,7 +73,8 @@ MATRIX = {  # (family, method): (status, reason or None, extra overrides)
 }
 # in the default run: one cell per family and one per method
 FAST = {("sd", "lcm"), ("sdxl", "guided"), ("dit", "boot"), ("pixart", "tsm"), ("sd3", "disback"), ("sd35", "dmd"),
-        ("flux", "dmd2"), ("qwenimage", "progressive"), ("sana", "sid"), ("wan", "vsd"), ("wan22", "phased_dmd")}
+        ("flux", "dmd2"), ("qwenimage", "progressive"), ("sana", "sid"), ("wan", "vsd"), ("wan22", "phased_dmd"),
+        ("hunyuanvideo", "dmd2")}
 # iterations per run: 2, or the config's own 4 where a method needs them (guided's two stages, DisBack's
 # degradation and backtracking, DMD2's and Phased DMD's student updates after their fake scores')
 STEPS = {"guided": 4, "disback": 4, "dmd2": 4, "phased_dmd": 4}
@@ -126,6 +131,7 @@ def test_cell(tmp_path, tiny_pipelines, monkeypatch, family, method):
             train(_config(tiny_pipelines, family, method, run, f"train.export={str(status == T).lower()}"))
         assert str(err.value).startswith(REASONS[reason]) and "\n" not in str(err.value), str(err.value)
         assert reason != "no-w-input" or re.match(NO_W_INPUT, str(err.value)), str(err.value)
+        assert reason != "embedded-cfg" or re.match(EMBEDDED_CFG, str(err.value)), str(err.value)
         assert not (run / "checkpoints").exists()
         if status == R:
             return
@@ -146,10 +152,13 @@ def test_cell(tmp_path, tiny_pipelines, monkeypatch, family, method):
     tol = 1e-4 if method == "boot" else 1e-5
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
     assert student.spec.method == method and len(student.spec.timesteps) == int(CONFIG[method].split("_")[-1][0])
-    if family == "flux":  # FLUX.1-dev's guidance input: distilled, sampled and exported with the teacher's 3.5
-        assert student.spec.guidance_scale == 3.5
-    if family in VIDEO_FAMILIES:
+    if family in ("flux", "hunyuanvideo"):  # a guidance input: distilled, sampled and exported with the teacher's
+        assert student.spec.guidance_scale == {"flux": 3.5, "hunyuanvideo": 6.0}[family]
+        assert json.loads((run / "pipeline" / "stepdistill_sampling.json").read_text())["call_kwargs"]["guidance_scale"] \
+            == student.spec.guidance_scale
+    if family in ("wan", "wan22"):
         assert (pipe.transformer_2 is not None) == (method == "phased_dmd")  # one expert per step
+    if family in VIDEO_FAMILIES:
         call = json.loads((run / "pipeline" / "stepdistill_sampling.json").read_text())["call_kwargs"]
         assert [call[k] for k in ("num_frames", "height", "width")] == list(VIDEO)  # the run's video size
         assert "export_to_video(frames" in (run / "pipeline" / "README.md").read_text()

@@ -11,7 +11,7 @@ The folder reloads with ``DiffusionPipeline.from_pretrained(path)`` under
 Sizes: latents are 4x8x8 (16x8x8 for flux and qwenimage; images 3x16x16, VAE
 downsampling factor 2; Sana's 3x32x32), denoisers have 50K-270K parameters, text
 encoders have 2 layers (CLIP hidden 32, T5 d_model 32/96, Qwen2.5-VL hidden 32,
-Gemma 2 hidden 32), every saved folder is under 2 MB.
+Gemma 2 hidden 32; HunyuanVideo's Llama has 3, hidden 32), every saved folder is under 2 MB.
 
 Seeding: the denoiser (unet/transformer) is created right after
 ``torch.manual_seed(seed)``; the VAE uses ``seed + 1`` and text encoders
@@ -47,6 +47,12 @@ Denoiser forward signatures (what a distillation loop has to pass):
   timestep=t, encoder_hidden_states=[B, 512, 32]).sample`` (flow matching, ``t`` = sigma *
   1000; latents 4 x 2 x 4 x 4 for 5 frames of 16 x 16); ``wan22`` adds ``transformer_2``
   for timesteps below ``boundary_ratio * 1000`` (Wan2.2's two experts).
+* ``hunyuanvideo`` (text-to-video): ``transformer(hidden_states=[B, 4, F, H, W], timestep=t,
+  encoder_hidden_states=[B, 256, 32], encoder_attention_mask=[B, 256],
+  pooled_projections=[B, 32], guidance=[B]).sample`` (flow matching with shift 7, ``t`` = sigma *
+  1000; Llama states of the prompt after the pipeline's template, CLIP's pooled output; ``guidance``
+  = guidance_scale * 1000, HunyuanVideo's guidance-distilled layout; latents 4 x 2 x 4 x 4 for 5 frames
+  of 16 x 16).
 * ``flux``: ``transformer(hidden_states=[B, 16, 64], timestep=t / 1000,
   guidance=[B], pooled_projections=[B, 32], encoder_hidden_states=[B, 512, 32],
   txt_ids=[512, 3], img_ids=[16, 3]).sample`` -> ``[B, 16, 64]``: 16x8x8
@@ -69,6 +75,7 @@ from collections.abc import Callable
 from .common import tiny_clip_tokenizer, tiny_t5_tokenizer
 from .dit import make_tiny_dit
 from .flux import make_tiny_flux
+from .hunyuanvideo import make_tiny_hunyuanvideo, tiny_llama_tokenizer
 from .pixart import make_tiny_pixart
 from .pixel import make_tiny_pixel
 from .qwenimage import make_tiny_qwenimage, tiny_qwen2_tokenizer
@@ -78,10 +85,10 @@ from .sd3 import make_tiny_sd3, make_tiny_sd35
 from .sdxl import make_tiny_sdxl
 from .wan import make_tiny_wan, make_tiny_wan22
 
-__all__ = ["TINY_FAMILIES", "make_tiny_dit", "make_tiny_flux", "make_tiny_pixart", "make_tiny_pixel",
-           "make_tiny_qwenimage", "make_tiny_sana", "make_tiny_sd", "make_tiny_sd3", "make_tiny_sd35", "make_tiny_sdxl",
-           "make_tiny_wan", "make_tiny_wan22", "tiny_clip_tokenizer", "tiny_gemma_tokenizer", "tiny_qwen2_tokenizer",
-           "tiny_t5_tokenizer"]
+__all__ = ["TINY_FAMILIES", "make_tiny_dit", "make_tiny_flux", "make_tiny_hunyuanvideo", "make_tiny_pixart",
+           "make_tiny_pixel", "make_tiny_qwenimage", "make_tiny_sana", "make_tiny_sd", "make_tiny_sd3", "make_tiny_sd35",
+           "make_tiny_sdxl", "make_tiny_wan", "make_tiny_wan22", "tiny_clip_tokenizer", "tiny_gemma_tokenizer",
+           "tiny_llama_tokenizer", "tiny_qwen2_tokenizer", "tiny_t5_tokenizer"]
 
 TINY_FAMILIES: dict[str, Callable[..., pathlib.Path]] = {
     "sd": make_tiny_sd,
@@ -96,6 +103,7 @@ TINY_FAMILIES: dict[str, Callable[..., pathlib.Path]] = {
     "wan22": make_tiny_wan22,
     "flux": make_tiny_flux,
     "qwenimage": make_tiny_qwenimage,
+    "hunyuanvideo": make_tiny_hunyuanvideo,
 }
 
 

@@ -99,7 +99,8 @@ def tiny_t5_tokenizer(model_max_length: int = 32):
 # --------------------------------------------------------------------------- #
 # tiny model builders
 # --------------------------------------------------------------------------- #
-def clip_config(vocab_size: int, bos_id: int, eos_id: int, projection_dim: int = TEXT_PROJ):
+def clip_config(vocab_size: int, bos_id: int, eos_id: int, projection_dim: int = TEXT_PROJ,
+                max_length: int = CLIP_MAX_LENGTH):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -108,7 +109,7 @@ def clip_config(vocab_size: int, bos_id: int, eos_id: int, projection_dim: int =
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
+        max_position_embeddings=max_length,
         projection_dim=projection_dim,
         hidden_act="gelu",
         bos_token_id=bos_id,
@@ -117,12 +118,12 @@ def clip_config(vocab_size: int, bos_id: int, eos_id: int, projection_dim: int =
     )
 
 
-def clip_pair(seed: int, with_projection: bool):
-    """(text_encoder, tokenizer); the encoder is seeded with ``seed``."""
+def clip_pair(seed: int, with_projection: bool, max_length: int = CLIP_MAX_LENGTH):
+    """(text_encoder, tokenizer) of ``max_length`` tokens; the encoder is seeded with ``seed``."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    tok = tiny_clip_tokenizer()
-    cfg = clip_config(len(tok), tok.bos_token_id, tok.eos_token_id)
+    tok = tiny_clip_tokenizer(max_length)
+    cfg = clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, max_length=max_length)
     torch.manual_seed(seed)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return cls(cfg).eval(), tok
