@@ -38,9 +38,10 @@ class FakeScoreOptions:
     fake_updates: int = 1  # fake-score updates per student update (two time-scale rule)
     t_min: float = 0.02  # score losses use times in [t_min, t_max] as fractions of the process range
     t_max: float = 0.98
-    # VP teachers: the score losses draw integer timesteps in [int(t_min T), int(t_max T)] as the official DMD2,
-    # SwiftBrush and SiD scripts do, instead of continuous times (docs/METHODS.md, "Integer or continuous times")
-    integer_times: bool = False
+    # the score losses' times: integer timesteps in [int(t_min T), int(t_max T)] as the official DMD2, SwiftBrush and
+    # SiD scripts draw them (true; VP teachers only), or continuous (false); null: integer on a VP teacher, continuous
+    # on a flow one (docs/METHODS.md, "Times")
+    integer_times: bool | None = None
     # write the trained fake score (and a GAN head) as fake_score/ beside the student at the end: the start of a
     # DisBack run from this one (method_args.fake_init); off by default, as it is a second network's worth of disk
     save_fake_score: bool = False
@@ -124,10 +125,12 @@ def regression_times(process, batch: Batch) -> torch.Tensor:
     return batch.times(process, lo if process.kind == "vp" else 1e-3, hi)
 
 
-def score_times(process, batch: Batch, lo: float, hi: float, integer: bool = False) -> torch.Tensor:
+def score_times(process, batch: Batch, lo: float, hi: float, integer: bool | None = False) -> torch.Tensor:
     """Times for the score losses: uniform over :func:`score_time_range`; with ``integer`` (a VP process),
     integer timesteps uniform in [int(lo T), int(hi T)] (T = num_train_timesteps, at most T - 1), the
-    official scripts' ``randint(min_step, max_step + 1)``."""
+    official scripts' ``randint(min_step, max_step + 1)``; ``integer=None``: integer on VP, continuous on flow."""
+    if integer is None:
+        integer = process.kind == "vp"
     if integer:
         if process.kind != "vp":
             raise ValueError("method_args.integer_times: integer timesteps are of a VP teacher; flow times are continuous")
@@ -171,7 +174,7 @@ class ScoreDistiller(Distiller):
 
     def __init__(self, ctx: Context, options):
         super().__init__(ctx, options)
-        if getattr(options, "integer_times", False) and ctx.init.process.kind != "vp":
+        if getattr(options, "integer_times", None) and ctx.init.process.kind != "vp":
             raise ValueError("method_args.integer_times: integer timesteps are of a VP teacher; this teacher's are "
                              "flow times, which are continuous")
         base, on_student, on_fake = shared_lora_base(ctx, options) if self.shares_lora_base else (None, False, False)

@@ -91,7 +91,7 @@ def test_sid_fake_loss_is_the_official_guided_epsilon_regression_summed_over_ele
     a0, s0 = proc.alpha_sigma(t0)
     with torch.no_grad():
         x_g = (z - s0[:, None] * _eps(sid.student.model, z, t0, labels)) / a0[:, None]
-    t = (proc.t_max * 0.02 + (proc.t_max * 0.98 - proc.t_max * 0.02) * torch.rand(6, generator=g, dtype=torch.float64)).float()
+    t = torch.randint(20, 981, (6,), generator=g).float()  # randint(int(0.02 T), int(0.98 T) + 1)
     eps = torch.randn(6, 3, generator=g)
     a, s = proc.alpha_sigma(t)
     x_t = a[:, None] * x_g + s[:, None] * eps
@@ -116,7 +116,7 @@ def test_sid_fake_loss_on_a_v_prediction_teacher_is_the_official_snr_weighted_v_
     a0, s0 = proc.alpha_sigma(torch.full((6,), 600.0))
     with torch.no_grad():
         x_g = a0[:, None] * z - s0[:, None] * _eps(sid.student.model, z, torch.full((6,), 600.0), labels)  # v -> x0
-    t = (proc.t_max * 0.02 + (proc.t_max * 0.98 - proc.t_max * 0.02) * torch.rand(6, generator=g, dtype=torch.float64)).float()
+    t = torch.randint(20, 981, (6,), generator=g).float()  # randint(int(0.02 T), int(0.98 T) + 1)
     eps = torch.randn(6, 3, generator=g)
     a, s = proc.alpha_sigma(t)
     x_t = a[:, None] * x_g + s[:, None] * eps
@@ -142,7 +142,7 @@ def test_sid_generator_loss_is_the_official_score_identity_loss_summed_over_elem
     t0 = torch.full((6,), 600.0)
     a0, s0 = proc.alpha_sigma(t0)
     x_g = (z - s0[:, None] * _eps(sid.student.model, z, t0, labels)) / a0[:, None]
-    t = (proc.t_max * 0.02 + (proc.t_max * 0.98 - proc.t_max * 0.02) * torch.rand(6, generator=g, dtype=torch.float64)).float()
+    t = torch.randint(20, 981, (6,), generator=g).float()  # randint(int(0.02 T), int(0.98 T) + 1)
     a, s = proc.alpha_sigma(t)
     x_t = a[:, None] * x_g + s[:, None] * torch.randn(6, 3, generator=g)
 
@@ -189,7 +189,7 @@ def test_vsd_fake_loss_weights_by_alphas_cumprod_as_swiftbrush():
     a0, s0 = proc.alpha_sigma(t0)
     with torch.no_grad():
         x = (z - s0[:, None] * _eps(vsd.student.model, z, t0, batch.labels)) / a0[:, None]
-    t = (proc.t_max * torch.rand(6, generator=g, dtype=torch.float64)).float()  # t ~ U[0, T)
+    t = torch.randint(0, 1000, (6,), generator=g).float()  # randint(0, T)
     eps = torch.randn(6, 3, generator=g)
     a, s = proc.alpha_sigma(t)
     e = _eps(vsd.fake.model, a[:, None] * x + s[:, None] * eps, t, batch.labels)
@@ -259,14 +259,15 @@ def test_dmd2_gan_real_branch_sees_each_real_image_with_its_own_caption(tmp_path
 def test_integer_times_are_the_official_scripts_randint(method):
     """method_args.integer_times: the DM loss's times are sd_guidance.py's
     randint(int(0.02 T), int(0.98 T) + 1) = integers in [20, 980] (drawn from the batch's stream), and the
-    fake score's randint(0, T); the default draws continuous times in the same range."""
+    fake score's randint(0, T); the default (null) does so on this VP teacher; false draws continuous times
+    in the same range."""
     from stepdistill.config import from_dict
     from stepdistill.distillers.registry import get_method
 
     cls = get_method(method)
     seen = {}
-    for integer in (True, False):
-        ctx, proc = _context(method, f"method_args.integer_times={str(integer).lower()}", "method_args.fake_lora_rank=0")
+    for integer in ("true", "false", "null"):
+        ctx, proc = _context(method, f"method_args.integer_times={integer}", "method_args.fake_lora_rank=0")
         distiller = cls(ctx, from_dict(cls.Options, ctx.config.method_args, "method_args"))
         calls = []
         add_noise = proc.add_noise
@@ -275,10 +276,11 @@ def test_integer_times_are_the_official_scripts_randint(method):
             for update in ("student", "fake"):
                 distiller.loss(ctx.source.batch(step, 0, 16), step, update)
         seen[integer] = torch.cat(calls)
-    t = seen[True]
+    t = seen["true"]
     assert torch.equal(t, t.round()) and float(t.min()) >= 0 and float(t.max()) <= 999
     assert len(t.unique()) > 50  # spread over the range, not a few values
-    assert not torch.equal(seen[False], seen[False].round())  # the default: continuous
+    assert torch.equal(seen["null"], t)  # the default on a VP teacher: the same integer draws
+    assert not torch.equal(seen["false"], seen["false"].round())  # false: continuous
     ctx, proc = _context("dmd2", "method_args.integer_times=true")
     dmd2 = get_method("dmd2")(ctx, from_dict(get_method("dmd2").Options, ctx.config.method_args, "method_args"))
     batch = ctx.source.batch(5, 0, 64)
@@ -302,6 +304,12 @@ def test_integer_times_are_refused_on_a_flow_teacher_and_in_phased_dmd(tmp_path)
         "teacher.oracle.network_steps=2", "method_args.integer_times=true"])
     with pytest.raises(Exception, match="integer timesteps are of a VP teacher"):
         Trainer(cfg)
+    from stepdistill.diffusion.process import FlowProcess
+    from stepdistill.distillers.score import score_times
+
+    ctx, _ = _context("dmd2")
+    t = score_times(FlowProcess(shift=3.0), ctx.source.batch(0, 0, 64), 0.02, 0.98, None)  # the default on flow
+    assert float(t.min()) >= 0.02 and float(t.max()) <= 0.98 and len(t.unique()) == 64
 
 
 def test_dmd2_gan_classifier_times_cover_the_whole_range():
