@@ -1,6 +1,7 @@
-"""The fake score a finished DMD-family run leaves, and DisBack's start from it.
+"""The fake score a finished score-method run leaves when asked, and DisBack's start from it.
 
-A finished run of ``dmd``, ``dmd2`` or ``disback`` writes its trained fake score beside the student as
+A finished run of a score method (``dmd``, ``dmd2``, ``disback``, ``sid``, ``vsd``) with
+``method_args.save_fake_score: true`` writes its trained fake score beside the student as
 ``<output_dir>/fake_score/``: a plain diffusers model folder of the teacher's network class (config and
 safetensors, loadable with ``from_pretrained``; a LoRA fake score with its adapters merged), and, when
 the run trained DMD2's GAN head (``method_args.gan``), that head's weights in
