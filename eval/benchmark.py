@@ -679,7 +679,8 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--configs: {unknown} are not among {ORACLE_CONFIGS}")
         out = args.out or ROOT / "runs" / "benchmark" / f"{args.suite}-{args.process}-{args.layout}"
-        if not _claim(out, {"suite": args.suite, "process": args.process, "layout": args.layout, "set": list(args.set)}):
+        settings = {"suite": args.suite, "process": args.process, "layout": args.layout}
+        if not _claim(out, {**settings, **({"set": list(args.set)} if args.set else {})}):
             return 2
         rows = oracle_suite(out, args.process, layout=ORACLE_LAYOUTS[args.layout], configs=configs, extra=tuple(args.set))
         table = markdown(rows)
