@@ -18,8 +18,9 @@ because x0 = (z - sigma eps) / alpha multiplies the network's error by sigma / a
 in the new parameterisation, so the first round also learns the new head; the exported scheduler's
 prediction_type follows it). By default (``auto``) a student of 4 steps or fewer of an epsilon teacher
 gets the v head where the epsilon head's x0 is ill-conditioned at its first time (sigma / alpha above
-50: linear and cosine betas, not SD's scaled-linear ones); ``teacher`` keeps the teacher's. The official code's x-and-eps head ('both') has no
-diffusers equivalent; v is the paper's other safe choice that diffusers' schedulers read.
+50: linear and cosine betas, not SD's scaled-linear ones); ``teacher`` keeps the teacher's. The
+official code's x-and-eps head ('both') has no diffusers equivalent; v is the paper's other safe
+choice that diffusers' schedulers read.
 With ``x_source: data`` the x of each row is a real image with its own caption.
 """
 
