@@ -76,8 +76,14 @@ def _worker(rank, world, port, family, out_dir):
             dist.all_reduce(g)
         if rank == 0:
             torch.save({"out": out.detach(), "grads": grads, "copy_refused": copy_refused}, out_dir / "cp.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Once a CI run aborted one process here at interpreter exit ("terminate called without an active
+    # exception": a gloo worker thread of the context-parallel mesh's group still joinable when its destructor
+    # ran), after everything above had passed. Leaving without the interpreter's teardown keeps the test about
+    # the outputs and gradients; an error above still fails it (mp.spawn re-raises it).
+    os._exit(0)
 
 
 @pytest.mark.parametrize("family", ["wan", "flux"])
