@@ -67,6 +67,19 @@ def clip_vocab_and_merges(words=WORDS) -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
+def add_word_merges(vocab: dict[str, int], merges: list[tuple[str, str]], words) -> None:
+    """Extend a BPE ``vocab`` and ``merges`` (in place) so that each of ``words`` is one token: its
+    characters merged left to right, each merge added once."""
+    for word in words:
+        pieces = list(word)
+        while len(pieces) > 1:
+            pair, new = (pieces[0], pieces[1]), pieces[0] + pieces[1]
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(new, len(vocab))
+            pieces = [new, *pieces[2:]]
+
+
 def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
     """A ``CLIPTokenizer`` loaded from a ``vocab.json``/``merges.txt`` pair
     written here (~525 tokens). bos = ``<|startoftext|>``, eos = pad =

@@ -10,7 +10,7 @@ import string
 
 import torch
 
-from .common import TEXT_HIDDEN, WORDS, clip_pair, keep_global_rng, save_pipeline
+from .common import TEXT_HIDDEN, WORDS, add_word_merges, clip_pair, keep_global_rng, save_pipeline
 
 HV_LATENT_CHANNELS = 4  # latent_channels (16 in HunyuanVideo's VAE)
 HV_VIDEO_SIZE = (5, 16, 16)  # (frames, height, width) the tiny configs sample: latents 4 x 2 x 4 x 4
@@ -47,14 +47,7 @@ def tiny_llama_tokenizer():
     vocab["\n\n"] = len(vocab)
     # the "▁word" merges first (lower ranks), so that the bare words' merges never split a word after a space
     words = ["\u2581" + w for w in dict.fromkeys([*WORDS, *_template_words()])] + ["system", "user", "Describe"]
-    for word in words:
-        pieces = list(word)
-        while len(pieces) > 1:
-            pair, new = (pieces[0], pieces[1]), pieces[0] + pieces[1]
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(new, len(vocab))
-            pieces = [new, *pieces[2:]]
+    add_word_merges(vocab, merges, words)
     tok = LlamaTokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<|begin_of_text|>",
                          eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", add_bos_token=True,
                          add_prefix_space=False, padding_side="right")

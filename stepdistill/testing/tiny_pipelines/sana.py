@@ -10,7 +10,7 @@ import string
 
 import torch
 
-from .common import LATENT_CHANNELS, LATENT_SIZE, TEXT_HIDDEN, WORDS, keep_global_rng, save_pipeline
+from .common import LATENT_CHANNELS, LATENT_SIZE, TEXT_HIDDEN, WORDS, add_word_merges, keep_global_rng, save_pipeline
 
 GEMMA_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # ids 0-4, in Gemma's order
 SANA_LATENT_FACTOR = 4  # the tiny DC-AE's downsampling: SanaPipeline wants image sides divisible by 32
@@ -39,14 +39,7 @@ def tiny_gemma_tokenizer():
     for c in "\u2581" + string.ascii_letters + string.digits + string.punctuation:
         vocab.setdefault(c, len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys([*WORDS, *_instruction_words()]):
-        pieces = ["\u2581", *word]
-        while len(pieces) > 1:
-            pair, new = (pieces[0], pieces[1]), pieces[0] + pieces[1]
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(new, len(vocab))
-            pieces = [new, *pieces[2:]]
+    add_word_merges(vocab, merges, ["\u2581" + word for word in dict.fromkeys([*WORDS, *_instruction_words()])])
     return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, model_max_length=8192)
 
 
