@@ -214,7 +214,7 @@ def resolve_teacher_path(path: str | os.PathLike) -> str:
     if p.exists():
         raise TeacherLoadError(f"teacher path '{p}' is a file; give a diffusers pipeline folder or hub id")
     text = str(path)
-    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+    if is_hub_id(text):
         return text  # a hub id; from_pretrained resolves it (from the local cache when offline)
     raise TeacherLoadError(f"teacher path '{path}' does not exist")
 
